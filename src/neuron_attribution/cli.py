@@ -1,0 +1,87 @@
+"""Command-line interface: thin wrappers over the library, one subcommand per task."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Find the neurons of a causal language model responsible for a prediction.")
+console = Console()
+
+ModelOption = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Local directory, .gguf file or hub id. Default: the offline SmolLM2-135M-Instruct.")]
+AllowPickleOption = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Allow pickle checkpoints (.bin/.pt), which can run code when loaded.")]
+DtypeOption = Annotated[Optional[str], typer.Option("--dtype", help="float32 (default), bfloat16 or float16.")]
+
+
+def _load(model: str | None, allow_pickle: bool = False, dtype: str | None = None):
+    from .loading import load_model
+
+    with console.status("Loading model...", spinner="dots"):
+        return load_model(model, allow_pickle=allow_pickle, dtype=dtype)
+
+
+@app.command()
+def info(model: ModelOption = None, json_file: Annotated[Optional[Path], typer.Option(
+        "--json", help="Also write the description as JSON to this file.")] = None,
+        allow_pickle: AllowPickleOption = False) -> None:
+    """Describe a model: family, sizes, neuron counts and where the weights came from."""
+    from .describe import describe_model
+    from .output import write_json
+    from .report import print_model_info
+
+    loaded = _load(model, allow_pickle)
+    description = describe_model(loaded)
+    print_model_info(console, description)
+    if json_file:
+        write_json(json_file, description)
+
+
+@app.command()
+def predict(prompt: Annotated[str, typer.Argument(help="The prompt whose next token is predicted.")],
+            model: ModelOption = None, top: Annotated[int, typer.Option("--top", help="How many tokens.")] = 10,
+            allow_pickle: AllowPickleOption = False) -> None:
+    """Show the model's top next-token predictions for a prompt."""
+    from .prediction import predict_next
+    from .report import print_predictions
+
+    if top <= 0:
+        raise UserError("--top must be a positive number")
+    loaded = _load(model, allow_pickle)
+    print_predictions(console, prompt, predict_next(loaded, prompt, top))
+
+
+@app.command()
+def demo(model: ModelOption = None) -> None:
+    """The main job on the offline default model: describe it and explain one prediction."""
+    from .describe import describe_model
+    from .prediction import predict_next
+    from .report import print_model_info, print_predictions
+
+    loaded = _load(model)
+    print_model_info(console, describe_model(loaded))
+    for prompt in ("The capital of France is", "Tim Duncan plays the sport of"):
+        print_predictions(console, prompt, predict_next(loaded, prompt, 10))
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as error:
+        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""What the method needs to know about a model family, named once.
+
+An adapter is data about a Hugging Face model: which modules to hook and which weights play which role in
+METHOD.md §1. It never re-implements a forward pass. All weights it hands out are float32 copies, so every
+computation downstream is float32 whatever dtype the model runs in.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+NormKind = Literal["layernorm", "rmsnorm"]
+FfnKind = Literal["gelu", "swiglu"]
+
+
+@dataclass(frozen=True)
+class NormParams:
+    kind: NormKind
+    weight: Tensor  # (d,)
+    bias: Tensor | None  # (d,), LayerNorm only
+    eps: float
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer's weights, float32, in the orientation the method uses."""
+
+    attention_norm: NormParams
+    ffn_norm: NormParams
+    value_weight: Tensor  # (H_kv, d_h, d): value state of KV head g = value_weight[g] @ x̂ + value_bias[g]
+    value_bias: Tensor | None  # (H_kv, d_h)
+    output_weight: Tensor  # (H, d_h, d): attention neuron (j, n) writes output_weight[j, n]
+    output_bias: Tensor | None  # (d,)
+    ffn_subkeys: dict[str, Tensor]  # name -> (N, d); "key" for GELU MLPs, "gate" and "up" for SwiGLU
+    ffn_values: Tensor  # (N, d): FFN neuron k writes coefficient · ffn_values[k]
+    ffn_bias: Tensor | None  # (d,)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    family: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_model: int
+    d_ffn: int
+    vocab_size: int
+    max_positions: int | None
+    ffn_kind: FfnKind
+    norm_kind: NormKind
+
+    @property
+    def heads_per_kv_head(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def attention_neurons_per_token(self) -> int:
+        """Attention neurons per source position and layer, summed over layers."""
+        return self.n_layers * self.n_heads * self.head_dim
+
+    def kv_head_of(self, head: int) -> int:
+        return head // self.heads_per_kv_head
+
+
+def as_f32(t: Tensor) -> Tensor:
+    return t.detach().to(device="cpu", dtype=torch.float32).clone()
+
+
+class FamilyAdapter(ABC):
+    """Names the parts of one model family. Subclasses live one per file in this package."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]  # config.model_type values this adapter covers
+
+    def __init__(self, hf_model: nn.Module):
+        self.hf_model = hf_model
+        self.config = hf_model.config
+        self._layer_cache: dict[int, LayerWeights] = {}
+
+    # --- hook points --------------------------------------------------------------------------------------
+    @abstractmethod
+    def decoder_layers(self) -> list[nn.Module]:
+        """Modules whose input is the residual stream h^{l-1}."""
+
+    @abstractmethod
+    def attention(self, layer: int) -> nn.Module:
+        """Module whose output is (A^l, attention weights) under eager attention."""
+
+    @abstractmethod
+    def value_source(self, layer: int) -> nn.Module:
+        """Module whose output contains the value states of this layer."""
+
+    @abstractmethod
+    def values_from_output(self, layer: int, output: Tensor) -> Tensor:
+        """(B, T, H_kv, d_h) value states from `value_source`'s output (bias included)."""
+
+    @abstractmethod
+    def mlp(self, layer: int) -> nn.Module:
+        """Module whose output is F^l."""
+
+    @abstractmethod
+    def mlp_output_projection(self, layer: int) -> nn.Module:
+        """Module whose input is the FFN coefficients m (N per position)."""
+
+    @abstractmethod
+    def final_norm_module(self) -> nn.Module:
+        """Module whose input is the final residual h^L."""
+
+    # --- weights ------------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def shape(self) -> ModelShape: ...
+
+    @abstractmethod
+    def _read_layer_weights(self, layer: int) -> LayerWeights: ...
+
+    @abstractmethod
+    def final_norm(self) -> NormParams: ...
+
+    @abstractmethod
+    def _read_unembedding(self) -> tuple[Tensor, Tensor | None]:
+        """(V, d) output matrix and optional (V,) bias."""
+
+    def layer_weights(self, layer: int) -> LayerWeights:
+        if layer not in self._layer_cache:
+            self._layer_cache[layer] = self._read_layer_weights(layer)
+        return self._layer_cache[layer]
+
+    @cached_property
+    def unembedding(self) -> tuple[Tensor, Tensor | None]:
+        weight, bias = self._read_unembedding()
+        return weight.contiguous(), bias
+
+    def forget_weights(self) -> None:
+        """Drop the float32 copies (call after the model's weights were changed)."""
+        self._layer_cache.clear()
+        self.__dict__.pop("unembedding", None)
+
+
+def norm_from_module(module: nn.Module, kind: NormKind) -> NormParams:
+    if kind == "layernorm":
+        bias = None if module.bias is None else as_f32(module.bias)
+        return NormParams("layernorm", as_f32(module.weight), bias, float(module.eps))
+    eps = getattr(module, "variance_epsilon", None)
+    if eps is None:
+        eps = getattr(module, "eps")
+    return NormParams("rmsnorm", as_f32(module.weight), None, float(eps))

@@ -1,0 +1,62 @@
+"""The model's output head with the final norm linearised (METHOD.md §2).
+
+The norm's scale is frozen at its value on the true final residual h_T^L, so logits become linear in any
+vector added to the residual: z(x + c·u) = z(x) + c·δ(u), δ(u) = U(γ ⊙ centre(u))·scale. LayerNorm's bias
+(and an unembedding bias) is added once, to base logits only, so z(h_T^L) equals the model's own logits.
+`reference=True` drops the LayerNorm bias, as the authors' GPT-2 code does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .models import NormParams
+
+
+@dataclass(frozen=True)
+class LinearReadout:
+    norm: NormParams
+    unembedding: Tensor  # (V, d)
+    scale: float  # frozen 1/rms or 1/std of the final residual
+    constant_logits: Tensor  # (V,): U·β (+ output bias), added once to a base
+
+    @classmethod
+    def at(cls, norm: NormParams, unembedding: Tensor, unembedding_bias: Tensor | None, final_residual: Tensor,
+           *, reference: bool = False) -> LinearReadout:
+        h = final_residual.double()
+        if norm.kind == "layernorm":
+            variance = (h - h.mean()).pow(2).mean()
+        else:
+            variance = h.pow(2).mean()
+        scale = float(torch.rsqrt(variance + norm.eps))
+        constant = torch.zeros(unembedding.shape[0])
+        if norm.bias is not None and not reference:
+            constant = constant + unembedding @ norm.bias
+        if unembedding_bias is not None:
+            constant = constant + unembedding_bias
+        return cls(norm, unembedding, scale, constant)
+
+    def normalise(self, vectors: Tensor) -> Tensor:
+        """γ ⊙ centre(u) · scale for each row: the linear part of the final norm."""
+        if self.norm.kind == "layernorm":
+            vectors = vectors - vectors.mean(dim=-1, keepdim=True)
+        return vectors * (self.norm.weight * self.scale)
+
+    def deltas(self, vectors: Tensor) -> Tensor:
+        """δ(u) for each row: the change in logits per unit coefficient (no constant term)."""
+        return self.normalise(vectors) @ self.unembedding.T
+
+    def base_logits(self, residuals: Tensor) -> Tensor:
+        """Logits of full residual states (constant term included)."""
+        return self.deltas(residuals) + self.constant_logits
+
+    def pullback(self, covectors: Tensor) -> Tensor:
+        """For r in vocabulary-dual space ((..., d) rows already multiplied by U), the vector k with
+        k·u = r·normalise(u) for every u: the adjoint of `normalise`."""
+        k = covectors * (self.norm.weight * self.scale)
+        if self.norm.kind == "layernorm":
+            k = k - k.mean(dim=-1, keepdim=True)
+        return k

@@ -1,0 +1,160 @@
+"""One forward pass, captured through hooks: everything the scores need, float32, per prompt.
+
+Batches are right-padded, so every real token sees exactly the tokens it would see alone and positions are
+unchanged; each prompt's trace is cut to its own length afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .loading import LoadedModel
+
+
+@dataclass
+class Trace:
+    """Internals of one prompt's forward pass. L layers, T tokens, d hidden, N FFN neurons, H heads."""
+
+    token_ids: Tensor  # (T,)
+    layer_inputs: Tensor  # (L, T, d): h^{l-1}, the residual entering layer l
+    attention_outputs: Tensor  # (L, T, d): A^l (output bias included)
+    ffn_coefficients: Tensor  # (L, T, N): m
+    ffn_outputs: Tensor  # (L, T, d): F^l (output bias included)
+    attention_weights: Tensor  # (L, H, T): last position's attention row, per head
+    value_states: Tensor  # (L, T, H_kv, d_h)
+    final_residual: Tensor  # (T, d): h^L
+    logits: Tensor  # (V,): the model's logits at the last position
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.layer_inputs.shape[0])
+
+    def last_residual_before(self, layer: int) -> Tensor:
+        """h_T^{l-1}: base for attention scores of `layer`."""
+        return self.layer_inputs[layer, -1]
+
+    def last_residual_mid(self, layer: int) -> Tensor:
+        """h_T^{l-1} + A_T^l: base for FFN scores of `layer`."""
+        return self.layer_inputs[layer, -1] + self.attention_outputs[layer, -1]
+
+
+class _Recorder:
+    """Hooks that write one batch's internals into per-layer slots."""
+
+    def __init__(self, model: LoadedModel, last_index: Tensor):
+        self.model, self.adapter = model, model.adapter
+        self.last_index = last_index
+        n = model.shape.n_layers
+        self.slots: dict[str, list[Tensor | None]] = {
+            key: [None] * n for key in ("layer_inputs", "attention_outputs", "attention_weights",
+                                         "value_states", "ffn_coefficients", "ffn_outputs")}
+        self.final_residual: Tensor | None = None
+        self.handles: list = []
+
+    def _store(self, key: str, layer: int, value: Tensor) -> None:
+        self.slots[key][layer] = value.detach().float().cpu()
+
+    def install(self) -> None:
+        adapter = self.adapter
+        for layer, module in enumerate(adapter.decoder_layers()):
+            self.handles.append(module.register_forward_pre_hook(self._layer_input(layer), with_kwargs=True))
+            self.handles.append(adapter.attention(layer).register_forward_hook(self._attention(layer)))
+            self.handles.append(adapter.value_source(layer).register_forward_hook(self._values(layer)))
+            self.handles.append(adapter.mlp_output_projection(layer).register_forward_pre_hook(
+                self._coefficients(layer)))
+            self.handles.append(adapter.mlp(layer).register_forward_hook(self._ffn_output(layer)))
+        self.handles.append(adapter.final_norm_module().register_forward_pre_hook(self._final))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _layer_input(self, layer: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._store("layer_inputs", layer, hidden)
+        return hook
+
+    def _attention(self, layer: int):
+        def hook(module, args, output):
+            attention_output, weights = output[0], output[1]
+            if weights is None:
+                raise RuntimeError("attention weights were not returned; the model must use eager attention")
+            self._store("attention_outputs", layer, attention_output)
+            rows = torch.arange(weights.shape[0], device=weights.device)
+            # (B, H, Tq, Tk) -> each prompt's own last query row: (B, H, Tk)
+            self._store("attention_weights", layer, weights[rows, :, self.last_index.to(weights.device), :])
+        return hook
+
+    def _values(self, layer: int):
+        def hook(module, args, output):
+            self._store("value_states", layer, self.adapter.values_from_output(layer, output))
+        return hook
+
+    def _coefficients(self, layer: int):
+        def hook(module, args):
+            self._store("ffn_coefficients", layer, args[0])
+        return hook
+
+    def _ffn_output(self, layer: int):
+        def hook(module, args, output):
+            self._store("ffn_outputs", layer, output[0] if isinstance(output, tuple) else output)
+        return hook
+
+    def _final(self, module, args):
+        self.final_residual = args[0].detach().float().cpu()
+
+
+@contextmanager
+def _recording(model: LoadedModel, last_index: Tensor):
+    recorder = _Recorder(model, last_index)
+    recorder.install()
+    try:
+        yield recorder
+    finally:
+        recorder.remove()
+
+
+def trace_token_ids(model: LoadedModel, batch: Sequence[Sequence[int]]) -> list[Trace]:
+    """Run one padded forward pass over `batch` (lists of token ids) and return a trace per prompt."""
+    if not batch or any(len(ids) == 0 for ids in batch):
+        raise ValueError("every prompt needs at least one token")
+    lengths = torch.tensor([len(ids) for ids in batch])
+    width = int(lengths.max())
+    input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+        mask[row, : len(ids)] = 1
+    last_index = lengths - 1
+    device = model.device
+    positions = torch.arange(width).unsqueeze(0).expand(len(batch), -1)
+    with torch.inference_mode(), _recording(model, last_index) as recorder:
+        output = model.hf_model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                position_ids=positions.to(device), use_cache=False)
+    logits = output.logits.detach().float().cpu()
+    stacked = {key: torch.stack(values, dim=1) for key, values in recorder.slots.items()}  # (B, L, ...)
+    traces = []
+    for row, length in enumerate(lengths.tolist()):
+        traces.append(Trace(
+            token_ids=input_ids[row, :length].clone(),
+            layer_inputs=stacked["layer_inputs"][row, :, :length].clone(),
+            attention_outputs=stacked["attention_outputs"][row, :, :length].clone(),
+            ffn_coefficients=stacked["ffn_coefficients"][row, :, :length].clone(),
+            ffn_outputs=stacked["ffn_outputs"][row, :, :length].clone(),
+            attention_weights=stacked["attention_weights"][row, :, :, :length].clone(),
+            value_states=stacked["value_states"][row, :, :length].clone(),
+            final_residual=recorder.final_residual[row, :length].clone(),
+            logits=logits[row, length - 1].clone(),
+        ))
+    return traces

@@ -1,0 +1,62 @@
+"""Models for the tests: tiny random GPT-2 and Llama-with-GQA built from configs, and the real default model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from neuron_attribution import LoadedModel, load_model
+
+TINY_VOCAB = 257
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+    """Random biases and norm gains too, so that every bias and gain in the decomposition is exercised."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if "ln" in name or "norm" in name:
+                parameter.copy_(1.0 + 0.3 * noise if name.endswith("weight") else 0.1 * noise)
+            else:
+                parameter.copy_(0.3 * noise if parameter.dim() > 1 else 0.1 * noise)
+
+
+def tiny_gpt2() -> LoadedModel:
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=3, n_head=4, n_embd=32, n_inner=48, vocab_size=TINY_VOCAB, n_positions=64,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False)
+    model = GPT2LMHeadModel(config)
+    _randomise(model, 1)
+    return LoadedModel.from_hf(model, name="tiny-gpt2")
+
+
+def tiny_llama() -> LoadedModel:
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    _randomise(model, 2)
+    return LoadedModel.from_hf(model, name="tiny-llama-gqa")
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def tiny_model(request) -> LoadedModel:
+    return tiny_gpt2() if request.param == "gpt2" else tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def real_model() -> LoadedModel:
+    return load_model()
+
+
+PROMPTS = ["The capital of France is", "Tim Duncan plays the sport of", "In 1999, the colour of the sky was",
+           "One, two, three,"]
+
+
+@pytest.fixture(scope="session")
+def token_batches() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randint(0, TINY_VOCAB, (n,), generator=generator).tolist() for n in (5, 9, 1, 7)]

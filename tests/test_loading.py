@@ -1,0 +1,125 @@
+"""Loading: local directories, the GGUF cache, and every kind of bad input the issue names."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from neuron_attribution import UserError, load_model
+from neuron_attribution.loading import default_model_gguf
+
+from .conftest import tiny_llama
+
+
+def _run_cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if cache is not None:
+        env["NEURON_ATTRIBUTION_CACHE"] = str(cache)
+    return subprocess.run([sys.executable, "-m", "neuron_attribution.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_llama(tmp_path_factory, real_model) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama()
+    model.hf_model.save_pretrained(directory)
+    real_model.tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_local_directory_round_trip(saved_tiny_llama):
+    original = tiny_llama()
+    loaded = load_model(saved_tiny_llama)
+    assert loaded.shape == original.shape
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        assert torch.allclose(loaded.hf_model(ids).logits, original.hf_model(ids).logits, atol=1e-6)
+    assert "local directory" in loaded.source
+
+
+def test_pickle_checkpoint_refused_without_opt_in(saved_tiny_llama, tmp_path):
+    directory = tmp_path / "pickled"
+    shutil.copytree(saved_tiny_llama, directory)
+    state = {k: v for k, v in tiny_llama().hf_model.state_dict().items()}
+    (directory / "model.safetensors").unlink()
+    torch.save(state, directory / "pytorch_model.bin")
+    with pytest.raises(UserError, match="pickle"):
+        load_model(directory)
+    with pytest.raises(UserError, match="pickle"):
+        load_model(directory / "pytorch_model.bin")
+    loaded = load_model(directory, allow_pickle=True)
+    assert loaded.shape.n_layers == 3
+
+
+def test_directory_without_weights(saved_tiny_llama, tmp_path):
+    directory = tmp_path / "empty"
+    directory.mkdir()
+    shutil.copy(saved_tiny_llama / "config.json", directory)
+    with pytest.raises(UserError, match="no model weights"):
+        load_model(directory)
+
+
+def test_truncated_safetensors(saved_tiny_llama, tmp_path):
+    directory = tmp_path / "truncated"
+    shutil.copytree(saved_tiny_llama, directory)
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(UserError, match="cannot load model weights"):
+        load_model(directory)
+
+
+def test_truncated_gguf_leaves_cache_untouched(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(default_model_gguf().read_bytes()[: 1 << 20])
+    cache = tmp_path / "cache"
+    result = _run_cli("info", "--model", str(broken), cache=cache)
+    assert result.returncode == 2
+    assert "cannot read GGUF file" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(cache.iterdir()) == []  # no half-written entry, no staging directory
+
+
+def test_unsupported_architecture(tmp_path):
+    config = GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                           vocab_size=100)
+    GPTNeoXForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="unsupported architecture 'gpt_neox'; supported: gpt2, llama"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("./no/such/dir", "no such model path"),
+    ("missing.gguf", "no such file"),
+    ("someone/not-a-cached-model", "not in the local Hugging Face cache"),
+])
+def test_unknown_models(name, message, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=message):
+        load_model(name)
+
+
+def test_cli_reports_bad_model_in_one_line():
+    result = _run_cli("info", "--model", "./no/such/dir")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: no such model path: ./no/such/dir"
+
+
+def test_default_model_info_json(tmp_path, real_model):
+    out = tmp_path / "info.json"
+    result = _run_cli("info", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    import json
+
+    info = json.loads(out.read_text())
+    assert (info["family"], info["layers"], info["heads"], info["kv_heads"]) == ("llama", 30, 9, 3)
+    assert (info["hidden_size"], info["ffn_neurons_per_layer"], info["vocab_size"]) == (576, 1536, 49152)
+    assert info["attention_neurons_per_token"] == 30 * 9 * 64
+    assert "SmolLM2" in info["source"]
