@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from neuron_attribution import LoadedModel, load_model
 
@@ -40,6 +41,19 @@ def tiny_llama() -> LoadedModel:
     model = LlamaForCausalLM(config)
     _randomise(model, 2)
     return LoadedModel.from_hf(model, name="tiny-llama-gqa")
+
+
+def tiny_llama_like(family: str) -> LoadedModel:
+    """Mistral and Qwen2 (q/k/v biases), which the Llama adapter covers."""
+    config_class, model_class = {"mistral": (MistralConfig, MistralForCausalLM),
+                                 "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    torch.manual_seed(0)
+    config = config_class(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=64,
+                          tie_word_embeddings=False)
+    model = model_class(config)
+    _randomise(model, 4)
+    return LoadedModel.from_hf(model, name=f"tiny-{family}")
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])

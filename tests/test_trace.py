@@ -8,7 +8,7 @@ import torch
 from neuron_attribution import trace_token_ids
 from neuron_attribution.readout import LinearReadout
 
-from .conftest import PROMPTS
+from .conftest import PROMPTS, tiny_llama_like
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -61,6 +61,19 @@ def test_decomposition_tiny(tiny_model, token_batches):
         check_ffn_neurons(tiny_model, trace)
         check_attention_neurons(tiny_model, trace)
         check_readout(tiny_model, trace)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_decomposition_llama_like_families(family, token_batches):
+    model = tiny_llama_like(family)
+    if family == "qwen2":
+        assert model.adapter.layer_weights(0).value_bias is not None
+    for ids in token_batches[:2]:
+        trace = trace_token_ids(model, [ids])[0]
+        check_residual_sum(trace)
+        check_ffn_neurons(model, trace)
+        check_attention_neurons(model, trace)
+        check_readout(model, trace)
 
 
 def test_value_states_match_projection(tiny_model, token_batches):

@@ -60,16 +60,48 @@ def predict(prompt: Annotated[str, typer.Argument(help="The prompt whose next to
 
 
 @app.command()
+def attribute(
+    prompt: Annotated[str, typer.Argument(help="The prompt, e.g. \"The capital of France is\".")],
+    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Answer text (its first token is "
+                                                  "scored). Default: the model's top prediction.")] = None,
+    model: ModelOption = None,
+    top: Annotated[int, typer.Option("--top", "-k", help="How many FFN and attention neurons to return.")] = 100,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the full result as JSON.")] = None,
+    reference: Annotated[bool, typer.Option("--reference", help="Drop the final LayerNorm bias, as the "
+                                            "authors' GPT-2 code does.")] = False,
+    show: Annotated[int, typer.Option("--show", help="Rows per table in the terminal report.")] = 10,
+    allow_pickle: AllowPickleOption = False,
+) -> None:
+    """Value neurons: which FFN and attention neurons raise the log probability of the answer."""
+    from .attribution import attribute as run_attribution
+    from .report import print_attribution
+
+    if top <= 0:
+        raise UserError("--top must be a positive number")
+    if show <= 0:
+        raise UserError("--show must be a positive number")
+    loaded = _load(model, allow_pickle)
+    with console.status("Attributing...", spinner="dots"):
+        result = run_attribution(loaded, prompt, target, top_k=top, reference=reference)
+    print_attribution(console, result, rows=show)
+    if json_file:
+        result.save(json_file)
+        console.print(f"Wrote {json_file}")
+
+
+@app.command()
 def demo(model: ModelOption = None) -> None:
     """The main job on the offline default model: describe it and explain one prediction."""
     from .describe import describe_model
-    from .prediction import predict_next
-    from .report import print_model_info, print_predictions
+    from .report import print_model_info
+
+    from .attribution import attribute as run_attribution
+    from .report import print_attribution
 
     loaded = _load(model)
     print_model_info(console, describe_model(loaded))
-    for prompt in ("The capital of France is", "Tim Duncan plays the sport of"):
-        print_predictions(console, prompt, predict_next(loaded, prompt, 10))
+    for prompt, answer in (("The capital of France is", " Paris"), ("The largest planet is", " Jupiter")):
+        print_attribution(console, run_attribution(loaded, prompt, answer, top_k=100), rows=5)
 
 
 def main() -> None:

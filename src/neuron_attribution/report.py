@@ -37,3 +37,58 @@ def print_predictions(console: Console, prompt: str, predictions: list[Predictio
     for rank, p in enumerate(predictions, 1):
         table.add_row(str(rank), Text(repr(p.token)), str(p.id), f"{p.prob:.2%}")
     console.print(table)
+
+
+def _bar(value: float, scale: float, width: int = 24) -> Text:
+    """A signed horizontal bar: green to the right for positive scores, red to the left for negative."""
+    cells = 0 if scale <= 0 else min(width, round(abs(value) / scale * width))
+    if value >= 0:
+        return Text(" " * width + "│" + "█" * cells, style="green")
+    return Text(" " * (width - cells) + "█" * cells + "│", style="red")
+
+
+def print_attribution(console: Console, result, rows: int = 10) -> None:
+    target = result.target
+    console.rule(Text(f"{result.prompt!r} → {target.text!r}"))
+    spans = f" (first of {target.n_answer_tokens} answer tokens)" if target.n_answer_tokens > 1 else ""
+    console.print(Text(f"Target {target.text!r} id {target.id}{spans}: probability {target.prob:.2%}, "
+                       f"rank {target.rank}.  Top prediction: {result.predictions[0].token!r} "
+                       f"({result.predictions[0].prob:.2%})" + ("  [reference convention]" if result.reference
+                                                                 else "")))
+    layers = Table(title="Layer scores (log-probability increase)", title_justify="left")
+    for column in ("layer", "attention", "", "FFN", ""):
+        layers.add_column(column, justify="right" if column else "left")
+    scale = max(max(map(abs, result.layers.attention)), max(map(abs, result.layers.ffn)), 1e-9)
+    for layer, (a, f) in enumerate(zip(result.layers.attention, result.layers.ffn)):
+        layers.add_row(str(layer), f"{a:+.3f}", _bar(a, scale, 12), f"{f:+.3f}", _bar(f, scale, 12))
+    layers.add_row("sum", f"{sum(result.layers.attention):+.3f}", "", f"{sum(result.layers.ffn):+.3f}", "")
+    console.print(layers)
+
+    heads = Table(title="Top heads", title_justify="left")
+    for column in ("head", "score", "strongest source positions"):
+        heads.add_column(column)
+    by_head: dict[tuple[int, int], list] = {}
+    for p in result.head_positions:
+        by_head.setdefault((p.layer, p.head), []).append(p)
+    for h in result.heads[:rows]:
+        sources = sorted(by_head.get((h.layer, h.head), []), key=lambda p: -p.score)[:3]
+        heads.add_row(f"{h.layer}.{h.head}", f"{h.score:+.4f}",
+                      Text(", ".join(f"{p.position}:{p.token!r} {p.score:+.3f}" for p in sources)))
+    console.print(heads)
+
+    ffn = Table(title="Top FFN value neurons (layer_neuron)", title_justify="left")
+    for column in ("neuron", "score", "coef", "promotes (top of its value vector)"):
+        ffn.add_column(column)
+    for n in result.ffn_neurons[:rows]:
+        promoted = n.top_tokens if n.coefficient >= 0 else n.bottom_tokens
+        ffn.add_row(f"{n.layer}_{n.neuron}", f"{n.score:+.4f}", f"{n.coefficient:+.3f}",
+                    Text(" ".join(repr(t) for t in promoted[:6])))
+    console.print(ffn)
+
+    attention = Table(title="Top attention value neurons (layer_head_dim @ source position)", title_justify="left")
+    for column in ("neuron", "score", "coef", "source token"):
+        attention.add_column(column)
+    for n in result.attention_neurons[:rows]:
+        attention.add_row(f"{n.layer}_{n.head}_{n.dim} @ {n.position}", f"{n.score:+.4f}", f"{n.coefficient:+.3f}",
+                          Text(repr(n.token)))
+    console.print(attention)

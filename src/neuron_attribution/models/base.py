@@ -138,10 +138,21 @@ class FamilyAdapter(ABC):
         weight, bias = self._read_unembedding()
         return weight.contiguous(), bias
 
+    @cached_property
+    def all_ffn_values(self) -> Tensor:
+        """(L, N, d): every layer's FFN value vectors, stacked once for vectorised scoring."""
+        return torch.stack([self.layer_weights(l).ffn_values for l in range(self.shape.n_layers)])
+
+    @cached_property
+    def all_output_weights(self) -> Tensor:
+        """(L, H, d_h, d): every layer's attention output vectors."""
+        return torch.stack([self.layer_weights(l).output_weight for l in range(self.shape.n_layers)])
+
     def forget_weights(self) -> None:
         """Drop the float32 copies (call after the model's weights were changed)."""
         self._layer_cache.clear()
-        self.__dict__.pop("unembedding", None)
+        for name in ("unembedding", "all_ffn_values", "all_output_weights"):
+            self.__dict__.pop(name, None)
 
 
 def norm_from_module(module: nn.Module, kind: NormKind) -> NormParams:

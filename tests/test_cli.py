@@ -1,0 +1,53 @@
+"""The command line as a user meets it: reports, JSON fields outside tools read, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "neuron_attribution.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_attribute_json_fields(tmp_path, real_model):
+    out = tmp_path / "paris.json"
+    result = run("attribute", "The capital of France is", "--target", "Paris", "--top", "12", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "Top FFN value neurons" in result.stdout and "' Paris'" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["prompt"] == "The capital of France is"
+    assert data["tokens"] == ["The", " capital", " of", " France", " is"]
+    assert set(data["target"]) >= {"text", "id", "prob", "rank"} and data["target"]["text"] == " Paris"
+    assert len(data["layers"]["attention"]) == len(data["layers"]["ffn"]) == 30
+    assert len(data["heads"]) == 30 * 9 and set(data["heads"][0]) == {"layer", "head", "score"}
+    for key, fields in (("ffn_neurons", {"layer", "neuron", "score", "coefficient", "top_tokens", "bottom_tokens"}),
+                        ("attention_neurons", {"layer", "head", "dim", "position", "token", "score",
+                                               "coefficient"})):
+        rows = data[key]
+        assert len(rows) == 12 and set(rows[0]) == fields
+        assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["attribute", ""], "error: the prompt is empty"),
+    (["attribute", "Hello", "--top", "0"], "error: --top must be a positive number"),
+    (["attribute", "Hello", "--target", " "], "error: the target is empty"),
+    (["info", "--model", "/nonexistent/model"], "error: no such model path: /nonexistent/model"),
+])
+def test_bad_input_exits_2_in_one_line(args, message, real_model):
+    result = run(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip() == message
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_flag_exits_2():
+    result = run("attribute", "Hello", "--no-such-flag")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
