@@ -21,7 +21,7 @@ from .scoring import value
 from .trace import Trace, trace_token_ids
 
 PROJECTION_TOKENS = 10
-TOP_HEADS_WITH_POSITIONS = 10
+TOP_HEADS_WITH_POSITIONS = 5
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -37,7 +38,9 @@ class ValueContext:
     readout: LinearReadout
     target: int
     states: Tensor  # (2L+1, d)
+    normalised_states: Tensor  # (2L+1, d): the readout's linear part applied to each state
     base_log_probs: Tensor  # (2L+1, V): log softmax of each state's logits
+    base_log_sum_exp: Tensor  # (2L+1,): log-sum-exp of each state's logits
     bound_directions: Tensor  # (2L, d): k for each base
 
     @classmethod
@@ -47,15 +50,19 @@ class ValueContext:
         middle = before + trace.attention_outputs[:, -1]
         states = torch.stack([before, middle], dim=1).reshape(-1, before.shape[-1])
         states = torch.cat([states, trace.final_residual[-1:]], dim=0)
-        log_probs = torch.log_softmax(readout.base_logits(states), dim=-1)
+        normalised = readout.normalise(states)
+        logits = torch.addmm(readout.constant_logits, normalised, readout.unembedding.T)
+        log_sum_exp = torch.logsumexp(logits, dim=-1)
+        log_probs = logits - log_sum_exp.unsqueeze(-1)
         unembedding = readout.unembedding
         expected_row = log_probs[:-1].exp() @ unembedding  # (2L, d): p(x)·U
         directions = readout.pullback(unembedding[target] - expected_row)
-        return cls(trace, ffn_values, output_weights, shape, readout, target, states, log_probs, directions)
+        return cls(trace, ffn_values, output_weights, shape, readout, target, states, normalised, log_probs,
+                   log_sum_exp, directions)
 
-    @property
+    @cached_property
     def target_log_probs(self) -> Tensor:
-        return self.base_log_probs[:, self.target]
+        return self.base_log_probs[:, self.target].clone()
 
     def attention_base(self, layer: int) -> int:
         return 2 * layer
@@ -70,22 +77,35 @@ def exact_scores(ctx: ValueContext, bases: Tensor, vectors: Tensor, coefficients
                  keep_projection: int = 0) -> tuple[Tensor, Tensor | None]:
     """Imp(c·u | state_b) for rows (b, u, c), one full-vocabulary log-softmax per row, in batches.
 
-    With keep_projection = k > 0 also returns the ids of the k highest and k lowest entries of δ(u)
-    per row ((n, 2k): top then bottom), the vector's vocabulary projection, which δ already holds."""
+    The logits of state_b + c·u come out of one fused product (the readout is linear), so no vocabulary-sized
+    base has to be gathered per row. With keep_projection = k > 0 also returns the ids of the k highest and
+    k lowest entries of δ(u) per row ((n, 2k): top then bottom), the vector's vocabulary projection."""
     n = vectors.shape[0]
     scores = torch.empty(n)
     projection = torch.empty(n, 2 * keep_projection, dtype=torch.long) if keep_projection else None
+    readout = ctx.readout
     with _flushing_denormals():
         for start in range(0, n, EXACT_BATCH):
             rows = slice(start, start + EXACT_BATCH)
             scaled = vectors[rows] if coefficients is None else vectors[rows] * coefficients[rows].unsqueeze(-1)
-            delta = ctx.readout.deltas(scaled)  # c·δ(u)
             if keep_projection:
+                # δ itself is needed for the projection, so the base is added to it rather than fused.
+                delta = readout.deltas(scaled)
                 projection[rows] = _signed_extremes(delta, keep_projection, coefficients, rows)
-            target_gain = delta[:, ctx.target].clone()
-            delta.add_(ctx.base_log_probs[bases[rows]])
-            scores[rows] = target_gain - torch.logsumexp(delta, dim=-1)
+                logits = delta.add_(ctx.base_log_probs[bases[rows]])
+            else:
+                moved = ctx.normalised_states[bases[rows]] + readout.normalise(scaled)
+                logits = torch.addmm(readout.constant_logits, moved, readout.unembedding.T)
+                logits.sub_(ctx.base_log_sum_exp[bases[rows]].unsqueeze(-1))  # now log p(x) + c·δ, as above
+            target_logit = logits[:, ctx.target].clone()
+            scores[rows] = target_logit - _logsumexp_inplace(logits) - ctx.target_log_probs[bases[rows]]
     return scores, projection
+
+
+def _logsumexp_inplace(x: Tensor) -> Tensor:
+    """Row-wise log-sum-exp that overwrites x (saves a vocabulary-sized allocation per batch)."""
+    peak = x.amax(dim=-1, keepdim=True)
+    return x.sub_(peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(-1))
 
 
 def _signed_extremes(scaled_delta: Tensor, k: int, coefficients: Tensor | None, rows: slice) -> Tensor:
@@ -201,14 +221,17 @@ def exact_top_k(bounds: Tensor, evaluate: Callable[[Tensor], tuple[Tensor, Tenso
     """The k highest scores, given an upper bound per item and an exact evaluator, evaluating in bound order
     until no unevaluated item can enter. Ties in score go to the lower index."""
     flat_bounds = bounds.reshape(-1)
-    k = min(k, flat_bounds.numel())
-    order = torch.argsort(flat_bounds, descending=True, stable=True)
+    total = flat_bounds.numel()
+    k = min(k, total)
     done: list[Tensor] = []
     scored: list[Tensor] = []
     extras: list[Tensor] = []
     # The bound is tight for all but the largest contributions, so a little over k usually settles it.
     position, batch = 0, k + max(k // 8, 16)
-    while position < order.numel():
+    while position < total:
+        # Only the next stretch of the bound order is needed: a partial sort, not a sort of every neuron.
+        reach = min(total, position + 2 * batch)
+        order = flat_bounds.topk(reach).indices
         chunk = order[position: position + batch]
         scores, extra = evaluate(chunk)
         done.append(chunk)
@@ -218,7 +241,7 @@ def exact_top_k(bounds: Tensor, evaluate: Callable[[Tensor], tuple[Tensor, Tenso
         position += chunk.numel()
         if position >= k:
             kth = torch.cat(scored).topk(k).values[-1]
-            if position >= order.numel() or kth >= flat_bounds[order[position]] + _BOUND_SLACK:
+            if position >= total or kth >= flat_bounds[order[position]] + _BOUND_SLACK:
                 break
         batch = max(k // 4, 32)
     indices, scores = torch.cat(done), torch.cat(scored)

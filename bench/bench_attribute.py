@@ -1,0 +1,116 @@
+"""Benchmark: attribute() against one forward pass and against dense scoring, on the default model.
+
+Prints medians over 20 prompts of 5–30 tokens, all measured in this run. Usage:
+    .venv/bin/python bench/bench_attribute.py [--dense-prompts 3] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import torch
+
+import neuron_attribution as na
+from neuron_attribution.attribution import attribute, value_context
+from neuron_attribution.scoring import value
+from neuron_attribution.trace import trace_token_ids
+
+PROMPTS = [
+    "The capital of France is",
+    "Tim Duncan plays the sport of",
+    "The official language of Brazil is",
+    "The Eiffel Tower is located in the city of",
+    "Bananas are usually the colour",
+    "The month after March is",
+    "In arithmetic, two plus two equals",
+    "The Great Wall is a famous landmark in the country of",
+    "In Japan, most people speak the language called",
+    "The largest planet in our solar system is",
+    "After a long winter, the first month of spring in the northern hemisphere is usually",
+    "Lionel Messi, who was born in Rosario and became one of the best footballers of all time, plays the sport of",
+    "The chemical symbol for gold is",
+    "Berlin is the capital city of",
+    "Snow is white and grass is",
+    "The number of days in a week is",
+    "Shakespeare wrote his plays in the language of",
+    "If you mix blue and yellow paint together, the colour you get is",
+    "The company that makes the iPhone is called",
+    "Madrid, with its museums, parks and long history as a royal seat, is the capital of the country of",
+]
+
+
+def timed(function, repeats: int) -> float:
+    function()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dense-prompts", type=int, default=3, help="dense scoring is slow: on this many prompts")
+    args = parser.parse_args()
+
+    model = na.load_model()
+    tokenizer = model.tokenizer
+    lengths = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
+    print(f"model: {model.name}; {len(PROMPTS)} prompts of {min(lengths)}-{max(lengths)} tokens; "
+          f"torch threads {torch.get_num_threads()}")
+    attribute(model, PROMPTS[0], top_k=100)  # float32 weight copies are made once per model
+    rss_before = peak_rss_mb()
+
+    forward, top100, top300, evaluated100, evaluated300 = [], [], [], [], []
+    for prompt in PROMPTS:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        with torch.inference_mode():
+            forward.append(timed(lambda: model.hf_model(ids), args.repeats))
+        top100.append(timed(lambda: attribute(model, prompt, top_k=100), args.repeats))
+        top300.append(timed(lambda: attribute(model, prompt, top_k=300), args.repeats))
+        r100, r300 = attribute(model, prompt, top_k=100), attribute(model, prompt, top_k=300)
+        evaluated100.append((r100.evaluated["ffn"] + r100.evaluated["attention"]) / 200)
+        evaluated300.append((r300.evaluated["ffn"] + r300.evaluated["attention"]) / 600)
+    attribution_peak = peak_rss_mb() - rss_before
+
+    dense = []
+    for prompt in PROMPTS[: args.dense_prompts]:
+        ids = tokenizer(prompt)["input_ids"]
+
+        def dense_scoring():
+            trace = trace_token_ids(model, [ids])[0]
+            ctx = value_context(model, trace, int(trace.logits.argmax()))
+            value.dense_ffn_scores(ctx)
+            value.dense_attention_scores(ctx)
+
+        start = time.perf_counter()
+        dense_scoring()
+        dense.append(time.perf_counter() - start)
+
+    median = statistics.median
+    ratio100 = median(t / f for t, f in zip(top100, forward))
+    ratio300 = median(t / f for t, f in zip(top300, forward))
+    dense_ratio = median(d / t for d, t in zip(dense, top100))
+    print(f"forward pass (transformers, eager attention):   median {median(forward) * 1e3:8.1f} ms")
+    print(f"attribute(top_k=100):                         median {median(top100) * 1e3:8.1f} ms  "
+          f"= {ratio100:.1f}x forward (median of per-prompt ratios)")
+    print(f"attribute(top_k=300):                         median {median(top300) * 1e3:8.1f} ms  "
+          f"= {ratio300:.1f}x forward")
+    print(f"dense, every neuron ({len(dense)} prompts):              median {median(dense):8.1f} s    "
+          f"= {dense_ratio:.0f}x attribute(top_k=100)")
+    print(f"neurons scored exactly per neuron returned:     top-100 {median(evaluated100):.2f}, "
+          f"top-300 {median(evaluated300):.2f} (median)")
+    print(f"attribution peak memory above the loaded model: {max(attribution_peak, 0):.0f} MB (peak RSS growth)")
+
+
+if __name__ == "__main__":
+    main()
