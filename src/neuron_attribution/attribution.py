@@ -15,7 +15,7 @@ from .errors import UserError
 from .loading import LoadedModel
 from .output import write_json
 from .prediction import Prediction, top_predictions
-from .prompts import Prompt, encode_prompt, encode_target, token_text, token_texts
+from .prompts import Prompt, encode_prompt, encode_target, token_texts
 from .readout import LinearReadout
 from .scoring import value
 from .trace import Trace, trace_token_ids
@@ -291,4 +291,4 @@ def _neuron_vector(model: LoadedModel, neuron) -> torch.Tensor:
 
 
 __all__ = ["AttentionNeuron", "Attribution", "FfnNeuron", "HeadScore", "Projection", "attribute",
-           "attribute_batch", "project", "token_text"]
+           "attribute_batch", "project"]

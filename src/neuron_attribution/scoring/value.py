@@ -64,12 +64,6 @@ class ValueContext:
     def target_log_probs(self) -> Tensor:
         return self.base_log_probs[:, self.target].clone()
 
-    def attention_base(self, layer: int) -> int:
-        return 2 * layer
-
-    def ffn_base(self, layer: int) -> int:
-        return 2 * layer + 1
-
 
 # --- exact scores ------------------------------------------------------------------------------------------
 
