@@ -33,27 +33,25 @@ def tiny_gpt2() -> LoadedModel:
     return LoadedModel.from_hf(model, name="tiny-gpt2")
 
 
-def tiny_llama() -> LoadedModel:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    _randomise(model, 2)
-    return LoadedModel.from_hf(model, name="tiny-llama-gqa")
+_SWIGLU_FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+                    "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 
 
-def tiny_llama_like(family: str) -> LoadedModel:
-    """Mistral and Qwen2 (q/k/v biases), which the Llama adapter covers."""
-    config_class, model_class = {"mistral": (MistralConfig, MistralForCausalLM),
-                                 "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+def tiny_llama_like(family: str, n_layers: int = 2, seed: int = 4) -> LoadedModel:
+    """Llama with grouped-query attention (2 KV heads for 4 query heads), and Mistral and Qwen2 (q/k/v
+    biases), which the Llama adapter covers."""
+    config_class, model_class = _SWIGLU_FAMILIES[family]
     torch.manual_seed(0)
-    config = config_class(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+    config = config_class(hidden_size=32, intermediate_size=40, num_hidden_layers=n_layers, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=64,
                           tie_word_embeddings=False)
     model = model_class(config)
-    _randomise(model, 4)
+    _randomise(model, seed)
     return LoadedModel.from_hf(model, name=f"tiny-{family}")
+
+
+def tiny_llama() -> LoadedModel:
+    return tiny_llama_like("llama", n_layers=3, seed=2)
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])

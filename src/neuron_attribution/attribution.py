@@ -223,7 +223,7 @@ def _ffn_neurons(model: LoadedModel, ctx: value.ValueContext, top: value.TopK) -
 
 def _attention_neurons(ctx: value.ValueContext, top: value.TopK, tokens: list[str]) -> list[AttentionNeuron]:
     s, n_tokens = ctx.shape, ctx.trace.n_tokens
-    coefficients = value.attention_coefficients(ctx)
+    coefficients = ctx.attention_coefficients
     result = []
     for flat, score in zip(top.indices.tolist(), top.scores.tolist()):
         layer, head, dim, position = np.unravel_index(flat, (s.n_layers, s.n_heads, s.head_dim, n_tokens))

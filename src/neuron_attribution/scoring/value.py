@@ -37,7 +37,6 @@ class ValueContext:
     shape: ModelShape
     readout: LinearReadout
     target: int
-    states: Tensor  # (2L+1, d)
     normalised_states: Tensor  # (2L+1, d): the readout's linear part applied to each state
     base_log_probs: Tensor  # (2L+1, V): log softmax of each state's logits
     base_log_sum_exp: Tensor  # (2L+1,): log-sum-exp of each state's logits
@@ -57,12 +56,23 @@ class ValueContext:
         unembedding = readout.unembedding
         expected_row = log_probs[:-1].exp() @ unembedding  # (2L, d): p(x)·U
         directions = readout.pullback(unembedding[target] - expected_row)
-        return cls(trace, ffn_values, output_weights, shape, readout, target, states, normalised, log_probs,
+        return cls(trace, ffn_values, output_weights, shape, readout, target, normalised, log_probs,
                    log_sum_exp, directions)
 
     @cached_property
     def target_log_probs(self) -> Tensor:
         return self.base_log_probs[:, self.target].clone()
+
+    @cached_property
+    def weighted_values(self) -> Tensor:
+        """(L, H, T, d_h): α_{T,j,p}·v_{p,kv(j),n}, the coefficient of every attention neuron."""
+        values = self.trace.value_states.repeat_interleave(self.shape.heads_per_kv_head, dim=2)  # (L, T, H, d_h)
+        return self.trace.attention_weights.unsqueeze(-1) * values.permute(0, 2, 1, 3)
+
+    @cached_property
+    def attention_coefficients(self) -> Tensor:
+        """(L, H, d_h, T): the same coefficients, indexed (layer, head, dim, source position)."""
+        return self.weighted_values.permute(0, 1, 3, 2)
 
 
 # --- exact scores ------------------------------------------------------------------------------------------
@@ -131,19 +141,9 @@ def layer_scores(ctx: ValueContext) -> tuple[Tensor, Tensor]:
     return steps[0::2].clone(), steps[1::2].clone()
 
 
-def _weighted_values(ctx: ValueContext) -> Tensor:
-    """(L, H, T, d_h): α_{T,j,p}·v_{p,kv(j),n}, the coefficient of every attention neuron."""
-    values = ctx.trace.value_states.repeat_interleave(ctx.shape.heads_per_kv_head, dim=2)  # (L, T, H, d_h)
-    return ctx.trace.attention_weights.unsqueeze(-1) * values.permute(0, 2, 1, 3)
-
-
-def _output_weights(ctx: ValueContext) -> Tensor:
-    return ctx.output_weights
-
-
 def head_scores(ctx: ValueContext) -> Tensor:
     """(L, H): each head's last-position output, added to the layer's input."""
-    per_head = torch.einsum("lhtn,lhnd->lhd", _weighted_values(ctx), _output_weights(ctx))
+    per_head = torch.einsum("lhtn,lhnd->lhd", ctx.weighted_values, ctx.output_weights)
     layers, heads, d = per_head.shape
     bases = torch.arange(layers).repeat_interleave(heads) * 2
     scores, _ = exact_scores(ctx, bases, per_head.reshape(-1, d))
@@ -154,9 +154,7 @@ def head_position_scores(ctx: ValueContext, heads: list[tuple[int, int]]) -> Ten
     """(len(heads), T): the output of one head coming from one source position."""
     if not heads:
         return torch.empty(0, ctx.trace.n_tokens)
-    coefficients = _weighted_values(ctx)
-    outputs = _output_weights(ctx)
-    vectors = torch.stack([coefficients[l, j] @ outputs[l, j] for l, j in heads])  # (K, T, d)
+    vectors = torch.stack([ctx.weighted_values[l, j] @ ctx.output_weights[l, j] for l, j in heads])  # (K, T, d)
     bases = torch.tensor([2 * l for l, _ in heads]).repeat_interleave(vectors.shape[1])
     scores, _ = exact_scores(ctx, bases, vectors.reshape(-1, vectors.shape[-1]))
     return scores.reshape(len(heads), -1)
@@ -174,15 +172,10 @@ def ffn_bounds(ctx: ValueContext) -> Tensor:
     return ffn_coefficients(ctx) * slopes
 
 
-def attention_coefficients(ctx: ValueContext) -> Tensor:
-    """(L, H, d_h, T) coefficients of the attention neurons (layer, head, dim, source position)."""
-    return _weighted_values(ctx).permute(0, 1, 3, 2)
-
-
 def attention_bounds(ctx: ValueContext) -> Tensor:
     """(L, H, d_h, T) upper bounds of the attention neurons' scores."""
-    slopes = torch.einsum("lhnd,ld->lhn", _output_weights(ctx), ctx.bound_directions[0::2])
-    return attention_coefficients(ctx) * slopes.unsqueeze(-1)
+    slopes = torch.einsum("lhnd,ld->lhn", ctx.output_weights, ctx.bound_directions[0::2])
+    return ctx.attention_coefficients * slopes.unsqueeze(-1)
 
 
 def evaluate_ffn(ctx: ValueContext, flat: Tensor, keep_projection: int = 0):
@@ -194,12 +187,9 @@ def evaluate_ffn(ctx: ValueContext, flat: Tensor, keep_projection: int = 0):
 
 
 def evaluate_attention(ctx: ValueContext, flat: Tensor):
-    s, tokens = ctx.shape, ctx.trace.n_tokens
-    layer, rest = flat // (s.n_heads * s.head_dim * tokens), flat % (s.n_heads * s.head_dim * tokens)
-    head, rest = rest // (s.head_dim * tokens), rest % (s.head_dim * tokens)
-    dim, position = rest // tokens, rest % tokens
-    vectors = _output_weights(ctx)[layer, head, dim]
-    coefficients = attention_coefficients(ctx)[layer, head, dim, position]
+    layer, head, dim, position = torch.unravel_index(flat, ctx.attention_coefficients.shape)
+    vectors = ctx.output_weights[layer, head, dim]
+    coefficients = ctx.attention_coefficients[layer, head, dim, position]
     return exact_scores(ctx, 2 * layer, vectors, coefficients)[0]
 
 
