@@ -99,14 +99,17 @@ def main() -> None:
     median = statistics.median
     ratio100 = median(t / f for t, f in zip(top100, forward))
     ratio300 = median(t / f for t, f in zip(top300, forward))
-    dense_ratio = median(d / t for d, t in zip(dense, top100))
+    dense_ratio = median(d / t for d, t in zip(dense, top100)) if dense else float("nan")
     print(f"forward pass (transformers, eager attention):   median {median(forward) * 1e3:8.1f} ms")
     print(f"attribute(top_k=100):                         median {median(top100) * 1e3:8.1f} ms  "
           f"= {ratio100:.1f}x forward (median of per-prompt ratios)")
     print(f"attribute(top_k=300):                         median {median(top300) * 1e3:8.1f} ms  "
           f"= {ratio300:.1f}x forward")
-    print(f"dense, every neuron ({len(dense)} prompts):              median {median(dense):8.1f} s    "
-          f"= {dense_ratio:.0f}x attribute(top_k=100)")
+    if dense:
+        print(f"dense, every neuron ({len(dense)} prompts):              median {median(dense):8.1f} s    "
+              f"= {dense_ratio:.0f}x attribute(top_k=100)")
+    else:
+        print("dense, every neuron: skipped (--dense-prompts 0)")
     print(f"neurons scored exactly per neuron returned:     top-100 {median(evaluated100):.2f}, "
           f"top-300 {median(evaluated300):.2f} (median)")
     print(f"attribution peak memory above the loaded model: {max(attribution_peak, 0):.0f} MB (peak RSS growth)")

@@ -133,7 +133,7 @@ def _check_top_k(top_k: int) -> None:
 def readout_for(model: LoadedModel, trace: Trace, reference: bool = False) -> LinearReadout:
     unembedding, bias = model.adapter.unembedding
     return LinearReadout.at(model.adapter.final_norm(), unembedding, bias, trace.final_residual[-1],
-                            reference=reference)
+                            reference=reference, max_unembedding_norm=model.adapter.max_unembedding_norm)
 
 
 def value_context(model: LoadedModel, trace: Trace, target: int, reference: bool = False) -> value.ValueContext:

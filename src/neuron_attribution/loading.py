@@ -45,6 +45,7 @@ class LoadedModel:
     adapter: FamilyAdapter = field(repr=False)
     name: str
     source: str
+    token_texts: dict[int, str] = field(default_factory=dict, repr=False)  # decoded once per token id
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, tokenizer: object = None, *, name: str = "in-memory",

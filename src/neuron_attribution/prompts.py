@@ -70,9 +70,11 @@ def encode_target(model: LoadedModel, prompt_ids: list[int], prompt: Prompt, tar
 
 
 def token_text(model: LoadedModel, token_id: int) -> str:
-    if model.tokenizer is None:
-        return f"<{token_id}>"
-    return model.tokenizer.decode([token_id])
+    text = model.token_texts.get(token_id)
+    if text is None:
+        text = f"<{token_id}>" if model.tokenizer is None else model.tokenizer.decode([token_id])
+        model.token_texts[token_id] = text
+    return text
 
 
 def token_texts(model: LoadedModel, ids: Sequence[int]) -> list[str]:

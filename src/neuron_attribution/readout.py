@@ -22,10 +22,12 @@ class LinearReadout:
     unembedding: Tensor  # (V, d)
     scale: float  # frozen 1/rms or 1/std of the final residual
     constant_logits: Tensor  # (V,): U·β (+ output bias), added once to a base
+    max_unembedding_norm: float  # max_v ‖U_v‖, for bounding how far a vector can move any logit
+    has_constant: bool  # whether constant_logits is non-zero
 
     @classmethod
     def at(cls, norm: NormParams, unembedding: Tensor, unembedding_bias: Tensor | None, final_residual: Tensor,
-           *, reference: bool = False) -> LinearReadout:
+           *, reference: bool = False, max_unembedding_norm: float | None = None) -> LinearReadout:
         h = final_residual.double()
         if norm.kind == "layernorm":
             variance = (h - h.mean()).pow(2).mean()
@@ -37,7 +39,9 @@ class LinearReadout:
             constant = constant + unembedding @ norm.bias
         if unembedding_bias is not None:
             constant = constant + unembedding_bias
-        return cls(norm, unembedding, scale, constant)
+        if max_unembedding_norm is None:
+            max_unembedding_norm = float(unembedding.norm(dim=-1).max())
+        return cls(norm, unembedding, scale, constant, max_unembedding_norm, bool(constant.any()))
 
     def normalise(self, vectors: Tensor) -> Tensor:
         """γ ⊙ centre(u) · scale for each row: the linear part of the final norm."""
@@ -49,9 +53,19 @@ class LinearReadout:
         """δ(u) for each row: the change in logits per unit coefficient (no constant term)."""
         return self.normalise(vectors) @ self.unembedding.T
 
+    def max_logit_change(self, vectors: Tensor) -> Tensor:
+        """Per row, a bound on max_v |δ_v(u)| (Cauchy–Schwarz: ‖normalise(u)‖ · max_v ‖U_v‖)."""
+        return self.normalise(vectors).norm(dim=-1) * self.max_unembedding_norm
+
     def base_logits(self, residuals: Tensor) -> Tensor:
         """Logits of full residual states (constant term included)."""
-        return self.deltas(residuals) + self.constant_logits
+        return self.logits_of_normalised(self.normalise(residuals))
+
+    def logits_of_normalised(self, normalised: Tensor) -> Tensor:
+        """U·n + constant for rows n already through `normalise`. Most RMSNorm models have no constant, and
+        then no vocabulary-sized pass is spent adding zeros."""
+        logits = normalised @ self.unembedding.T
+        return logits.add_(self.constant_logits) if self.has_constant else logits
 
     def pullback(self, covectors: Tensor) -> Tensor:
         """For r in vocabulary-dual space ((..., d) rows already multiplied by U), the vector k with

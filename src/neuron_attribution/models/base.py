@@ -139,6 +139,11 @@ class FamilyAdapter(ABC):
         return weight.contiguous(), bias
 
     @cached_property
+    def max_unembedding_norm(self) -> float:
+        """max_v ‖U_v‖ over the vocabulary (a weight property, computed once)."""
+        return float(self.unembedding[0].norm(dim=-1).max())
+
+    @cached_property
     def all_ffn_values(self) -> Tensor:
         """(L, N, d): every layer's FFN value vectors, stacked once for vectorised scoring."""
         return torch.stack([self.layer_weights(l).ffn_values for l in range(self.shape.n_layers)])
@@ -151,7 +156,7 @@ class FamilyAdapter(ABC):
     def forget_weights(self) -> None:
         """Drop the float32 copies (call after the model's weights were changed)."""
         self._layer_cache.clear()
-        for name in ("unembedding", "all_ffn_values", "all_output_weights"):
+        for name in ("unembedding", "max_unembedding_norm", "all_ffn_values", "all_output_weights"):
             self.__dict__.pop(name, None)
 
 

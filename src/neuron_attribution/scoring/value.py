@@ -24,6 +24,8 @@ from ..trace import Trace
 EXACT_BATCH = 256  # candidates per vocabulary-sized product: (256, V) float32 is 50 MB for V = 49k
 # Rounding lets an exact score exceed its analytic bound by ~1e-7; stop only when clear of that.
 _BOUND_SLACK = 1e-6
+# Below this bound on |c·δ_v| the log-sum-exp can skip its max pass (float32 exp is finite and normal there).
+_SAFE_EXPONENT = 80.0
 
 
 @dataclass
@@ -50,7 +52,7 @@ class ValueContext:
         states = torch.stack([before, middle], dim=1).reshape(-1, before.shape[-1])
         states = torch.cat([states, trace.final_residual[-1:]], dim=0)
         normalised = readout.normalise(states)
-        logits = torch.addmm(readout.constant_logits, normalised, readout.unembedding.T)
+        logits = readout.logits_of_normalised(normalised)
         log_sum_exp = torch.logsumexp(logits, dim=-1)
         log_probs = logits - log_sum_exp.unsqueeze(-1)
         unembedding = readout.unembedding
@@ -96,13 +98,17 @@ def exact_scores(ctx: ValueContext, bases: Tensor, vectors: Tensor, coefficients
                 # δ itself is needed for the projection, so the base is added to it rather than fused.
                 delta = readout.deltas(scaled)
                 projection[rows] = _signed_extremes(delta, keep_projection, coefficients, rows)
-                logits = delta.add_(ctx.base_log_probs[bases[rows]])
+                logits = delta.add_(ctx.base_log_probs[bases[rows]])  # log p(x) + c·δ
+                shift = torch.zeros(delta.shape[0])
             else:
                 moved = ctx.normalised_states[bases[rows]] + readout.normalise(scaled)
-                logits = torch.addmm(readout.constant_logits, moved, readout.unembedding.T)
-                logits.sub_(ctx.base_log_sum_exp[bases[rows]].unsqueeze(-1))  # now log p(x) + c·δ, as above
+                logits = readout.logits_of_normalised(moved)  # z(x) + c·δ
+                shift = ctx.base_log_sum_exp[bases[rows]]
             target_logit = logits[:, ctx.target].clone()
-            scores[rows] = target_logit - _logsumexp_inplace(logits) - ctx.target_log_probs[bases[rows]]
+            reach = readout.max_logit_change(scaled)
+            log_sum_exp = _logsumexp_shifted(logits, shift) if bool((reach < _SAFE_EXPONENT).all()) \
+                else _logsumexp_inplace(logits)
+            scores[rows] = target_logit - log_sum_exp - ctx.target_log_probs[bases[rows]]
     return scores, projection
 
 
@@ -110,6 +116,16 @@ def _logsumexp_inplace(x: Tensor) -> Tensor:
     """Row-wise log-sum-exp that overwrites x (saves a vocabulary-sized allocation per batch)."""
     peak = x.amax(dim=-1, keepdim=True)
     return x.sub_(peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(-1))
+
+
+def _logsumexp_shifted(x: Tensor, shift: Tensor) -> Tensor:
+    """Row-wise log-sum-exp of x = (log-softmax of a base, shifted by `shift`) + c·δ, overwriting x.
+
+    exp(x − shift) = p_v·exp(c·δ_v) with Σ p_v = 1, so when every |c·δ_v| < _SAFE_EXPONENT the sum lies in
+    [e^−80, e^80]: no overflow, no underflow, and the max-finding pass of the general method is not needed."""
+    if bool((shift != 0).any()):
+        x.sub_(shift.unsqueeze(-1))
+    return x.exp_().sum(dim=-1).log_().add_(shift)
 
 
 def _signed_extremes(scaled_delta: Tensor, k: int, coefficients: Tensor | None, rows: slice) -> Tensor:
