@@ -72,3 +72,66 @@ def layer_scores(model, trace, target) -> tuple[list[float], list[float]]:
         middle = before + trace.attention_outputs[layer, -1].double()
         ffn.append(increase(model, trace, middle, trace.ffn_outputs[layer, -1], target))
     return attention, ffn
+
+
+# --- query neurons and layers (METHOD.md §3), loops over the definitions -----------------------------------
+
+def attention_subkey(model, layer, head, dim, kv_head=None):
+    shape = model.shape
+    w = model.adapter.layer_weights(layer)
+    kv = head // (shape.n_heads // shape.n_kv_heads) if kv_head is None else kv_head
+    return w.value_weight[kv, dim].double() * w.attention_norm.weight.double()
+
+
+def ffn_subkeys(model, layer, neuron):
+    w = model.adapter.layer_weights(layer)
+    return {name: keys[neuron].double() * w.ffn_norm.weight.double() for name, keys in w.ffn_subkeys.items()}
+
+
+def query_ffn(model, trace, attention_neurons, ffn_neurons, kv_head_of=None):
+    """{part: (L, N)}: part "value" for attention value neurons (layer, head, dim, position, score), and each
+    FFN subkey name for FFN value neurons (layer, neuron, score)."""
+    shape = model.shape
+    parts = {}
+    readings = []
+    for layer, head, dim, position, score in attention_neurons:
+        kv = None if kv_head_of is None else kv_head_of(head)
+        readings.append(("value", layer, position, attention_subkey(model, layer, head, dim, kv),
+                         trace.layer_inputs[layer, position].double(), score))
+    last = trace.n_tokens - 1
+    for layer, neuron, score in ffn_neurons:
+        middle = trace.layer_inputs[layer, last].double() + trace.attention_outputs[layer, last].double()
+        for name, key in ffn_subkeys(model, layer, neuron).items():
+            readings.append((name, layer, last, key, middle, score))
+    for name, layer, position, key, h, score in readings:
+        total = parts.setdefault(name, torch.zeros(shape.n_layers, shape.d_ffn, dtype=torch.float64))
+        denominator = float(h @ key)
+        for i in range(layer):
+            values = model.adapter.layer_weights(i).ffn_values.double()
+            for k in range(shape.d_ffn):
+                vector = trace.ffn_coefficients[i, position, k].double() * values[k]
+                total[i, k] += float(vector @ key) / denominator * score
+    return parts
+
+
+def query_layers(model, trace, attention_neurons, ffn_neurons):
+    """{(kind, component, layer): score} with kind "for_attention" / "for_ffn"; components summed over
+    subkeys. The denominator is the sum of the components' own inner products (the decomposition)."""
+    result = {}
+    last = trace.n_tokens - 1
+    readings = [("for_attention", layer, position, attention_subkey(model, layer, head, dim), score, False)
+                for layer, head, dim, position, score in attention_neurons]
+    for layer, neuron, score in ffn_neurons:
+        for key in ffn_subkeys(model, layer, neuron).values():
+            readings.append(("for_ffn", layer, last, key, score, True))
+    for kind, layer, position, key, score, own_attention in readings:
+        components = [("embedding", None, trace.layer_inputs[0, position])]
+        for i in range(model.shape.n_layers):
+            if i < layer or (own_attention and i == layer):
+                components.append(("attention", i, trace.attention_outputs[i, position]))
+            if i < layer:
+                components.append(("ffn", i, trace.ffn_outputs[i, position]))
+        dots = [float(u.double() @ key) for _, _, u in components]
+        for (component, i, _), dot in zip(components, dots):
+            result[(kind, component, i)] = result.get((kind, component, i), 0.0) + dot / sum(dots) * score
+    return result

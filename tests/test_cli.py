@@ -32,6 +32,13 @@ def test_attribute_json_fields(tmp_path, real_model):
         rows = data[key]
         assert len(rows) == 12 and set(rows[0]) == fields
         assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
+    queries = data["query_neurons"]
+    assert len(queries) == 12
+    assert {"layer", "neuron", "score", "gate_score", "up_score"} <= set(queries[0])
+    for kind in ("for_ffn", "for_attention"):
+        rows = data["query_layers"][kind]
+        assert {row["component"] for row in rows} == {"embedding", "attention", "ffn"}
+        assert set(rows[0]) >= {"component", "layer", "score"}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .errors import UserError
 from .loading import LoadedModel
@@ -17,11 +18,12 @@ from .output import write_json
 from .prediction import Prediction, top_predictions
 from .prompts import Prompt, encode_prompt, encode_target, token_texts
 from .readout import LinearReadout
-from .scoring import value
+from .scoring import query, value
 from .trace import Trace, trace_token_ids
 
 PROJECTION_TOKENS = 10
 TOP_HEADS_WITH_POSITIONS = 5
+QUERY_VALUE_NEURONS = 30  # value neurons of each kind whose query neurons and layers are scored
 
 
 @dataclass
@@ -77,6 +79,36 @@ class AttentionNeuron:
 
 
 @dataclass
+class QueryNeuron:
+    """An FFN neuron scored for activating the top value neurons. score = attention_score + ffn_score:
+    through the attention value neurons' value-projection rows, and through the FFN value neurons' subkeys
+    (for SwiGLU ffn_score = gate_score + up_score; the two are None for GELU models)."""
+
+    layer: int
+    neuron: int
+    score: float
+    attention_score: float
+    ffn_score: float
+    gate_score: float | None = None
+    up_score: float | None = None
+
+
+@dataclass
+class QueryLayer:
+    component: str  # "embedding", "attention" or "ffn"
+    layer: int | None  # None for the embedding
+    score: float
+    gate_score: float | None = None  # SwiGLU FFN value neurons: the two subkeys' parts of score
+    up_score: float | None = None
+
+
+@dataclass
+class QueryLayers:
+    for_ffn: list[QueryLayer]
+    for_attention: list[QueryLayer]
+
+
+@dataclass
 class DenseScores:
     ffn: np.ndarray  # (L, N)
     attention: np.ndarray  # (L, H, d_h, T)
@@ -94,13 +126,19 @@ class Attribution:
     ffn_neurons: list[FfnNeuron]
     attention_neurons: list[AttentionNeuron]
     head_positions: list[HeadPositionScore]
+    query_neurons: list[QueryNeuron] = field(default_factory=list)
+    query_layers: QueryLayers = field(default_factory=lambda: QueryLayers([], []))
+    query_skipped: list[str] = field(default_factory=list)  # value neurons whose subkey input h·K' ≈ 0
     reference: bool = False
     evaluated: dict[str, int] = field(default_factory=dict)  # neurons scored exactly, per kind
     dense: DenseScores | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in asdict(self).items() if k != "dense"}
-        data["target"] = asdict(self.target)
+        # gate/up parts exist only for SwiGLU models; GELU results leave the keys out rather than null them.
+        data["query_neurons"] = [_without_missing_subkeys(q) for q in data["query_neurons"]]
+        data["query_layers"] = {kind: [_without_missing_subkeys(q) for q in rows]
+                                for kind, rows in data["query_layers"].items()}
         return data
 
     def save(self, path: Path | str) -> None:
@@ -115,6 +153,10 @@ class Attribution:
             ffn_neurons=[FfnNeuron(**n) for n in data["ffn_neurons"]],
             attention_neurons=[AttentionNeuron(**n) for n in data["attention_neurons"]],
             head_positions=[HeadPositionScore(**h) for h in data.get("head_positions", [])],
+            query_neurons=[QueryNeuron(**q) for q in data.get("query_neurons", [])],
+            query_layers=QueryLayers(*([QueryLayer(**q) for q in data.get("query_layers", {}).get(kind, [])]
+                                       for kind in ("for_ffn", "for_attention"))),
+            query_skipped=data.get("query_skipped", []),
             reference=data.get("reference", False), evaluated=data.get("evaluated", {}))
 
     @classmethod
@@ -125,9 +167,13 @@ class Attribution:
             raise UserError(f"cannot read an attribution from {path}: {error}") from None
 
 
-def _check_top_k(top_k: int) -> None:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
-        raise UserError(f"top_k must be a positive whole number, got {top_k!r}")
+def _without_missing_subkeys(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if not (k in ("gate_score", "up_score") and v is None)}
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{name} must be a positive whole number, got {value!r}")
 
 
 def readout_for(model: LoadedModel, trace: Trace, reference: bool = False) -> LinearReadout:
@@ -143,17 +189,22 @@ def value_context(model: LoadedModel, trace: Trace, target: int, reference: bool
 
 
 def attribute(model: LoadedModel, prompt: Prompt, target: str | int | None = None, *, top_k: int = 100,
-              dense: bool = False, reference: bool = False) -> Attribution:
-    """Value neurons for one prompt: which FFN and attention neurons raise log p(target)."""
+              dense: bool = False, reference: bool = False, query_top: int = QUERY_VALUE_NEURONS) -> Attribution:
+    """Value neurons for one prompt: which FFN and attention neurons raise log p(target), and the query
+    neurons and layers that activate the top `query_top` value neurons of each kind. A `query_top` larger
+    than the model's number of neurons of a kind is clamped to it."""
     return attribute_batch(model, [prompt], None if target is None else [target], top_k=top_k, dense=dense,
-                           reference=reference)[0]
+                           reference=reference, query_top=query_top)[0]
 
 
 def attribute_batch(model: LoadedModel, prompts: Sequence[Prompt], targets: Sequence[str | int | None] | None = None,
                     *, top_k: int = 100, dense: bool = False, reference: bool = False,
-                    batch_size: int = 8) -> list[Attribution]:
+                    query_top: int = QUERY_VALUE_NEURONS, batch_size: int = 8) -> list[Attribution]:
     """`attribute` for many prompts, sharing forward passes (right-padded batches of `batch_size`)."""
-    _check_top_k(top_k)
+    _check_positive("top_k", top_k)
+    _check_positive("query_top", query_top)
+    _check_positive("batch_size", batch_size)
+    options = _Options(top_k, query_top, dense, reference)
     if targets is not None and len(targets) != len(prompts):
         raise UserError(f"{len(prompts)} prompts but {len(targets)} targets")
     encoded = [encode_prompt(model, p) for p in prompts]
@@ -163,17 +214,26 @@ def attribute_batch(model: LoadedModel, prompts: Sequence[Prompt], targets: Sequ
         for offset, trace in enumerate(traces):
             i = start + offset
             target = None if targets is None else targets[i]
-            results.append(_attribute_trace(model, prompts[i], encoded[i], trace, target, top_k, dense, reference))
+            results.append(_attribute_trace(model, prompts[i], encoded[i], trace, target, options))
     return results
 
 
+@dataclass(frozen=True)
+class _Options:
+    top_k: int
+    query_top: int
+    dense: bool
+    reference: bool
+
+
 def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: Trace, target: str | int | None,
-                     top_k: int, dense: bool, reference: bool) -> Attribution:
+                     options: _Options) -> Attribution:
+    top_k = options.top_k
     if target is None:
         target_token = encode_target(model, ids, prompt, int(trace.logits.argmax()))
     else:
         target_token = encode_target(model, ids, prompt, target)
-    ctx = value_context(model, trace, target_token.id, reference)
+    ctx = value_context(model, trace, target_token.id, options.reference)
     tokens = token_texts(model, ids)
     probs = torch.softmax(trace.logits.double(), dim=-1)
     target_info = TargetInfo(target_token.text, target_token.id, float(probs[target_token.id]),
@@ -188,10 +248,14 @@ def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: 
     head_positions = [HeadPositionScore(l, h, p, tokens[p], float(positions[i, p]))
                       for i, (l, h) in enumerate(top_heads) for p in range(positions.shape[1])]
 
+    value_k = max(top_k, options.query_top)
     ffn_top = value.exact_top_k(value.ffn_bounds(ctx), lambda f: value.evaluate_ffn(ctx, f, PROJECTION_TOKENS),
-                                top_k)
+                                value_k)
     attention_top = value.exact_top_k(value.attention_bounds(ctx),
-                                      lambda f: (value.evaluate_attention(ctx, f), None), top_k)
+                                      lambda f: (value.evaluate_attention(ctx, f), None), value_k)
+    ffn_neurons = _ffn_neurons(model, ctx, ffn_top)
+    attention_neurons = _attention_neurons(ctx, attention_top, tokens)
+    queries = query_scores(model, trace, ffn_neurons[: options.query_top], attention_neurons[: options.query_top])
     return Attribution(
         prompt=prompt if isinstance(prompt, str) else "".join(tokens),
         model=model.name,
@@ -200,13 +264,81 @@ def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: 
         predictions=top_predictions(model, trace.logits, 10),
         layers=LayerScores(attention_layers.tolist(), ffn_layers.tolist()),
         heads=head_list,
-        ffn_neurons=_ffn_neurons(model, ctx, ffn_top),
-        attention_neurons=_attention_neurons(ctx, attention_top, tokens),
+        ffn_neurons=ffn_neurons[:top_k],
+        attention_neurons=attention_neurons[:top_k],
         head_positions=head_positions,
-        reference=reference,
+        query_neurons=queries.top(top_k),
+        query_layers=queries.layers,
+        query_skipped=queries.skipped,
+        reference=options.reference,
         evaluated={"ffn": ffn_top.n_evaluated, "attention": attention_top.n_evaluated},
-        dense=_dense(ctx) if dense else None,
+        dense=_dense(ctx) if options.dense else None,
     )
+
+
+@dataclass
+class QueryScores:
+    """Query scores of every FFN neuron, (L, N) per part, and the query layers."""
+
+    attention: Tensor  # through attention value neurons' value rows
+    ffn_parts: dict[str, Tensor]  # through FFN value neurons' subkeys: "key", or "gate" and "up"
+    layers: QueryLayers
+    skipped: list[str]
+
+    @property
+    def total(self) -> Tensor:
+        return self.attention + sum(self.ffn_parts.values(), torch.zeros_like(self.attention))
+
+    def top(self, k: int) -> list[QueryNeuron]:
+        total = self.total.reshape(-1)
+        n_ffn = self.attention.shape[1]
+        ranked = value.rank_by_score(total, torch.arange(total.numel()))[:k].tolist()
+        swiglu = "gate" in self.ffn_parts
+        result = []
+        for flat in ranked:
+            layer, neuron = divmod(flat, n_ffn)
+            ffn = sum(float(part[layer, neuron]) for part in self.ffn_parts.values())
+            result.append(QueryNeuron(
+                layer, neuron, float(total[flat]), float(self.attention[layer, neuron]), ffn,
+                float(self.ffn_parts["gate"][layer, neuron]) if swiglu else None,
+                float(self.ffn_parts["up"][layer, neuron]) if swiglu else None))
+        return result
+
+
+def query_scores(model: LoadedModel, trace: Trace, ffn_neurons: list[FfnNeuron],
+                 attention_neurons: list[AttentionNeuron]) -> QueryScores:
+    """Query FFN neurons and query layers for the given value neurons (METHOD.md §3)."""
+    shape = model.shape
+    weights = [model.adapter.layer_weights(layer) for layer in range(shape.n_layers)]
+    attention_readings, skipped_attention = query.usable(query.attention_readings(
+        trace, weights, shape,
+        [query.AttentionValueNeuron(n.layer, n.head, n.dim, n.position, n.score) for n in attention_neurons]))
+    ffn_readings, skipped_ffn = query.usable(query.ffn_readings(
+        trace, weights, [query.FfnValueNeuron(n.layer, n.neuron, n.score) for n in ffn_neurons]))
+    parts = query.query_ffn_scores(trace, model.adapter.all_ffn_values, attention_readings + ffn_readings)
+    zeros = torch.zeros(shape.n_layers, shape.d_ffn)
+    attention = parts.pop("value", zeros)
+    for name in weights[0].ffn_subkeys:
+        parts.setdefault(name, zeros)
+    layers = QueryLayers(_query_layer_rows(query.query_layer_scores(trace, ffn_readings), shape.n_layers),
+                         _query_layer_rows(query.query_layer_scores(trace, attention_readings), shape.n_layers))
+    return QueryScores(attention, parts, layers, skipped_attention + skipped_ffn)
+
+
+def _query_layer_rows(shares: dict[str, query.LayerShares], n_layers: int) -> list[QueryLayer]:
+    """Rows in model order: embedding, then attention and FFN of each layer; gate/up parts for SwiGLU."""
+    swiglu = "gate" in shares
+
+    def row(component: str, layer: int | None, pick) -> QueryLayer:
+        parts = {name: pick(s) for name, s in shares.items()}
+        return QueryLayer(component, layer, sum(parts.values(), 0.0),
+                          parts.get("gate") if swiglu else None, parts.get("up") if swiglu else None)
+
+    rows = [row("embedding", None, lambda s: s.embedding)]
+    for layer in range(n_layers):
+        rows.append(row("attention", layer, lambda s, l=layer: float(s.attention[l])))
+        rows.append(row("ffn", layer, lambda s, l=layer: float(s.ffn[l])))
+    return rows
 
 
 def _ffn_neurons(model: LoadedModel, ctx: value.ValueContext, top: value.TopK) -> list[FfnNeuron]:
@@ -253,7 +385,10 @@ def project(model: LoadedModel, neuron: FfnNeuron | AttentionNeuron | tuple, k: 
 
     `neuron`: an FfnNeuron, an AttentionNeuron, ("ffn", layer, neuron) or ("attention", layer, head, dim).
     Top tokens are promoted when the neuron's coefficient is positive, bottom tokens when it is negative."""
-    vector = _neuron_vector(model, neuron)
+    return _projection_of(model, _neuron_vector(model, neuron), k)
+
+
+def _projection_of(model: LoadedModel, vector: torch.Tensor, k: int) -> Projection:
     norm = model.adapter.final_norm()
     unembedding, _ = model.adapter.unembedding
     if norm.kind == "layernorm":
@@ -290,5 +425,54 @@ def _neuron_vector(model: LoadedModel, neuron) -> torch.Tensor:
     raise UserError(f"unknown neuron kind {neuron[0]!r}; use 'ffn' or 'attention'")
 
 
-__all__ = ["AttentionNeuron", "Attribution", "FfnNeuron", "HeadScore", "Projection", "attribute",
-           "attribute_batch", "project"]
+__all__ = ["AttentionNeuron", "Attribution", "FfnNeuron", "HeadScore", "Projection", "QueryLayer", "QueryNeuron",
+           "attribute", "attribute_batch", "project", "query_scores"]
+
+
+# --- query-only vs query-value, and reading a query neuron through a head -----------------------------------
+
+@dataclass
+class QueryValueSplit:
+    """Top-n query FFN neurons, split by whether they are also among the top-n FFN value neurons."""
+
+    n: int
+    query_only: list[tuple[int, int]]  # (layer, neuron)
+    query_value: list[tuple[int, int]]
+    query_only_per_layer: list[int]  # histogram over layers
+    query_value_per_layer: list[int]
+
+
+def query_value_split(model: LoadedModel, prompt: Prompt, target: str | int | None = None, *, n: int = 300,
+                      query_top: int = QUERY_VALUE_NEURONS) -> QueryValueSplit:
+    """METHOD.md §3: the top-n query neurons minus those also in the top-n FFN value neurons."""
+    result = attribute(model, prompt, target, top_k=n, query_top=query_top)
+    return split_queries(result, model.shape.n_layers)
+
+
+def split_queries(result: Attribution, n_layers: int) -> QueryValueSplit:
+    """The split for an attribution already made; n is its `top_k` (the length of its lists)."""
+    values = {(v.layer, v.neuron) for v in result.ffn_neurons}
+    queries = [(q.layer, q.neuron) for q in result.query_neurons]
+    query_value = [q for q in queries if q in values]
+    query_only = [q for q in queries if q not in values]
+
+    def histogram(neurons: list[tuple[int, int]]) -> list[int]:
+        counts = [0] * n_layers
+        for layer, _ in neurons:
+            counts[layer] += 1
+        return counts
+
+    return QueryValueSplit(len(queries), query_only, query_value, histogram(query_only), histogram(query_value))
+
+
+def interpret_query_neuron(model: LoadedModel, ffn_layer: int, neuron: int, layer: int, head: int,
+                           k: int = 10) -> Projection:
+    """A query FFN neuron as one head carries it (METHOD.md §3): its value vector through `layer`'s input
+    norm, `head`'s value and output projections, then projected to the vocabulary like any neuron."""
+    s = model.shape
+    if not (0 <= ffn_layer < s.n_layers and 0 <= neuron < s.d_ffn and 0 <= layer < s.n_layers
+            and 0 <= head < s.n_heads):
+        raise UserError(f"no FFN neuron {ffn_layer}_{neuron} or head {layer}.{head} in this model")
+    vector = model.adapter.layer_weights(ffn_layer).ffn_values[neuron]
+    carried = query.interpret_through_head(model.adapter.layer_weights(layer), s, vector, head)
+    return _projection_of(model, carried, k)

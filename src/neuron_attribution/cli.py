@@ -70,6 +70,8 @@ def attribute(
     reference: Annotated[bool, typer.Option("--reference", help="Drop the final LayerNorm bias, as the "
                                             "authors' GPT-2 code does.")] = False,
     show: Annotated[int, typer.Option("--show", help="Rows per table in the terminal report.")] = 10,
+    query_top: Annotated[int, typer.Option("--query-top", help="Score query neurons and layers for this many "
+                                           "top value neurons of each kind.")] = 30,
     allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Value neurons: which FFN and attention neurons raise the log probability of the answer."""
@@ -80,9 +82,11 @@ def attribute(
         raise UserError("--top must be a positive number")
     if show <= 0:
         raise UserError("--show must be a positive number")
+    if query_top <= 0:
+        raise UserError("--query-top must be a positive number")
     loaded = _load(model, allow_pickle)
     with console.status("Attributing...", spinner="dots"):
-        result = run_attribution(loaded, prompt, target, top_k=top, reference=reference)
+        result = run_attribution(loaded, prompt, target, top_k=top, reference=reference, query_top=query_top)
     print_attribution(console, result, rows=show)
     if json_file:
         result.save(json_file)

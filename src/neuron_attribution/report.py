@@ -92,3 +92,34 @@ def print_attribution(console: Console, result, rows: int = 10) -> None:
         attention.add_row(f"{n.layer}_{n.head}_{n.dim} @ {n.position}", f"{n.score:+.4f}", f"{n.coefficient:+.3f}",
                           Text(repr(n.token)))
     console.print(attention)
+
+    print_queries(console, result, rows)
+
+
+def print_queries(console: Console, result, rows: int = 10) -> None:
+    queries = Table(title="Top query FFN neurons (activate the top value neurons)", title_justify="left")
+    swiglu = any(q.gate_score is not None for q in result.query_neurons)
+    columns = ["neuron", "score", "via attention", "via FFN"] + (["gate", "up"] if swiglu else [])
+    for column in columns:
+        queries.add_column(column, justify="left" if column == "neuron" else "right")
+    for q in result.query_neurons[:rows]:
+        cells = [f"{q.layer}_{q.neuron}", f"{q.score:+.4f}", f"{q.attention_score:+.4f}", f"{q.ffn_score:+.4f}"]
+        if swiglu:
+            cells += [f"{q.gate_score:+.4f}", f"{q.up_score:+.4f}"]
+        queries.add_row(*cells)
+    console.print(queries)
+    layers = Table(title="Top query layers", title_justify="left")
+    for column in ("for FFN value neurons", "score", "for attention value neurons", "score "):
+        layers.add_column(column, justify="right" if column.startswith("score") else "left")
+    by_score = [sorted(rows_, key=lambda r: -r.score)[:min(rows, 8)]
+                for rows_ in (result.query_layers.for_ffn, result.query_layers.for_attention)]
+    for ffn_row, attention_row in zip(*by_score):
+        layers.add_row(_component(ffn_row), f"{ffn_row.score:+.3f}", _component(attention_row),
+                       f"{attention_row.score:+.3f}")
+    console.print(layers)
+    if result.query_skipped:
+        console.print(Text(f"Skipped (input·subkey ≈ 0): {', '.join(result.query_skipped)}", style="yellow"))
+
+
+def _component(row) -> str:
+    return "embedding" if row.layer is None else f"{row.component} {row.layer}"

@@ -245,12 +245,12 @@ def exact_top_k(bounds: Tensor, evaluate: Callable[[Tensor], tuple[Tensor, Tenso
                 break
         batch = max(k // 4, 32)
     indices, scores = torch.cat(done), torch.cat(scored)
-    ranking = _rank(scores, indices)[:k]
+    ranking = rank_by_score(scores, indices)[:k]
     return TopK(indices[ranking], scores[ranking], position,
                 torch.cat(extras)[ranking] if extras else None)
 
 
-def _rank(scores: Tensor, indices: Tensor) -> Tensor:
+def rank_by_score(scores: Tensor, indices: Tensor) -> Tensor:
     """Positions sorted by descending score, ties to the lower index."""
     by_index = torch.argsort(indices, stable=True)
     return by_index[torch.argsort(scores[by_index], descending=True, stable=True)]

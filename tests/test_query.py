@@ -1,0 +1,161 @@
+"""Query neurons and query layers (METHOD.md §3) against loops over the definitions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuron_attribution import UserError, attribute, interpret_query_neuron, split_queries
+from neuron_attribution.attribution import AttentionNeuron, FfnNeuron, query_scores
+from neuron_attribution.scoring import query
+from neuron_attribution.trace import trace_token_ids
+
+from . import reference as ref
+
+
+def _as_tuples(result, k):
+    attention = [(n.layer, n.head, n.dim, n.position, n.score) for n in result.attention_neurons[:k]]
+    ffn = [(n.layer, n.neuron, n.score) for n in result.ffn_neurons[:k]]
+    return attention, ffn
+
+
+def _check_against_reference(model, ids, target, k, atol):
+    result = attribute(model, ids, target, top_k=10_000, query_top=k)
+    trace = trace_token_ids(model, [ids])[0]
+    attention, ffn = _as_tuples(result, k)
+    parts = ref.query_ffn(model, trace, attention, ffn)
+    total = sum(parts.values())
+    by_neuron = {(q.layer, q.neuron): q for q in result.query_neurons}
+    assert len(by_neuron) == model.shape.n_layers * model.shape.d_ffn  # top_k covers every FFN neuron here
+    for (layer, neuron), q in by_neuron.items():
+        assert q.score == pytest.approx(float(total[layer, neuron]), abs=atol)
+        assert q.attention_score == pytest.approx(float(parts["value"][layer, neuron]), abs=atol)
+        if "gate" in parts:
+            assert q.gate_score == pytest.approx(float(parts["gate"][layer, neuron]), abs=atol)
+            assert q.up_score == pytest.approx(float(parts["up"][layer, neuron]), abs=atol)
+        else:
+            assert q.gate_score is None and q.up_score is None
+    scores = [q.score for q in result.query_neurons]
+    assert scores == sorted(scores, reverse=True)
+    expected_layers = ref.query_layers(model, trace, attention, ffn)
+    for kind in ("for_ffn", "for_attention"):
+        rows = getattr(result.query_layers, kind)
+        assert len(rows) == 1 + 2 * model.shape.n_layers
+        for row in rows:
+            assert row.score == pytest.approx(expected_layers.get((kind, row.component, row.layer), 0.0), abs=atol)
+    return result
+
+
+def test_query_scores_match_definition_tiny(tiny_model, token_batches):
+    for ids in token_batches[:2]:
+        _check_against_reference(tiny_model, ids, 11, k=8, atol=1e-5)
+
+
+def test_query_layers_sum_to_value_scores(tiny_model, token_batches):
+    """Shares of a value neuron's score over its components add up to the score (once per subkey)."""
+    result = attribute(tiny_model, token_batches[0], 11, top_k=50, query_top=6)
+    attention_total = sum(r.score for r in result.query_layers.for_attention)
+    assert attention_total == pytest.approx(sum(n.score for n in result.attention_neurons[:6]), abs=1e-5)
+    subkeys = len(tiny_model.adapter.layer_weights(0).ffn_subkeys)
+    ffn_total = sum(r.score for r in result.query_layers.for_ffn)
+    assert ffn_total == pytest.approx(subkeys * sum(n.score for n in result.ffn_neurons[:6]), abs=1e-5)
+
+
+def test_gqa_uses_the_kv_head_the_query_head_reads(token_batches):
+    """Heads 1 and 3 of the tiny Llama read KV heads 0 and 1: a mapping by head index would be wrong."""
+    from .conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = token_batches[1]
+    trace = trace_token_ids(model, [ids])[0]
+    neurons = [(2, 1, 3, 4, 0.7), (2, 3, 5, 2, -0.4), (1, 1, 0, 6, 0.3)]
+    attention = [AttentionNeuron(l, h, d, p, "", s, 0.0) for l, h, d, p, s in neurons]
+    scores = query_scores(model, trace, [], attention)
+    right = ref.query_ffn(model, trace, neurons, [])["value"]
+    wrong = ref.query_ffn(model, trace, neurons, [], kv_head_of=lambda head: head % model.shape.n_kv_heads)
+    assert torch.allclose(scores.attention.double(), right, atol=1e-6)
+    assert not torch.allclose(scores.attention.double(), wrong["value"], atol=1e-3)
+
+
+def test_near_zero_denominator_is_skipped_and_reported():
+    key = torch.tensor([1.0, 0.0, 0.0])
+    orthogonal = query.SubkeyReading("value", 1, 0, key, torch.tensor([0.0, 2.0, 1.0]), 0.5, False, "attention x")
+    fine = query.SubkeyReading("value", 1, 0, key, torch.tensor([0.3, 2.0, 1.0]), 0.5, False, "attention y")
+    kept, skipped = query.usable([orthogonal, fine])
+    assert kept == [fine] and skipped == ["attention x"]
+
+
+def test_query_top_bad_and_clamped(tiny_model, token_batches):
+    with pytest.raises(UserError, match="query_top"):
+        attribute(tiny_model, token_batches[0], 3, query_top=0)
+    result = attribute(tiny_model, token_batches[2], 3, top_k=5, query_top=10**6)  # clamped to every neuron
+    assert len(result.query_neurons) == 5
+
+
+def test_query_value_split(tiny_model, token_batches):
+    result = attribute(tiny_model, token_batches[1], 3, top_k=20)
+    split = split_queries(result, tiny_model.shape.n_layers)
+    values = {(n.layer, n.neuron) for n in result.ffn_neurons}
+    assert set(split.query_value) == {(q.layer, q.neuron) for q in result.query_neurons} & values
+    assert len(split.query_only) + len(split.query_value) == 20
+    assert sum(split.query_only_per_layer) == len(split.query_only)
+
+
+def test_interpret_query_neuron_through_head(tiny_model):
+    s = tiny_model.shape
+    w_in = tiny_model.adapter.layer_weights(0)
+    w = tiny_model.adapter.layer_weights(2)
+    vector = w_in.ffn_values[5].double()
+    norm = w.attention_norm
+    if norm.kind == "layernorm":
+        normed = torch.nn.functional.layer_norm(vector, vector.shape, norm.weight.double(), None, norm.eps)
+    else:
+        normed = vector / (vector.pow(2).mean() + norm.eps).sqrt() * norm.weight.double()
+    head = 3
+    carried = (w.value_weight[head // (s.n_heads // s.n_kv_heads)].double() @ normed) @ w.output_weight[head].double()
+    final = tiny_model.adapter.final_norm()
+    if final.kind == "layernorm":
+        carried = carried - carried.mean()
+    logits = tiny_model.adapter.unembedding[0].double() @ (final.weight.double() * carried)
+    projection = interpret_query_neuron(tiny_model, 0, 5, 2, head, k=4)
+    assert projection.top_ids == logits.topk(4).indices.tolist()
+    with pytest.raises(UserError):
+        interpret_query_neuron(tiny_model, 0, 5, 2, 99)
+
+
+@pytest.mark.slow
+def test_query_scores_match_definition_real_model(real_model):
+    from neuron_attribution.attribution import attribute as run
+
+    prompt = "The capital of France is"
+    ids = real_model.tokenizer(prompt)["input_ids"]
+    result = run(real_model, prompt, " Paris", top_k=100)
+    trace = trace_token_ids(real_model, [ids])[0]
+    attention, ffn = _as_tuples(result, 30)
+    parts = _vectorised_reference(real_model, trace, attention, ffn)
+    total = sum(parts.values())
+    for q in result.query_neurons[:50]:
+        assert q.score == pytest.approx(float(total[q.layer, q.neuron]), abs=1e-4)
+        assert q.gate_score == pytest.approx(float(parts["gate"][q.layer, q.neuron]), abs=1e-4)
+    flat = total.reshape(-1)
+    expected = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))[:20]
+    got = [q.layer * real_model.shape.d_ffn + q.neuron for q in result.query_neurons[:20]]
+    assert got == expected
+
+
+def _vectorised_reference(model, trace, attention, ffn):
+    """ref.query_ffn with the innermost neuron loop vectorised (the real model has 46k FFN neurons)."""
+    shape = model.shape
+    parts = {}
+    last = trace.n_tokens - 1
+    readings = [("value", l, p, ref.attention_subkey(model, l, h, d), trace.layer_inputs[l, p].double(), s)
+                for l, h, d, p, s in attention]
+    for l, k, s in ffn:
+        middle = trace.layer_inputs[l, last].double() + trace.attention_outputs[l, last].double()
+        readings += [(name, l, last, key, middle, s) for name, key in ref.ffn_subkeys(model, l, k).items()]
+    for name, layer, position, key, h, score in readings:
+        total = parts.setdefault(name, torch.zeros(shape.n_layers, shape.d_ffn, dtype=torch.float64))
+        for i in range(layer):
+            values = model.adapter.layer_weights(i).ffn_values.double()
+            total[i] += trace.ffn_coefficients[i, position].double() * (values @ key) / float(h @ key) * score
+    return parts
