@@ -14,7 +14,7 @@ import time
 import torch
 
 import neuron_attribution as na
-from neuron_attribution.attribution import attribute, value_context
+from neuron_attribution.attribution import attribute, query_scores, value_context
 from neuron_attribution.scoring import value
 from neuron_attribution.trace import trace_token_ids
 
@@ -70,7 +70,7 @@ def main() -> None:
     attribute(model, PROMPTS[0], top_k=100)  # float32 weight copies are made once per model
     rss_before = peak_rss_mb()
 
-    forward, top100, top300, evaluated100, evaluated300 = [], [], [], [], []
+    forward, top100, top300, evaluated100, evaluated300, queries = [], [], [], [], [], []
     for prompt in PROMPTS:
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])
         with torch.inference_mode():
@@ -78,6 +78,9 @@ def main() -> None:
         top100.append(timed(lambda: attribute(model, prompt, top_k=100), args.repeats))
         top300.append(timed(lambda: attribute(model, prompt, top_k=300), args.repeats))
         r100, r300 = attribute(model, prompt, top_k=100), attribute(model, prompt, top_k=300)
+        trace = trace_token_ids(model, [ids[0].tolist()])[0]
+        queries.append(timed(lambda: query_scores(model, trace, r100.ffn_neurons[:30], r100.attention_neurons[:30]),
+                             args.repeats))
         evaluated100.append((r100.evaluated["ffn"] + r100.evaluated["attention"]) / 200)
         evaluated300.append((r300.evaluated["ffn"] + r300.evaluated["attention"]) / 600)
     attribution_peak = peak_rss_mb() - rss_before
@@ -105,6 +108,8 @@ def main() -> None:
           f"= {ratio100:.1f}x forward (median of per-prompt ratios)")
     print(f"attribute(top_k=300):                         median {median(top300) * 1e3:8.1f} ms  "
           f"= {ratio300:.1f}x forward")
+    print(f"query neurons and layers (top-30 value neurons of each kind): median {median(queries) * 1e3:.1f} ms  "
+          f"= {median(q / f for q, f in zip(queries, forward)):.2f}x forward")
     if dense:
         print(f"dense, every neuron ({len(dense)} prompts):              median {median(dense):8.1f} s    "
               f"= {dense_ratio:.0f}x attribute(top_k=100)")

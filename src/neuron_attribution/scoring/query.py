@@ -13,6 +13,7 @@ projection, at its source position p. An FFN value neuron (l, k) reads its key (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -54,7 +55,7 @@ class SubkeyReading:
     reads_same_layer_attention: bool  # FFN value neurons also see their own layer's attention output
     label: str  # for reporting skipped pairs
 
-    @property
+    @cached_property
     def denominator(self) -> float:
         return float(self.input @ self.scaled_subkey)
 
@@ -91,8 +92,9 @@ def ffn_readings(trace: Trace, weights: list[LayerWeights], neurons: list[FfnVal
 
 def usable(readings: list[SubkeyReading]) -> tuple[list[SubkeyReading], list[str]]:
     """Readings with a usable denominator, and labels of the ones skipped for a near-zero one."""
-    kept = [r for r in readings if not r.is_degenerate()]
-    skipped = [r.label for r in readings if r.is_degenerate()]
+    degenerate = [r.is_degenerate() for r in readings]
+    kept = [r for r, bad in zip(readings, degenerate) if not bad]
+    skipped = [r.label for r, bad in zip(readings, degenerate) if bad]
     return kept, skipped
 
 
@@ -103,15 +105,20 @@ def query_ffn_scores(trace: Trace, ffn_values: Tensor, readings: list[SubkeyRead
     totals: dict[str, Tensor] = {}
     if not readings:
         return totals
+    # The score is linear in the subkeys, so readings of one subkey kind at one position are merged first:
+    # per layer i, Σ_r [i < l_r]·(I_r / h_r·K'_r)·K'_r. That leaves one (L·N·d) product per (kind, position)
+    # instead of one per reading.
     keys = torch.stack([r.scaled_subkey for r in readings])  # (R, d)
-    slopes = torch.einsum("ind,rd->rin", ffn_values, keys)  # fc2 · K' for every neuron and reading
-    positions = torch.tensor([r.position for r in readings])
-    coefficients = trace.ffn_coefficients[:, positions].permute(1, 0, 2)  # (R, L, N)
     below = torch.arange(n_layers).unsqueeze(0) < torch.tensor([r.layer for r in readings]).unsqueeze(1)
-    weight = torch.tensor([r.score / r.denominator for r in readings])
-    shares = coefficients * slopes * (below.unsqueeze(-1) * weight[:, None, None])
-    for index, reading in enumerate(readings):
-        totals.setdefault(reading.subkey_name, torch.zeros(n_layers, n_neurons)).add_(shares[index])
+    weights = below * torch.tensor([r.score / r.denominator for r in readings]).unsqueeze(1)  # (R, L)
+    groups = list(dict.fromkeys((r.subkey_name, r.position) for r in readings))
+    membership = torch.tensor([[float((r.subkey_name, r.position) == g) for r in readings] for g in groups])
+    merged_keys = torch.einsum("gr,rl,rd->gld", membership, weights, keys)  # (G, L, d)
+    slopes = torch.einsum("lnd,gld->gln", ffn_values, merged_keys)
+    positions = torch.tensor([position for _, position in groups])
+    shares = trace.ffn_coefficients[:, positions].permute(1, 0, 2) * slopes  # (G, L, N)
+    for index, (name, _) in enumerate(groups):
+        totals.setdefault(name, torch.zeros(n_layers, n_neurons)).add_(shares[index])
     return totals
 
 
@@ -126,22 +133,24 @@ class LayerShares:
 
 def query_layer_scores(trace: Trace, readings: list[SubkeyReading]) -> dict[str, LayerShares]:
     """Per subkey name: Σ over readings of (u · K' / h·K') · I for each component u that makes up h."""
+    if not readings:
+        return {}
     n_layers = trace.n_layers
+    keys = torch.stack([r.scaled_subkey for r in readings])  # (R, d)
+    positions = torch.tensor([r.position for r in readings])
+    weight = torch.tensor([r.score / r.denominator for r in readings]).unsqueeze(1)  # (R, 1)
+    layers = torch.arange(n_layers).unsqueeze(0)
+    value_layer = torch.tensor([r.layer for r in readings]).unsqueeze(1)
+    own = torch.tensor([r.reads_same_layer_attention for r in readings]).unsqueeze(1)
+    attention_mask = (layers < value_layer) | (own & (layers == value_layer))
+    attention = torch.einsum("lrd,rd->rl", trace.attention_outputs[:, positions], keys) * weight * attention_mask
+    ffn = torch.einsum("lrd,rd->rl", trace.ffn_outputs[:, positions], keys) * weight * (layers < value_layer)
+    embedding = (trace.layer_inputs[0, positions] * keys).sum(-1) * weight.squeeze(1)
     result: dict[str, LayerShares] = {}
-    for r in readings:
-        weight = r.score / r.denominator
-        p = r.position
-        attention = (trace.attention_outputs[:, p] @ r.scaled_subkey) * weight
-        ffn = (trace.ffn_outputs[:, p] @ r.scaled_subkey) * weight
-        attention_layers = torch.arange(n_layers) <= r.layer if r.reads_same_layer_attention \
-            else torch.arange(n_layers) < r.layer
-        attention = attention * attention_layers
-        ffn = ffn * (torch.arange(n_layers) < r.layer)
-        embedding = float(trace.layer_inputs[0, p] @ r.scaled_subkey) * weight
-        shares = result.setdefault(r.subkey_name, LayerShares(0.0, torch.zeros(n_layers), torch.zeros(n_layers)))
-        shares.embedding += embedding
-        shares.attention += attention
-        shares.ffn += ffn
+    names = [r.subkey_name for r in readings]
+    for name in dict.fromkeys(names):
+        chosen = torch.tensor([i for i, n in enumerate(names) if n == name])
+        result[name] = LayerShares(float(embedding[chosen].sum()), attention[chosen].sum(0), ffn[chosen].sum(0))
     return result
 
 
