@@ -98,6 +98,27 @@ def usable(readings: list[SubkeyReading]) -> tuple[list[SubkeyReading], list[str
     return kept, skipped
 
 
+@dataclass(frozen=True)
+class _Stacked:
+    """Readings as tensors: subkeys (R, d), positions, value-neuron layers and weights I / h·K' (R,)."""
+
+    keys: Tensor
+    positions: Tensor
+    layers: Tensor
+    weights: Tensor
+
+    @classmethod
+    def of(cls, readings: list[SubkeyReading]) -> _Stacked:
+        return cls(torch.stack([r.scaled_subkey for r in readings]), torch.tensor([r.position for r in readings]),
+                   torch.tensor([r.layer for r in readings]),
+                   torch.tensor([r.score / r.denominator for r in readings]))
+
+
+def _rows_by_name(readings: list[SubkeyReading]) -> dict[str, Tensor]:
+    names = [r.subkey_name for r in readings]
+    return {name: torch.tensor([i for i, n in enumerate(names) if n == name]) for name in dict.fromkeys(names)}
+
+
 def query_ffn_scores(trace: Trace, ffn_values: Tensor, readings: list[SubkeyReading]) -> dict[str, Tensor]:
     """(L, N) query scores of every FFN neuron, per subkey name: Σ over readings of
     (m_{p,k}^i · fc2_k^i) · K' / (h·K') · I, over the layers i below the value neuron's layer."""
@@ -108,12 +129,12 @@ def query_ffn_scores(trace: Trace, ffn_values: Tensor, readings: list[SubkeyRead
     # The score is linear in the subkeys, so readings of one subkey kind at one position are merged first:
     # per layer i, Σ_r [i < l_r]·(I_r / h_r·K'_r)·K'_r. That leaves one (L·N·d) product per (kind, position)
     # instead of one per reading.
-    keys = torch.stack([r.scaled_subkey for r in readings])  # (R, d)
-    below = torch.arange(n_layers).unsqueeze(0) < torch.tensor([r.layer for r in readings]).unsqueeze(1)
-    weights = below * torch.tensor([r.score / r.denominator for r in readings]).unsqueeze(1)  # (R, L)
+    stacked = _Stacked.of(readings)
+    below = torch.arange(n_layers).unsqueeze(0) < stacked.layers.unsqueeze(1)
+    weights = below * stacked.weights.unsqueeze(1)  # (R, L)
     groups = list(dict.fromkeys((r.subkey_name, r.position) for r in readings))
     membership = torch.tensor([[float((r.subkey_name, r.position) == g) for r in readings] for g in groups])
-    merged_keys = torch.einsum("gr,rl,rd->gld", membership, weights, keys)  # (G, L, d)
+    merged_keys = torch.einsum("gr,rl,rd->gld", membership, weights, stacked.keys)  # (G, L, d)
     slopes = torch.einsum("lnd,gld->gln", ffn_values, merged_keys)
     positions = torch.tensor([position for _, position in groups])
     shares = trace.ffn_coefficients[:, positions].permute(1, 0, 2) * slopes  # (G, L, N)
@@ -136,22 +157,17 @@ def query_layer_scores(trace: Trace, readings: list[SubkeyReading]) -> dict[str,
     if not readings:
         return {}
     n_layers = trace.n_layers
-    keys = torch.stack([r.scaled_subkey for r in readings])  # (R, d)
-    positions = torch.tensor([r.position for r in readings])
-    weight = torch.tensor([r.score / r.denominator for r in readings]).unsqueeze(1)  # (R, 1)
+    stacked = _Stacked.of(readings)
+    keys, positions, weight = stacked.keys, stacked.positions, stacked.weights.unsqueeze(1)
     layers = torch.arange(n_layers).unsqueeze(0)
-    value_layer = torch.tensor([r.layer for r in readings]).unsqueeze(1)
+    value_layer = stacked.layers.unsqueeze(1)
     own = torch.tensor([r.reads_same_layer_attention for r in readings]).unsqueeze(1)
     attention_mask = (layers < value_layer) | (own & (layers == value_layer))
     attention = torch.einsum("lrd,rd->rl", trace.attention_outputs[:, positions], keys) * weight * attention_mask
     ffn = torch.einsum("lrd,rd->rl", trace.ffn_outputs[:, positions], keys) * weight * (layers < value_layer)
     embedding = (trace.layer_inputs[0, positions] * keys).sum(-1) * weight.squeeze(1)
-    result: dict[str, LayerShares] = {}
-    names = [r.subkey_name for r in readings]
-    for name in dict.fromkeys(names):
-        chosen = torch.tensor([i for i, n in enumerate(names) if n == name])
-        result[name] = LayerShares(float(embedding[chosen].sum()), attention[chosen].sum(0), ffn[chosen].sum(0))
-    return result
+    return {name: LayerShares(float(embedding[rows].sum()), attention[rows].sum(0), ffn[rows].sum(0))
+            for name, rows in _rows_by_name(readings).items()}
 
 
 def interpret_through_head(weights: LayerWeights, shape: ModelShape, vector: Tensor, head: int) -> Tensor:
