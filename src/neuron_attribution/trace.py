@@ -125,23 +125,44 @@ def _recording(model: LoadedModel, last_index: Tensor):
         recorder.remove()
 
 
+@dataclass(frozen=True)
+class PaddedBatch:
+    """Prompts right-padded into one batch, with explicit positions, so each sees only its own tokens."""
+
+    input_ids: Tensor  # (B, W)
+    mask: Tensor  # (B, W)
+    lengths: Tensor  # (B,)
+
+    @classmethod
+    def of(cls, batch: Sequence[Sequence[int]]) -> PaddedBatch:
+        if not batch or any(len(ids) == 0 for ids in batch):
+            raise ValueError("every prompt needs at least one token")
+        lengths = torch.tensor([len(ids) for ids in batch])
+        input_ids = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+            mask[row, : len(ids)] = 1
+        return cls(input_ids, mask, lengths)
+
+    def run(self, model: LoadedModel):
+        device = model.device
+        positions = torch.arange(self.input_ids.shape[1]).unsqueeze(0).expand(self.input_ids.shape[0], -1)
+        return model.hf_model(input_ids=self.input_ids.to(device), attention_mask=self.mask.to(device),
+                              position_ids=positions.to(device), use_cache=False)
+
+    def last_logits(self, output) -> Tensor:
+        """(B, V) float32 logits at each prompt's own last token."""
+        rows = torch.arange(self.input_ids.shape[0])
+        return output.logits[rows, (self.lengths - 1).to(output.logits.device)].detach().float().cpu()
+
+
 def trace_token_ids(model: LoadedModel, batch: Sequence[Sequence[int]]) -> list[Trace]:
     """Run one padded forward pass over `batch` (lists of token ids) and return a trace per prompt."""
-    if not batch or any(len(ids) == 0 for ids in batch):
-        raise ValueError("every prompt needs at least one token")
-    lengths = torch.tensor([len(ids) for ids in batch])
-    width = int(lengths.max())
-    input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
-        mask[row, : len(ids)] = 1
-    last_index = lengths - 1
-    device = model.device
-    positions = torch.arange(width).unsqueeze(0).expand(len(batch), -1)
-    with torch.inference_mode(), _recording(model, last_index) as recorder:
-        output = model.hf_model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                position_ids=positions.to(device), use_cache=False)
+    padded = PaddedBatch.of(batch)
+    lengths, input_ids = padded.lengths, padded.input_ids
+    with torch.inference_mode(), _recording(model, padded.lengths - 1) as recorder:
+        output = padded.run(model)
     logits = output.logits.detach().float().cpu()
     stacked = {key: torch.stack(values, dim=1) for key, values in recorder.slots.items()}  # (B, L, ...)
     traces = []

@@ -102,6 +102,10 @@ class FamilyAdapter(ABC):
         """(B, T, H_kv, d_h) value states from `value_source`'s output (bias included)."""
 
     @abstractmethod
+    def attention_output_projection(self, layer: int) -> nn.Module:
+        """Module whose input is the heads' concatenated outputs (H·d_h per position), before W_O."""
+
+    @abstractmethod
     def mlp(self, layer: int) -> nn.Module:
         """Module whose output is F^l."""
 

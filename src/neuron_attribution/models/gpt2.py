@@ -28,6 +28,9 @@ class Gpt2Adapter(FamilyAdapter):
         batch, tokens, _ = output.shape
         return output[..., 2 * d :].reshape(batch, tokens, self.shape.n_heads, self.shape.head_dim)
 
+    def attention_output_projection(self, layer: int) -> nn.Module:
+        return self._block(layer).attn.c_proj
+
     def mlp(self, layer: int) -> nn.Module:
         return self._block(layer).mlp
 

@@ -34,6 +34,9 @@ class LlamaAdapter(FamilyAdapter):
         batch, tokens, _ = output.shape
         return output.reshape(batch, tokens, self.shape.n_kv_heads, self.shape.head_dim)
 
+    def attention_output_projection(self, layer: int) -> nn.Module:
+        return self._layer(layer).self_attn.o_proj
+
     def mlp(self, layer: int) -> nn.Module:
         return self._layer(layer).mlp
 
