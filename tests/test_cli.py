@@ -59,3 +59,44 @@ def test_unknown_flag_exits_2():
     result = run("attribute", "Hello", "--no-such-flag")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_json_fields(tmp_path, real_model):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text('{"prompt": "The capital of France is", "answer": "Paris", "type": "capital"}\n'
+                     '{"prompt": "The capital of Italy is", "answer": "Rome"}\n'
+                     "{broken\n"
+                     '{"prompt": "One plus one equals", "answer": ""}\n')
+    out = tmp_path / "evaluation.json"
+    result = run("evaluate", "--dataset", str(facts), "--methods", "log_prob_increase,norm,random", "--top", "5",
+                 "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "log_prob_increase" in result.stdout and "Skipped 2" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["n_sentences"] == 2 and data["top"] == 5 and data["model"] == "SmolLM2-135M-Instruct"
+    assert list(data["methods"]) == ["original", "log_prob_increase", "norm", "random"]
+    assert set(data["methods"]["norm"]) >= {"mrr", "prob", "log_prob", "mrr_decrease", "prob_decrease"}
+    assert data["n_skipped"] == 2 and [s["line"] for s in data["skipped"]] == [3, 4]
+    assert data["methods"]["log_prob_increase"]["prob"] < data["methods"]["original"]["prob"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["evaluate", "--dataset", "sample", "--methods", "norm,magic"], "error: unknown method 'magic'; known: all, "),
+    (["evaluate", "--dataset", "../sample"], "error: no dataset '../sample': not a packaged dataset"),
+    (["evaluate", "--dataset", "sample", "--protocol", "guess"], "error: unknown protocol 'guess'"),
+    (["evaluate", "--dataset", "sample", "--limit", "0"], "error: --limit must be a positive number"),
+    (["evaluate", "--dataset", "sample", "--on-error", "maybe"], "error: --on-error must be skip or stop"),
+])
+def test_evaluate_bad_input(args, message):
+    result = run(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(message) and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_stops_at_a_malformed_line(tmp_path):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text('{"prompt": "A", "answer": "b"}\n{"prompt": 3, "answer": "b"}\n')
+    result = run("evaluate", "--dataset", str(facts), "--on-error", "stop")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {facts}:2: missing or non-text field 'prompt'"

@@ -99,7 +99,11 @@ def test_padded_batch_equals_one_by_one(tiny_model, token_batches):
         assert torch.equal(alone.token_ids, together.token_ids)
         for field in ("layer_inputs", "attention_outputs", "ffn_coefficients", "ffn_outputs",
                       "attention_weights", "value_states", "final_residual", "logits"):
-            assert torch.allclose(getattr(alone, field), getattr(together, field), atol=1e-5, rtol=1e-4), field
+            # Float32 rounding differs with the batch shape (kernels block differently): compare at the
+            # tensor's own scale, not element by element, or entries near zero fail on noise.
+            expected = getattr(alone, field)
+            scale = max(1.0, float(expected.abs().max()))
+            assert torch.allclose(expected, getattr(together, field), atol=1e-5 * scale, rtol=1e-4), field
 
 
 def test_model_logits_match_plain_forward(tiny_model, token_batches):

@@ -240,19 +240,13 @@ def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: 
                              int((probs > probs[target_token.id]).sum()) + 1, target_token.n_answer_tokens)
 
     attention_layers, ffn_layers = value.layer_scores(ctx)
-    heads = value.head_scores(ctx)
+    scores = value.value_scores(ctx, max(top_k, options.query_top), TOP_HEADS_WITH_POSITIONS, PROJECTION_TOKENS)
+    heads = scores.heads
     head_list = [HeadScore(l, h, float(heads[l, h])) for l in range(heads.shape[0]) for h in range(heads.shape[1])]
     head_list.sort(key=lambda s: -s.score)
-    top_heads = [(s.layer, s.head) for s in head_list[:TOP_HEADS_WITH_POSITIONS]]
-    positions = value.head_position_scores(ctx, top_heads)
-    head_positions = [HeadPositionScore(l, h, p, tokens[p], float(positions[i, p]))
-                      for i, (l, h) in enumerate(top_heads) for p in range(positions.shape[1])]
-
-    value_k = max(top_k, options.query_top)
-    ffn_top = value.exact_top_k(value.ffn_bounds(ctx), lambda f: value.evaluate_ffn(ctx, f, PROJECTION_TOKENS),
-                                value_k)
-    attention_top = value.exact_top_k(value.attention_bounds(ctx),
-                                      lambda f: (value.evaluate_attention(ctx, f), None), value_k)
+    head_positions = [HeadPositionScore(l, h, p, tokens[p], float(scores.positions[i, p]))
+                      for i, (l, h) in enumerate(scores.position_heads) for p in range(scores.positions.shape[1])]
+    ffn_top, attention_top = scores.ffn, scores.attention
     ffn_neurons = _ffn_neurons(model, ctx, ffn_top)
     attention_neurons = _attention_neurons(ctx, attention_top, tokens)
     queries = query_scores(model, trace, ffn_neurons[: options.query_top], attention_neurons[: options.query_top])
@@ -305,8 +299,8 @@ class QueryScores:
         return result
 
 
-def query_scores(model: LoadedModel, trace: Trace, ffn_neurons: list[FfnNeuron],
-                 attention_neurons: list[AttentionNeuron]) -> QueryScores:
+def query_scores(model: LoadedModel, trace: Trace, ffn_neurons: Sequence[FfnNeuron | query.FfnValueNeuron],
+                 attention_neurons: Sequence[AttentionNeuron | query.AttentionValueNeuron]) -> QueryScores:
     """Query FFN neurons and query layers for the given value neurons (METHOD.md §3)."""
     shape = model.shape
     weights = [model.adapter.layer_weights(layer) for layer in range(shape.n_layers)]

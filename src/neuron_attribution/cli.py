@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -91,6 +92,74 @@ def attribute(
     if json_file:
         result.save(json_file)
         console.print(f"Wrote {json_file}")
+
+
+@app.command()
+def evaluate(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="A packaged dataset name (e.g. sample) or a "
+                                         "JSONL file of {\"prompt\", \"answer\", \"type\"?} lines.")],
+    model: ModelOption = None,
+    methods: Annotated[str, typer.Option("--methods", help="all, or a comma-separated list of: log_prob_increase, "
+                                         "log_probability, prob_increase, norm, coefficient, rank, "
+                                         "coefficient_x_norm, coefficient_x_rank, random, integrated_gradients "
+                                         "(slow; not in all).")] = "all",
+    top: Annotated[Optional[int], typer.Option("--top", "-k", help="Neurons switched off per sentence. Default: "
+                                               "10 (compare), 300 (value), 1000 (query), 1% of heads (heads).")]
+    = None,
+    protocol: Annotated[str, typer.Option("--protocol", help="compare (each method's top FFN neurons), value, "
+                                          "query or heads.")] = "compare",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N facts.")] = None,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON.")] = None,
+    on_error: Annotated[str, typer.Option("--on-error", help="Malformed lines and unusable facts: skip them "
+                                          "(counted in the output) or stop.")] = "skip",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random controls.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sentences traced per forward pass.")] = 8,
+    allow_pickle: AllowPickleOption = False,
+) -> None:
+    """Switch off the neurons each method finds and measure the gold answer: MRR, probability, log probability."""
+    from .datasets import load_facts
+    from .evaluation import PROTOCOLS, evaluate as run_evaluation, resolve_methods
+    from .report import print_evaluation
+
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    if limit is not None and limit <= 0:
+        raise UserError("--limit must be a positive number")
+    if top is not None and top <= 0:
+        raise UserError("--top must be a positive number")
+    if batch_size <= 0:
+        raise UserError("--batch-size must be a positive number")
+    resolve_methods(methods)  # unknown names fail before the model loads
+    facts, skipped = load_facts(dataset, on_error)  # type: ignore[arg-type]
+    facts = facts[:limit] if limit else facts
+    loaded = _load(model, allow_pickle)
+    with _progress_bar() as progress:
+        result = run_evaluation(loaded, facts, protocol=protocol, methods=methods, top=top, seed=seed,
+                                batch_size=batch_size, on_error=on_error, skipped=skipped,  # type: ignore[arg-type]
+                                progress=progress)
+    print_evaluation(console, result)
+    if json_file:
+        result.save(json_file)
+        console.print(f"Wrote {json_file}")
+
+
+@contextmanager
+def _progress_bar():
+    """A rich progress bar driven by (what, done, total) calls, one task per distinct `what`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done, total=total)
+
+        yield update
 
 
 @app.command()

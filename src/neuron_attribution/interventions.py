@@ -37,18 +37,8 @@ class Ablation:
         return len(self.ffn) + len(self.attention) + len(self.attention_at) + len(self.heads)
 
 
-@dataclass
-class _Plan:
-    """Ablation grouped by layer, checked against the model's shape."""
-
-    ffn: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
-    head_columns: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
-    positioned: dict[int, list[tuple[int, int, int]]] = field(default_factory=lambda: defaultdict(list))
-
-
-def _plan(model: LoadedModel, ablation: Ablation) -> _Plan:
+def _check(model: LoadedModel, ablation: Ablation) -> None:
     s = model.shape
-    plan = _Plan()
 
     def check(condition: bool, what: object) -> None:
         if not condition:
@@ -56,37 +46,64 @@ def _plan(model: LoadedModel, ablation: Ablation) -> _Plan:
 
     for layer, neuron in ablation.ffn:
         check(0 <= layer < s.n_layers and 0 <= neuron < s.d_ffn, ("ffn", layer, neuron))
-        plan.ffn[layer].append(neuron)
     for layer, head, dim in ablation.attention:
         check(0 <= layer < s.n_layers and 0 <= head < s.n_heads and 0 <= dim < s.head_dim,
               ("attention", layer, head, dim))
-        plan.head_columns[layer].append(head * s.head_dim + dim)
     for layer, head in ablation.heads:
         check(0 <= layer < s.n_layers and 0 <= head < s.n_heads, ("head", layer, head))
-        plan.head_columns[layer].extend(range(head * s.head_dim, (head + 1) * s.head_dim))
     for layer, head, dim, position in ablation.attention_at:
         check(0 <= layer < s.n_layers and 0 <= head < s.n_heads and 0 <= dim < s.head_dim and position >= 0,
               ("attention", layer, head, dim, position))
-        plan.positioned[layer].append((head, dim, position))
+
+
+@dataclass
+class _Plan:
+    """Ablations of R rows (R = 1: the same for every row of a batch), grouped by layer as 0/1 masks."""
+
+    rows: int
+    ffn_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (R, N)
+    column_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (R, H·d_h)
+    positioned: dict[int, list[tuple[int, int, int, int]]] = field(default_factory=lambda: defaultdict(list))
+
+
+def _plan(model: LoadedModel, ablations: Sequence[Ablation]) -> _Plan:
+    s = model.shape
+    plan = _Plan(len(ablations))
+
+    def mask(masks: dict[int, torch.Tensor], layer: int, width: int) -> torch.Tensor:
+        if layer not in masks:
+            masks[layer] = torch.ones(plan.rows, width)
+        return masks[layer]
+
+    for row, ablation in enumerate(ablations):
+        _check(model, ablation)
+        for layer, neuron in ablation.ffn:
+            mask(plan.ffn_masks, layer, s.d_ffn)[row, neuron] = 0
+        for layer, head, dim in ablation.attention:
+            mask(plan.column_masks, layer, s.n_heads * s.head_dim)[row, head * s.head_dim + dim] = 0
+        for layer, head in ablation.heads:
+            mask(plan.column_masks, layer, s.n_heads * s.head_dim)[row, head * s.head_dim: (head + 1) * s.head_dim] = 0
+        for layer, head, dim, position in ablation.attention_at:
+            plan.positioned[layer].append((row, head, dim, position))
     return plan
 
 
-def _zero_columns(columns: list[int]):
-    index = torch.tensor(sorted(set(columns)))
+def _masking(mask: torch.Tensor):
+    """Pre-hook multiplying the module's input by a (R, width) 0/1 mask, row by row (R = 1 broadcasts).
+    Multiplying by 1 leaves a value bit-identical."""
 
     def hook(module, args):
-        hidden = args[0].clone()
-        hidden[..., index.to(hidden.device)] = 0
-        return (hidden, *args[1:])
+        hidden = args[0]
+        return (hidden * mask.to(device=hidden.device, dtype=hidden.dtype).unsqueeze(1), *args[1:])
     return hook
 
 
 class _PositionedAttention:
-    """Subtracts chosen (head, dim, source position) contributions from one layer's attention output."""
+    """Subtracts chosen (row, head, dim, source position) contributions from one layer's attention output."""
 
-    def __init__(self, model: LoadedModel, layer: int, neurons: list[tuple[int, int, int]]):
-        self.adapter, self.layer, self.neurons = model.adapter, layer, neurons
-        self.shape = model.shape
+    def __init__(self, model: LoadedModel, layer: int, neurons: list[tuple[int, int, int, int]], rows: int):
+        self.adapter, self.layer, self.shape, self.rows = model.adapter, layer, model.shape, rows
+        self.index = torch.tensor(neurons, dtype=torch.long).reshape(-1, 4)
         self.values: torch.Tensor | None = None
 
     def capture_values(self, module, args, output) -> None:
@@ -96,32 +113,48 @@ class _PositionedAttention:
         attention_output, weights = output[0], output[1]
         if weights is None or self.values is None:
             raise RuntimeError("position-specific ablation needs eager attention weights and value states")
-        output_weight = self.adapter.layer_weights(self.layer).output_weight  # (H, d_h, d)
-        correction = torch.zeros_like(attention_output)
-        for head, dim, position in self.neurons:
-            if position >= attention_output.shape[1]:
-                continue  # the prompt is shorter than this source position: nothing to remove
-            direction = output_weight[head, dim].to(attention_output.device)
-            value = self.values[:, position, self.shape.kv_head_of(head), dim]  # (B,)
-            alpha = weights[:, head, :, position]  # (B, T): every query position's weight on p
-            correction += (alpha * value.unsqueeze(-1)).unsqueeze(-1) * direction.to(correction.dtype)
+        batch, tokens = attention_output.shape[:2]
+        row, head, dim, position = self.index.unbind(-1)
+        if self.rows == 1:  # the same neurons in every row of the batch
+            count = row.numel()
+            row = torch.arange(batch).repeat_interleave(count)
+            head, dim, position = head.repeat(batch), dim.repeat(batch), position.repeat(batch)
+        inside = position < tokens  # a shorter prompt has nothing at this source position
+        row, head, dim, position = row[inside], head[inside], dim[inside], position[inside]
+        device = attention_output.device
+        direction = self.adapter.layer_weights(self.layer).output_weight[head, dim].to(device)  # (M, d)
+        row, head, dim, position = (t.to(device) for t in (row, head, dim, position))
+        kv_head = head // self.shape.heads_per_kv_head
+        value = self.values[row, position, kv_head, dim]  # (M,)
+        alpha = weights[row, head, :, position]  # (M, T): every query position's weight on its source
+        contribution = (alpha * value.unsqueeze(-1)).unsqueeze(-1) * direction.to(alpha.dtype).unsqueeze(1)
+        correction = torch.zeros_like(attention_output).index_add_(0, row, contribution.to(attention_output.dtype))
         return (attention_output - correction, *output[1:])
 
 
 @contextmanager
 def ablated(model: LoadedModel, ablation: Ablation) -> Iterator[LoadedModel]:
     """Run the model with the given neurons switched off, inside the `with` block only."""
-    plan = _plan(model, ablation)
+    with ablated_rows(model, [ablation]):
+        yield model
+
+
+@contextmanager
+def ablated_rows(model: LoadedModel, ablations: Sequence[Ablation]) -> Iterator[LoadedModel]:
+    """Inside the block, row i of every batch runs with ablations[i] switched off; a single ablation applies
+    to every row. Lets one padded batch carry a different intervention per prompt."""
+    if not ablations:
+        raise ValueError("no ablation given")
+    plan = _plan(model, ablations)
     adapter = model.adapter
     handles = []
     try:
-        for layer, neurons in plan.ffn.items():
-            handles.append(adapter.mlp_output_projection(layer).register_forward_pre_hook(_zero_columns(neurons)))
-        for layer, columns in plan.head_columns.items():
-            handles.append(adapter.attention_output_projection(layer).register_forward_pre_hook(
-                _zero_columns(columns)))
+        for layer, mask in plan.ffn_masks.items():
+            handles.append(adapter.mlp_output_projection(layer).register_forward_pre_hook(_masking(mask)))
+        for layer, mask in plan.column_masks.items():
+            handles.append(adapter.attention_output_projection(layer).register_forward_pre_hook(_masking(mask)))
         for layer, neurons in plan.positioned.items():
-            positioned = _PositionedAttention(model, layer, neurons)
+            positioned = _PositionedAttention(model, layer, neurons, plan.rows)
             handles.append(adapter.value_source(layer).register_forward_hook(positioned.capture_values))
             handles.append(adapter.attention(layer).register_forward_hook(positioned.subtract))
         yield model
@@ -138,4 +171,19 @@ def last_logits(model: LoadedModel, batch: Sequence[Sequence[int]], ablation: Ab
         for start in range(0, len(batch), batch_size):
             padded = PaddedBatch.of(batch[start: start + batch_size])
             chunks.append(padded.last_logits(padded.run(model)))
+    return torch.cat(chunks) if chunks else torch.empty(0, model.shape.vocab_size)
+
+
+def last_logits_each(model: LoadedModel, batch: Sequence[Sequence[int]], ablations: Sequence[Ablation],
+                     batch_size: int = 16) -> torch.Tensor:
+    """(n, V) float32 next-token logits, prompt i run with ablations[i] switched off."""
+    if len(batch) != len(ablations):
+        raise ValueError(f"{len(batch)} prompts but {len(ablations)} ablations")
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(batch), batch_size):
+            rows = slice(start, start + batch_size)
+            padded = PaddedBatch.of(batch[rows])
+            with ablated_rows(model, ablations[rows]):
+                chunks.append(padded.last_logits(padded.run(model)))
     return torch.cat(chunks) if chunks else torch.empty(0, model.shape.vocab_size)

@@ -49,9 +49,9 @@ class LinearReadout:
             vectors = vectors - vectors.mean(dim=-1, keepdim=True)
         return vectors * (self.norm.weight * self.scale)
 
-    def deltas(self, vectors: Tensor) -> Tensor:
+    def deltas(self, vectors: Tensor, out: Tensor | None = None) -> Tensor:
         """δ(u) for each row: the change in logits per unit coefficient (no constant term)."""
-        return self.normalise(vectors) @ self.unembedding.T
+        return torch.matmul(self.normalise(vectors), self.unembedding.T, out=out)
 
     def max_logit_change(self, vectors: Tensor) -> Tensor:
         """Per row, a bound on max_v |δ_v(u)| (Cauchy–Schwarz: ‖normalise(u)‖ · max_v ‖U_v‖)."""
@@ -61,10 +61,10 @@ class LinearReadout:
         """Logits of full residual states (constant term included)."""
         return self.logits_of_normalised(self.normalise(residuals))
 
-    def logits_of_normalised(self, normalised: Tensor) -> Tensor:
+    def logits_of_normalised(self, normalised: Tensor, out: Tensor | None = None) -> Tensor:
         """U·n + constant for rows n already through `normalise`. Most RMSNorm models have no constant, and
-        then no vocabulary-sized pass is spent adding zeros."""
-        logits = normalised @ self.unembedding.T
+        then no vocabulary-sized pass is spent adding zeros. `out`: a (rows, V) buffer to write into."""
+        logits = torch.matmul(normalised, self.unembedding.T, out=out)
         return logits.add_(self.constant_logits) if self.has_constant else logits
 
     def pullback(self, covectors: Tensor) -> Tensor:

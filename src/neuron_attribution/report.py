@@ -123,3 +123,45 @@ def print_queries(console: Console, result, rows: int = 10) -> None:
 
 def _component(row) -> str:
     return "embedding" if row.layer is None else f"{row.component} {row.layer}"
+
+
+def print_evaluation(console: Console, evaluation) -> None:
+    """The paper-style table: one row per method (original first), metrics after switching neurons off."""
+    what = {"compare": f"each method's top-{evaluation.top} FFN neurons switched off",
+            "value": f"top-{evaluation.top} value neurons (2/3 attention, 1/3 FFN) vs as many random",
+            "query": f"top-{evaluation.top} query FFN neurons vs as many random FFN neurons",
+            "heads": f"top {evaluation.top} heads of each type vs {evaluation.top} random heads"}[evaluation.protocol]
+    table = Table(title=f"{evaluation.model}: {evaluation.n_sentences} sentences, {what}", title_justify="left",
+                  caption="lower = the neurons switched off mattered more; −ΔMRR and −Δprob are relative decreases, "
+                          "−Δlog p the drop in log probability", caption_justify="left")
+    table.add_column("method", no_wrap=True)
+    for column in ("MRR", "prob", "log p", "−ΔMRR", "−Δprob", "−Δlog p"):
+        table.add_column(column, justify="right", no_wrap=True)
+    best = min((m.mrr for key, m in evaluation.methods.items() if key not in ("original", "random")), default=None)
+    for key, m in evaluation.methods.items():
+        style = "bold" if key != "original" and m.mrr == best else None
+        changes = ["", "", ""] if key == "original" else [f"{m.mrr_decrease:+.1%}", f"{m.prob_decrease:+.1%}",
+                                                          f"{m.log_prob_drop:+.3f}"]
+        table.add_row(Text(key), f"{m.mrr:.3f}", f"{m.prob:.2%}", f"{m.log_prob:.3f}", *changes, style=style)
+    console.print(table)
+    if evaluation.by_type:
+        _print_by_type(console, evaluation.by_type)
+    if evaluation.skipped:
+        console.print(Text(f"Skipped {len(evaluation.skipped)}:", style="yellow"))
+        for s in evaluation.skipped[:10]:
+            where = f"{s.source}:{s.line}" if s.line else s.source
+            console.print(Text(f"  {where}: {s.reason}"))
+        if len(evaluation.skipped) > 10:
+            console.print(Text(f"  ... and {len(evaluation.skipped) - 10} more (all listed in --json)"))
+
+
+def _print_by_type(console: Console, by_type) -> None:
+    measured = sorted({kind for row in by_type.values() for kind in row})
+    table = Table(title="MRR decrease by knowledge type (rows: whose heads are off; columns: measured on)",
+                  title_justify="left")
+    table.add_column("heads off")
+    for kind in measured:
+        table.add_column(kind, justify="right")
+    for ablated, row in by_type.items():
+        table.add_row(Text(ablated), *(f"{row[k].mrr_decrease:+.1%}" if k in row else "" for k in measured))
+    console.print(table)

@@ -9,6 +9,7 @@ least the next bound. Everything here is float32 math on a trace; nothing touche
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from ..models import ModelShape
 from ..readout import LinearReadout
 from ..trace import Trace
 
-EXACT_BATCH = 256  # candidates per vocabulary-sized product: (256, V) float32 is 50 MB for V = 49k
+EXACT_BATCH = 512  # most rows per vocabulary-sized product: (512, V) float32 is 100 MB for V = 49k
 # Rounding lets an exact score exceed its analytic bound by ~1e-7; stop only when clear of that.
 _BOUND_SLACK = 1e-6
 # Below this bound on |c·δ_v| the log-sum-exp can skip its max pass (float32 exp is finite and normal there).
@@ -31,7 +32,7 @@ _SAFE_EXPONENT = 80.0
 @dataclass
 class ValueContext:
     """The bases of every layer for one prompt and target: state 2l is h_T^{l-1}, state 2l+1 is
-    h_T^{l-1}+A_T^l, state 2L is h_T^L."""
+    h_T^{l-1}+A_T^l, state 2L is h_T^L, and state 2L+1 is the zero vector (a neuron read alone, no context)."""
 
     trace: Trace
     ffn_values: Tensor  # (L, N, d)
@@ -39,10 +40,11 @@ class ValueContext:
     shape: ModelShape
     readout: LinearReadout
     target: int
-    normalised_states: Tensor  # (2L+1, d): the readout's linear part applied to each state
-    base_log_probs: Tensor  # (2L+1, V): log softmax of each state's logits
-    base_log_sum_exp: Tensor  # (2L+1,): log-sum-exp of each state's logits
-    bound_directions: Tensor  # (2L, d): k for each base
+    normalised_states: Tensor  # (2L+2, d): the readout's linear part applied to each state
+    base_log_probs: Tensor  # (2L+2, V): log softmax of each state's logits
+    base_log_sum_exp: Tensor  # (2L+2,): log-sum-exp of each state's logits
+    bound_directions: Tensor  # (2L, d): k for each layer base
+    alone_direction: Tensor  # (d,): k for the zero state
 
     @classmethod
     def build(cls, trace: Trace, ffn_values: Tensor, output_weights: Tensor, shape: ModelShape,
@@ -50,16 +52,27 @@ class ValueContext:
         before = trace.layer_inputs[:, -1]  # (L, d)
         middle = before + trace.attention_outputs[:, -1]
         states = torch.stack([before, middle], dim=1).reshape(-1, before.shape[-1])
-        states = torch.cat([states, trace.final_residual[-1:]], dim=0)
+        states = torch.cat([states, trace.final_residual[-1:], torch.zeros(1, states.shape[-1])], dim=0)
         normalised = readout.normalise(states)
-        logits = readout.logits_of_normalised(normalised)
+        vocabulary = readout.unembedding.shape[0]
+        logits = readout.logits_of_normalised(normalised, out=_scratch.buffer("logits", len(states), vocabulary))
         log_sum_exp = torch.logsumexp(logits, dim=-1)
         log_probs = logits - log_sum_exp.unsqueeze(-1)
         unembedding = readout.unembedding
-        expected_row = log_probs[:-1].exp() @ unembedding  # (2L, d): p(x)·U
+        probs = torch.exp(log_probs, out=_scratch.buffer("bases", len(states), vocabulary))
+        expected_row = probs @ unembedding  # p(x)·U per state
         directions = readout.pullback(unembedding[target] - expected_row)
+        layer_bases = 2 * shape.n_layers
         return cls(trace, ffn_values, output_weights, shape, readout, target, normalised, log_probs,
-                   log_sum_exp, directions)
+                   log_sum_exp, directions[:layer_bases], directions[layer_bases + 1])
+
+    @property
+    def final_state(self) -> int:
+        return 2 * self.shape.n_layers
+
+    @property
+    def zero_state(self) -> int:
+        return 2 * self.shape.n_layers + 1
 
     @cached_property
     def target_log_probs(self) -> Tensor:
@@ -79,37 +92,114 @@ class ValueContext:
 
 # --- exact scores ------------------------------------------------------------------------------------------
 
-def exact_scores(ctx: ValueContext, bases: Tensor, vectors: Tensor, coefficients: Tensor | None = None,
-                 keep_projection: int = 0) -> tuple[Tensor, Tensor | None]:
-    """Imp(c·u | state_b) for rows (b, u, c), one full-vocabulary log-softmax per row, in batches.
+@dataclass
+class Rows:
+    """Vectors to score exactly: row i is coefficients[i]·vectors[i] added to state bases[i]. With
+    projection = k > 0 the ids of the k highest and k lowest entries of δ of each row are kept too."""
 
-    The logits of state_b + c·u come out of one fused product (the readout is linear), so no vocabulary-sized
-    base has to be gathered per row. With keep_projection = k > 0 also returns the ids of the k highest and
-    k lowest entries of δ(u) per row ((n, 2k): top then bottom), the vector's vocabulary projection."""
-    n = vectors.shape[0]
-    scores = torch.empty(n)
-    projection = torch.empty(n, 2 * keep_projection, dtype=torch.long) if keep_projection else None
+    bases: Tensor  # (n,) state indices
+    vectors: Tensor  # (n, d)
+    coefficients: Tensor | None = None  # (n,)
+    projection: int = 0
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def scaled(self) -> Tensor:
+        return self.vectors if self.coefficients is None else self.vectors * self.coefficients.unsqueeze(-1)
+
+
+@dataclass
+class Scored:
+    scores: Tensor  # (n,)
+    projection: Tensor | None  # (n, 2k) ids, top then bottom (signed by the coefficient), or None
+
+
+def score_rows(ctx: ValueContext, groups: list[Rows]) -> list[Scored]:
+    """Imp(c·u | state_b) for every row of every group, one full-vocabulary log-softmax per row.
+
+    All groups share the vocabulary-sized products, in batches as large as memory allows: the product runs
+    markedly faster on a few hundred rows than on a few dozen. The logits of state_b + c·u come out of one fused
+    product (the readout is linear), so no vocabulary-sized base has to be gathered per row."""
+    if not groups:
+        return []
+    bases = torch.cat([g.bases for g in groups])
+    scaled = torch.cat([g.scaled() for g in groups])
+    signs = torch.cat([torch.ones(len(g)) if g.coefficients is None else g.coefficients.sign() for g in groups])
+    keep = torch.cat([torch.full((len(g),), g.projection, dtype=torch.long) for g in groups])
+    width = max(g.projection for g in groups)
+    scores = torch.empty(len(bases))
+    projection = torch.zeros(len(bases), 2 * width, dtype=torch.long)
     readout = ctx.readout
+    vocabulary = readout.unembedding.shape[0]
     with _flushing_denormals():
-        for start in range(0, n, EXACT_BATCH):
-            rows = slice(start, start + EXACT_BATCH)
-            scaled = vectors[rows] if coefficients is None else vectors[rows] * coefficients[rows].unsqueeze(-1)
-            if keep_projection:
-                # δ itself is needed for the projection, so the base is added to it rather than fused.
-                delta = readout.deltas(scaled)
-                projection[rows] = _signed_extremes(delta, keep_projection, coefficients, rows)
-                logits = delta.add_(ctx.base_log_probs[bases[rows]])  # log p(x) + c·δ
-                shift = torch.zeros(delta.shape[0])
-            else:
-                moved = ctx.normalised_states[bases[rows]] + readout.normalise(scaled)
-                logits = readout.logits_of_normalised(moved)  # z(x) + c·δ
-                shift = ctx.base_log_sum_exp[bases[rows]]
+        for rows in _balanced_batches(len(bases), EXACT_BATCH):
+            size = rows.stop - rows.start
+            moved = ctx.normalised_states[bases[rows]] + readout.normalise(scaled[rows])
+            logits = readout.logits_of_normalised(moved, out=_scratch.buffer("logits", size, vocabulary))
+            wanted = (keep[rows] > 0).nonzero().squeeze(-1)
+            if width and wanted.numel():
+                projection[rows][wanted] = _projection_ids(ctx, logits, bases[rows], wanted, width,
+                                                          signs[rows][wanted])
             target_logit = logits[:, ctx.target].clone()
-            reach = readout.max_logit_change(scaled)
+            reach = readout.max_logit_change(scaled[rows])
+            shift = ctx.base_log_sum_exp[bases[rows]]
             log_sum_exp = _logsumexp_shifted(logits, shift) if bool((reach < _SAFE_EXPONENT).all()) \
                 else _logsumexp_inplace(logits)
             scores[rows] = target_logit - log_sum_exp - ctx.target_log_probs[bases[rows]]
-    return scores, projection
+    result, start = [], 0
+    for g in groups:
+        part = slice(start, start + len(g))
+        result.append(Scored(scores[part], projection[part, : 2 * g.projection] if g.projection else None))
+        start += len(g)
+    return result
+
+
+def _projection_ids(ctx: ValueContext, logits: Tensor, bases: Tensor, wanted: Tensor, k: int,
+                    signs: Tensor) -> Tensor:
+    """Top-k then bottom-k ids of δ(u) for the wanted rows of fused logits z(x) + c·δ. Subtracting the base's
+    log-probabilities leaves c·δ plus a per-row constant, which does not change the order; where c < 0 the
+    order of δ is the reverse of that of c·δ."""
+    base = torch.index_select(ctx.base_log_probs, 0, bases[wanted],
+                              out=_scratch.buffer("bases", wanted.numel(), logits.shape[1]))
+    shifted = base.neg_().add_(logits[wanted])
+    top = shifted.topk(k, dim=-1).indices
+    bottom = shifted.topk(k, dim=-1, largest=False).indices
+    negative = (signs < 0).unsqueeze(-1)
+    return torch.cat([torch.where(negative, bottom, top), torch.where(negative, top, bottom)], dim=-1)
+
+
+def exact_scores(ctx: ValueContext, bases: Tensor, vectors: Tensor, coefficients: Tensor | None = None,
+                 keep_projection: int = 0) -> tuple[Tensor, Tensor | None]:
+    """One group of rows through `score_rows`: (scores, projection ids or None)."""
+    (scored,) = score_rows(ctx, [Rows(bases, vectors, coefficients, keep_projection)])
+    return scored.scores, scored.projection
+
+
+def _balanced_batches(n: int, most: int) -> list[slice]:
+    """Consecutive slices of at most `most` rows and near-equal size: a short tail batch would run the
+    vocabulary-sized product at a fraction of the speed of a full one."""
+    count = max(1, -(-n // most))
+    edges = [round(i * n / count) for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+class _Scratch:
+    """Reused vocabulary-sized buffers. A fresh 100 MB tensor per batch costs more in page faults than the
+    exp() over it; these are allocated once per thread and grown when a larger batch needs it."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def buffer(self, name: str, rows: int, columns: int) -> Tensor:
+        store = self._local.__dict__.setdefault("buffers", {})
+        held = store.get(name)
+        if held is None or held.shape[1] != columns or held.shape[0] < rows:
+            held = store[name] = torch.empty(rows, columns)
+        return held[:rows]
+
+
+_scratch = _Scratch()
 
 
 def _logsumexp_inplace(x: Tensor) -> Tensor:
@@ -128,16 +218,6 @@ def _logsumexp_shifted(x: Tensor, shift: Tensor) -> Tensor:
     return x.exp_().sum(dim=-1).log_().add_(shift)
 
 
-def _signed_extremes(scaled_delta: Tensor, k: int, coefficients: Tensor | None, rows: slice) -> Tensor:
-    """Top-k then bottom-k ids of δ(u), read from c·δ(u) (whose order flips where c < 0)."""
-    top = scaled_delta.topk(k, dim=-1).indices
-    bottom = scaled_delta.topk(k, dim=-1, largest=False).indices
-    if coefficients is None:
-        return torch.cat([top, bottom], dim=-1)
-    negative = (coefficients[rows] < 0).unsqueeze(-1)
-    return torch.cat([torch.where(negative, bottom, top), torch.where(negative, top, bottom)], dim=-1)
-
-
 @contextmanager
 def _flushing_denormals():
     """exp() of log-probabilities below about −87 gives float32 denormals, which are very slow on CPUs and
@@ -153,27 +233,37 @@ def _flushing_denormals():
 def layer_scores(ctx: ValueContext) -> tuple[Tensor, Tensor]:
     """(attention, ffn) per layer: the whole sublayer output added to its base. Consecutive bases differ by
     exactly that output, so these are differences of the bases' target log-probabilities."""
-    steps = ctx.target_log_probs.diff()  # (2L,)
+    steps = ctx.target_log_probs[: ctx.final_state + 1].diff()  # (2L,)
     return steps[0::2].clone(), steps[1::2].clone()
+
+
+def head_rows(ctx: ValueContext) -> Rows:
+    """Every head's last-position output, each added to its layer's input; rows in (layer, head) order."""
+    per_head = torch.einsum("lhtn,lhnd->lhd", ctx.weighted_values, ctx.output_weights)
+    layers, heads, d = per_head.shape
+    return Rows(torch.arange(layers).repeat_interleave(heads) * 2, per_head.reshape(-1, d))
 
 
 def head_scores(ctx: ValueContext) -> Tensor:
     """(L, H): each head's last-position output, added to the layer's input."""
-    per_head = torch.einsum("lhtn,lhnd->lhd", ctx.weighted_values, ctx.output_weights)
-    layers, heads, d = per_head.shape
-    bases = torch.arange(layers).repeat_interleave(heads) * 2
-    scores, _ = exact_scores(ctx, bases, per_head.reshape(-1, d))
-    return scores.reshape(layers, heads)
+    (scored,) = score_rows(ctx, [head_rows(ctx)])
+    return scored.scores.reshape(ctx.shape.n_layers, ctx.shape.n_heads)
+
+
+def head_position_rows(ctx: ValueContext, heads: list[tuple[int, int]]) -> Rows:
+    """For each (layer, head), its output coming from each source position; rows in (head, position) order."""
+    n_tokens, d = ctx.trace.n_tokens, ctx.shape.d_model
+    if not heads:
+        return Rows(torch.empty(0, dtype=torch.long), torch.empty(0, d))
+    vectors = torch.stack([ctx.weighted_values[l, j] @ ctx.output_weights[l, j] for l, j in heads])  # (K, T, d)
+    bases = torch.tensor([2 * l for l, _ in heads]).repeat_interleave(n_tokens)
+    return Rows(bases, vectors.reshape(-1, d))
 
 
 def head_position_scores(ctx: ValueContext, heads: list[tuple[int, int]]) -> Tensor:
     """(len(heads), T): the output of one head coming from one source position."""
-    if not heads:
-        return torch.empty(0, ctx.trace.n_tokens)
-    vectors = torch.stack([ctx.weighted_values[l, j] @ ctx.output_weights[l, j] for l, j in heads])  # (K, T, d)
-    bases = torch.tensor([2 * l for l, _ in heads]).repeat_interleave(vectors.shape[1])
-    scores, _ = exact_scores(ctx, bases, vectors.reshape(-1, vectors.shape[-1]))
-    return scores.reshape(len(heads), -1)
+    (scored,) = score_rows(ctx, [head_position_rows(ctx, heads)])
+    return scored.scores.reshape(len(heads), ctx.trace.n_tokens)
 
 
 # --- neuron sets: bounds and exact evaluation -------------------------------------------------------------
@@ -194,19 +284,28 @@ def attention_bounds(ctx: ValueContext) -> Tensor:
     return ctx.attention_coefficients * slopes.unsqueeze(-1)
 
 
-def evaluate_ffn(ctx: ValueContext, flat: Tensor, keep_projection: int = 0):
-    n_ffn = ctx.shape.d_ffn
-    layers, neurons = flat // n_ffn, flat % n_ffn
-    vectors = ctx.ffn_values[layers, neurons]
-    coefficients = ffn_coefficients(ctx)[layers, neurons]
-    return exact_scores(ctx, 2 * layers + 1, vectors, coefficients, keep_projection)
+def ffn_rows(ctx: ValueContext, flat: Tensor, keep_projection: int = 0) -> Rows:
+    """FFN neurons by flat index layer·N + neuron, each added to its layer's post-attention residual."""
+    layers, neurons = flat // ctx.shape.d_ffn, flat % ctx.shape.d_ffn
+    return Rows(2 * layers + 1, ctx.ffn_values[layers, neurons], ffn_coefficients(ctx)[layers, neurons],
+                keep_projection)
 
 
-def evaluate_attention(ctx: ValueContext, flat: Tensor):
+def attention_rows(ctx: ValueContext, flat: Tensor) -> Rows:
+    """Attention neurons by flat index into (L, H, d_h, T), each added to its layer's input."""
     layer, head, dim, position = torch.unravel_index(flat, ctx.attention_coefficients.shape)
-    vectors = ctx.output_weights[layer, head, dim]
-    coefficients = ctx.attention_coefficients[layer, head, dim, position]
-    return exact_scores(ctx, 2 * layer, vectors, coefficients)[0]
+    return Rows(2 * layer, ctx.output_weights[layer, head, dim],
+                ctx.attention_coefficients[layer, head, dim, position])
+
+
+def evaluate_ffn(ctx: ValueContext, flat: Tensor, keep_projection: int = 0) -> tuple[Tensor, Tensor | None]:
+    (scored,) = score_rows(ctx, [ffn_rows(ctx, flat, keep_projection)])
+    return scored.scores, scored.projection
+
+
+def evaluate_attention(ctx: ValueContext, flat: Tensor) -> Tensor:
+    (scored,) = score_rows(ctx, [attention_rows(ctx, flat)])
+    return scored.scores
 
 
 @dataclass
@@ -217,37 +316,109 @@ class TopK:
     extra: Tensor | None = None  # per returned neuron, whatever the evaluator kept (vocabulary ids)
 
 
-def exact_top_k(bounds: Tensor, evaluate: Callable[[Tensor], tuple[Tensor, Tensor | None]], k: int) -> TopK:
-    """The k highest scores, given an upper bound per item and an exact evaluator, evaluating in bound order
-    until no unevaluated item can enter. Ties in score go to the lower index."""
-    flat_bounds = bounds.reshape(-1)
-    total = flat_bounds.numel()
-    k = min(k, total)
-    done: list[Tensor] = []
-    scored: list[Tensor] = []
-    extras: list[Tensor] = []
-    # The bound is tight for all but the largest contributions, so a little over k usually settles it.
-    position, batch = 0, k + max(k // 8, 16)
-    while position < total:
-        # Only the next stretch of the bound order is needed: a partial sort, not a sort of every neuron.
-        reach = min(total, position + 2 * batch)
-        order = flat_bounds.topk(reach).indices
-        chunk = order[position: position + batch]
-        scores, extra = evaluate(chunk)
-        done.append(chunk)
-        scored.append(scores)
+class TopKSearch:
+    """The k highest scores, given an upper bound per item: items are scored exactly in descending bound
+    order until the k-th best exact score is at least the next bound, so no unevaluated item can enter.
+
+    The caller scores `pending()` however it likes (sharing products with other work) and hands the scores
+    back with `record()`, until `pending()` is None. Ties in score go to the lower index."""
+
+    def __init__(self, bounds: Tensor, k: int):
+        self.bounds = bounds.reshape(-1)
+        self.total = self.bounds.numel()
+        self.k = min(k, self.total)
+        self.position = 0
+        # The bound is tight for all but the largest contributions, so a little over k usually settles it.
+        self.batch = self.k + max(self.k // 8, 16)
+        self.order = self.bounds.topk(min(self.total, 2 * self.batch)).indices
+        self.done: list[Tensor] = []
+        self.scored: list[Tensor] = []
+        self.extras: list[Tensor] = []
+        self.finished = self.k == 0
+
+    def pending(self) -> Tensor | None:
+        if self.finished:
+            return None
+        end = min(self.total, self.position + self.batch)
+        if end > self.order.numel():
+            # Only the next stretch of the bound order is needed: a partial sort, not a sort of every item.
+            self.order = self.bounds.topk(min(self.total, self.position + 2 * self.batch)).indices
+        return self.order[self.position: end]
+
+    def record(self, chunk: Tensor, scores: Tensor, extra: Tensor | None = None) -> None:
+        self.done.append(chunk)
+        self.scored.append(scores)
         if extra is not None:
-            extras.append(extra)
-        position += chunk.numel()
-        if position >= k:
-            kth = torch.cat(scored).topk(k).values[-1]
-            if position >= total or kth >= flat_bounds[order[position]] + _BOUND_SLACK:
-                break
-        batch = max(k // 4, 32)
-    indices, scores = torch.cat(done), torch.cat(scored)
-    ranking = rank_by_score(scores, indices)[:k]
-    return TopK(indices[ranking], scores[ranking], position,
-                torch.cat(extras)[ranking] if extras else None)
+            self.extras.append(extra)
+        self.position += chunk.numel()
+        self.batch = max(self.k // 4, 32)
+        if self.position >= self.total:
+            self.finished = True
+        elif self.position >= self.k:
+            kth = torch.cat(self.scored).topk(self.k).values[-1]
+            if self.position >= self.order.numel():
+                self.order = self.bounds.topk(min(self.total, self.position + 1)).indices
+            self.finished = bool(kth >= self.bounds[self.order[self.position]] + _BOUND_SLACK)
+
+    def result(self) -> TopK:
+        if not self.done:
+            return TopK(torch.empty(0, dtype=torch.long), torch.empty(0), 0, None)
+        indices, scores = torch.cat(self.done), torch.cat(self.scored)
+        ranking = rank_by_score(scores, indices)[: self.k]
+        return TopK(indices[ranking], scores[ranking], self.position,
+                    torch.cat(self.extras)[ranking] if self.extras else None)
+
+
+def exact_top_k(bounds: Tensor, evaluate: Callable[[Tensor], tuple[Tensor, Tensor | None]], k: int) -> TopK:
+    """`TopKSearch` run to the end with one evaluator."""
+    search = TopKSearch(bounds, k)
+    while (chunk := search.pending()) is not None:
+        search.record(chunk, *evaluate(chunk))
+    return search.result()
+
+
+@dataclass
+class ValueScores:
+    heads: Tensor  # (L, H)
+    position_heads: list[tuple[int, int]]  # the top heads, best first
+    positions: Tensor  # (len(position_heads), T)
+    ffn: TopK  # extra: projection ids
+    attention: TopK
+
+
+def value_scores(ctx: ValueContext, k: int, n_position_heads: int, projection: int) -> ValueScores:
+    """Every head's score, position scores inside the top heads, and the exact top-k FFN and attention value
+    neurons, with all the exact scoring of a round in shared vocabulary-sized products."""
+    ffn = TopKSearch(ffn_bounds(ctx), k)
+    attention = TopKSearch(attention_bounds(ctx), k)
+    heads = head_rows(ctx)
+    extra_groups: list[Rows] = [heads]
+    head_scores_, position_heads, positions = None, [], None
+    while True:
+        ffn_chunk, attention_chunk = ffn.pending(), attention.pending()
+        groups = list(extra_groups)
+        if ffn_chunk is not None:
+            groups.append(ffn_rows(ctx, ffn_chunk, projection))
+        if attention_chunk is not None:
+            groups.append(attention_rows(ctx, attention_chunk))
+        if not groups:
+            break
+        scored = score_rows(ctx, groups)
+        extra_scored, rest = scored[: len(extra_groups)], scored[len(extra_groups):]
+        if ffn_chunk is not None:
+            ffn.record(ffn_chunk, rest[0].scores, rest[0].projection)
+            rest = rest[1:]
+        if attention_chunk is not None:
+            attention.record(attention_chunk, rest[0].scores)
+        extra_groups = []
+        if head_scores_ is None:
+            head_scores_ = extra_scored[0].scores.reshape(ctx.shape.n_layers, ctx.shape.n_heads)
+            flat = rank_by_score(head_scores_.reshape(-1), torch.arange(head_scores_.numel()))
+            position_heads = [divmod(int(i), ctx.shape.n_heads) for i in flat[:n_position_heads]]
+            extra_groups = [head_position_rows(ctx, position_heads)]
+        elif positions is None:
+            positions = extra_scored[0].scores.reshape(len(position_heads), ctx.trace.n_tokens)
+    return ValueScores(head_scores_, position_heads, positions, ffn.result(), attention.result())
 
 
 def rank_by_score(scores: Tensor, indices: Tensor) -> Tensor:

@@ -1,0 +1,107 @@
+"""Fact datasets: JSONL files of {"prompt", "answer", "type"?} lines, packaged by name or given as a path.
+
+A packaged dataset is named by a plain word (letters, digits, "_" and "-"), so a name can never reach outside
+the package's data directory; anything else is read as a file path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from .errors import UserError
+
+OnError = Literal["skip", "stop"]
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class Fact:
+    prompt: str
+    answer: str
+    type: str | None
+    source: str  # file it came from
+    line: int  # 1-based line in that file
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A line or sentence left out, and why."""
+
+    source: str
+    line: int | None
+    reason: str
+    prompt: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "line": self.line, "prompt": self.prompt, "reason": self.reason}
+
+
+def _data_dir():
+    return resources.files("neuron_attribution") / "data"
+
+
+def packaged_datasets() -> list[str]:
+    return sorted(p.name[: -len(".jsonl")] for p in _data_dir().iterdir() if p.name.endswith(".jsonl"))
+
+
+def dataset_path(name_or_path: str) -> Path:
+    """The file a dataset argument names: a packaged dataset or an existing file."""
+    if _NAME.match(name_or_path) and name_or_path in packaged_datasets():
+        return Path(str(_data_dir() / f"{name_or_path}.jsonl"))
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.exists():
+        raise UserError(f"{name_or_path} is not a file")
+    raise UserError(f"no dataset {name_or_path!r}: not a packaged dataset ({', '.join(packaged_datasets())}) "
+                    "and no such file")
+
+
+def load_facts(name_or_path: str, on_error: OnError = "skip") -> tuple[list[Fact], list[Skipped]]:
+    """Facts of a dataset, and the malformed lines left out. With on_error="stop" the first malformed line
+    ends the run with a UserError naming the file and line."""
+    if on_error not in ("skip", "stop"):
+        raise UserError(f"--on-error must be skip or stop, not {on_error!r}")
+    path = dataset_path(name_or_path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read {source}: {getattr(error, 'strerror', None) or error}") from None
+    facts, skipped = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            facts.append(_parse(line, source, number))
+        except ValueError as error:
+            if on_error == "stop":
+                raise UserError(f"{source}:{number}: {error}") from None
+            skipped.append(Skipped(source, number, str(error)))
+    return facts, skipped
+
+
+def _parse(line: str, source: str, number: int) -> Fact:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    fields = {}
+    for name in ("prompt", "answer"):
+        value = record.get(name)
+        if not isinstance(value, str):
+            raise ValueError(f"missing or non-text field {name!r}")
+        if not value.strip():
+            raise ValueError(f"empty {name}")
+        fields[name] = value
+    kind = record.get("type")
+    if kind is not None and not isinstance(kind, str):
+        raise ValueError("field 'type' must be text")
+    return Fact(fields["prompt"], fields["answer"], kind, source, number)
