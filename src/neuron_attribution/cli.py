@@ -143,6 +143,81 @@ def evaluate(
         console.print(f"Wrote {json_file}")
 
 
+@app.command()
+def datasets() -> None:
+    """List the packaged datasets with their fact counts per knowledge type."""
+    from .datasets import ALL_TYPES, KNOWLEDGE_TYPES, describe_datasets
+    from .report import print_datasets
+
+    print_datasets(console, describe_datasets(), ALL_TYPES, KNOWLEDGE_TYPES)
+
+
+@app.command()
+def run(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="knowledge (all six types), one type (language, "
+                                         "capital, country, color, number, month), sample, or a JSONL file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the Parquet tables (resumable).")]
+    = Path("out/run"),
+    model: ModelOption = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="At most N kept sentences of each type.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sentences per forward pass.")] = 8,
+    top: Annotated[int, typer.Option("--top", "-k", help="Value and query neurons stored per sentence.")] = 300,
+    on_error: Annotated[str, typer.Option("--on-error", help="Malformed lines: skip them or stop.")] = "skip",
+    allow_pickle: AllowPickleOption = False,
+) -> None:
+    """Attribute every sentence of a dataset the model knows (the paper's filter) into Parquet tables."""
+    from .datasets import load_facts
+    from .runs import RunArguments, run_dataset
+
+    for name, number in (("--limit", limit), ("--batch-size", batch_size), ("--top", top)):
+        if number is not None and number <= 0:
+            raise UserError(f"{name} must be a positive number")
+    load_facts(dataset, on_error)  # type: ignore[arg-type]  # a bad dataset fails before the model loads
+    loaded = _load(model, allow_pickle)
+    with _progress_bar() as progress:
+        summary = run_dataset(loaded, out, RunArguments(dataset, limit, top, on_error), batch_size=batch_size,
+                              progress=progress, model_argument=_model_argument(model))
+    kept = ", ".join(f"{kind} {summary.kept[kind]}/{total}" for kind, total in summary.facts.items())
+    console.print(f"Kept by the filter (kept/facts): {kept}")
+    if summary.used != summary.kept:
+        console.print("Used (--limit): " + ", ".join(f"{kind} {n}" for kind, n in summary.used.items()))
+    console.print(f"Attributed {summary.attributed} sentences ({summary.already_done} were already done) in "
+                  f"{summary.seconds:.0f} s. Tables in {out}")
+
+
+@app.command()
+def analyze(
+    directory: Annotated[Path, typer.Argument(help="A finished `run` directory.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the plots, analysis.json "
+                                                "and report.html. Default: DIR/analysis.")] = None,
+    interventions: Annotated[bool, typer.Option("--interventions/--no-interventions", help="Also switch off "
+                                                "value neurons, query neurons and heads per type (loads the "
+                                                "model).")] = True,
+    per_type: Annotated[int, typer.Option("--per-type", help="Sentences of each type used for the "
+                                          "interventions.")] = 20,
+    allow_pickle: AllowPickleOption = False,
+) -> None:
+    """Reproduce the paper's analyses on a run: layer scores, histograms, head overlap, sharing, interventions."""
+    from .analysis import analyze_run
+    from .html_report import write_report
+
+    if per_type <= 0:
+        raise UserError("--per-type must be a positive number")
+    target = out or directory / "analysis"
+    with _progress_bar() as progress:
+        analysis = analyze_run(directory, interventions=interventions, per_type=per_type, progress=progress,
+                               load=lambda name: _load(name, allow_pickle))
+        report = write_report(analysis, target)
+    console.print(f"Report: {report}")
+
+
+def _model_argument(model: str | None) -> str | None:
+    """How `analyze` will name the model again: a local path made absolute, anything else as given."""
+    if model is not None and Path(model).exists():
+        return str(Path(model).resolve())
+    return model
+
+
 @contextmanager
 def _progress_bar():
     """A rich progress bar driven by (what, done, total) calls, one task per distinct `what`."""

@@ -41,12 +41,28 @@ class Skipped:
         return {"source": self.source, "line": self.line, "prompt": self.prompt, "reason": self.reason}
 
 
+KNOWLEDGE_TYPES = ("language", "capital", "country", "color", "number", "month")
+ALL_TYPES = "knowledge"  # the name of the six knowledge datasets together
+
+
 def _data_dir():
     return resources.files("neuron_attribution") / "data"
 
 
 def packaged_datasets() -> list[str]:
     return sorted(p.name[: -len(".jsonl")] for p in _data_dir().iterdir() if p.name.endswith(".jsonl"))
+
+
+def candidate_answers() -> dict[str, list[str]]:
+    """Each knowledge type's candidate answers (the paper's filter compares the gold answer with them)."""
+    return json.loads((_data_dir() / "candidates.json").read_text(encoding="utf-8"))
+
+
+def dataset_paths(name_or_path: str) -> list[Path]:
+    """The files a dataset argument names: "knowledge" (the six types), a packaged dataset, or a file."""
+    if name_or_path == ALL_TYPES:
+        return [dataset_path(kind) for kind in KNOWLEDGE_TYPES]
+    return [dataset_path(name_or_path)]
 
 
 def dataset_path(name_or_path: str) -> Path:
@@ -58,8 +74,8 @@ def dataset_path(name_or_path: str) -> Path:
         return path
     if path.exists():
         raise UserError(f"{name_or_path} is not a file")
-    raise UserError(f"no dataset {name_or_path!r}: not a packaged dataset ({', '.join(packaged_datasets())}) "
-                    "and no such file")
+    raise UserError(f"no dataset {name_or_path!r}: not a packaged dataset "
+                    f"({', '.join([ALL_TYPES, *packaged_datasets()])}) and no such file")
 
 
 def load_facts(name_or_path: str, on_error: OnError = "skip") -> tuple[list[Fact], list[Skipped]]:
@@ -67,7 +83,15 @@ def load_facts(name_or_path: str, on_error: OnError = "skip") -> tuple[list[Fact
     ends the run with a UserError naming the file and line."""
     if on_error not in ("skip", "stop"):
         raise UserError(f"--on-error must be skip or stop, not {on_error!r}")
-    path = dataset_path(name_or_path)
+    facts, skipped = [], []
+    for path in dataset_paths(name_or_path):
+        more, left_out = _read(path, on_error)
+        facts += more
+        skipped += left_out
+    return facts, skipped
+
+
+def _read(path: Path, on_error: OnError) -> tuple[list[Fact], list[Skipped]]:
     source = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -84,6 +108,18 @@ def load_facts(name_or_path: str, on_error: OnError = "skip") -> tuple[list[Fact
                 raise UserError(f"{source}:{number}: {error}") from None
             skipped.append(Skipped(source, number, str(error)))
     return facts, skipped
+
+
+def describe_datasets() -> list[dict]:
+    """Every packaged dataset with its fact count per type."""
+    rows = []
+    for name in packaged_datasets():
+        facts, _ = load_facts(name)
+        counts: dict[str, int] = {}
+        for fact in facts:
+            counts[fact.type or "-"] = counts.get(fact.type or "-", 0) + 1
+        rows.append({"name": name, "facts": len(facts), "types": counts})
+    return rows
 
 
 def _parse(line: str, source: str, number: int) -> Fact:

@@ -165,3 +165,16 @@ def _print_by_type(console: Console, by_type) -> None:
     for ablated, row in by_type.items():
         table.add_row(Text(ablated), *(f"{row[k].mrr_decrease:+.1%}" if k in row else "" for k in measured))
     console.print(table)
+
+
+def print_datasets(console: Console, rows, all_name: str, knowledge_types) -> None:
+    table = Table(title="Packaged datasets", title_justify="left",
+                  caption=f"--dataset {all_name} runs the six knowledge types together "
+                          f"({', '.join(knowledge_types)}); any JSONL file of "
+                          '{"prompt", "answer", "type"} lines works too.', caption_justify="left")
+    for column in ("name", "facts", "types"):
+        table.add_column(column, justify="right" if column == "facts" else "left")
+    for row in rows:
+        types = ", ".join(f"{kind} {count}" for kind, count in row["types"].items())
+        table.add_row(Text(row["name"]), str(row["facts"]), Text(types))
+    console.print(table)
