@@ -178,7 +178,7 @@ def run(
         summary = run_dataset(loaded, out, RunArguments(dataset, limit, top, on_error), batch_size=batch_size,
                               progress=progress, model_argument=_model_argument(model))
     kept = ", ".join(f"{kind} {summary.kept[kind]}/{total}" for kind, total in summary.facts.items())
-    console.print(f"Kept by the filter (kept/facts): {kept}")
+    console.print(f"Kept by the filter (kept/checked; with --limit a type stops once it has enough): {kept}")
     if summary.used != summary.kept:
         console.print("Used (--limit): " + ", ".join(f"{kind} {n}" for kind, n in summary.used.items()))
     console.print(f"Attributed {summary.attributed} sentences ({summary.already_done} were already done) in "
@@ -238,18 +238,37 @@ def _progress_bar():
 
 
 @app.command()
-def demo(model: ModelOption = None) -> None:
-    """The main job on the offline default model: describe it and explain one prediction."""
-    from .describe import describe_model
-    from .report import print_model_info
+def demo(model: ModelOption = None,
+         out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the run and its report.")]
+         = Path("out/demo"),
+         per_type: Annotated[int, typer.Option("--per-type", help="Sentences of each knowledge type.")] = 4) -> None:
+    """The main job on the offline default model: explain two predictions, then run and analyse a slice of
+    every knowledge type and write the HTML report."""
+    import time
 
+    from .analysis import analyze_run
     from .attribution import attribute as run_attribution
-    from .report import print_attribution
+    from .describe import describe_model
+    from .html_report import write_report
+    from .report import print_attribution, print_model_info
+    from .runs import RunArguments, run_dataset
 
+    if per_type <= 0:
+        raise UserError("--per-type must be a positive number")
+    started = time.perf_counter()
     loaded = _load(model)
     print_model_info(console, describe_model(loaded))
     for prompt, answer in (("The capital of France is", " Paris"), ("The largest planet is", " Jupiter")):
         print_attribution(console, run_attribution(loaded, prompt, answer, top_k=100), rows=5)
+    console.rule(f"{per_type} sentences of each knowledge type: run and analyse")
+    with _progress_bar() as progress:
+        summary = run_dataset(loaded, out, RunArguments("knowledge", per_type, 300, "skip"), progress=progress,
+                              model_argument=_model_argument(model))
+        analysis = analyze_run(out, per_type=per_type, progress=progress, load=lambda _: loaded)
+        report = write_report(analysis, out / "analysis")
+    console.print("Kept by the filter (kept/checked): "
+                  + ", ".join(f"{k} {summary.kept[k]}/{n}" for k, n in summary.facts.items()))
+    console.print(f"Done in {time.perf_counter() - started:.0f} s. Report: {report.resolve()}")
 
 
 def main() -> None:

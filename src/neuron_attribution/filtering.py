@@ -31,8 +31,10 @@ class Checked:
 
 def filter_facts(model: LoadedModel, facts: Sequence[Fact], *, on_error: OnError = "skip",
                  candidates: dict[str, list[str]] | None = None, batch_size: int = 16,
+                 enough: int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> tuple[list[Checked], list[Skipped]]:
-    """Every usable fact, checked; facts the model cannot take at all (a prompt too long, say) are skipped."""
+    """Every usable fact, checked; facts the model cannot take at all (a prompt too long, say) are skipped.
+    With `enough`, a type's facts stop being checked once that many of them were kept (in file order)."""
     candidates = candidate_answers() if candidates is None else candidates
     encoded, skipped = [], []
     for fact in facts:
@@ -45,13 +47,28 @@ def filter_facts(model: LoadedModel, facts: Sequence[Fact], *, on_error: OnError
             skipped.append(Skipped(fact.source, fact.line, str(error), fact.prompt))
     checked: list[Checked] = []
     rivals = _RivalTokens(model, candidates)
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start: start + batch_size]
+    kept: dict[str | None, int] = {}
+    pending = list(encoded)
+    done = 0
+    while pending:
+        if enough is not None:
+            pending = [e for e in pending if kept.get(e[0].type, 0) < enough]
+        chunk, pending = pending[:batch_size], pending[batch_size:]
+        if not chunk:
+            break
         logits = last_logits(model, [ids for _, ids, _ in chunk], batch_size=batch_size)
         for (fact, ids, target), row in zip(chunk, logits):
-            checked.append(_check(fact, ids, target, row, rivals.of(fact)))
+            verdict = _check(fact, ids, target, row, rivals.of(fact))
+            if enough is None or kept.get(fact.type, 0) < enough:
+                checked.append(verdict)
+                kept[fact.type] = kept.get(fact.type, 0) + verdict.kept
+        done += len(chunk)
         if progress is not None:
-            progress(min(start + batch_size, len(encoded)), len(encoded))
+            progress(done, done + len(pending))
+    if progress is not None:
+        progress(done, done)
+    position = {id(fact): i for i, (fact, _, _) in enumerate(encoded)}
+    checked.sort(key=lambda c: position[id(c.fact)])  # file order, whatever order the types were checked in
     return checked, skipped
 
 

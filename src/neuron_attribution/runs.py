@@ -50,11 +50,12 @@ class RunArguments:
     top: int  # value and query neurons stored per sentence
     on_error: str
 
-    def identity(self, model: LoadedModel) -> dict:
-        """What must match for a directory to be resumed: the model and everything that changes results."""
+    def identity(self, model: LoadedModel, batch_size: int) -> dict:
+        """What must match for a directory to be resumed: the model and everything that changes results (the
+        batch size too: float32 rounding depends on which prompts are padded together)."""
         return {"model": model.name, "dataset": self.dataset,
                 "dataset_sha256": _dataset_digest(self.dataset), "limit": self.limit, "top": self.top,
-                "on_error": self.on_error, "neuron_attribution": __version__}
+                "on_error": self.on_error, "batch_size": batch_size, "neuron_attribution": __version__}
 
 
 def _dataset_digest(dataset: str) -> str:
@@ -89,7 +90,7 @@ def run_dataset(model: LoadedModel, directory: Path | str, arguments: RunArgumen
     report = progress or (lambda what, done, total: None)
     directory = Path(directory)
     _prepare_directory(directory)
-    identity = arguments.identity(model)
+    identity = arguments.identity(model, batch_size)
     record = _claim(directory, identity)
     checked = _filtered(model, directory, arguments, report)
     sentences = _selected(checked, arguments.limit)
@@ -98,17 +99,23 @@ def run_dataset(model: LoadedModel, directory: Path | str, arguments: RunArgumen
                         f"({len(checked)} checked)")
     parts = directory / "parts"
     done = _completed_ids(parts)
-    todo = [i for i in range(len(sentences)) if i not in done]
-    report("attributing sentences", len(done), len(sentences))
+    # Batches are fixed by sentence id, and a part is one whole batch: a resumed run pads exactly the same
+    # prompts together as an uninterrupted one, so its numbers are bit-identical.
+    batches = [list(range(start, min(start + batch_size, len(sentences))))
+               for start in range(0, len(sentences), batch_size)]
+    todo = [batch for batch in batches if not done.issuperset(batch)]
+    finished = len(sentences) - sum(len(batch) for batch in todo)
+    report("attributing sentences", finished, len(sentences))
     attribution_started = time.perf_counter()
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start: start + batch_size]
+    for batch in todo:
         results = attribute_batch(model, [sentences[i].fact.prompt for i in batch],
                                   [sentences[i].target for i in batch], top_k=arguments.top,
                                   batch_size=batch_size)
         _write_part(parts, [(i, sentences[i], r) for i, r in zip(batch, results)])
-        report("attributing sentences", len(done) + start + len(batch), len(sentences))
+        finished += len(batch)
+        report("attributing sentences", finished, len(sentences))
     attribution_seconds = time.perf_counter() - attribution_started
+    attributed = sum(len(batch) for batch in todo)
     _merge_parts(directory)
     used = Counter(s.fact.type or "-" for s in sentences)
     kept = Counter(c.fact.type or "-" for c in checked if c.kept)
@@ -122,13 +129,13 @@ def run_dataset(model: LoadedModel, directory: Path | str, arguments: RunArgumen
         "kept": {kind: kept.get(kind, 0) for kind in facts},
         "used": dict(used),
         "timings": {**record.get("timings", {}), "last_call_seconds": round(time.perf_counter() - started, 2),
-                    "last_call_attributed": len(todo),
-                    "last_call_sentences_per_second": round(len(todo) / attribution_seconds, 3)
+                    "last_call_attributed": attributed,
+                    "last_call_sentences_per_second": round(attributed / attribution_seconds, 3)
                     if todo and attribution_seconds > 0 else None},
     })
     write_json(directory / "run.json", record)
-    return RunSummary(directory, dict(facts), {kind: kept.get(kind, 0) for kind in facts}, dict(used), len(todo),
-                      len(done), time.perf_counter() - started)
+    return RunSummary(directory, dict(facts), {kind: kept.get(kind, 0) for kind in facts}, dict(used), attributed,
+                      len(sentences) - attributed, time.perf_counter() - started)
 
 
 def _prepare_directory(directory: Path) -> None:
@@ -185,6 +192,7 @@ def _filtered(model: LoadedModel, directory: Path, arguments: RunArguments, repo
             path.unlink(missing_ok=True)  # recomputed below
     started = time.perf_counter()
     checked, not_usable = filter_facts(model, facts, on_error=arguments.on_error,  # type: ignore[arg-type]
+                                       enough=arguments.limit,
                                        progress=lambda done, total: report("filtering facts", done, total))
     write_json(path, {
         "seconds": round(time.perf_counter() - started, 2),
@@ -301,6 +309,8 @@ def _typed(values: dict[str, list]) -> dict[str, pa.Array]:
 
 
 def _merge_parts(directory: Path) -> None:
+    for leftover in directory.glob(".*.parquet.*"):  # from a merge that was interrupted
+        leftover.unlink(missing_ok=True)
     parts = sorted((directory / "parts").glob("part-*"))
     for table in TABLES:
         merged = pa.concat_tables([pq.read_table(part / f"{table}.parquet") for part in parts],

@@ -1,0 +1,166 @@
+"""Whole-dataset runs: the filter, the Parquet tables, resuming after any interruption, refusing a mismatch."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from neuron_attribution import UserError, attribute
+from neuron_attribution.datasets import Fact
+from neuron_attribution.filtering import _check
+from neuron_attribution.runs import TABLES, RunArguments, run_dataset
+
+FACTS = [
+    {"prompt": "The capital of France is", "answer": "Paris", "type": "capital"},
+    {"prompt": "The capital of Italy is", "answer": "Rome", "type": "capital"},
+    {"prompt": "The capital of France is", "answer": "Oslo", "type": "capital"},  # the model does not say this
+    {"prompt": "The official language of Spain is", "answer": "Spanish", "type": "language"},
+    {"prompt": "The official language of France is", "answer": "French", "type": "language"},
+    {"prompt": "Berlin is a city in the country of", "answer": "Germany", "type": "country"},
+    {"prompt": "Tokyo is a city in the country of", "answer": "Japan", "type": "country"},
+]
+
+
+def test_filter_rules():
+    fact = Fact("p", "a", "color", "f", 1)
+    logits = torch.arange(30.0)  # token 29 is the top prediction
+    assert _check(fact, [1], 29, logits, [3, 29]).kept
+    dropped = _check(fact, [1], 15, logits, [])
+    assert not dropped.kept and dropped.rank == 15 and "not in the top 10" in dropped.reason
+    beaten = _check(fact, [1], 25, logits, [26])
+    assert beaten.rank == 5 and not beaten.kept and "candidate" in beaten.reason
+    assert _check(fact, [1], 25, logits, [24, 25]).kept
+
+
+@pytest.fixture(scope="module")
+def facts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("facts") / "facts.jsonl"
+    path.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
+    return path
+
+
+def _tables(directory: Path) -> dict:
+    return {name: pq.read_table(directory / f"{name}.parquet").to_pydict() for name in TABLES}
+
+
+@pytest.fixture(scope="module")
+def finished_run(real_model, facts_file, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("run")
+    run_dataset(real_model, directory, RunArguments(str(facts_file), None, 20, "skip"), batch_size=4)
+    return directory
+
+
+@pytest.mark.slow
+def test_run_tables_hold_what_attribute_gives(real_model, finished_run):
+    record = json.loads((finished_run / "run.json").read_text())
+    assert record["complete"] and record["kept"] == {"capital": 2, "language": 2, "country": 2}
+    assert record["facts"] == {"capital": 3, "language": 2, "country": 2}
+    filtered = json.loads((finished_run / "filter.json").read_text())["facts"]
+    assert [f["kept"] for f in filtered] == [True, True, False, True, True, True, True]
+    tables = _tables(finished_run)
+    sentences = tables["sentences"]
+    assert sentences["sentence_id"] == list(range(6))
+    assert sentences["type"] == ["capital", "capital", "language", "language", "country", "country"]
+    expected = attribute(real_model, "The official language of Spain is", "Spanish", top_k=20)
+    ffn = [(l, n, s) for i, l, n, s in zip(tables["ffn_neurons"]["sentence_id"], tables["ffn_neurons"]["layer"],
+                                          tables["ffn_neurons"]["neuron"], tables["ffn_neurons"]["score"]) if i == 2]
+    assert [(l, n) for l, n, _ in ffn] == [(x.layer, x.neuron) for x in expected.ffn_neurons]
+    assert [s for *_, s in ffn] == pytest.approx([x.score for x in expected.ffn_neurons], abs=1e-5)
+    heads = [s for i, s in zip(tables["heads"]["sentence_id"], tables["heads"]["score"]) if i == 2]
+    assert heads == pytest.approx([h.score for h in expected.heads], abs=1e-5)
+    assert set(tables["attention_neurons"]) >= {"sentence_id", "type", "layer", "head", "dim", "position", "token",
+                                                 "score", "coefficient"}
+    assert set(tables["query_neurons"]) >= {"sentence_id", "type", "layer", "neuron", "score", "attention_score",
+                                             "ffn_score", "gate_score", "up_score"}
+    assert len(tables["layers"]["layer"]) == 6 * real_model.shape.n_layers
+
+
+@pytest.mark.slow
+def test_a_different_run_into_the_same_directory_is_refused(real_model, finished_run, facts_file):
+    with pytest.raises(UserError, match="holds a different run .*top: 20 there, 5 now"):
+        run_dataset(real_model, finished_run, RunArguments(str(facts_file), None, 5, "skip"))
+    with pytest.raises(UserError, match="holds a different run .*limit"):
+        run_dataset(real_model, finished_run, RunArguments(str(facts_file), 1, 20, "skip"))
+
+
+@pytest.mark.slow
+def test_lost_and_truncated_parts_are_recomputed(real_model, finished_run, facts_file, tmp_path):
+    before = _tables(finished_run)
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    parts = sorted((copy / "parts").iterdir())
+    assert len(parts) == 2
+    shutil.rmtree(parts[0])  # a part that never got written
+    damaged = parts[1] / "ffn_neurons.parquet"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # a truncated file
+    (copy / "parts" / ".tmp-leftover").mkdir()  # what a crash mid-write leaves behind
+    summary = run_dataset(real_model, copy, RunArguments(str(facts_file), None, 20, "skip"), batch_size=4)
+    assert summary.attributed == 6 and summary.already_done == 0
+    assert _tables(copy) == before
+    assert not (copy / "parts" / ".tmp-leftover").exists()
+    again = run_dataset(real_model, copy, RunArguments(str(facts_file), None, 20, "skip"), batch_size=4)
+    assert again.attributed == 0 and again.already_done == 6
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_resume(real_model, facts_file, finished_run, tmp_path):
+    """The CLI killed with SIGKILL at random moments, then run to the end: every sentence exactly once and the
+    same numbers as an uninterrupted run."""
+    directory = tmp_path / "killed"
+    command = [sys.executable, "-m", "neuron_attribution.cli", "run", "--dataset", str(facts_file), "--out",
+               str(directory), "--top", "20", "--batch-size", "4"]
+    chance = random.Random(7)
+    interrupted = 0
+    for _ in range(3):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        time.sleep(chance.uniform(3.0, 9.0))
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            interrupted += 1
+        process.wait()
+    assert interrupted >= 1
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    tables = _tables(directory)
+    assert tables["sentences"]["sentence_id"] == list(range(6))
+    reference = _tables(finished_run)
+    for name in TABLES:
+        assert tables[name] == reference[name], name
+
+
+@pytest.mark.slow
+def test_run_bad_input(tmp_path, facts_file):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "neuron_attribution.cli", *args], capture_output=True,
+                              text=True, timeout=600)
+
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text('{"prompt": "The capital of France is", "answer": "Oslo", "type": "capital"}\n')
+    result = cli("run", "--dataset", str(unknown), "--out", str(tmp_path / "empty"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: no sentence is left after the filter")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = cli("run", "--dataset", str(facts_file), "--out", str(blocker / "run"))
+    assert result.returncode == 2 and result.stderr.startswith("error: cannot write to")
+    result = cli("run", "--dataset", "../capital")
+    assert result.returncode == 2 and result.stderr.startswith("error: no dataset '../capital'")
+    not_a_run = tmp_path / "not-a-run"
+    not_a_run.mkdir()
+    (not_a_run / "notes.txt").write_text("mine")
+    result = cli("run", "--dataset", str(facts_file), "--out", str(not_a_run))
+    assert result.returncode == 2 and "is not empty and holds no run" in result.stderr
+    result = cli("analyze", str(not_a_run))
+    assert result.returncode == 2 and "holds no readable run.json" in result.stderr
