@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from neuron_attribution import UserError, attribute, interpret_query_neuron, split_queries
-from neuron_attribution.attribution import AttentionNeuron, FfnNeuron, query_scores
+from neuron_attribution.attribution import AttentionNeuron, query_scores
 from neuron_attribution.scoring import query
 from neuron_attribution.trace import trace_token_ids
 

@@ -20,6 +20,13 @@ ModelOption = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Local directory, .gguf file or hub id. Default: the offline SmolLM2-135M-Instruct.")]
 AllowPickleOption = Annotated[bool, typer.Option(
     "--allow-pickle", help="Allow pickle checkpoints (.bin/.pt), which can run code when loaded.")]
+MaxMemoryOption = Annotated[str, typer.Option("--max-memory", help="Memory the scoring step's vocabulary-sized "
+                                              "buffers may take, e.g. 2GB or 500MB.")]
+BackendOption = Annotated[str, typer.Option("--backend", help="local, or ray: batches on Ray workers that each "
+                                            "load the model once (pip install 'neuron-attribution[ray]').")]
+WorkersOption = Annotated[int, typer.Option("--workers", help="Ray workers (a local cluster of this many CPUs "
+                                            "unless --address is given).")]
+AddressOption = Annotated[Optional[str], typer.Option("--address", help="An existing Ray cluster to join.")]
 DtypeOption = Annotated[Optional[str], typer.Option("--dtype", help="float32 (default), bfloat16 or float16.")]
 
 
@@ -73,6 +80,7 @@ def attribute(
     show: Annotated[int, typer.Option("--show", help="Rows per table in the terminal report.")] = 10,
     query_top: Annotated[int, typer.Option("--query-top", help="Score query neurons and layers for this many "
                                            "top value neurons of each kind.")] = 30,
+    max_memory: MaxMemoryOption = "2GB",
     allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Value neurons: which FFN and attention neurons raise the log probability of the answer."""
@@ -85,6 +93,7 @@ def attribute(
         raise UserError("--show must be a positive number")
     if query_top <= 0:
         raise UserError("--query-top must be a positive number")
+    _apply_memory_budget(max_memory)
     loaded = _load(model, allow_pickle)
     with console.status("Attributing...", spinner="dots"):
         result = run_attribution(loaded, prompt, target, top_k=top, reference=reference, query_top=query_top)
@@ -114,6 +123,10 @@ def evaluate(
                                           "(counted in the output) or stop.")] = "skip",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random controls.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sentences traced per forward pass.")] = 8,
+    backend: BackendOption = "local",
+    workers: WorkersOption = 2,
+    address: AddressOption = None,
+    max_memory: MaxMemoryOption = "2GB",
     allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Switch off the neurons each method finds and measure the gold answer: MRR, probability, log probability."""
@@ -130,13 +143,15 @@ def evaluate(
     if batch_size <= 0:
         raise UserError("--batch-size must be a positive number")
     resolve_methods(methods)  # unknown names fail before the model loads
+    _check_backend(backend, workers)
+    _apply_memory_budget(max_memory)
     facts, skipped = load_facts(dataset, on_error)  # type: ignore[arg-type]
     facts = facts[:limit] if limit else facts
     loaded = _load(model, allow_pickle)
-    with _progress_bar() as progress:
+    with _backend(backend, loaded, model, workers, address, allow_pickle) as pool, _progress_bar() as progress:
         result = run_evaluation(loaded, facts, protocol=protocol, methods=methods, top=top, seed=seed,
                                 batch_size=batch_size, on_error=on_error, skipped=skipped,  # type: ignore[arg-type]
-                                progress=progress)
+                                progress=progress, backend=pool)
     print_evaluation(console, result)
     if json_file:
         result.save(json_file)
@@ -163,6 +178,10 @@ def run(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sentences per forward pass.")] = 8,
     top: Annotated[int, typer.Option("--top", "-k", help="Value and query neurons stored per sentence.")] = 300,
     on_error: Annotated[str, typer.Option("--on-error", help="Malformed lines: skip them or stop.")] = "skip",
+    backend: BackendOption = "local",
+    workers: WorkersOption = 2,
+    address: AddressOption = None,
+    max_memory: MaxMemoryOption = "2GB",
     allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Attribute every sentence of a dataset the model knows (the paper's filter) into Parquet tables."""
@@ -173,10 +192,12 @@ def run(
         if number is not None and number <= 0:
             raise UserError(f"{name} must be a positive number")
     load_facts(dataset, on_error)  # type: ignore[arg-type]  # a bad dataset fails before the model loads
+    _check_backend(backend, workers)
+    _apply_memory_budget(max_memory)
     loaded = _load(model, allow_pickle)
-    with _progress_bar() as progress:
+    with _backend(backend, loaded, model, workers, address, allow_pickle) as pool, _progress_bar() as progress:
         summary = run_dataset(loaded, out, RunArguments(dataset, limit, top, on_error), batch_size=batch_size,
-                              progress=progress, model_argument=_model_argument(model))
+                              progress=progress, model_argument=_model_argument(model), backend=pool)
     kept = ", ".join(f"{kind} {summary.kept[kind]}/{total}" for kind, total in summary.facts.items())
     console.print(f"Kept by the filter (kept/checked; with --limit a type stops once it has enough): {kept}")
     if summary.used != summary.kept:
@@ -209,6 +230,55 @@ def analyze(
                                load=lambda name: _load(name, allow_pickle))
         report = write_report(analysis, target)
     console.print(f"Report: {report}")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500 MB', '1.5gb', '1048576' -> bytes (binary units)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?B?)\s*", text.upper())
+    if not match or float(match.group(1)) <= 0:
+        raise UserError(f"--max-memory {text!r}: use a size such as 2GB or 500MB")
+    return int(float(match.group(1)) * _UNITS[match.group(2) if match.group(2) in _UNITS else match.group(2) + "B"])
+
+
+def _apply_memory_budget(text: str) -> None:
+    from .scoring.value import set_memory_budget
+
+    set_memory_budget(parse_size(text))
+
+
+def _check_backend(name: str, workers: int) -> None:
+    """Backend flags fail before the model loads."""
+    if name not in ("local", "ray"):
+        raise UserError(f"unknown backend {name!r}; use local or ray")
+    if workers <= 0:
+        raise UserError("--workers must be a positive number")
+    if name == "ray":
+        from .distributed import _ray
+
+        _ray()
+
+
+@contextmanager
+def _backend(name: str, loaded, model: str | None, workers: int, address: str | None, allow_pickle: bool):
+    """The backend a command's batches run on: here, or Ray workers (stopped on leaving)."""
+    from .execution import LocalBackend
+
+    if name == "local":
+        yield LocalBackend(loaded)
+        return
+    if name != "ray":
+        raise UserError(f"unknown backend {name!r}; use local or ray")
+    from .distributed import RayBackend
+
+    with console.status(f"Starting {workers} Ray workers...", spinner="dots"):
+        pool = RayBackend(_model_argument(model), workers=workers, address=address, allow_pickle=allow_pickle)
+    with pool:
+        yield pool
 
 
 def _model_argument(model: str | None) -> str | None:

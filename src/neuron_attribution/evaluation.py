@@ -25,6 +25,7 @@ from .attribution import QUERY_VALUE_NEURONS, query_scores, value_context
 from .datasets import Fact, OnError, Skipped
 from .errors import UserError
 from .gradients import IntegratedGradients
+from .execution import Backend, LocalBackend
 from .interventions import Ablation, last_logits_each
 from .loading import LoadedModel
 from .metrics import GoldScores, Metrics
@@ -130,7 +131,7 @@ def prepare_sentences(model: LoadedModel, facts: Sequence[Fact], on_error: OnErr
 def evaluate(model: LoadedModel, facts: Sequence[Fact], *, protocol: str = "compare",
              methods: str | Sequence[str] | None = None, top: int | None = None, seed: int = 0,
              batch_size: int = 8, on_error: OnError = "skip", skipped: Sequence[Skipped] = (),
-             progress: Progress | None = None, ig_steps: int = 20) -> Evaluation:
+             progress: Progress | None = None, ig_steps: int = 20, backend: Backend | None = None) -> Evaluation:
     """Run one protocol over `facts`. `skipped`: lines already left out while reading them (reported)."""
     started = time.perf_counter()
     sentences, left_out = prepare_sentences(model, facts, on_error)
@@ -138,7 +139,7 @@ def evaluate(model: LoadedModel, facts: Sequence[Fact], *, protocol: str = "comp
     if not sentences:
         raise UserError(f"no usable sentences ({len(all_skipped)} skipped)")
     result = evaluate_sentences(model, sentences, protocol=protocol, methods=methods, top=top, seed=seed,
-                                batch_size=batch_size, progress=progress, ig_steps=ig_steps)
+                                batch_size=batch_size, progress=progress, ig_steps=ig_steps, backend=backend)
     result.skipped = all_skipped
     result.seconds = time.perf_counter() - started
     return result
@@ -146,8 +147,9 @@ def evaluate(model: LoadedModel, facts: Sequence[Fact], *, protocol: str = "comp
 
 def evaluate_sentences(model: LoadedModel, sentences: Sequence[Sentence], *, protocol: str = "compare",
                        methods: str | Sequence[str] | None = None, top: int | None = None, seed: int = 0,
-                       batch_size: int = 8, progress: Progress | None = None, ig_steps: int = 20) -> Evaluation:
-    """`evaluate` for sentences already tokenised."""
+                       batch_size: int = 8, progress: Progress | None = None, ig_steps: int = 20,
+                       backend: Backend | None = None) -> Evaluation:
+    """`evaluate` for sentences already tokenised. `backend`: where the batches run (default: here)."""
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     if top is not None and top <= 0:
@@ -157,176 +159,211 @@ def evaluate_sentences(model: LoadedModel, sentences: Sequence[Sentence], *, pro
     if not sentences:
         raise UserError("no sentences to evaluate")
     started = time.perf_counter()
-    runner = _Runner(model, list(sentences), batch_size, seed, progress or (lambda what, done, total: None))
-    if protocol == "compare":
-        result = runner.compare(resolve_methods(methods), top or DEFAULT_TOP["compare"], ig_steps)
-    elif protocol == "value":
-        result = runner.value_protocol(top or DEFAULT_TOP["value"])
-    elif protocol == "query":
-        result = runner.query_protocol(top or DEFAULT_TOP["query"])
+    report = progress or (lambda what, done, total: None)
+    backend = backend or LocalBackend(model)
+    sentences = list(sentences)
+    batches = [sentences[i: i + batch_size] for i in range(0, len(sentences), batch_size)]
+    if protocol == "heads":
+        result = _heads_protocol(model.name, backend, sentences, batches, top, seed, report)
     else:
-        result = runner.heads_protocol(top)
+        keys = tuple(resolve_methods(methods)) if protocol == "compare" else ()
+        settings = Protocol(protocol, top or DEFAULT_TOP[protocol], keys, seed, ig_steps)
+        if _needs_ranks(settings) and isinstance(backend, LocalBackend):
+            _ranks_for(model).prepare(lambda done, total: report("projecting every FFN value vector", done, total))
+        what = {"compare": "switching off each method's top neurons", "value": "switching off value neurons",
+                "query": "switching off query neurons"}[protocol]
+        parts = _gathered(backend, ablation_batch, [(settings, batch) for batch in batches], what, len(sentences),
+                          report)
+        original = GoldScores.concat([p["original"] for p in parts])
+        base = Metrics.of(original)
+        rows = [key for key in parts[0] if key != "original"]
+        methods_ = {"original": base} | {key: Metrics.of(GoldScores.concat([p[key] for p in parts]), base)
+                                         for key in rows}
+        result = Evaluation(protocol, model.name, settings.top, len(sentences), methods_)
     result.seconds = time.perf_counter() - started
     return result
 
 
-class _Runner:
-    def __init__(self, model: LoadedModel, sentences: list[Sentence], batch_size: int, seed: int,
-                 progress: Progress):
-        self.model, self.sentences, self.batch_size, self.seed = model, sentences, batch_size, seed
-        self.progress = progress
-        self.gold = torch.tensor([s.target for s in sentences])
+def _gathered(backend: Backend, function, works: list, what: str, total: int, report: Progress) -> list:
+    """Results of `function` on every work item, in order, reporting sentences done as batches finish."""
+    results: dict[int, object] = {}
+    done = 0
+    report(what, 0, total)
+    for index, result in backend.map(function, works):
+        results[index] = result
+        done += len(works[index][-1]) if isinstance(works[index], tuple) else len(works[index])
+        report(what, done, total)
+    return [results[i] for i in range(len(works))]
 
-    # --- shared steps -----------------------------------------------------------------------------------
-    def _batches(self):
-        for start in range(0, len(self.sentences), self.batch_size):
-            batch = self.sentences[start: start + self.batch_size]
-            yield start, batch, trace_token_ids(self.model, [s.ids for s in batch])
 
-    def _ablate_all(self, what: str, make: Callable[[int, Sentence, value.ValueContext], dict[str, Ablation]]
-                    ) -> tuple[GoldScores, dict[str, GoldScores]]:
-        """Trace every sentence, ask `make` for the ablations of each (by row key), run them all; returns the
-        original scores and each key's scores, sentences in order."""
-        original: list[Tensor] = []
-        ablated: dict[str, list[Tensor]] = defaultdict(list)
-        self.progress(what, 0, len(self.sentences))
-        for start, batch, traces in self._batches():
-            ids, ablations, keys = [], [], []
-            for offset, (sentence, trace) in enumerate(zip(batch, traces)):
-                original.append(trace.logits)
-                ctx = value_context(self.model, trace, sentence.target)
-                for key, ablation in make(start + offset, sentence, ctx).items():
-                    ids.append(sentence.ids)
-                    ablations.append(ablation)
-                    keys.append(key)
-            logits = last_logits_each(self.model, ids, ablations, batch_size=16)
-            for key, row in zip(keys, logits):
-                ablated[key].append(row)
-            self.progress(what, start + len(batch), len(self.sentences))
-        return (GoldScores.of(torch.stack(original), self.gold),
-                {key: GoldScores.of(torch.stack(rows), self.gold) for key, rows in ablated.items()})
+@dataclass(frozen=True)
+class Protocol:
+    """What each batch of sentences has to do for one protocol (picklable, so a worker can do it)."""
 
-    def _result(self, protocol: str, top: int, original: GoldScores, ablated: dict[str, GoldScores]) -> Evaluation:
-        base = Metrics.of(original)
-        methods = {"original": base, **{key: Metrics.of(s, base) for key, s in ablated.items()}}
-        return Evaluation(protocol, self.model.name, top, len(self.sentences), methods)
+    name: str
+    top: int
+    methods: tuple[str, ...] = ()
+    seed: int = 0
+    ig_steps: int = 20
 
-    def _generator(self, sentence: Sentence) -> torch.Generator:
-        return torch.Generator().manual_seed(sentence_seed(self.seed, torch.tensor(sentence.ids), sentence.target))
 
-    def _ffn_pairs(self, flat: Tensor) -> list[tuple[int, int]]:
-        n = self.model.shape.d_ffn
-        return [divmod(int(f), n) for f in flat.tolist()]
+def ablation_batch(model: LoadedModel, work: tuple[Protocol, list[Sentence]]) -> dict[str, GoldScores]:
+    """One batch of the compare, value or query protocol: trace the sentences, find what each row switches
+    off, run them all; the gold token's scores, unablated ("original") and per row key."""
+    settings, sentences = work
+    traces = trace_token_ids(model, [s.ids for s in sentences])
+    gold = torch.tensor([s.target for s in sentences])
+    make = _ablations_for(model, settings)
+    ids, ablations, keys = [], [], []
+    for sentence, trace in zip(sentences, traces):
+        ctx = value_context(model, trace, sentence.target)
+        for key, ablation in make(sentence, ctx).items():
+            ids.append(sentence.ids)
+            ablations.append(ablation)
+            keys.append(key)
+    logits = last_logits_each(model, ids, ablations, batch_size=16)
+    rows: dict[str, list[Tensor]] = defaultdict(list)
+    for key, row in zip(keys, logits):
+        rows[key].append(row)
+    scores = {"original": GoldScores.of(torch.stack([t.logits for t in traces]), gold)}
+    return scores | {key: GoldScores.of(torch.stack(r), gold) for key, r in rows.items()}
 
-    # --- protocols ----------------------------------------------------------------------------------------
-    def compare(self, keys: list[str], top: int, ig_steps: int) -> Evaluation:
-        scorers = self._scorers(keys, ig_steps)
 
-        def make(index: int, sentence: Sentence, ctx: value.ValueContext) -> dict[str, Ablation]:
-            return {key: Ablation(ffn=self._ffn_pairs(scorer.top(ctx, top))) for key, scorer in scorers.items()}
+def _ablations_for(model: LoadedModel, settings: Protocol) -> Callable[[Sentence, value.ValueContext],
+                                                                       dict[str, Ablation]]:
+    if settings.name == "compare":
+        scorers = _scorers(model, settings)
+        return lambda sentence, ctx: {key: Ablation(ffn=_ffn_pairs(model, scorer.top(ctx, settings.top)))
+                                      for key, scorer in scorers.items()}
+    if settings.name == "value":
+        return lambda sentence, ctx: _value_ablations(model, settings, sentence, ctx)
+    return lambda sentence, ctx: _query_ablations(model, settings, sentence, ctx)
 
-        original, ablated = self._ablate_all("switching off each method's top neurons", make)
-        return self._result("compare", top, original, {key: ablated[key] for key in keys})
 
-    def _scorers(self, keys: list[str], ig_steps: int) -> dict[str, FfnScorer]:
-        ranks = None
-        if {"rank", "coefficient_x_rank"} & set(keys):
-            adapter = self.model.adapter
-            norm = adapter.final_norm()
-            ranks = VocabularyRanks(adapter.all_ffn_values, norm.weight, norm.kind == "layernorm",
-                                    adapter.unembedding[0])
-            ranks.prepare(lambda done, total: self.progress("projecting every FFN value vector", done, total))
-        available: dict[str, FfnScorer] = static_scorers(ranks, self.seed)
-        if "integrated_gradients" in keys:
-            available["integrated_gradients"] = IntegratedGradients(self.model, ig_steps)
-        return {key: available[key] for key in keys}
+_RANKS: dict[int, VocabularyRanks] = {}  # per model adapter: the weight pass is done once per process
 
-    def value_protocol(self, top: int) -> Evaluation:
-        n_attention = round(top * 2 / 3)
-        n_ffn = top - n_attention
-        s = self.model.shape
 
-        def make(index: int, sentence: Sentence, ctx: value.ValueContext) -> dict[str, Ablation]:
-            ffn = value.exact_top_k(value.ffn_bounds(ctx), lambda f: value.evaluate_ffn(ctx, f), n_ffn)
-            attention = value.exact_top_k(value.attention_bounds(ctx),
-                                          lambda f: (value.evaluate_attention(ctx, f), None), n_attention)
-            generator = self._generator(sentence)
-            random_ffn = torch.randperm(s.n_layers * s.d_ffn, generator=generator)[:n_ffn]
-            shape = ctx.attention_coefficients.shape
-            random_attention = torch.randperm(math.prod(shape), generator=generator)[:n_attention]
-            return {"value": Ablation(ffn=self._ffn_pairs(ffn.indices),
-                                      attention_at=self._attention_at(attention.indices, shape)),
-                    "random": Ablation(ffn=self._ffn_pairs(random_ffn),
-                                       attention_at=self._attention_at(random_attention, shape))}
+def _ranks_for(model: LoadedModel) -> VocabularyRanks:
+    key = id(model.adapter)
+    if key not in _RANKS:
+        adapter = model.adapter
+        norm = adapter.final_norm()
+        _RANKS[key] = VocabularyRanks(adapter.all_ffn_values, norm.weight, norm.kind == "layernorm",
+                                      adapter.unembedding[0])
+    return _RANKS[key]
 
-        original, ablated = self._ablate_all("switching off value neurons", make)
-        return self._result("value", top, original, ablated)
 
-    @staticmethod
-    def _attention_at(flat: Tensor, shape: torch.Size) -> list[tuple[int, int, int, int]]:
-        unravelled = torch.stack(torch.unravel_index(flat, shape), dim=-1)
-        return [tuple(row) for row in unravelled.tolist()]
+def _needs_ranks(settings: Protocol) -> bool:
+    return bool({"rank", "coefficient_x_rank"} & set(settings.methods))
 
-    def query_protocol(self, top: int) -> Evaluation:
-        s = self.model.shape
 
-        def make(index: int, sentence: Sentence, ctx: value.ValueContext) -> dict[str, Ablation]:
-            k = QUERY_VALUE_NEURONS
-            ffn = value.exact_top_k(value.ffn_bounds(ctx), lambda f: value.evaluate_ffn(ctx, f), k)
-            attention = value.exact_top_k(value.attention_bounds(ctx),
-                                          lambda f: (value.evaluate_attention(ctx, f), None), k)
-            ffn_neurons = [query.FfnValueNeuron(layer, neuron, float(score)) for (layer, neuron), score
-                           in zip(self._ffn_pairs(ffn.indices), ffn.scores)]
-            shape = ctx.attention_coefficients.shape
-            attention_neurons = [query.AttentionValueNeuron(*where, float(score)) for where, score
-                                 in zip(self._attention_at(attention.indices, shape), attention.scores)]
-            total = query_scores(self.model, ctx.trace, ffn_neurons, attention_neurons).total.reshape(-1)
-            best = rank_by_score(total, torch.arange(total.numel()))[:top]
-            random_ffn = torch.randperm(s.n_layers * s.d_ffn, generator=self._generator(sentence))[:top]
-            return {"query": Ablation(ffn=self._ffn_pairs(best)), "random": Ablation(ffn=self._ffn_pairs(random_ffn))}
+def _scorers(model: LoadedModel, settings: Protocol) -> dict[str, FfnScorer]:
+    available: dict[str, FfnScorer] = static_scorers(_ranks_for(model) if _needs_ranks(settings) else None,
+                                                     settings.seed)
+    if "integrated_gradients" in settings.methods:
+        available["integrated_gradients"] = IntegratedGradients(model, settings.ig_steps)
+    return {key: available[key] for key in settings.methods}
 
-        original, ablated = self._ablate_all("switching off query neurons", make)
-        return self._result("query", top, original, ablated)
 
-    def heads_protocol(self, top: int | None) -> Evaluation:
-        s = self.model.shape
-        count = top or max(1, round(HEAD_FRACTION * s.n_layers * s.n_heads))
-        totals: dict[str, Tensor] = defaultdict(lambda: torch.zeros(s.n_layers, s.n_heads))
-        sizes: dict[str, int] = defaultdict(int)
-        original: list[Tensor] = []
-        self.progress("scoring heads", 0, len(self.sentences))
-        for start, batch, traces in self._batches():
-            for sentence, trace in zip(batch, traces):
-                original.append(trace.logits)
-                totals[sentence.type] += value.head_scores(value_context(self.model, trace, sentence.target))
-                sizes[sentence.type] += 1
-            self.progress("scoring heads", start + len(batch), len(self.sentences))
-        types = sorted(totals)
-        chosen = {}
+def _ffn_pairs(model: LoadedModel, flat: Tensor) -> list[tuple[int, int]]:
+    n = model.shape.d_ffn
+    return [divmod(int(f), n) for f in flat.tolist()]
+
+
+def _attention_at(flat: Tensor, shape: torch.Size) -> list[tuple[int, int, int, int]]:
+    unravelled = torch.stack(torch.unravel_index(flat, shape), dim=-1)
+    return [tuple(row) for row in unravelled.tolist()]
+
+
+def _generator(seed: int, sentence: Sentence) -> torch.Generator:
+    return torch.Generator().manual_seed(sentence_seed(seed, torch.tensor(sentence.ids), sentence.target))
+
+
+def _value_ablations(model: LoadedModel, settings: Protocol, sentence: Sentence,
+                     ctx: value.ValueContext) -> dict[str, Ablation]:
+    """Top attention (2/3) and FFN (1/3) value neurons, against as many random ones of each kind."""
+    n_attention = round(settings.top * 2 / 3)
+    n_ffn = settings.top - n_attention
+    s = model.shape
+    ffn = value.exact_top_k(value.ffn_bounds(ctx), lambda f: value.evaluate_ffn(ctx, f), n_ffn)
+    attention = value.exact_top_k(value.attention_bounds(ctx), lambda f: (value.evaluate_attention(ctx, f), None),
+                                  n_attention)
+    generator = _generator(settings.seed, sentence)
+    random_ffn = torch.randperm(s.n_layers * s.d_ffn, generator=generator)[:n_ffn]
+    shape = ctx.attention_coefficients.shape
+    random_attention = torch.randperm(math.prod(shape), generator=generator)[:n_attention]
+    return {"value": Ablation(ffn=_ffn_pairs(model, ffn.indices), attention_at=_attention_at(attention.indices, shape)),
+            "random": Ablation(ffn=_ffn_pairs(model, random_ffn),
+                               attention_at=_attention_at(random_attention, shape))}
+
+
+def _query_ablations(model: LoadedModel, settings: Protocol, sentence: Sentence,
+                     ctx: value.ValueContext) -> dict[str, Ablation]:
+    """The top query FFN neurons of the top-30 value neurons of each kind, against as many random ones."""
+    s, k = model.shape, QUERY_VALUE_NEURONS
+    ffn = value.exact_top_k(value.ffn_bounds(ctx), lambda f: value.evaluate_ffn(ctx, f), k)
+    attention = value.exact_top_k(value.attention_bounds(ctx), lambda f: (value.evaluate_attention(ctx, f), None), k)
+    ffn_neurons = [query.FfnValueNeuron(layer, neuron, float(score))
+                   for (layer, neuron), score in zip(_ffn_pairs(model, ffn.indices), ffn.scores)]
+    shape = ctx.attention_coefficients.shape
+    attention_neurons = [query.AttentionValueNeuron(*where, float(score))
+                         for where, score in zip(_attention_at(attention.indices, shape), attention.scores)]
+    total = query_scores(model, ctx.trace, ffn_neurons, attention_neurons).total.reshape(-1)
+    best = rank_by_score(total, torch.arange(total.numel()))[: settings.top]
+    random_ffn = torch.randperm(s.n_layers * s.d_ffn, generator=_generator(settings.seed, sentence))[: settings.top]
+    return {"query": Ablation(ffn=_ffn_pairs(model, best)), "random": Ablation(ffn=_ffn_pairs(model, random_ffn))}
+
+
+# --- heads: score them all, choose per type, then switch them off ------------------------------------------
+
+def head_scores_batch(model: LoadedModel, sentences: list[Sentence]) -> tuple[GoldScores, Tensor]:
+    """The unablated gold scores and every head's score, (n, L, H), for one batch."""
+    traces = trace_token_ids(model, [s.ids for s in sentences])
+    gold = torch.tensor([s.target for s in sentences])
+    heads = torch.stack([value.head_scores(value_context(model, trace, s.target))
+                         for s, trace in zip(sentences, traces)])
+    return GoldScores.of(torch.stack([t.logits for t in traces]), gold), heads
+
+
+def heads_ablation_batch(model: LoadedModel, work: tuple[dict[str, list[tuple[int, int]]], list[Sentence]]
+                         ) -> dict[str, GoldScores]:
+    """The gold scores of one batch with each named set of heads switched off in turn."""
+    runs, sentences = work
+    gold = torch.tensor([s.target for s in sentences])
+    ids = [s.ids for s in sentences]
+    return {key: GoldScores.of(last_logits_each(model, ids, [Ablation(heads=heads)] * len(ids), batch_size=16), gold)
+            for key, heads in runs.items()}
+
+
+def _heads_protocol(model_name: str, backend: Backend, sentences: list[Sentence], batches: list[list[Sentence]],
+                    top: int | None, seed: int, report: Progress) -> Evaluation:
+    scored = _gathered(backend, head_scores_batch, batches, "scoring heads", len(sentences), report)
+    original = GoldScores.concat([g for g, _ in scored])
+    heads = torch.cat([h for _, h in scored])  # (n, L, H)
+    n_layers, n_heads = heads.shape[1:]
+    count = top or max(1, round(HEAD_FRACTION * n_layers * n_heads))
+    types = sorted({s.type for s in sentences})
+    chosen = {}
+    for kind in types:
+        rows = torch.tensor([i for i, s in enumerate(sentences) if s.type == kind])
+        mean = heads[rows].mean(dim=0).reshape(-1)
+        chosen[kind] = [divmod(int(i), n_heads) for i in rank_by_score(mean, torch.arange(mean.numel()))[:count]]
+    generator = torch.Generator().manual_seed(seed)
+    chosen_random = [divmod(int(i), n_heads) for i in torch.randperm(n_layers * n_heads, generator=generator)[:count]]
+    runs = {f"heads:{kind}": chosen[kind] for kind in types} | {"random": chosen_random}
+    parts = _gathered(backend, heads_ablation_batch, [(runs, batch) for batch in batches],
+                      "switching off each type's top heads", len(sentences), report)
+    scores = {key: GoldScores.concat([p[key] for p in parts]) for key in runs}
+    base = Metrics.of(original)
+    result = Evaluation("heads", model_name, count, len(sentences),
+                        {"original": base} | {key: Metrics.of(s, base) for key, s in scores.items()})
+    by_type: dict[str, dict[str, Metrics]] = {}
+    for key in runs:
+        ablated = key.removeprefix("heads:")
+        by_type[ablated] = {}
         for kind in types:
-            mean = (totals[kind] / sizes[kind]).reshape(-1)
-            best = rank_by_score(mean, torch.arange(mean.numel()))[:count]
-            chosen[kind] = [divmod(int(i), s.n_heads) for i in best]
-        generator = torch.Generator().manual_seed(self.seed)
-        chosen_random = [divmod(int(i), s.n_heads) for i in torch.randperm(s.n_layers * s.n_heads,
-                                                                              generator=generator)[:count]]
-        ids = [sentence.ids for sentence in self.sentences]
-        runs = {f"heads:{kind}": chosen[kind] for kind in types} | {"random": chosen_random}
-        scores = {}
-        for done, (key, heads) in enumerate(runs.items()):
-            self.progress("switching off each type's top heads", done, len(runs))
-            logits = last_logits_each(self.model, ids, [Ablation(heads=heads)] * len(ids), batch_size=16)
-            scores[key] = GoldScores.of(logits, self.gold)
-        self.progress("switching off each type's top heads", len(runs), len(runs))
-        original_scores = GoldScores.of(torch.stack(original), self.gold)
-        result = self._result("heads", count, original_scores, scores)
-        by_type: dict[str, dict[str, Metrics]] = {}
-        for key in runs:
-            by_type[key.removeprefix("heads:")] = {}
-            for kind in types:
-                rows = torch.tensor([i for i, sen in enumerate(self.sentences) if sen.type == kind])
-                base = Metrics.of(original_scores.subset(rows))
-                by_type[key.removeprefix("heads:")][kind] = Metrics.of(scores[key].subset(rows), base)
-        result.by_type = by_type
-        result.heads = {**chosen, "random": chosen_random}
-        return result
+            rows = torch.tensor([i for i, s in enumerate(sentences) if s.type == kind])
+            by_type[ablated][kind] = Metrics.of(scores[key].subset(rows), Metrics.of(original.subset(rows)))
+    result.by_type = by_type
+    result.heads = {**chosen, "random": chosen_random}
+    return result

@@ -25,6 +25,11 @@ class GoldScores:
         log_probs = torch.log_softmax(logits, dim=-1).gather(1, gold.unsqueeze(1)).squeeze(1)
         return cls(1.0 / ranks.double(), log_probs.exp(), log_probs)
 
+    @classmethod
+    def concat(cls, parts: list[GoldScores]) -> GoldScores:
+        return cls(torch.cat([p.reciprocal_rank for p in parts]), torch.cat([p.prob for p in parts]),
+                   torch.cat([p.log_prob for p in parts]))
+
     def subset(self, rows: Tensor) -> GoldScores:
         return GoldScores(self.reciprocal_rank[rows], self.prob[rows], self.log_prob[rows])
 

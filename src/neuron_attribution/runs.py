@@ -31,8 +31,9 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .attribution import Attribution, attribute_batch
-from .datasets import OnError, dataset_paths, load_facts
+from .datasets import dataset_paths, load_facts
 from .errors import UserError
+from .execution import Backend, LocalBackend
 from .filtering import Checked, filter_facts
 from .loading import LoadedModel
 from .output import write_json
@@ -77,9 +78,11 @@ class RunSummary:
 
 
 def run_dataset(model: LoadedModel, directory: Path | str, arguments: RunArguments, *, batch_size: int = 8,
-                progress: Progress | None = None, model_argument: str | None = None) -> RunSummary:
+                progress: Progress | None = None, model_argument: str | None = None,
+                backend: Backend | None = None) -> RunSummary:
     """Attribute every kept sentence into `directory`, resuming what an earlier call with the same arguments
-    left there. `model_argument`: how the model was named (None: the default), so `analyze` can load it."""
+    left there. `model_argument`: how the model was named (None: the default), so `analyze` can load it.
+    `backend`: where the batches run (default: here); only this process writes files."""
     started = time.perf_counter()
     if batch_size <= 0:
         raise UserError("--batch-size must be a positive number")
@@ -107,12 +110,10 @@ def run_dataset(model: LoadedModel, directory: Path | str, arguments: RunArgumen
     finished = len(sentences) - sum(len(batch) for batch in todo)
     report("attributing sentences", finished, len(sentences))
     attribution_started = time.perf_counter()
-    for batch in todo:
-        results = attribute_batch(model, [sentences[i].fact.prompt for i in batch],
-                                  [sentences[i].target for i in batch], top_k=arguments.top,
-                                  batch_size=batch_size)
-        _write_part(parts, [(i, sentences[i], r) for i, r in zip(batch, results)])
-        finished += len(batch)
+    works = [PartWork([(i, sentences[i]) for i in batch], arguments.top) for batch in todo]
+    for index, tables in (backend or LocalBackend(model)).map(attribute_part, works):
+        _write_part(parts, todo[index][0], tables)
+        finished += len(todo[index])
         report("attributing sentences", finished, len(sentences))
     attribution_seconds = time.perf_counter() - attribution_started
     attributed = sum(len(batch) for batch in todo)
@@ -237,14 +238,33 @@ def _completed_ids(parts: Path) -> set[int]:
     return done
 
 
-def _write_part(parts: Path, rows: list[tuple[int, Checked, Attribution]]) -> None:
+@dataclass(frozen=True)
+class PartWork:
+    """One fixed batch: (sentence id, checked fact) pairs, and how many neurons to keep."""
+
+    sentences: list[tuple[int, Checked]]
+    top: int
+
+
+def attribute_part(model: LoadedModel, work: PartWork) -> dict[str, pa.Table]:
+    """The six tables of one batch (runs wherever the backend puts it)."""
+    results = attribute_batch(model, [c.fact.prompt for _, c in work.sentences],
+                              [c.target for _, c in work.sentences], top_k=work.top,
+                              batch_size=len(work.sentences))
+    return _tables([(i, c, r) for (i, c), r in zip(work.sentences, results)])
+
+
+def _write_part(parts: Path, first_id: int, tables: dict[str, pa.Table]) -> None:
+    final = parts / f"part-{first_id:07d}"
+    if final.exists():  # already written: a batch is never stored twice
+        return
     temporary = parts / f".tmp-{uuid.uuid4().hex}"
     temporary.mkdir()
     try:
-        for name, table in _tables(rows).items():
+        for name, table in tables.items():
             pq.write_table(table, temporary / f"{name}.parquet")
         _fsync_directory(temporary)
-        os.rename(temporary, parts / f"part-{rows[0][0]:07d}")
+        os.rename(temporary, final)
         _fsync_directory(parts)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)

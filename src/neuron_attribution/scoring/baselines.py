@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .value import (Rows, TopKSearch, ValueContext, _BOUND_SLACK, dense_ffn_scores, evaluate_ffn, ffn_bounds,
+from .value import (TopKSearch, ValueContext, _BOUND_SLACK, dense_ffn_scores, evaluate_ffn, ffn_bounds,
                     ffn_coefficients, ffn_rows, rank_by_score, score_rows)
 
 

@@ -23,6 +23,8 @@ from ..readout import LinearReadout
 from ..trace import Trace
 
 EXACT_BATCH = 512  # most rows per vocabulary-sized product: (512, V) float32 is 100 MB for V = 49k
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes the vocabulary-sized buffers of the scoring step may take
+_memory_budget = DEFAULT_MEMORY_BUDGET
 # Rounding lets an exact score exceed its analytic bound by ~1e-7; stop only when clear of that.
 _BOUND_SLACK = 1e-6
 # Below this bound on |c·δ_v| the log-sum-exp can skip its max pass (float32 exp is finite and normal there).
@@ -133,7 +135,7 @@ def score_rows(ctx: ValueContext, groups: list[Rows]) -> list[Scored]:
     readout = ctx.readout
     vocabulary = readout.unembedding.shape[0]
     with _flushing_denormals():
-        for rows in _balanced_batches(len(bases), EXACT_BATCH):
+        for rows in _balanced_batches(len(bases), rows_per_product(vocabulary)):
             size = rows.stop - rows.start
             moved = ctx.normalised_states[bases[rows]] + readout.normalise(scaled[rows])
             logits = readout.logits_of_normalised(moved, out=_scratch.buffer("logits", size, vocabulary))
@@ -174,6 +176,20 @@ def exact_scores(ctx: ValueContext, bases: Tensor, vectors: Tensor, coefficients
     """One group of rows through `score_rows`: (scores, projection ids or None)."""
     (scored,) = score_rows(ctx, [Rows(bases, vectors, coefficients, keep_projection)])
     return scored.scores, scored.projection
+
+
+def set_memory_budget(max_bytes: int) -> None:
+    """Bound the vocabulary-sized buffers of exact scoring (two of rows × V float32): fewer rows per product
+    when the vocabulary is large or the budget small. Everything else in scoring grows with the prompt
+    length only linearly and stays far below this for prompts of a few thousand tokens."""
+    global _memory_budget
+    if max_bytes <= 0:
+        raise ValueError("the memory budget must be positive")
+    _memory_budget = max_bytes
+
+
+def rows_per_product(vocabulary: int) -> int:
+    return max(1, min(EXACT_BATCH, _memory_budget // (2 * 4 * vocabulary)))
 
 
 def _balanced_batches(n: int, most: int) -> list[slice]:

@@ -1,0 +1,183 @@
+"""Reliability and security: kill -9 again and again, random and malformed input never shows a traceback,
+repeated work gives identical numbers, nothing trusted implicitly, nothing written outside the output."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
+
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from neuron_attribution import attribute, cli, load_model
+from neuron_attribution.datasets import load_facts
+from neuron_attribution.runs import TABLES, RunArguments, run_dataset
+
+from .test_loading import saved_tiny_llama  # noqa: F401  (fixture)
+
+
+def _cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "neuron_attribution.cli", *args]
+
+
+@pytest.mark.slow
+def test_twenty_kills_then_resume(real_model, tmp_path):
+    """SIGKILL at 20 random moments of a run; after each, the finished parts are readable and hold each sentence
+    at most once; the last call completes, and the tables equal an uninterrupted run's."""
+    directory = tmp_path / "killed"
+    arguments = ["run", "--dataset", "sample", "--limit", "3", "--top", "10", "--batch-size", "2"]
+    chance = random.Random(11)
+    interrupted = 0
+    for _ in range(20):
+        process = subprocess.Popen(_cli_command(*arguments, "--out", str(directory)), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(chance.uniform(2.5, 7.0))
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            interrupted += 1
+        process.wait()
+        seen: list[int] = []
+        for part in (directory / "parts").glob("part-*"):
+            for table in TABLES:
+                pq.read_metadata(part / f"{table}.parquet")
+            seen += pq.read_table(part / "sentences.parquet").column("sentence_id").to_pylist()
+        assert len(seen) == len(set(seen))
+    assert interrupted >= 10
+    final = subprocess.run(_cli_command(*arguments, "--out", str(directory)), capture_output=True, text=True,
+                           timeout=600)
+    assert final.returncode == 0, final.stderr
+    reference = tmp_path / "reference"
+    run_dataset(real_model, reference, RunArguments("sample", 3, 10, "skip"), batch_size=2)
+    for table in TABLES:
+        assert pq.read_table(directory / f"{table}.parquet").equals(pq.read_table(reference / f"{table}.parquet"))
+    ids = pq.read_table(directory / "sentences.parquet").column("sentence_id").to_pylist()
+    assert ids == list(range(len(ids))) and len(ids) == 16  # 3 of each type; month has only 1 fact in sample
+
+
+@pytest.mark.slow
+def test_repeated_work_gives_identical_numbers(real_model):
+    first = attribute(real_model, "The capital of France is", "Paris", top_k=50).to_dict()
+    second = attribute(real_model, "The capital of France is", "Paris", top_k=50).to_dict()
+    assert first == second
+
+
+class _WouldLoad(Exception):
+    """Raised instead of loading a model: the arguments got past every check."""
+
+
+FLAGS = ["--model", "--top", "--limit", "--json", "--dataset", "--methods", "--protocol", "--on-error", "--out",
+         "--batch-size", "--target", "--query-top", "--show", "--backend", "--workers", "--per-type", "--seed",
+         "--reference", "--no-interventions", "--allow-pickle", "-k", "-m", "--nope"]
+WORDS = ["attribute", "evaluate", "run", "analyze", "datasets", "info", "predict", "demo", "sample", "../sample",
+         "all", "norm,magic", "0", "-3", "1e9", "ray", "stop", "", " ", "<script>", "\x00", "nan", "/nonexistent",
+         "value", "heads", "knowledge", "ünïcode"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.sampled_from(FLAGS), st.sampled_from(WORDS), st.text(max_size=12)), max_size=7))
+def test_random_arguments_never_show_a_traceback(monkeypatch, tmp_path, arguments):
+    def refuse(*_args, **_kwargs):
+        raise _WouldLoad
+
+    monkeypatch.setattr(cli, "_load", refuse)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["neuron-attribution", *arguments])
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            cli.main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except _WouldLoad:
+        return  # every check passed; what follows needs the model
+    assert code in (0, 2), (arguments, err.getvalue())
+    assert "Traceback" not in err.getvalue() + out.getvalue()
+    if code == 2 and err.getvalue().startswith("error:"):
+        assert len(err.getvalue().strip().splitlines()) == 1
+
+
+LINE = st.one_of(
+    st.text(max_size=40),
+    st.dictionaries(st.sampled_from(["prompt", "answer", "type", "other"]),
+                    st.one_of(st.text(max_size=10), st.integers(), st.none(), st.lists(st.integers(), max_size=2)),
+                    max_size=4).map(json.dumps),
+    st.just('{"prompt": "A", "answer": "b"}'),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(LINE, max_size=12))
+def test_malformed_dataset_lines_are_counted_never_raised(tmp_path, lines):
+    path = tmp_path / "facts.jsonl"
+    path.write_text("\n".join(line.replace("\n", " ").replace("\r", " ") for line in lines) + "\n",
+                    encoding="utf-8")
+    facts, skipped = load_facts(str(path))
+    non_blank = [i + 1 for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()) if line.strip()]
+    assert sorted([f.line for f in facts] + [s.line for s in skipped]) == non_blank
+    assert all(f.prompt.strip() and f.answer.strip() for f in facts)
+
+
+def test_trust_remote_code_is_never_implied(saved_tiny_llama, monkeypatch):  # noqa: F811
+    import transformers
+
+    seen: list[bool] = []
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    load_model(saved_tiny_llama)
+    assert seen == [False]
+    load_model(saved_tiny_llama, trust_remote_code=True)
+    assert seen == [False, True]
+
+
+@pytest.mark.slow
+def test_nothing_is_written_outside_the_output_directory(tmp_path):
+    work, data = tmp_path / "work", tmp_path / "data"
+    work.mkdir()
+    data.mkdir()
+    facts = data / "facts.jsonl"
+    facts.write_text('{"prompt": "The capital of France is", "answer": "Paris", "type": "capital"}\n')
+    before = {p for p in tmp_path.rglob("*")}
+    out = work / "out"
+    for args in (["run", "--dataset", str(facts), "--out", str(out), "--top", "10"],
+                 ["analyze", str(out), "--per-type", "1"],
+                 ["evaluate", "--dataset", str(facts), "--methods", "norm", "--json", str(out / "ev.json")]):
+        result = subprocess.run(_cli_command(*args), cwd=work, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "MPLCONFIGDIR": str(out / ".matplotlib")})
+        assert result.returncode == 0, result.stderr
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert created and all(out in p.parents or p == out for p in created), sorted(map(str, created))
+
+
+def test_a_small_memory_budget_changes_batching_not_results(tiny_model, token_batches):
+    from neuron_attribution.scoring import value
+    from neuron_attribution.scoring.value import DEFAULT_MEMORY_BUDGET, rows_per_product, set_memory_budget
+
+    ids = token_batches[3]
+    wide = attribute(tiny_model, ids, top_k=20).to_dict()
+    set_memory_budget(3 * 2 * 4 * 257)  # three rows per vocabulary-sized product
+    try:
+        assert rows_per_product(257) == 3
+        narrow = attribute(tiny_model, ids, top_k=20).to_dict()
+    finally:
+        set_memory_budget(DEFAULT_MEMORY_BUDGET)
+    assert value.rows_per_product(257) == value.EXACT_BATCH
+    for key, identity in (("ffn_neurons", ("layer", "neuron")), ("attention_neurons", ("layer", "head", "dim",
+                                                                                    "position"))):
+        assert [[n[f] for f in identity] for n in narrow[key]] == [[n[f] for f in identity] for n in wide[key]]
+        assert [n["score"] for n in narrow[key]] == pytest.approx([n["score"] for n in wide[key]], abs=1e-6)
+    assert [h["score"] for h in narrow["heads"]] == pytest.approx([h["score"] for h in wide["heads"]], abs=1e-6)
