@@ -111,7 +111,7 @@ def test_report_renders_in_chromium(real_model, tmp_path):
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
     run_dataset(real_model, tmp_path / "run", RunArguments(str(facts), None, 30, "skip"), batch_size=4)
-    analysis = analyze_run(tmp_path / "run", per_type=1, load=lambda _: real_model)
+    analysis = analyze_run(tmp_path / "run", per_type=1, load=lambda *_: real_model)
     report = write_report(analysis, tmp_path / "analysis")
     assert {p.name for p in (tmp_path / "analysis").iterdir()} >= {
         "report.html", "analysis.json", "layer_scores.png", "value_neurons_by_layer.png", "query_neurons_by_layer.png",

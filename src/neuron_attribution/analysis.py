@@ -72,9 +72,9 @@ class Analysis:
 
 
 def analyze_run(directory: Path | str, *, interventions: bool = True, per_type: int = 20,
-                progress: Progress | None = None, load: Callable[[str | None], LoadedModel] | None = None
-                ) -> Analysis:
-    """Every analysis of one run. `load(model_argument)` loads the run's model (for the interventions)."""
+                progress: Progress | None = None,
+                load: Callable[[str | None, str | None], LoadedModel] | None = None) -> Analysis:
+    """Every analysis of one run. `load(model_argument, dtype)` loads the run's model (for the interventions)."""
     report = progress or (lambda what, done, total: None)
     record = read_run(directory)
     tables = {name: read_table(directory, name).to_pydict()
@@ -105,7 +105,8 @@ def analyze_run(directory: Path | str, *, interventions: bool = True, per_type: 
     if interventions:
         if load is None:
             raise ValueError("interventions need a way to load the model")
-        _intervene(analysis, load(record.get("model_argument")), sentences, per_type, report)
+        _intervene(analysis, load(record.get("model_argument"), record.get("model_dtype")), sentences, per_type,
+                   report)
     return analysis
 
 

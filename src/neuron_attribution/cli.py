@@ -81,6 +81,7 @@ def attribute(
     query_top: Annotated[int, typer.Option("--query-top", help="Score query neurons and layers for this many "
                                            "top value neurons of each kind.")] = 30,
     max_memory: MaxMemoryOption = "2GB",
+    dtype: DtypeOption = None,
     allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Value neurons: which FFN and attention neurons raise the log probability of the answer."""
@@ -94,7 +95,7 @@ def attribute(
     if query_top <= 0:
         raise UserError("--query-top must be a positive number")
     _apply_memory_budget(max_memory)
-    loaded = _load(model, allow_pickle)
+    loaded = _load(model, allow_pickle, dtype)
     with console.status("Attributing...", spinner="dots"):
         result = run_attribution(loaded, prompt, target, top_k=top, reference=reference, query_top=query_top)
     print_attribution(console, result, rows=show)
@@ -127,6 +128,7 @@ def evaluate(
     workers: WorkersOption = 2,
     address: AddressOption = None,
     max_memory: MaxMemoryOption = "2GB",
+    dtype: DtypeOption = None,
     allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Switch off the neurons each method finds and measure the gold answer: MRR, probability, log probability."""
@@ -147,8 +149,9 @@ def evaluate(
     _apply_memory_budget(max_memory)
     facts, skipped = load_facts(dataset, on_error)  # type: ignore[arg-type]
     facts = facts[:limit] if limit else facts
-    loaded = _load(model, allow_pickle)
-    with _backend(backend, loaded, model, workers, address, allow_pickle) as pool, _progress_bar() as progress:
+    loaded = _load(model, allow_pickle, dtype)
+    with _backend(backend, loaded, model, dtype, workers, address, allow_pickle) as pool, \
+            _progress_bar() as progress:
         result = run_evaluation(loaded, facts, protocol=protocol, methods=methods, top=top, seed=seed,
                                 batch_size=batch_size, on_error=on_error, skipped=skipped,  # type: ignore[arg-type]
                                 progress=progress, backend=pool)
@@ -182,6 +185,7 @@ def run(
     workers: WorkersOption = 2,
     address: AddressOption = None,
     max_memory: MaxMemoryOption = "2GB",
+    dtype: DtypeOption = None,
     allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Attribute every sentence of a dataset the model knows (the paper's filter) into Parquet tables."""
@@ -194,8 +198,9 @@ def run(
     load_facts(dataset, on_error)  # type: ignore[arg-type]  # a bad dataset fails before the model loads
     _check_backend(backend, workers)
     _apply_memory_budget(max_memory)
-    loaded = _load(model, allow_pickle)
-    with _backend(backend, loaded, model, workers, address, allow_pickle) as pool, _progress_bar() as progress:
+    loaded = _load(model, allow_pickle, dtype)
+    with _backend(backend, loaded, model, dtype, workers, address, allow_pickle) as pool, \
+            _progress_bar() as progress:
         summary = run_dataset(loaded, out, RunArguments(dataset, limit, top, on_error), batch_size=batch_size,
                               progress=progress, model_argument=_model_argument(model), backend=pool)
     kept = ", ".join(f"{kind} {summary.kept[kind]}/{total}" for kind, total in summary.facts.items())
@@ -227,7 +232,7 @@ def analyze(
     target = out or directory / "analysis"
     with _progress_bar() as progress:
         analysis = analyze_run(directory, interventions=interventions, per_type=per_type, progress=progress,
-                               load=lambda name: _load(name, allow_pickle))
+                               load=lambda name, dtype: _load(name, allow_pickle, dtype))
         report = write_report(analysis, target)
     console.print(f"Report: {report}")
 
@@ -264,7 +269,8 @@ def _check_backend(name: str, workers: int) -> None:
 
 
 @contextmanager
-def _backend(name: str, loaded, model: str | None, workers: int, address: str | None, allow_pickle: bool):
+def _backend(name: str, loaded, model: str | None, dtype: str | None, workers: int, address: str | None,
+             allow_pickle: bool):
     """The backend a command's batches run on: here, or Ray workers (stopped on leaving)."""
     from .execution import LocalBackend
 
@@ -276,7 +282,8 @@ def _backend(name: str, loaded, model: str | None, workers: int, address: str | 
     from .distributed import RayBackend
 
     with console.status(f"Starting {workers} Ray workers...", spinner="dots"):
-        pool = RayBackend(_model_argument(model), workers=workers, address=address, allow_pickle=allow_pickle)
+        pool = RayBackend(_model_argument(model), dtype=dtype, workers=workers, address=address,
+                          allow_pickle=allow_pickle)
     with pool:
         yield pool
 
@@ -334,7 +341,7 @@ def demo(model: ModelOption = None,
     with _progress_bar() as progress:
         summary = run_dataset(loaded, out, RunArguments("knowledge", per_type, 300, "skip"), progress=progress,
                               model_argument=_model_argument(model))
-        analysis = analyze_run(out, per_type=per_type, progress=progress, load=lambda _: loaded)
+        analysis = analyze_run(out, per_type=per_type, progress=progress, load=lambda *_: loaded)
         report = write_report(analysis, out / "analysis")
     console.print("Kept by the filter (kept/checked): "
                   + ", ".join(f"{k} {summary.kept[k]}/{n}" for k, n in summary.facts.items()))

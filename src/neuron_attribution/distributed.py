@@ -31,14 +31,14 @@ def _ray():
 class _Worker:
     """One actor: the model, loaded once, and whatever batch function it is handed."""
 
-    def __init__(self, model_argument: str | None, threads: int, allow_pickle: bool,
+    def __init__(self, model_argument: str | None, dtype: str | None, threads: int, allow_pickle: bool,
                  crash_once: tuple[int, str] | None):
         import torch
 
         from .loading import load_model
 
         torch.set_num_threads(threads)
-        self.model = load_model(model_argument, allow_pickle=allow_pickle)
+        self.model = load_model(model_argument, dtype=dtype, allow_pickle=allow_pickle)
         self.crash_once = crash_once
 
     def run(self, function: Callable[[Any, Any], Any], index: int, item: Any) -> Any:
@@ -54,8 +54,9 @@ class RayBackend:
     """`map` over Ray actors. Use as a context manager: the actors (and a local cluster this started) stop
     on leaving it."""
 
-    def __init__(self, model_argument: str | None, *, workers: int = 2, address: str | None = None,
-                 allow_pickle: bool = False, crash_once: tuple[int, str] | None = None):
+    def __init__(self, model_argument: str | None, *, dtype: str | None = None, workers: int = 2,
+                 address: str | None = None, allow_pickle: bool = False,
+                 crash_once: tuple[int, str] | None = None):
         if workers <= 0:
             raise UserError("--workers must be a positive number")
         ray = _ray()
@@ -74,7 +75,7 @@ class RayBackend:
                 raise UserError(f"cannot start or reach the Ray cluster{' at ' + address if address else ''}: "
                                 f"{str(error).splitlines()[0]}") from None
         actor = ray.remote(num_cpus=1, max_restarts=RESTARTS, max_task_retries=RESTARTS)(_Worker)
-        self.actors = [actor.remote(model_argument, torch.get_num_threads(), allow_pickle, crash_once)
+        self.actors = [actor.remote(model_argument, dtype, torch.get_num_threads(), allow_pickle, crash_once)
                        for _ in range(workers)]
 
     def __enter__(self) -> RayBackend:

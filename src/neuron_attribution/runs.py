@@ -54,9 +54,14 @@ class RunArguments:
     def identity(self, model: LoadedModel, batch_size: int) -> dict:
         """What must match for a directory to be resumed: the model and everything that changes results (the
         batch size too: float32 rounding depends on which prompts are padded together)."""
-        return {"model": model.name, "dataset": self.dataset,
+        return {"model": model.name, "dtype": model_dtype(model), "dataset": self.dataset,
                 "dataset_sha256": _dataset_digest(self.dataset), "limit": self.limit, "top": self.top,
                 "on_error": self.on_error, "batch_size": batch_size, "neuron_attribution": __version__}
+
+
+def model_dtype(model: LoadedModel) -> str:
+    """The dtype the model's weights run in, as load_model's `dtype` takes it ("float32", "bfloat16")."""
+    return str(next(model.hf_model.parameters()).dtype).removeprefix("torch.")
 
 
 def _dataset_digest(dataset: str) -> str:
@@ -125,6 +130,7 @@ def run_dataset(model: LoadedModel, directory: Path | str, arguments: RunArgumen
         "complete": True,
         "model_source": model.source,
         "model_argument": model_argument,
+        "model_dtype": model_dtype(model),
         "sentences": len(sentences),
         "facts": dict(facts),
         "kept": {kind: kept.get(kind, 0) for kind in facts},
