@@ -108,24 +108,26 @@ MONTH_FACTS = [
 ]
 
 
+def _templated(table: dict[str, str], templates: list[str]) -> list[tuple[str, str]]:
+    return [(t.format(subject), answer) for subject, answer in table.items() for t in templates]
+
+
 def capital_facts():
-    templates = ["The capital of {} is", "The capital city of {} is", "{} has its capital in the city of"]
-    return [(t.format(c), a) for c, a in CAPITALS.items() for t in templates]
+    return _templated(CAPITALS, ["The capital of {} is", "The capital city of {} is",
+                                 "{} has its capital in the city of"])
 
 
 def language_facts():
-    templates = ["The official language of {} is", "In {}, most people speak", "People in {} speak"]
-    return [(t.format(c), a) for c, a in LANGUAGES.items() for t in templates]
+    return _templated(LANGUAGES, ["The official language of {} is", "In {}, most people speak", "People in {} speak"])
 
 
 def country_facts():
-    templates = ["{} is a city in the country of", "The city of {} is located in", "{} is in the country of"]
-    return [(t.format(c), a) for c, a in CITIES.items() for t in templates]
+    return _templated(CITIES, ["{} is a city in the country of", "The city of {} is located in",
+                               "{} is in the country of"])
 
 
 def colour_facts():
-    templates = ["The colour of {} is", "The color of {} is", "Q: What colour is {}? A: It is"]
-    return [(t.format(x), a) for x, a in COLOURS.items() for t in templates]
+    return _templated(COLOURS, ["The colour of {} is", "The color of {} is", "Q: What colour is {}? A: It is"])
 
 
 def number_facts():

@@ -73,34 +73,34 @@ def layer_scores_figure(analysis: Analysis) -> bytes:
     return _png(figure)
 
 
-def value_histogram_figure(analysis: Analysis) -> bytes:
+def _stacked_by_layer(analysis: Analysis, histograms: dict[str, dict[str, list[float]]],
+                      series: tuple[tuple[str, str], tuple[str, str]], title: str) -> bytes:
+    """Per type, two counts per layer stacked: (key, legend label) for the lower and the upper bars."""
     figure, axes = _grid(len(analysis.types))
     layers = np.arange(analysis.n_layers)
+    (lower, lower_label), (upper, upper_label) = series
     for axis, kind in zip(axes, analysis.types):
-        counts = analysis.value_histograms[kind]
-        axis.bar(layers, counts["attention"], label="attention value neurons")
-        axis.bar(layers, counts["ffn"], bottom=counts["attention"], label="FFN value neurons")
+        counts = histograms[kind]
+        axis.bar(layers, counts[lower], label=lower_label)
+        axis.bar(layers, counts[upper], bottom=counts[lower], label=upper_label)
         axis.set_title(kind)
         axis.set_xlabel("layer")
         axis.set_ylabel("neurons per sentence")
     axes[0].legend()
-    figure.suptitle("Where the top-300 value neurons sit")
+    figure.suptitle(title)
     return _png(figure)
+
+
+def value_histogram_figure(analysis: Analysis) -> bytes:
+    return _stacked_by_layer(analysis, analysis.value_histograms,
+                             (("attention", "attention value neurons"), ("ffn", "FFN value neurons")),
+                             "Where the top-300 value neurons sit")
 
 
 def query_histogram_figure(analysis: Analysis) -> bytes:
-    figure, axes = _grid(len(analysis.types))
-    layers = np.arange(analysis.n_layers)
-    for axis, kind in zip(axes, analysis.types):
-        counts = analysis.query_histograms[kind]
-        axis.bar(layers, counts["query_only"], label="query-only")
-        axis.bar(layers, counts["query_value"], bottom=counts["query_only"], label="query and value")
-        axis.set_title(kind)
-        axis.set_xlabel("layer")
-        axis.set_ylabel("neurons per sentence")
-    axes[0].legend()
-    figure.suptitle("Where the top-300 query FFN neurons sit")
-    return _png(figure)
+    return _stacked_by_layer(analysis, analysis.query_histograms,
+                             (("query_only", "query-only"), ("query_value", "query and value")),
+                             "Where the top-300 query FFN neurons sit")
 
 
 def head_overlap_figure(analysis: Analysis) -> bytes:

@@ -163,19 +163,29 @@ def trace_token_ids(model: LoadedModel, batch: Sequence[Sequence[int]]) -> list[
     lengths, input_ids = padded.lengths, padded.input_ids
     with torch.inference_mode(), _recording(model, padded.lengths - 1) as recorder:
         output = padded.run(model)
-    logits = output.logits.detach().float().cpu()
-    stacked = {key: torch.stack(values, dim=1) for key, values in recorder.slots.items()}  # (B, L, ...)
+    logits = padded.last_logits(output)  # (B, V): only the last positions are kept, not (B, T, V)
+    del output
+    stacked = {}
+    for key in list(recorder.slots):
+        stacked[key] = torch.stack(recorder.slots.pop(key), dim=1)  # (B, L, ...); the per-layer slots go
+    width = int(input_ids.shape[1])
+
+    def own(t: Tensor, length: int) -> Tensor:
+        # A row shorter than the batch gets its own copy without the padding; a full-width row (always the
+        # case for a batch of one) shares the batch's storage: no second copy of long prompts' activations.
+        return t.clone() if length < width or len(lengths) > 1 else t
+
     traces = []
     for row, length in enumerate(lengths.tolist()):
         traces.append(Trace(
             token_ids=input_ids[row, :length].clone(),
-            layer_inputs=stacked["layer_inputs"][row, :, :length].clone(),
-            attention_outputs=stacked["attention_outputs"][row, :, :length].clone(),
-            ffn_coefficients=stacked["ffn_coefficients"][row, :, :length].clone(),
-            ffn_outputs=stacked["ffn_outputs"][row, :, :length].clone(),
-            attention_weights=stacked["attention_weights"][row, :, :, :length].clone(),
-            value_states=stacked["value_states"][row, :, :length].clone(),
-            final_residual=recorder.final_residual[row, :length].clone(),
-            logits=logits[row, length - 1].clone(),
+            layer_inputs=own(stacked["layer_inputs"][row, :, :length], length),
+            attention_outputs=own(stacked["attention_outputs"][row, :, :length], length),
+            ffn_coefficients=own(stacked["ffn_coefficients"][row, :, :length], length),
+            ffn_outputs=own(stacked["ffn_outputs"][row, :, :length], length),
+            attention_weights=own(stacked["attention_weights"][row, :, :, :length], length),
+            value_states=own(stacked["value_states"][row, :, :length], length),
+            final_residual=own(recorder.final_residual[row, :length], length),
+            logits=logits[row].clone(),
         ))
     return traces
