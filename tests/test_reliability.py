@@ -181,3 +181,32 @@ def test_a_small_memory_budget_changes_batching_not_results(tiny_model, token_ba
         assert [[n[f] for f in identity] for n in narrow[key]] == [[n[f] for f in identity] for n in wide[key]]
         assert [n["score"] for n in narrow[key]] == pytest.approx([n["score"] for n in wide[key]], abs=1e-6)
     assert [h["score"] for h in narrow["heads"]] == pytest.approx([h["score"] for h in wide["heads"]], abs=1e-6)
+
+
+def test_ray_backend_without_ray_says_how_to_install(monkeypatch):
+    import builtins
+
+    from neuron_attribution import distributed
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    monkeypatch.setattr(sys, "argv", ["neuron-attribution", "evaluate", "--dataset", "sample", "--backend", "ray"])
+    err = io.StringIO()
+    with redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    assert err.getvalue().strip() == f"error: {distributed.INSTALL_HINT}"
+
+
+def test_device_auto_places_the_model_through_accelerate(saved_tiny_llama):  # noqa: F811
+    model = load_model(saved_tiny_llama, device="auto")
+    assert model.device.type == "cpu"  # accelerate's placement; with no GPU everything stays on the CPU
+    result = attribute(model, [3, 1, 4, 1, 5], top_k=3)
+    reference = attribute(load_model(saved_tiny_llama), [3, 1, 4, 1, 5], top_k=3)
+    assert [n.score for n in result.ffn_neurons] == pytest.approx([n.score for n in reference.ffn_neurons])

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import UserError
 
@@ -28,13 +29,15 @@ WorkersOption = Annotated[int, typer.Option("--workers", help="Ray workers (a lo
                                             "unless --address is given).")]
 AddressOption = Annotated[Optional[str], typer.Option("--address", help="An existing Ray cluster to join.")]
 DtypeOption = Annotated[Optional[str], typer.Option("--dtype", help="float32 (default), bfloat16 or float16.")]
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu (default), cuda, cuda:1, ... or auto "
+                                                     "(layers spread over the GPUs). Scores are float32 either way.")]
 
 
-def _load(model: str | None, allow_pickle: bool = False, dtype: str | None = None):
+def _load(model: str | None, allow_pickle: bool = False, dtype: str | None = None, device: str | None = None):
     from .loading import load_model
 
     with console.status("Loading model...", spinner="dots"):
-        return load_model(model, allow_pickle=allow_pickle, dtype=dtype)
+        return load_model(model, allow_pickle=allow_pickle, dtype=dtype, device=device)
 
 
 @app.command()
@@ -82,6 +85,7 @@ def attribute(
                                            "top value neurons of each kind.")] = 30,
     max_memory: MaxMemoryOption = "2GB",
     dtype: DtypeOption = None,
+    device: DeviceOption = None,
     allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Value neurons: which FFN and attention neurons raise the log probability of the answer."""
@@ -95,13 +99,13 @@ def attribute(
     if query_top <= 0:
         raise UserError("--query-top must be a positive number")
     _apply_memory_budget(max_memory)
-    loaded = _load(model, allow_pickle, dtype)
+    loaded = _load(model, allow_pickle, dtype, device)
     with console.status("Attributing...", spinner="dots"):
         result = run_attribution(loaded, prompt, target, top_k=top, reference=reference, query_top=query_top)
     print_attribution(console, result, rows=show)
     if json_file:
         result.save(json_file)
-        console.print(f"Wrote {json_file}")
+        console.print(f"Wrote {escape(str(json_file))}")
 
 
 @app.command()
@@ -129,6 +133,7 @@ def evaluate(
     address: AddressOption = None,
     max_memory: MaxMemoryOption = "2GB",
     dtype: DtypeOption = None,
+    device: DeviceOption = None,
     allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Switch off the neurons each method finds and measure the gold answer: MRR, probability, log probability."""
@@ -149,7 +154,7 @@ def evaluate(
     _apply_memory_budget(max_memory)
     facts, skipped = load_facts(dataset, on_error)  # type: ignore[arg-type]
     facts = facts[:limit] if limit else facts
-    loaded = _load(model, allow_pickle, dtype)
+    loaded = _load(model, allow_pickle, dtype, device)
     with _backend(backend, loaded, model, dtype, workers, address, allow_pickle) as pool, \
             _progress_bar() as progress:
         result = run_evaluation(loaded, facts, protocol=protocol, methods=methods, top=top, seed=seed,
@@ -158,7 +163,7 @@ def evaluate(
     print_evaluation(console, result)
     if json_file:
         result.save(json_file)
-        console.print(f"Wrote {json_file}")
+        console.print(f"Wrote {escape(str(json_file))}")
 
 
 @app.command()
@@ -186,6 +191,7 @@ def run(
     address: AddressOption = None,
     max_memory: MaxMemoryOption = "2GB",
     dtype: DtypeOption = None,
+    device: DeviceOption = None,
     allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Attribute every sentence of a dataset the model knows (the paper's filter) into Parquet tables."""
@@ -198,7 +204,7 @@ def run(
     load_facts(dataset, on_error)  # type: ignore[arg-type]  # a bad dataset fails before the model loads
     _check_backend(backend, workers)
     _apply_memory_budget(max_memory)
-    loaded = _load(model, allow_pickle, dtype)
+    loaded = _load(model, allow_pickle, dtype, device)
     with _backend(backend, loaded, model, dtype, workers, address, allow_pickle) as pool, \
             _progress_bar() as progress:
         summary = run_dataset(loaded, out, RunArguments(dataset, limit, top, on_error), batch_size=batch_size,
@@ -208,7 +214,7 @@ def run(
     if summary.used != summary.kept:
         console.print("Used (--limit): " + ", ".join(f"{kind} {n}" for kind, n in summary.used.items()))
     console.print(f"Attributed {summary.attributed} sentences ({summary.already_done} were already done) in "
-                  f"{summary.seconds:.0f} s. Tables in {out}")
+                  f"{summary.seconds:.0f} s. Tables in {escape(str(out))}")
 
 
 @app.command()
@@ -234,7 +240,7 @@ def analyze(
         analysis = analyze_run(directory, interventions=interventions, per_type=per_type, progress=progress,
                                load=lambda name, dtype: _load(name, allow_pickle, dtype))
         report = write_report(analysis, target)
-    console.print(f"Report: {report}")
+    console.print(f"Report: {escape(str(report))}")
 
 
 _UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
@@ -345,14 +351,14 @@ def demo(model: ModelOption = None,
         report = write_report(analysis, out / "analysis")
     console.print("Kept by the filter (kept/checked): "
                   + ", ".join(f"{k} {summary.kept[k]}/{n}" for k, n in summary.facts.items()))
-    console.print(f"Done in {time.perf_counter() - started:.0f} s. Report: {report.resolve()}")
+    console.print(f"Done in {time.perf_counter() - started:.0f} s. Report: {escape(str(report.resolve()))}")
 
 
 def main() -> None:
     try:
         app()
     except UserError as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

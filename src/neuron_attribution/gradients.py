@@ -53,7 +53,7 @@ class IntegratedGradients(FfnScorer):
 
         def replace_last(mod, args):
             hidden = args[0].clone()
-            hidden[:, -1, :] = point
+            hidden[:, -1, :] = point.to(hidden.device)  # layers may sit on different GPUs (device_map="auto")
             return (hidden, *args[1:])
 
         handle = module.register_forward_pre_hook(replace_last)

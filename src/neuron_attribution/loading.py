@@ -107,17 +107,20 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
 
     name: None (the offline default), a local directory of safetensors weights, a `.gguf` file, or a hub id.
     Pickle checkpoints (`.bin`, `.pt`, `.pth`) are refused unless `allow_pickle=True`.
+    device: None (CPU), a torch device ("cuda", "cuda:1"), or "auto" to spread the layers over the available
+    GPUs (accelerate's device_map="auto"). Scores are computed in float32 on the CPU whatever the device.
     """
     torch_dtype = resolve_dtype(dtype)
+    placement = {"device_map": "auto"} if device == "auto" else {}
     if name is None:
         directory, label = _dequantised_cache(default_model_gguf()), DEFAULT_MODEL_LABEL
-        hf_model, tokenizer = _load_directory(directory, torch_dtype, False, trust_remote_code)
+        hf_model, tokenizer = _load_directory(directory, torch_dtype, False, trust_remote_code, placement)
         source = f"{label}; dequantised cache {directory}"
         name = "SmolLM2-135M-Instruct"
     else:
         name = str(name)
-        hf_model, tokenizer, source = _load_named(name, torch_dtype, allow_pickle, trust_remote_code)
-    if device:
+        hf_model, tokenizer, source = _load_named(name, torch_dtype, allow_pickle, trust_remote_code, placement)
+    if device and device != "auto":
         try:
             hf_model.to(device)
         except (RuntimeError, AssertionError, ValueError) as error:
@@ -125,7 +128,7 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     return LoadedModel.from_hf(hf_model, tokenizer, name=name, source=source)
 
 
-def _load_named(name: str, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool):
+def _load_named(name: str, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool, placement: dict):
     path = Path(name).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
         _refuse_pickle_unless(allow_pickle, path)
@@ -136,16 +139,16 @@ def _load_named(name: str, dtype: torch.dtype, allow_pickle: bool, trust_remote_
         if not path.is_file():
             raise UserError(f"no such file: {path}")
         directory = _dequantised_cache(path)
-        model, tokenizer = _load_directory(directory, dtype, False, trust_remote_code)
+        model, tokenizer = _load_directory(directory, dtype, False, trust_remote_code, placement)
         return model, tokenizer, f"GGUF file {path.resolve()}; dequantised cache {directory}"
     if path.is_dir():
-        model, tokenizer = _load_directory(path, dtype, allow_pickle, trust_remote_code)
+        model, tokenizer = _load_directory(path, dtype, allow_pickle, trust_remote_code, placement)
         return model, tokenizer, f"local directory {path.resolve()}"
     if path.exists():
         raise UserError(f"{path} is neither a model directory nor a .gguf file")
     if not _looks_like_hub_id(name):
         raise UserError(f"no such model path: {name}")
-    return (*_load_from_hub(name, dtype, allow_pickle, trust_remote_code), f"Hugging Face hub id {name}")
+    return (*_load_from_hub(name, dtype, allow_pickle, trust_remote_code, placement), f"Hugging Face hub id {name}")
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -160,7 +163,8 @@ def _refuse_pickle_unless(allow_pickle: bool, path: Path) -> None:
                         "pass allow_pickle=True (CLI: --allow-pickle) if you trust it")
 
 
-def _load_directory(directory: Path, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool):
+def _load_directory(directory: Path, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool,
+                    placement: dict | None = None):
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory} has no config.json; not a transformers model directory")
     has_safetensors = any(directory.glob("*.safetensors"))
@@ -176,7 +180,7 @@ def _load_directory(directory: Path, dtype: torch.dtype, allow_pickle: bool, tru
     try:
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype, attn_implementation="eager", use_safetensors=has_safetensors,
-            trust_remote_code=trust_remote_code, local_files_only=True)
+            trust_remote_code=trust_remote_code, local_files_only=True, **(placement or {}))
     except UserError:
         raise
     except Exception as error:  # transformers raises many types for unreadable or truncated weights
@@ -190,18 +194,20 @@ def _load_directory(directory: Path, dtype: torch.dtype, allow_pickle: bool, tru
     return model, tokenizer
 
 
-def _load_from_hub(name: str, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool):
+def _load_from_hub(name: str, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool,
+                   placement: dict | None = None):
     try:
-        return _from_pretrained_hub(name, dtype, allow_pickle, trust_remote_code, local_only=True)
+        return _from_pretrained_hub(name, dtype, allow_pickle, trust_remote_code, local_only=True,
+                                    placement=placement)
     except UserError:
         if not _hub_reachable():
             raise UserError(f"cannot load {name!r}: no such local path, not in the local Hugging Face cache, "
                             "and the hub is unreachable (offline?)") from None
-    return _from_pretrained_hub(name, dtype, allow_pickle, trust_remote_code, local_only=False)
+    return _from_pretrained_hub(name, dtype, allow_pickle, trust_remote_code, local_only=False, placement=placement)
 
 
 def _from_pretrained_hub(name: str, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool,
-                         local_only: bool):
+                         local_only: bool, placement: dict | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -209,7 +215,7 @@ def _from_pretrained_hub(name: str, dtype: torch.dtype, allow_pickle: bool, trus
                                                   local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, attn_implementation="eager", use_safetensors=None if allow_pickle else True,
-            trust_remote_code=trust_remote_code, local_files_only=local_only)
+            trust_remote_code=trust_remote_code, local_files_only=local_only, **(placement or {}))
     except UserError:
         raise
     except Exception as error:

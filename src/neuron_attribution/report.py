@@ -19,7 +19,7 @@ _INFO_LABELS = [("family", "Family"), ("architecture", "Architecture"), ("layers
 
 
 def print_model_info(console: Console, description: dict[str, Any]) -> None:
-    table = Table(title=f"Model: {description['name']}", show_header=False, title_justify="left")
+    table = Table(title=Text(f"Model: {description['name']}"), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     for key, label in _INFO_LABELS:
@@ -131,7 +131,8 @@ def print_evaluation(console: Console, evaluation) -> None:
             "value": f"top-{evaluation.top} value neurons (2/3 attention, 1/3 FFN) vs as many random",
             "query": f"top-{evaluation.top} query FFN neurons vs as many random FFN neurons",
             "heads": f"top {evaluation.top} heads of each type vs {evaluation.top} random heads"}[evaluation.protocol]
-    table = Table(title=f"{evaluation.model}: {evaluation.n_sentences} sentences, {what}", title_justify="left",
+    title = Text(f"{evaluation.model}: {evaluation.n_sentences} sentences, {what}")
+    table = Table(title=title, title_justify="left",
                   caption="lower = the neurons switched off mattered more; −ΔMRR and −Δprob are relative decreases, "
                           "−Δlog p the drop in log probability", caption_justify="left")
     table.add_column("method", no_wrap=True)

@@ -54,7 +54,7 @@ class RunArguments:
     def identity(self, model: LoadedModel, batch_size: int) -> dict:
         """What must match for a directory to be resumed: the model and everything that changes results (the
         batch size too: float32 rounding depends on which prompts are padded together)."""
-        return {"model": model.name, "dtype": model_dtype(model), "dataset": self.dataset,
+        return {"model": model.name, "dtype": model_dtype(model), "device": str(model.device), "dataset": self.dataset,
                 "dataset_sha256": _dataset_digest(self.dataset), "limit": self.limit, "top": self.top,
                 "on_error": self.on_error, "batch_size": batch_size, "neuron_attribution": __version__}
 
