@@ -9,6 +9,7 @@ many torch threads as the driver, so its float32 arithmetic, and hence every num
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -66,10 +67,11 @@ class RayBackend:
         self.started_cluster = False
         if not ray.is_initialized():
             try:
+                quiet = {"log_to_driver": False, "logging_level": logging.ERROR}  # progress is ours to show
                 if address:
-                    ray.init(address=address, log_to_driver=False)
+                    ray.init(address=address, **quiet)
                 else:
-                    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+                    ray.init(num_cpus=workers, include_dashboard=False, **quiet)
                     self.started_cluster = True
             except (ConnectionError, ValueError, RuntimeError) as error:
                 raise UserError(f"cannot start or reach the Ray cluster{' at ' + address if address else ''}: "
