@@ -162,7 +162,8 @@ def month_facts():
             (f"The {ORDINALS[i]} month of the year is", month),
             (f"The month between {before} and {after} is", month),
             (f"Three months after {month} is", MONTHS[(i + 3) % 12]),
-            (f"In the calendar, {month} is followed by", after), (f"In the calendar, {month} comes right after", before),
+            (f"In the calendar, {month} is followed by", after),
+            (f"In the calendar, {month} comes right after", before),
         ]
     return facts
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import Fact
-from .evaluation import Evaluation, Sentence, evaluate_sentences
+from .evaluation import Evaluation, evaluate_sentences
 from .loading import LoadedModel
-from .prompts import encode_prompt
+from .prompts import Sentence, encode_prompt
 from .runs import read_run, read_table
 
 TOP_VALUE = 300  # value neurons per sentence for the histograms and sharing (both kinds ranked together)

@@ -277,14 +277,13 @@ def _check_backend(name: str, workers: int) -> None:
 @contextmanager
 def _backend(name: str, loaded, model: str | None, dtype: str | None, workers: int, address: str | None,
              allow_pickle: bool):
-    """The backend a command's batches run on: here, or Ray workers (stopped on leaving)."""
+    """The backend a command's batches run on: here, or Ray workers (stopped on leaving). The name was
+    checked by `_check_backend` before the model loaded."""
     from .execution import LocalBackend
 
     if name == "local":
         yield LocalBackend(loaded)
         return
-    if name != "ray":
-        raise UserError(f"unknown backend {name!r}; use local or ray")
     from .distributed import RayBackend
 
     with console.status(f"Starting {workers} Ray workers...", spinner="dots"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from .interventions import Ablation, last_logits_each
 from .loading import LoadedModel
 from .metrics import GoldScores, Metrics
 from .output import write_json
-from .prompts import encode_prompt, encode_target
+from .prompts import Sentence, encode_facts
 from .scoring import query, value
 from .scoring.baselines import STATIC_KEYS, FfnScorer, VocabularyRanks, sentence_seed, static_scorers
 from .scoring.value import rank_by_score
@@ -43,17 +44,6 @@ ALL_METHODS = (*STATIC_KEYS, "random")
 KNOWN_METHODS = (*ALL_METHODS, "integrated_gradients")
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
-
-
-@dataclass(frozen=True)
-class Sentence:
-    fact: Fact
-    ids: list[int]
-    target: int
-
-    @property
-    def type(self) -> str:
-        return self.fact.type or "all"
 
 
 @dataclass
@@ -111,30 +101,13 @@ def resolve_methods(spec: str | Sequence[str] | None) -> list[str]:
     return keys
 
 
-def prepare_sentences(model: LoadedModel, facts: Sequence[Fact], on_error: OnError = "skip"
-                      ) -> tuple[list[Sentence], list[Skipped]]:
-    """Token ids of each fact's prompt and answer; facts the model cannot take are skipped (or stop the run)."""
-    sentences, skipped = [], []
-    for fact in facts:
-        try:
-            ids = encode_prompt(model, fact.prompt)
-            target = encode_target(model, ids, fact.prompt, fact.answer).id
-        except UserError as error:
-            if on_error == "stop":
-                raise UserError(f"{fact.source}:{fact.line}: {error}") from None
-            skipped.append(Skipped(fact.source, fact.line, str(error), fact.prompt))
-            continue
-        sentences.append(Sentence(fact, ids, target))
-    return sentences, skipped
-
-
 def evaluate(model: LoadedModel, facts: Sequence[Fact], *, protocol: str = "compare",
              methods: str | Sequence[str] | None = None, top: int | None = None, seed: int = 0,
              batch_size: int = 8, on_error: OnError = "skip", skipped: Sequence[Skipped] = (),
              progress: Progress | None = None, ig_steps: int = 20, backend: Backend | None = None) -> Evaluation:
     """Run one protocol over `facts`. `skipped`: lines already left out while reading them (reported)."""
     started = time.perf_counter()
-    sentences, left_out = prepare_sentences(model, facts, on_error)
+    sentences, left_out = encode_facts(model, facts, on_error)
     all_skipped = [*skipped, *left_out]
     if not sentences:
         raise UserError(f"no usable sentences ({len(all_skipped)} skipped)")
@@ -172,8 +145,8 @@ def evaluate_sentences(model: LoadedModel, sentences: Sequence[Sentence], *, pro
             _ranks_for(model).prepare(lambda done, total: report("projecting every FFN value vector", done, total))
         what = {"compare": "switching off each method's top neurons", "value": "switching off value neurons",
                 "query": "switching off query neurons"}[protocol]
-        parts = _gathered(backend, ablation_batch, [(settings, batch) for batch in batches], what, len(sentences),
-                          report)
+        parts = _gathered(backend, ablation_batch, [(settings, batch) for batch in batches],
+                          [len(batch) for batch in batches], what, report)
         original = GoldScores.concat([p["original"] for p in parts])
         base = Metrics.of(original)
         rows = [key for key in parts[0] if key != "original"]
@@ -184,15 +157,16 @@ def evaluate_sentences(model: LoadedModel, sentences: Sequence[Sentence], *, pro
     return result
 
 
-def _gathered(backend: Backend, function, works: list, what: str, total: int, report: Progress) -> list:
-    """Results of `function` on every work item, in order, reporting sentences done as batches finish."""
+def _gathered(backend: Backend, function, works: list, sizes: list[int], what: str, report: Progress) -> list:
+    """Results of `function` on every work item, in order, reporting sentences done (`sizes` per item) as
+    batches finish."""
     results: dict[int, object] = {}
     done = 0
-    report(what, 0, total)
+    report(what, 0, sum(sizes))
     for index, result in backend.map(function, works):
         results[index] = result
-        done += len(works[index][-1]) if isinstance(works[index], tuple) else len(works[index])
-        report(what, done, total)
+        done += sizes[index]
+        report(what, done, sum(sizes))
     return [results[i] for i in range(len(works))]
 
 
@@ -240,17 +214,18 @@ def _ablations_for(model: LoadedModel, settings: Protocol) -> Callable[[Sentence
     return lambda sentence, ctx: _query_ablations(model, settings, sentence, ctx)
 
 
-_RANKS: dict[int, VocabularyRanks] = {}  # per model adapter: the weight pass is done once per process
+# Per model adapter, so the weight pass is done once per process; weak, so a dropped model takes its ranks
+# along and a later model can never be handed them.
+_RANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _ranks_for(model: LoadedModel) -> VocabularyRanks:
-    key = id(model.adapter)
-    if key not in _RANKS:
-        adapter = model.adapter
+    adapter = model.adapter
+    if adapter not in _RANKS:
         norm = adapter.final_norm()
-        _RANKS[key] = VocabularyRanks(adapter.all_ffn_values, norm.weight, norm.kind == "layernorm",
-                                      adapter.unembedding[0])
-    return _RANKS[key]
+        _RANKS[adapter] = VocabularyRanks(adapter.all_ffn_values, norm.weight, norm.kind == "layernorm",
+                                          adapter.unembedding[0])
+    return _RANKS[adapter]
 
 
 def _needs_ranks(settings: Protocol) -> bool:
@@ -285,9 +260,7 @@ def _value_ablations(model: LoadedModel, settings: Protocol, sentence: Sentence,
     n_attention = round(settings.top * 2 / 3)
     n_ffn = settings.top - n_attention
     s = model.shape
-    ffn = value.exact_top_k(value.ffn_bounds(ctx), lambda f: value.evaluate_ffn(ctx, f), n_ffn)
-    attention = value.exact_top_k(value.attention_bounds(ctx), lambda f: (value.evaluate_attention(ctx, f), None),
-                                  n_attention)
+    ffn, attention = value.top_ffn(ctx, n_ffn), value.top_attention(ctx, n_attention)
     generator = _generator(settings.seed, sentence)
     random_ffn = torch.randperm(s.n_layers * s.d_ffn, generator=generator)[:n_ffn]
     shape = ctx.attention_coefficients.shape
@@ -301,8 +274,7 @@ def _query_ablations(model: LoadedModel, settings: Protocol, sentence: Sentence,
                      ctx: value.ValueContext) -> dict[str, Ablation]:
     """The top query FFN neurons of the top-30 value neurons of each kind, against as many random ones."""
     s, k = model.shape, QUERY_VALUE_NEURONS
-    ffn = value.exact_top_k(value.ffn_bounds(ctx), lambda f: value.evaluate_ffn(ctx, f), k)
-    attention = value.exact_top_k(value.attention_bounds(ctx), lambda f: (value.evaluate_attention(ctx, f), None), k)
+    ffn, attention = value.top_ffn(ctx, k), value.top_attention(ctx, k)
     ffn_neurons = [query.FfnValueNeuron(layer, neuron, float(score))
                    for (layer, neuron), score in zip(_ffn_pairs(model, ffn.indices), ffn.scores)]
     shape = ctx.attention_coefficients.shape
@@ -337,7 +309,8 @@ def heads_ablation_batch(model: LoadedModel, work: tuple[dict[str, list[tuple[in
 
 def _heads_protocol(model_name: str, backend: Backend, sentences: list[Sentence], batches: list[list[Sentence]],
                     top: int | None, seed: int, report: Progress) -> Evaluation:
-    scored = _gathered(backend, head_scores_batch, batches, "scoring heads", len(sentences), report)
+    sizes = [len(batch) for batch in batches]
+    scored = _gathered(backend, head_scores_batch, batches, sizes, "scoring heads", report)
     original = GoldScores.concat([g for g, _ in scored])
     heads = torch.cat([h for _, h in scored])  # (n, L, H)
     n_layers, n_heads = heads.shape[1:]
@@ -351,8 +324,8 @@ def _heads_protocol(model_name: str, backend: Backend, sentences: list[Sentence]
     generator = torch.Generator().manual_seed(seed)
     chosen_random = [divmod(int(i), n_heads) for i in torch.randperm(n_layers * n_heads, generator=generator)[:count]]
     runs = {f"heads:{kind}": chosen[kind] for kind in types} | {"random": chosen_random}
-    parts = _gathered(backend, heads_ablation_batch, [(runs, batch) for batch in batches],
-                      "switching off each type's top heads", len(sentences), report)
+    parts = _gathered(backend, heads_ablation_batch, [(runs, batch) for batch in batches], sizes,
+                      "switching off each type's top heads", report)
     scores = {key: GoldScores.concat([p[key] for p in parts]) for key in runs}
     base = Metrics.of(original)
     result = Evaluation("heads", model_name, count, len(sentences),

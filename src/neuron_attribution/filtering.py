@@ -9,10 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from .datasets import Fact, OnError, Skipped, candidate_answers
-from .errors import UserError
 from .interventions import last_logits
 from .loading import LoadedModel
-from .prompts import encode_prompt, encode_target
+from .prompts import encode_facts, encode_prompt, encode_target
 
 TOP_RANK = 10
 
@@ -36,15 +35,8 @@ def filter_facts(model: LoadedModel, facts: Sequence[Fact], *, on_error: OnError
     """Every usable fact, checked; facts the model cannot take at all (a prompt too long, say) are skipped.
     With `enough`, a type's facts stop being checked once that many of them were kept (in file order)."""
     candidates = candidate_answers() if candidates is None else candidates
-    encoded, skipped = [], []
-    for fact in facts:
-        try:
-            ids = encode_prompt(model, fact.prompt)
-            encoded.append((fact, ids, encode_target(model, ids, fact.prompt, fact.answer).id))
-        except UserError as error:
-            if on_error == "stop":
-                raise UserError(f"{fact.source}:{fact.line}: {error}") from None
-            skipped.append(Skipped(fact.source, fact.line, str(error), fact.prompt))
+    sentences, skipped = encode_facts(model, facts, on_error)
+    encoded = [(s.fact, s.ids, s.target) for s in sentences]
     checked: list[Checked] = []
     rivals = _RivalTokens(model, candidates)
     kept: dict[str | None, int] = {}

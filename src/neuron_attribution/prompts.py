@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .datasets import Fact, OnError, Skipped
 from .errors import UserError
 from .loading import LoadedModel
 
@@ -79,3 +80,34 @@ def token_text(model: LoadedModel, token_id: int) -> str:
 
 def token_texts(model: LoadedModel, ids: Sequence[int]) -> list[str]:
     return [token_text(model, int(i)) for i in ids]
+
+
+@dataclass(frozen=True)
+class Sentence:
+    """A fact with its prompt's token ids and the id of its answer's first token."""
+
+    fact: Fact
+    ids: list[int]
+    target: int
+
+    @property
+    def type(self) -> str:
+        return self.fact.type or "all"
+
+
+def encode_facts(model: LoadedModel, facts: Sequence[Fact], on_error: OnError = "skip"
+                 ) -> tuple[list[Sentence], list[Skipped]]:
+    """Token ids of each fact's prompt and answer; facts the model cannot take (an empty or too long prompt, an
+    answer the tokenizer cannot encode) are skipped with the reason, or with on_error="stop" end the run."""
+    sentences, skipped = [], []
+    for fact in facts:
+        try:
+            ids = encode_prompt(model, fact.prompt)
+            target = encode_target(model, ids, fact.prompt, fact.answer).id
+        except UserError as error:
+            if on_error == "stop":
+                raise UserError(f"{fact.source}:{fact.line}: {error}") from None
+            skipped.append(Skipped(fact.source, fact.line, str(error), fact.prompt))
+            continue
+        sentences.append(Sentence(fact, ids, target))
+    return sentences, skipped

@@ -49,10 +49,6 @@ class LinearReadout:
             vectors = vectors - vectors.mean(dim=-1, keepdim=True)
         return vectors * (self.norm.weight * self.scale)
 
-    def deltas(self, vectors: Tensor, out: Tensor | None = None) -> Tensor:
-        """δ(u) for each row: the change in logits per unit coefficient (no constant term)."""
-        return torch.matmul(self.normalise(vectors), self.unembedding.T, out=out)
-
     def max_logit_change(self, vectors: Tensor) -> Tensor:
         """Per row, a bound on max_v |δ_v(u)| (Cauchy–Schwarz: ‖normalise(u)‖ · max_v ‖U_v‖)."""
         return self.normalise(vectors).norm(dim=-1) * self.max_unembedding_norm

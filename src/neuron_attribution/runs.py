@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -304,20 +304,15 @@ def _tables(rows: list[tuple[int, Checked, Attribution]]) -> dict[str, pa.Table]
         add("sentences", **common, prompt=result.prompt, answer=checked.fact.answer, tokens=result.tokens,
             target_text=result.target.text, target_id=result.target.id, target_prob=result.target.prob,
             target_rank=result.target.rank, source=checked.fact.source, line=checked.fact.line)
-        for rank, n in enumerate(result.ffn_neurons, 1):
-            add("ffn_neurons", **common, rank=rank, layer=n.layer, neuron=n.neuron, score=n.score,
-                coefficient=n.coefficient, top_tokens=n.top_tokens, bottom_tokens=n.bottom_tokens)
-        for rank, n in enumerate(result.attention_neurons, 1):
-            add("attention_neurons", **common, rank=rank, layer=n.layer, head=n.head, dim=n.dim,
-                position=n.position, token=n.token, score=n.score, coefficient=n.coefficient)
-        for rank, q in enumerate(result.query_neurons, 1):
-            add("query_neurons", **common, rank=rank, layer=q.layer, neuron=q.neuron, score=q.score,
-                attention_score=q.attention_score, ffn_score=q.ffn_score, gate_score=q.gate_score,
-                up_score=q.up_score)
+        # Neuron and head columns are the result's own fields, so they are named as in the attribute JSON.
+        for table, items in (("ffn_neurons", result.ffn_neurons), ("attention_neurons", result.attention_neurons),
+                             ("query_neurons", result.query_neurons)):
+            for rank, item in enumerate(items, 1):
+                add(table, **common, rank=rank, **asdict(item))
         for layer, (attention, ffn) in enumerate(zip(result.layers.attention, result.layers.ffn)):
             add("layers", **common, layer=layer, attention=attention, ffn=ffn)
         for h in result.heads:
-            add("heads", **common, layer=h.layer, head=h.head, score=h.score)
+            add("heads", **common, **asdict(h))
     return {name: pa.table(_typed(values)) for name, values in columns.items()}
 
 

@@ -168,24 +168,24 @@ def trace_token_ids(model: LoadedModel, batch: Sequence[Sequence[int]]) -> list[
     stacked = {}
     for key in list(recorder.slots):
         stacked[key] = torch.stack(recorder.slots.pop(key), dim=1)  # (B, L, ...); the per-layer slots go
-    width = int(input_ids.shape[1])
+    alone = len(lengths) == 1
 
-    def own(t: Tensor, length: int) -> Tensor:
-        # A row shorter than the batch gets its own copy without the padding; a full-width row (always the
-        # case for a batch of one) shares the batch's storage: no second copy of long prompts' activations.
-        return t.clone() if length < width or len(lengths) > 1 else t
+    def own(t: Tensor) -> Tensor:
+        # In a batch each row gets its own copy, without the padding; a prompt traced alone keeps the stacked
+        # storage: no second copy of a long prompt's activations.
+        return t if alone else t.clone()
 
     traces = []
     for row, length in enumerate(lengths.tolist()):
         traces.append(Trace(
             token_ids=input_ids[row, :length].clone(),
-            layer_inputs=own(stacked["layer_inputs"][row, :, :length], length),
-            attention_outputs=own(stacked["attention_outputs"][row, :, :length], length),
-            ffn_coefficients=own(stacked["ffn_coefficients"][row, :, :length], length),
-            ffn_outputs=own(stacked["ffn_outputs"][row, :, :length], length),
-            attention_weights=own(stacked["attention_weights"][row, :, :, :length], length),
-            value_states=own(stacked["value_states"][row, :, :length], length),
-            final_residual=own(recorder.final_residual[row, :length], length),
+            layer_inputs=own(stacked["layer_inputs"][row, :, :length]),
+            attention_outputs=own(stacked["attention_outputs"][row, :, :length]),
+            ffn_coefficients=own(stacked["ffn_coefficients"][row, :, :length]),
+            ffn_outputs=own(stacked["ffn_outputs"][row, :, :length]),
+            attention_weights=own(stacked["attention_weights"][row, :, :, :length]),
+            value_states=own(stacked["value_states"][row, :, :length]),
+            final_residual=own(recorder.final_residual[row, :length]),
             logits=logits[row].clone(),
         ))
     return traces

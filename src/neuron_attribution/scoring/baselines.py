@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import zlib
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .value import (TopKSearch, ValueContext, _BOUND_SLACK, dense_ffn_scores, evaluate_ffn, ffn_bounds,
-                    ffn_coefficients, ffn_rows, rank_by_score, score_rows)
+from .value import (ValueContext, _BOUND_SLACK, dense_ffn_scores, evaluate_ffn, exact_top_k, ffn_bounds,
+                    ffn_coefficients, ffn_rows, rank_by_score, score_rows, top_ffn)
 
 
 class FfnScorer(ABC):
@@ -37,10 +38,7 @@ class FfnScorer(ABC):
 
 
 def _exact_top(bounds: Tensor, evaluate: Callable[[Tensor], Tensor], k: int) -> Tensor:
-    search = TopKSearch(bounds, k)
-    while (chunk := search.pending()) is not None:
-        search.record(chunk, evaluate(chunk))
-    return search.result().indices
+    return exact_top_k(bounds, lambda flat: (evaluate(flat), None), k).indices
 
 
 class LogProbIncrease(FfnScorer):
@@ -51,7 +49,7 @@ class LogProbIncrease(FfnScorer):
         return dense_ffn_scores(ctx)
 
     def top(self, ctx: ValueContext, k: int) -> Tensor:
-        return _exact_top(ffn_bounds(ctx), lambda flat: evaluate_ffn(ctx, flat)[0], k)
+        return top_ffn(ctx, k).indices
 
 
 class LogProbability(FfnScorer):
@@ -64,8 +62,7 @@ class LogProbability(FfnScorer):
 
     def _evaluate(self, ctx: ValueContext, flat: Tensor) -> Tensor:
         rows = ffn_rows(ctx, flat)
-        rows.bases = torch.full_like(rows.bases, ctx.zero_state)
-        (scored,) = score_rows(ctx, [rows])
+        (scored,) = score_rows(ctx, [replace(rows, bases=torch.full_like(rows.bases, ctx.zero_state))])
         return scored.scores + ctx.target_log_probs[ctx.zero_state]
 
     def _bounds(self, ctx: ValueContext) -> Tensor:

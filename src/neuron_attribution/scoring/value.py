@@ -171,13 +171,6 @@ def _projection_ids(ctx: ValueContext, logits: Tensor, bases: Tensor, wanted: Te
     return torch.cat([torch.where(negative, bottom, top), torch.where(negative, top, bottom)], dim=-1)
 
 
-def exact_scores(ctx: ValueContext, bases: Tensor, vectors: Tensor, coefficients: Tensor | None = None,
-                 keep_projection: int = 0) -> tuple[Tensor, Tensor | None]:
-    """One group of rows through `score_rows`: (scores, projection ids or None)."""
-    (scored,) = score_rows(ctx, [Rows(bases, vectors, coefficients, keep_projection)])
-    return scored.scores, scored.projection
-
-
 def set_memory_budget(max_bytes: int) -> None:
     """Bound the vocabulary-sized buffers of exact scoring (two of rows × V float32): fewer rows per product
     when the vocabulary is large or the budget small. Everything else in scoring grows with the prompt
@@ -274,12 +267,6 @@ def head_position_rows(ctx: ValueContext, heads: list[tuple[int, int]]) -> Rows:
     vectors = torch.stack([ctx.weighted_values[l, j] @ ctx.output_weights[l, j] for l, j in heads])  # (K, T, d)
     bases = torch.tensor([2 * l for l, _ in heads]).repeat_interleave(n_tokens)
     return Rows(bases, vectors.reshape(-1, d))
-
-
-def head_position_scores(ctx: ValueContext, heads: list[tuple[int, int]]) -> Tensor:
-    """(len(heads), T): the output of one head coming from one source position."""
-    (scored,) = score_rows(ctx, [head_position_rows(ctx, heads)])
-    return scored.scores.reshape(len(heads), ctx.trace.n_tokens)
 
 
 # --- neuron sets: bounds and exact evaluation -------------------------------------------------------------
@@ -391,6 +378,16 @@ def exact_top_k(bounds: Tensor, evaluate: Callable[[Tensor], tuple[Tensor, Tenso
     while (chunk := search.pending()) is not None:
         search.record(chunk, *evaluate(chunk))
     return search.result()
+
+
+def top_ffn(ctx: ValueContext, k: int) -> TopK:
+    """The exact top-k FFN value neurons (scores only, no vocabulary projection)."""
+    return exact_top_k(ffn_bounds(ctx), lambda flat: evaluate_ffn(ctx, flat), k)
+
+
+def top_attention(ctx: ValueContext, k: int) -> TopK:
+    """The exact top-k attention value neurons, flat indices into (L, H, d_h, T)."""
+    return exact_top_k(attention_bounds(ctx), lambda flat: (evaluate_attention(ctx, flat), None), k)
 
 
 @dataclass
