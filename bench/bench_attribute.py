@@ -14,9 +14,11 @@ import time
 import torch
 
 import neuron_attribution as na
-from neuron_attribution.attribution import attribute, query_scores, value_context
+from neuron_attribution import attribute
+from neuron_attribution.pipelines.queries import query_scores
+from neuron_attribution.scoring.context import value_context
 from neuron_attribution.scoring import value
-from neuron_attribution.trace import trace_token_ids
+from neuron_attribution.model.trace import trace_token_ids
 
 PROMPTS = [
     "The capital of France is",

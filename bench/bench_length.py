@@ -23,10 +23,9 @@ def measure(length: int, max_memory: str) -> dict:
     import torch
 
     import neuron_attribution as na
-    from neuron_attribution.cli import parse_size
-    from neuron_attribution.scoring.value import set_memory_budget
+    from neuron_attribution.settings import parse_size
 
-    set_memory_budget(parse_size(max_memory))
+    budget = parse_size(max_memory)
     model = na.load_model()
     ids = model.tokenizer(TEXT * (length // 10 + 2))["input_ids"][:length]
     na.attribute(model, ids[:8], top_k=10)  # float32 weight copies, made once per model
@@ -36,7 +35,7 @@ def measure(length: int, max_memory: str) -> dict:
         model.hf_model(torch.tensor([ids]))
         forward = time.perf_counter() - started
     started = time.perf_counter()
-    na.attribute(model, ids, top_k=100)
+    na.attribute(model, ids, top_k=100, memory_budget=budget)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"tokens": length, "forward_s": forward, "attribute_s": seconds, "peak_mb_above_model": peak - baseline}

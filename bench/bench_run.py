@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import neuron_attribution as na
-from neuron_attribution.runs import RunArguments, run_dataset
+from neuron_attribution.pipelines.run import RunArguments, run_dataset, run_settings
 
 
 def main() -> None:
@@ -27,11 +27,12 @@ def main() -> None:
     sizes = [int(s) for s in args.batch_sizes.split(",")]
 
     model = na.load_model()
-    arguments = RunArguments("knowledge", args.per_type, args.top, "skip")
+    arguments = RunArguments("knowledge", args.per_type)
+    settings = run_settings(model, args.top)
     with tempfile.TemporaryDirectory() as scratch:
         first = Path(scratch) / "first"
         started = time.perf_counter()
-        summary = run_dataset(model, first, arguments, batch_size=sizes[0])
+        summary = run_dataset(model, first, arguments, settings=settings, batch_size=sizes[0])
         print(f"model {model.name}; {sum(summary.used.values())} sentences ({args.per_type} per type), "
               f"top {args.top}; first call (filter + attribution, batch {sizes[0]}) "
               f"{time.perf_counter() - started:.1f} s")
@@ -42,7 +43,7 @@ def main() -> None:
             shutil.copy(first / "run.json", directory / "run.json")
             _reset_identity(directory, size)
             started = time.perf_counter()
-            result = run_dataset(model, directory, arguments, batch_size=size)
+            result = run_dataset(model, directory, arguments, settings=settings, batch_size=size)
             seconds = time.perf_counter() - started
             print(f"batch size {size:3d}: {result.attributed} sentences in {seconds:6.1f} s = "
                   f"{result.attributed / seconds:5.2f} sentences/s")

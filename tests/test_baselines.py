@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuron_attribution.attribution import value_context
-from neuron_attribution.gradients import IntegratedGradients
-from neuron_attribution.scoring.baselines import VocabularyRanks, static_scorers
-from neuron_attribution.trace import trace_token_ids
+from neuron_attribution.scoring.context import value_context
+from neuron_attribution.scoring.methods.integrated_gradients import IntegratedGradients
+from neuron_attribution.scoring.methods import METHODS, create_scorers, default_methods
+from neuron_attribution.scoring.methods.base import MethodResources
+from neuron_attribution.scoring.ranks import VocabularyRanks
+from neuron_attribution.model.trace import trace_token_ids
 
 from . import reference
 
@@ -22,8 +24,24 @@ def _context(model, ids, target=None):
 def _ranks(model, depth):
     adapter = model.adapter
     norm = adapter.final_norm()
-    return VocabularyRanks(adapter.all_ffn_values, norm.weight, norm.kind == "layernorm", adapter.unembedding[0],
-                           depth=depth, batch=7)
+    return VocabularyRanks(adapter.all_ffn_values, norm, adapter.unembedding[0], depth=depth, batch=7)
+
+
+class _Resources(MethodResources):
+    """Resources with vocabulary ranks of a chosen depth (shallow depths force the exact fallbacks)."""
+
+    def __init__(self, model, ranks=None, seed=0):
+        super().__init__(model, seed)
+        self._ranks = ranks
+
+    def ranks(self):
+        return self._ranks
+
+
+def static_scorers(model, ranks=None, seed=0):
+    """Every method in `all` (the static ones and the random control), built through the registry."""
+    keys = [k for k in default_methods() if ranks is not None or not METHODS[k].needs_ranks]
+    return create_scorers(keys, _Resources(model, ranks, seed))
 
 
 def _projection_rank(model, vector, target):
@@ -72,7 +90,7 @@ def test_every_scorer_matches_its_definition(tiny_model, token_batches):
     ids = token_batches[0]
     trace, ctx = _context(tiny_model, ids)
     expected = reference_scores(tiny_model, trace, ctx.target)
-    scorers = static_scorers(_ranks(tiny_model, depth=5))
+    scorers = static_scorers(tiny_model, _ranks(tiny_model, depth=5))
     for key, want in expected.items():
         got = scorers[key].scores(ctx).double()
         tolerance = 1e-6 if key == "prob_increase" else 1e-5
@@ -86,7 +104,7 @@ def test_exact_top_k_equals_the_dense_ranking(tiny_model, token_batches, depth):
     for ids in token_batches[:2]:
         trace, ctx = _context(tiny_model, ids)
         expected = reference_scores(tiny_model, trace, ctx.target)
-        scorers = static_scorers(_ranks(tiny_model, depth))
+        scorers = static_scorers(tiny_model, _ranks(tiny_model, depth))
         for key, want in expected.items():
             for k in (1, 7, 25):
                 got = scorers[key].top(ctx, k).tolist()
@@ -113,10 +131,10 @@ def test_vocabulary_ranks_read_off_the_kept_extremes(tiny_model):
 def test_random_control_is_seeded_per_sentence(tiny_model, token_batches):
     _, first = _context(tiny_model, token_batches[0])
     _, second = _context(tiny_model, token_batches[1])
-    scorer = static_scorers(None, seed=3)["random"]
+    scorer = static_scorers(tiny_model, seed=3)["random"]
     assert torch.equal(scorer.top(first, 10), scorer.top(first, 10))
     assert not torch.equal(scorer.top(first, 10), scorer.top(second, 10))
-    assert not torch.equal(scorer.top(first, 10), static_scorers(None, seed=4)["random"].top(first, 10))
+    assert not torch.equal(scorer.top(first, 10), static_scorers(tiny_model, seed=4)["random"].top(first, 10))
 
 
 def _prob_with_last_coefficients(model, ids, layer, coefficients, target) -> float:
@@ -159,7 +177,7 @@ def test_bounded_top_k_on_the_real_model(real_model):
     """On SmolLM2 the bounds of the vocabulary-sized baselines must still give the dense ranking."""
     ids = real_model.tokenizer("The capital of France is")["input_ids"]
     _, ctx = _context(real_model, ids)
-    scorers = static_scorers(None)
+    scorers = static_scorers(real_model)
     for key in ("log_probability", "prob_increase"):
         dense = scorers[key].scores(ctx).reshape(-1)
         got = scorers[key].top(ctx, 10)

@@ -44,7 +44,7 @@ def test_attribute_json_fields(tmp_path, real_model):
 @pytest.mark.parametrize("args, message", [
     (["attribute", ""], "error: the prompt is empty"),
     (["attribute", "Hello", "--top", "0"], "error: --top must be a positive number"),
-    (["attribute", "Hello", "--query-top", "0"], "error: --query-top must be a positive number"),
+    (["attribute", "Hello", "--query-top", "-1"], "error: --query-top must be 0 or more (0: no query neurons)"),
     (["attribute", "Hello", "--target", " "], "error: the target is empty"),
     (["info", "--model", "/nonexistent/model"], "error: no such model path: /nonexistent/model"),
 ])

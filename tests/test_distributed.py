@@ -1,39 +1,87 @@
-"""The Ray backend on a 2-worker local cluster: the same tables and metrics as the local backend, with a worker
-killed in the middle of a batch."""
+"""The Ray backend on a 2-worker local cluster: the settings reach every worker, the tables and metrics equal
+the local backend's, and a worker killed in the middle of a batch is restarted and its batch run again."""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from neuron_attribution.datasets import load_facts
-from neuron_attribution.evaluation import evaluate
-from neuron_attribution.runs import TABLES, RunArguments, run_dataset
+from neuron_attribution.pipelines.evaluate import evaluate
+from neuron_attribution.pipelines.run import RunArguments, run_dataset
+from neuron_attribution.results.tables import TABLES
+from neuron_attribution.settings import ModelSpec, ScoringOptions, Settings
 
 from .test_runs import FACTS
 
 ray = pytest.importorskip("ray")
-from neuron_attribution.distributed import RayBackend  # noqa: E402
+from neuron_attribution.execution.ray_backend import RayBackend  # noqa: E402
+
+# The helpers below run on the workers, which may not have the tests on their path: send them by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+BUDGET = 64 * 1024**2
+
+
+def _report_settings(model, settings, item):
+    """A batch function that checks, inside the worker, what the worker was handed."""
+    assert settings.scoring.memory_budget == BUDGET, settings
+    assert str(model.device) == "cpu"
+    return settings.scoring.memory_budget, str(model.device), settings.model.device, os.getpid()
+
+
+def _crash_once(marker: str, function, model, settings, item):
+    """Kill this worker process the first time any batch reaches it (a marker file makes it once)."""
+    if not Path(marker).exists():
+        Path(marker).write_text("crashed")
+        os._exit(1)
+    return function(model, settings, item)
+
+
+class CrashingOnce:
+    """A backend wrapper for tests: the first batch kills the worker that runs it."""
+
+    def __init__(self, backend, marker: Path):
+        self.backend, self.marker = backend, str(marker)
+        self.settings = backend.settings
+
+    def map(self, function, items):
+        return self.backend.map(functools.partial(_crash_once, self.marker, function), items)
+
+    def on_every_model(self, function, progress=None):
+        self.backend.on_every_model(function, progress)
 
 
 @pytest.mark.slow
-def test_ray_backend_matches_local_and_survives_a_dead_worker(real_model, tmp_path):
+def test_ray_workers_get_the_settings_match_local_and_survive_a_dead_worker(real_model, tmp_path):
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
-    arguments = RunArguments(str(facts), None, 15, "skip")
-    local = run_dataset(real_model, tmp_path / "local", arguments, batch_size=2)
+    arguments = RunArguments(str(facts))
+    settings = Settings(ModelSpec(device="cpu"), ScoringOptions(top_k=15, memory_budget=BUDGET))
+    local = run_dataset(real_model, tmp_path / "local", arguments, settings=settings, batch_size=2)
     marker = tmp_path / "crashed"
-    with RayBackend(None, workers=2, crash_once=(1, str(marker))) as backend:
-        distributed = run_dataset(real_model, tmp_path / "ray", arguments, batch_size=2, backend=backend)
+    with RayBackend(settings, workers=2) as backend:
+        seen = [result for _, result in backend.map(_report_settings, list(range(4)))]
+        distributed = run_dataset(real_model, tmp_path / "ray", arguments, batch_size=2,
+                                  backend=CrashingOnce(backend, marker))
         loaded, _ = load_facts(str(facts))
         on_ray = evaluate(real_model, loaded, methods="log_prob_increase,norm,random", top=5, batch_size=2,
                           backend=backend)
-    assert marker.exists()  # the worker holding batch 1 really died, and the batch was run again
+    assert {(budget, device, spec_device) for budget, device, spec_device, _ in seen} == {(BUDGET, "cpu", "cpu")}
+    assert len({pid for *_, pid in seen}) == 2  # both workers answered
+    assert marker.exists()  # a worker really died, and its batch was run again
     assert distributed.attributed == local.attributed == 6
     for name in TABLES:
         assert pq.read_table(tmp_path / "ray" / f"{name}.parquet").equals(
             pq.read_table(tmp_path / "local" / f"{name}.parquet")), name
-    here = evaluate(real_model, loaded, methods="log_prob_increase,norm,random", top=5, batch_size=2)
+    recorded = json.loads((tmp_path / "ray" / "run.json").read_text())["settings"]
+    assert recorded["scoring"]["memory_budget"] == BUDGET and recorded["model"]["device"] == "cpu"
+    here = evaluate(real_model, loaded, methods="log_prob_increase,norm,random", top=5, batch_size=2,
+                    settings=settings)
     assert on_ray.methods == here.methods

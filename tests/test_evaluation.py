@@ -10,10 +10,12 @@ import torch
 
 from neuron_attribution import UserError
 from neuron_attribution.datasets import Fact, load_facts, packaged_datasets
-from neuron_attribution.evaluation import Sentence, evaluate_sentences, resolve_methods
-from neuron_attribution.interventions import Ablation, ablated, last_logits_each
-from neuron_attribution.metrics import GoldScores, Metrics
-from neuron_attribution.trace import trace_token_ids
+from neuron_attribution.model.prompts import Sentence
+from neuron_attribution.pipelines.evaluate import evaluate_sentences
+from neuron_attribution.scoring.methods import resolve_methods
+from neuron_attribution.model.interventions import Ablation, ablated, last_logits_each
+from neuron_attribution.results.metrics import GoldScores, Metrics
+from neuron_attribution.model.trace import trace_token_ids
 
 from . import reference
 from .test_baselines import _dense_ranking, reference_scores

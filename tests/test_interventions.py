@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from neuron_attribution import UserError
-from neuron_attribution.interventions import Ablation, ablated
-from neuron_attribution.trace import trace_token_ids
+from neuron_attribution.model.interventions import Ablation, ablated
+from neuron_attribution.model.trace import trace_token_ids
 
 from .conftest import tiny_llama
 
@@ -81,7 +81,7 @@ def test_bad_neurons_are_refused(tiny_model):
 
 
 def test_last_logits_under_ablation_equal_single_runs(tiny_model, token_batches):
-    from neuron_attribution.interventions import last_logits
+    from neuron_attribution.model.interventions import last_logits
 
     ablation = Ablation(ffn=[(2, 3)], heads=[(1, 2)])
     together = last_logits(tiny_model, token_batches, ablation, batch_size=3)

@@ -13,7 +13,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from neuron_attribution import UserError, load_model
-from neuron_attribution.loading import default_model_gguf
+from neuron_attribution.model.loading import default_model_gguf
 
 from .conftest import tiny_llama
 

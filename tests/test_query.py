@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from neuron_attribution import UserError, attribute, interpret_query_neuron, split_queries
-from neuron_attribution.attribution import AttentionNeuron, query_scores
+from neuron_attribution import AttentionNeuron
+from neuron_attribution.pipelines.queries import query_scores
 from neuron_attribution.scoring import query
-from neuron_attribution.trace import trace_token_ids
+from neuron_attribution.model.trace import trace_token_ids
 
 from . import reference as ref
 
@@ -87,9 +88,13 @@ def test_near_zero_denominator_is_skipped_and_reported():
     assert kept == [fine] and skipped == ["attention x"]
 
 
-def test_query_top_bad_and_clamped(tiny_model, token_batches):
-    with pytest.raises(UserError, match="query_top"):
-        attribute(tiny_model, token_batches[0], 3, query_top=0)
+def test_query_top_bad_zero_and_clamped(tiny_model, token_batches):
+    for bad in (-1, 1.5, True):
+        with pytest.raises(UserError, match="query_top"):
+            attribute(tiny_model, token_batches[0], 3, query_top=bad)
+    full, skipped = (attribute(tiny_model, token_batches[0], 3, top_k=5, query_top=q) for q in (30, 0))
+    assert skipped.query_neurons == [] and skipped.query_layers.for_ffn == skipped.query_layers.for_attention == []
+    assert skipped.ffn_neurons == full.ffn_neurons and full.query_neurons  # value neurons unchanged
     result = attribute(tiny_model, token_batches[2], 3, top_k=5, query_top=10**6)  # clamped to every neuron
     assert len(result.query_neurons) == 5
 
@@ -127,7 +132,7 @@ def test_interpret_query_neuron_through_head(tiny_model):
 
 @pytest.mark.slow
 def test_query_scores_match_definition_real_model(real_model):
-    from neuron_attribution.attribution import attribute as run
+    from neuron_attribution import attribute as run
 
     prompt = "The capital of France is"
     ids = real_model.tokenizer(prompt)["input_ids"]

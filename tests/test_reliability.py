@@ -19,8 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from neuron_attribution import attribute, cli, load_model
+from neuron_attribution.settings import DEFAULT_MEMORY_BUDGET
 from neuron_attribution.datasets import load_facts
-from neuron_attribution.runs import TABLES, RunArguments, run_dataset
+from neuron_attribution.pipelines.run import RunArguments, run_dataset, run_settings
+from neuron_attribution.results.tables import TABLES
 
 from .test_loading import saved_tiny_llama  # noqa: F401  (fixture)
 
@@ -56,7 +58,7 @@ def test_twenty_kills_then_resume(real_model, tmp_path):
                            timeout=600)
     assert final.returncode == 0, final.stderr
     reference = tmp_path / "reference"
-    run_dataset(real_model, reference, RunArguments("sample", 3, 10, "skip"), batch_size=2)
+    run_dataset(real_model, reference, RunArguments("sample", 3, "skip"), settings=run_settings(real_model, 10), batch_size=2)
     for table in TABLES:
         assert pq.read_table(directory / f"{table}.parquet").equals(pq.read_table(reference / f"{table}.parquet"))
     ids = pq.read_table(directory / "sentences.parquet").column("sentence_id").to_pylist()
@@ -164,18 +166,14 @@ def test_nothing_is_written_outside_the_output_directory(tmp_path):
 
 
 def test_a_small_memory_budget_changes_batching_not_results(tiny_model, token_batches):
-    from neuron_attribution.scoring import value
-    from neuron_attribution.scoring.value import DEFAULT_MEMORY_BUDGET, rows_per_product, set_memory_budget
+    from neuron_attribution.scoring.exact import EXACT_BATCH, rows_per_product
 
     ids = token_batches[3]
+    budget = 3 * 2 * 4 * 257  # three rows per vocabulary-sized product
+    assert rows_per_product(257, budget) == 3
+    assert rows_per_product(257, DEFAULT_MEMORY_BUDGET) == EXACT_BATCH
     wide = attribute(tiny_model, ids, top_k=20).to_dict()
-    set_memory_budget(3 * 2 * 4 * 257)  # three rows per vocabulary-sized product
-    try:
-        assert rows_per_product(257) == 3
-        narrow = attribute(tiny_model, ids, top_k=20).to_dict()
-    finally:
-        set_memory_budget(DEFAULT_MEMORY_BUDGET)
-    assert value.rows_per_product(257) == value.EXACT_BATCH
+    narrow = attribute(tiny_model, ids, top_k=20, memory_budget=budget).to_dict()
     for key, identity in (("ffn_neurons", ("layer", "neuron")), ("attention_neurons", ("layer", "head", "dim",
                                                                                     "position"))):
         assert [[n[f] for f in identity] for n in narrow[key]] == [[n[f] for f in identity] for n in wide[key]]
@@ -183,10 +181,23 @@ def test_a_small_memory_budget_changes_batching_not_results(tiny_model, token_ba
     assert [h["score"] for h in narrow["heads"]] == pytest.approx([h["score"] for h in wide["heads"]], abs=1e-6)
 
 
+def test_the_memory_budget_reaches_the_scoring(tiny_model, token_batches, monkeypatch):
+    """The budget travels as an argument: the product sizes follow it, call by call, with no global state."""
+    from neuron_attribution.scoring import exact
+
+    seen = []
+    real = exact.rows_per_product
+    monkeypatch.setattr(exact, "rows_per_product", lambda vocabulary, budget: seen.append(budget) or real(
+        vocabulary, budget))
+    attribute(tiny_model, token_batches[0], top_k=3, memory_budget=12345)
+    attribute(tiny_model, token_batches[0], top_k=3)
+    assert set(seen) == {12345, DEFAULT_MEMORY_BUDGET}
+
+
 def test_ray_backend_without_ray_says_how_to_install(monkeypatch):
     import builtins
 
-    from neuron_attribution import distributed
+    from neuron_attribution.execution import ray_backend
 
     real_import = builtins.__import__
 
@@ -201,7 +212,7 @@ def test_ray_backend_without_ray_says_how_to_install(monkeypatch):
     with redirect_stderr(err), pytest.raises(SystemExit) as exit_:
         cli.main()
     assert exit_.value.code == 2
-    assert err.getvalue().strip() == f"error: {distributed.INSTALL_HINT}"
+    assert err.getvalue().strip() == f"error: {ray_backend.INSTALL_HINT}"
 
 
 def test_device_auto_places_the_model_through_accelerate(saved_tiny_llama):  # noqa: F811

@@ -12,18 +12,17 @@ from html.parser import HTMLParser
 import matplotlib.image
 import pytest
 
-from neuron_attribution.analysis import Analysis, LayerSummary, _sharing, _value_histograms, analyze_run
-from neuron_attribution.html_report import render_html, write_report
-from neuron_attribution.runs import RunArguments, run_dataset
+from neuron_attribution.pipelines.analyze import Analysis, LayerSummary, _sharing, _value_histograms, analyze_run
+from neuron_attribution.reports.html import render_html, write_report
+from neuron_attribution.pipelines.run import RunArguments, run_dataset, run_settings
 
 EVIL = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
 
 
-def test_value_histogram_ranks_both_kinds_together(monkeypatch):
-    monkeypatch.setattr("neuron_attribution.analysis.TOP_VALUE", 3)
+def test_value_histogram_ranks_both_kinds_together():
     ffn = {"sentence_id": [0, 0, 0], "score": [0.9, 0.5, 0.1], "layer": [2, 1, 0]}
     attention = {"sentence_id": [0, 0], "score": [0.7, 0.2], "layer": [1, 0]}
-    histogram = _value_histograms(ffn, attention, {0: "t"}, ["t"], 3)
+    histogram = _value_histograms(ffn, attention, {0: "t"}, ["t"], 3, top=3)
     assert histogram == {"t": {"attention": [0.0, 1.0, 0.0], "ffn": [0.0, 1.0, 1.0]}}  # 0.9, 0.7, 0.5 are top 3
 
 
@@ -31,15 +30,15 @@ def test_sharing_counts_neurons_common_to_more_than_half():
     rows = {"sentence_id": [0, 0, 1, 1, 2], "rank": [1, 2, 1, 2, 1], "layer": [1, 1, 1, 2, 1],
             "neuron": [5, 6, 5, 7, 5], "head": [0] * 5, "dim": [0] * 5}
     tables = {"ffn_neurons": rows, "attention_neurons": rows, "query_neurons": rows}
-    shares = _sharing(tables, {0: "t", 1: "t", 2: "t"}, ["t"])
+    shares = _sharing(tables, {0: "t", 1: "t", 2: "t"}, ["t"], top=300)
     # (1, 5) is in all three sentences; nothing else in more than half: shares 1/2, 1/2, 1/1
     assert shares["t"]["ffn_value"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)
 
 
-def _hand_made_analysis() -> Analysis:
+def _hand_made_analysis(top: int = 300) -> Analysis:
     summary = LayerSummary([0.1, 0.2], [0.3, 0.4], 0.3, 0.7, [("ffn", 1, 0.4), ("attention", 0, 0.1)])
     return Analysis(
-        directory="d", model=EVIL, dataset=EVIL, n_layers=2, n_heads=2, counts={EVIL: 1},
+        directory="d", model=EVIL, dataset=EVIL, n_layers=2, n_heads=2, top=top, counts={EVIL: 1},
         layers={EVIL: summary}, value_histograms={EVIL: {"attention": [1, 2], "ffn": [3, 4]}},
         query_histograms={EVIL: {"query_only": [1, 0], "query_value": [0, 1]}},
         top_heads={EVIL: [(1, 0, 0.5)]}, head_overlap={EVIL: {EVIL: 1}}, geographic_heads=[],
@@ -53,6 +52,21 @@ def _hand_made_analysis() -> Analysis:
         head_interventions={EVIL: {EVIL: {"mrr": 1.0, "prob": 0.5, "log_prob": -0.7, "mrr_decrease": 0.1,
                                           "prob_decrease": 0.0, "log_prob_drop": 0.0}}},
         intervention_sentences={EVIL: 1})
+
+
+def test_every_label_follows_the_runs_top_k(monkeypatch):
+    """A run made with --top 100 is analysed and labelled as top-100: tables, captions and figure titles."""
+    from neuron_attribution.reports import html
+
+    analysis = _hand_made_analysis(top=100)
+    page = render_html(analysis, {})
+    assert "top-100 value neurons" in page and "top-100 query" in page and "top-100 of more than half" in page
+    assert "top-300" not in page  # no leftover of the old fixed k
+    titles = []
+    monkeypatch.setattr(html, "_png", lambda figure: titles.append(figure._suptitle.get_text()) or b"")
+    html.value_histogram_figure(analysis)
+    html.query_histogram_figure(analysis)
+    assert titles == ["Where the top-100 value neurons sit", "Where the top-100 query FFN neurons sit"]
 
 
 class _Tags(HTMLParser):
@@ -110,8 +124,10 @@ def test_report_renders_in_chromium(real_model, tmp_path):
         pytest.skip("Chromium is not installed here (CI installs it)")
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
-    run_dataset(real_model, tmp_path / "run", RunArguments(str(facts), None, 30, "skip"), batch_size=4)
-    analysis = analyze_run(tmp_path / "run", per_type=1, load=lambda *_: real_model)
+    run_dataset(real_model, tmp_path / "run", RunArguments(str(facts)), settings=run_settings(real_model, 30),
+                batch_size=4)
+    analysis = analyze_run(tmp_path / "run", per_type=1, load=lambda spec: real_model)
+    assert analysis.top == 30
     report = write_report(analysis, tmp_path / "analysis")
     assert {p.name for p in (tmp_path / "analysis").iterdir()} >= {
         "report.html", "analysis.json", "layer_scores.png", "value_neurons_by_layer.png", "query_neurons_by_layer.png",
@@ -120,7 +136,8 @@ def test_report_renders_in_chromium(real_model, tmp_path):
     assert dom.returncode == 0, dom.stderr
     for text in ("Attention and FFN layers (Table 3 style)", "top-10 value layers", "Where the value and query",
                  "Heads in the top 10 of language, capital and country alike", "Sharing", "Interventions",
-                 "random (value)", "The capital of France is", "capital", "language", "country"):
+                 "random (value)", "The capital of France is", "capital", "language", "country",
+                 "top-30 value neurons"):
         assert text in dom.stdout, text
     screenshot = tmp_path / "report.png"
     shot = _headless(chromium, f"--screenshot={screenshot}", "--window-size=1200,2400", report.as_uri())

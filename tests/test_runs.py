@@ -18,8 +18,9 @@ import torch
 
 from neuron_attribution import UserError, attribute
 from neuron_attribution.datasets import Fact
-from neuron_attribution.filtering import _check
-from neuron_attribution.runs import TABLES, RunArguments, run_dataset
+from neuron_attribution.pipelines.filter import _check
+from neuron_attribution.pipelines.run import RunArguments, run_dataset, run_settings
+from neuron_attribution.results.tables import TABLES
 
 FACTS = [
     {"prompt": "The capital of France is", "answer": "Paris", "type": "capital"},
@@ -57,7 +58,7 @@ def _tables(directory: Path) -> dict:
 @pytest.fixture(scope="module")
 def finished_run(real_model, facts_file, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("run")
-    run_dataset(real_model, directory, RunArguments(str(facts_file), None, 20, "skip"), batch_size=4)
+    run_dataset(real_model, directory, RunArguments(str(facts_file), None, "skip"), settings=run_settings(real_model, 20), batch_size=4)
     return directory
 
 
@@ -89,9 +90,9 @@ def test_run_tables_hold_what_attribute_gives(real_model, finished_run):
 @pytest.mark.slow
 def test_a_different_run_into_the_same_directory_is_refused(real_model, finished_run, facts_file):
     with pytest.raises(UserError, match="holds a different run .*top: 20 there, 5 now"):
-        run_dataset(real_model, finished_run, RunArguments(str(facts_file), None, 5, "skip"))
+        run_dataset(real_model, finished_run, RunArguments(str(facts_file), None, "skip"), settings=run_settings(real_model, 5))
     with pytest.raises(UserError, match="holds a different run .*limit"):
-        run_dataset(real_model, finished_run, RunArguments(str(facts_file), 1, 20, "skip"))
+        run_dataset(real_model, finished_run, RunArguments(str(facts_file), 1, "skip"), settings=run_settings(real_model, 20))
 
 
 @pytest.mark.slow
@@ -105,11 +106,11 @@ def test_lost_and_truncated_parts_are_recomputed(real_model, finished_run, facts
     damaged = parts[1] / "ffn_neurons.parquet"
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # a truncated file
     (copy / "parts" / ".tmp-leftover").mkdir()  # what a crash mid-write leaves behind
-    summary = run_dataset(real_model, copy, RunArguments(str(facts_file), None, 20, "skip"), batch_size=4)
+    summary = run_dataset(real_model, copy, RunArguments(str(facts_file), None, "skip"), settings=run_settings(real_model, 20), batch_size=4)
     assert summary.attributed == 6 and summary.already_done == 0
     assert _tables(copy) == before
     assert not (copy / "parts" / ".tmp-leftover").exists()
-    again = run_dataset(real_model, copy, RunArguments(str(facts_file), None, 20, "skip"), batch_size=4)
+    again = run_dataset(real_model, copy, RunArguments(str(facts_file), None, "skip"), settings=run_settings(real_model, 20), batch_size=4)
     assert again.attributed == 0 and again.already_done == 6
 
 

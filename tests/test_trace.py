@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from neuron_attribution import trace_token_ids
-from neuron_attribution.readout import LinearReadout
+from neuron_attribution.model.readout import LinearReadout
 
 from .conftest import PROMPTS, tiny_llama_like
 

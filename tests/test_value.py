@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from neuron_attribution import UserError
-from neuron_attribution.attribution import attribute, attribute_batch, project
-from neuron_attribution.trace import trace_token_ids
+from neuron_attribution import attribute, attribute_batch, project
+from neuron_attribution.model.trace import trace_token_ids
 
 from . import reference as ref
 
@@ -129,7 +129,7 @@ def test_bad_prompts_and_targets(real_model):
 
 @pytest.mark.slow
 def test_real_model_matches_definition_and_dense(real_model):
-    from neuron_attribution.attribution import value_context
+    from neuron_attribution.scoring.context import value_context
     from neuron_attribution.scoring import value
 
     prompt = "The capital of France is"

@@ -1,15 +1,69 @@
-"""neuron-attribution: which neurons of a causal LM put the answer there (Yu & Ananiadou, EMNLP 2024)."""
+"""neuron-attribution: which neurons of a causal LM put the answer there (Yu & Ananiadou, EMNLP 2024).
 
-from .attribution import (AttentionNeuron, Attribution, FfnNeuron, HeadScore, Projection, QueryLayer, QueryNeuron,
-                          attribute, attribute_batch, interpret_query_neuron, project, query_value_split,
-                          split_queries)
+The public API is importable from here; names are loaded on first use, so `import neuron_attribution` (and the
+CLI's `--help`) does not pay for torch and transformers until something needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .errors import UserError
-from .loading import LoadedModel, load_model
-from .trace import Trace, trace_token_ids
+from .version import __version__
 
-__version__ = "0.1.0"
+# public name -> module (relative to this package) that defines it
+_EXPORTS = {
+    "Settings": "settings", "ModelSpec": "settings", "ScoringOptions": "settings",
+    "FfnIndex": "neurons", "AttentionIndex": "neurons", "HeadIndex": "neurons", "parse_neuron": "neurons",
+    "LoadedModel": "model.loading", "load_model": "model.loading",
+    "Trace": "model.trace", "trace_token_ids": "model.trace",
+    "Ablation": "model.interventions", "ablated": "model.interventions",
+    "Attribution": "results.attribution", "AttentionNeuron": "results.attribution",
+    "FfnNeuron": "results.attribution", "HeadScore": "results.attribution", "Prediction": "results.attribution",
+    "Projection": "results.attribution", "QueryLayer": "results.attribution", "QueryNeuron": "results.attribution",
+    "Evaluation": "results.evaluation", "Metrics": "results.metrics",
+    "attribute": "pipelines.attribute", "attribute_batch": "pipelines.attribute",
+    "predict": "pipelines.predict",
+    "project": "pipelines.projection", "interpret_query_neuron": "pipelines.projection",
+    "query_value_split": "pipelines.paper", "split_queries": "pipelines.paper",
+    "evaluate": "pipelines.evaluate",
+    "RunArguments": "pipelines.run", "run_dataset": "pipelines.run",
+    "analyze_run": "pipelines.analyze",
+    "load_facts": "datasets",
+}
 
-__all__ = ["AttentionNeuron", "Attribution", "FfnNeuron", "HeadScore", "LoadedModel", "Projection", "QueryLayer",
-           "QueryNeuron", "Trace", "UserError", "__version__", "attribute", "attribute_batch",
-           "interpret_query_neuron", "load_model", "project", "query_value_split", "split_queries",
-           "trace_token_ids"]
+__all__ = sorted([*_EXPORTS, "UserError", "__version__"])
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from .datasets import load_facts
+    from .model.interventions import Ablation, ablated
+    from .model.loading import LoadedModel, load_model
+    from .model.trace import Trace, trace_token_ids
+    from .neurons import AttentionIndex, FfnIndex, HeadIndex, parse_neuron
+    from .pipelines.analyze import analyze_run
+    from .pipelines.attribute import attribute, attribute_batch
+    from .pipelines.evaluate import evaluate
+    from .pipelines.paper import query_value_split, split_queries
+    from .pipelines.predict import predict
+    from .pipelines.projection import interpret_query_neuron, project
+    from .pipelines.run import RunArguments, run_dataset
+    from .results.attribution import (AttentionNeuron, Attribution, FfnNeuron, HeadScore, Prediction, Projection,
+                                      QueryLayer, QueryNeuron)
+    from .results.evaluation import Evaluation
+    from .results.metrics import Metrics
+    from .settings import ModelSpec, ScoringOptions, Settings

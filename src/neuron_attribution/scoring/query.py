@@ -1,4 +1,4 @@
-"""Query neurons and query layers (METHOD.md §3): which earlier components switch the value neurons on.
+"""Query neurons and query layers (docs/method.md §3): which earlier components switch the value neurons on.
 
 A value neuron fires because the residual entering its sublayer has a large inner product with its subkey K
 (scaled by the gain γ of the norm before that sublayer: K' = K ⊙ γ). The residual is an exact sum of earlier
@@ -18,8 +18,9 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from ..models import LayerWeights, ModelShape
-from ..trace import Trace
+from ..model.adapters import LayerWeights
+from ..model.trace import Trace
+from ..neurons import ModelShape
 
 # |h·K'| below this fraction of ‖h‖·‖K'‖ (a cosine under 1e-4) is treated as zero: dividing by it would give
 # arbitrarily large shares with arbitrary signs. Such (value neuron, subkey) pairs are skipped and reported.
@@ -173,12 +174,6 @@ def query_layer_scores(trace: Trace, readings: list[SubkeyReading]) -> dict[str,
 def interpret_through_head(weights: LayerWeights, shape: ModelShape, vector: Tensor, head: int) -> Tensor:
     """A (query) neuron's vector as the head would carry it: through the layer's input norm (own scale,
     gain, no bias), the head's value projection (its KV head) and output projection. Returns a (d,) vector."""
-    norm = weights.attention_norm
-    if norm.kind == "layernorm":
-        centred = vector - vector.mean()
-        normed = centred * torch.rsqrt(centred.pow(2).mean() + norm.eps)
-    else:
-        normed = vector * torch.rsqrt(vector.pow(2).mean() + norm.eps)
-    normed = normed * norm.weight
+    normed = weights.attention_norm.apply_without_bias(vector)
     value = weights.value_weight[shape.kv_head_of(head)] @ normed  # (d_h,)
     return value @ weights.output_weight[head]  # (d,)

@@ -1,0 +1,118 @@
+"""The Ray backend: the same batch functions as the local backend, on Ray actors that each load the model once.
+
+A local cluster is started by default (`workers` actors of one CPU each); `address` joins an existing cluster,
+whose nodes need this package and the model. Results come back to the driver, which alone writes files, so no
+shared filesystem is needed. An actor that dies is restarted (loading the model again) and its unfinished batch
+is run again; the driver keeps one result per batch, so nothing is lost or counted twice. Each actor uses as
+many torch threads as the driver, so its float32 arithmetic, and hence every number, is the driver's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from ..errors import UserError
+from ..settings import Settings
+from . import SetupFunction, WorkFunction
+
+INSTALL_HINT = "--backend ray needs Ray: pip install 'neuron-attribution[ray]'"
+RESTARTS = 3
+
+
+def require_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    return ray
+
+
+class _Worker:
+    """One actor: the model, loaded once from the settings' model spec, and the settings every function gets."""
+
+    def __init__(self, settings: Settings, threads: int):
+        import torch
+
+        from ..model.loading import load
+
+        torch.set_num_threads(threads)
+        self.settings = settings
+        self.model = load(settings.model)
+
+    def run(self, function: WorkFunction, item: Any) -> Any:
+        return function(self.model, self.settings, item)
+
+    def setup(self, function: SetupFunction) -> None:
+        function(self.model, self.settings, None)
+
+
+class RayBackend:
+    """`map` over Ray actors. Use as a context manager: the actors (and a local cluster this started) stop
+    on leaving it."""
+
+    def __init__(self, settings: Settings, *, workers: int = 2, address: str | None = None):
+        if workers <= 0:
+            raise UserError("--workers must be a positive number")
+        ray = require_ray()
+        import torch
+
+        self.ray = ray
+        self.settings = settings
+        self.started_cluster = False
+        if not ray.is_initialized():
+            try:
+                quiet = {"log_to_driver": False, "logging_level": logging.ERROR}  # progress is ours to show
+                if address:
+                    ray.init(address=address, **quiet)
+                else:
+                    ray.init(num_cpus=workers, include_dashboard=False, **quiet)
+                    self.started_cluster = True
+            except (ConnectionError, ValueError, RuntimeError) as error:
+                raise UserError(f"cannot start or reach the Ray cluster{' at ' + address if address else ''}: "
+                                f"{str(error).splitlines()[0]}") from None
+        actor = ray.remote(num_cpus=1, max_restarts=RESTARTS, max_task_retries=RESTARTS)(_Worker)
+        self.actors = [actor.remote(settings, torch.get_num_threads()) for _ in range(workers)]
+
+    def __enter__(self) -> RayBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []
+        if self.started_cluster:
+            self.ray.shutdown()
+
+    def on_every_model(self, function: SetupFunction, progress: Callable[[int, int], None] | None = None) -> None:
+        """On every actor at once (no progress: the work is in other processes)."""
+        self._get([actor.setup.remote(function) for actor in self.actors], "preparing the workers")
+
+    def _get(self, references, what: str):
+        try:
+            return self.ray.get(references)
+        except self.ray.exceptions.RayError as error:
+            raise UserError(f"a Ray worker failed {what} after {RESTARTS} retries: "
+                            f"{str(error).splitlines()[0]}") from None
+
+    def map(self, function: WorkFunction, items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        """Two batches in flight per actor; results as they finish."""
+        ray = self.ray
+        pending: dict[Any, tuple[int, Any]] = {}  # reference -> (batch index, actor)
+        queue = list(enumerate(items))
+        free = [actor for actor in self.actors for _ in range(2)]
+        while queue or pending:
+            while queue and free:
+                index, item = queue.pop(0)
+                actor = free.pop(0)
+                pending[actor.run.remote(function, item)] = (index, actor)
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for reference in ready:
+                index, actor = pending.pop(reference)
+                result = self._get(reference, f"on batch {index}")
+                free.append(actor)
+                yield index, result

@@ -1,0 +1,31 @@
+"""Per-family adapters, one file each. Every module in this package is imported here, and each
+`FamilyAdapter` subclass registers the `config.model_type` values it covers: adding a family is one file."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from torch import nn
+
+from ...errors import UserError
+from ...neurons import ModelShape
+from .base import ADAPTERS, FamilyAdapter, LayerWeights, NormParams
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+
+def supported_model_types() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def adapter_for(hf_model: nn.Module) -> FamilyAdapter:
+    model_type = getattr(hf_model.config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise UserError(f"unsupported architecture {model_type!r}; supported: {', '.join(supported_model_types())}")
+    return ADAPTERS[model_type](hf_model)
+
+
+__all__ = ["ADAPTERS", "FamilyAdapter", "LayerWeights", "ModelShape", "NormParams", "adapter_for",
+           "supported_model_types"]

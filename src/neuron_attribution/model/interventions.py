@@ -1,0 +1,199 @@
+"""Switching neurons off through hooks (docs/method.md §5). The model's weights are never touched: hooks are
+installed for the duration of a `with` block and removed on the way out, exceptions included.
+
+* FFN neuron (layer, neuron): its coefficient is zeroed at every position (input of the FFN output projection).
+* Attention neuron (layer, head, dim): its column of the heads' concatenated output is zeroed at every
+  position (input of the attention output projection); a whole head zeroes its d_h columns.
+* Position-specific attention neuron (layer, head, dim, source position): its contribution
+  α_{t,head,p}·v_{p,kv(head),dim}·W_O[head, dim] is subtracted from the attention output at every query
+  position t. This is exact for grouped-query models too, where zeroing the shared value state itself would
+  also silence the other query heads that read the same KV head.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..neurons import AttentionIndex, FfnIndex, HeadIndex
+from .loading import LoadedModel
+from .trace import PaddedBatch
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """What to switch off: index types (`FfnIndex`, `AttentionIndex`, `HeadIndex`) or plain tuples."""
+
+    ffn: Sequence[tuple[int, int]] = ()  # (layer, neuron)
+    attention: Sequence[tuple[int, int, int]] = ()  # (layer, head, dim), every source position
+    attention_at: Sequence[tuple[int, int, int, int]] = ()  # (layer, head, dim, source position)
+    heads: Sequence[tuple[int, int]] = ()  # (layer, head)
+
+    def __len__(self) -> int:
+        return len(self.ffn) + len(self.attention) + len(self.attention_at) + len(self.heads)
+
+    @classmethod
+    def of(cls, neurons) -> Ablation:
+        """Switch off the given index types, sorted by kind (an AttentionIndex without a position: every
+        position)."""
+        ffn, attention, attention_at, heads = [], [], [], []
+        for n in neurons:
+            if isinstance(n, FfnIndex):
+                ffn.append(n)
+            elif isinstance(n, AttentionIndex):
+                (attention if n.position is None else attention_at).append(n)
+            elif isinstance(n, HeadIndex):
+                heads.append(n)
+            else:
+                raise TypeError(f"not a neuron index: {n!r}")
+        return cls(ffn, [a[:3] for a in attention], attention_at, heads)
+
+
+def _check(model: LoadedModel, ablation: Ablation) -> None:
+    s = model.shape
+    for index in ablation.ffn:
+        s.check(FfnIndex(*index))
+    for index in ablation.attention:
+        s.check(AttentionIndex(*index))
+    for index in ablation.heads:
+        s.check(HeadIndex(*index))
+    for index in ablation.attention_at:
+        s.check(AttentionIndex(*index))
+
+
+@dataclass
+class _Plan:
+    """Ablations of R rows (R = 1: the same for every row of a batch), grouped by layer as 0/1 masks."""
+
+    rows: int
+    ffn_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (R, N)
+    column_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (R, H·d_h)
+    positioned: dict[int, list[tuple[int, int, int, int]]] = field(default_factory=lambda: defaultdict(list))
+
+
+def _plan(model: LoadedModel, ablations: Sequence[Ablation]) -> _Plan:
+    s = model.shape
+    plan = _Plan(len(ablations))
+
+    def mask(masks: dict[int, torch.Tensor], layer: int, width: int) -> torch.Tensor:
+        if layer not in masks:
+            masks[layer] = torch.ones(plan.rows, width)
+        return masks[layer]
+
+    for row, ablation in enumerate(ablations):
+        _check(model, ablation)
+        for layer, neuron in ablation.ffn:
+            mask(plan.ffn_masks, layer, s.d_ffn)[row, neuron] = 0
+        for layer, head, dim in ablation.attention:
+            mask(plan.column_masks, layer, s.n_heads * s.head_dim)[row, s.head_column(head, dim)] = 0
+        for layer, head in ablation.heads:
+            first = s.head_column(head, 0)
+            mask(plan.column_masks, layer, s.n_heads * s.head_dim)[row, first: first + s.head_dim] = 0
+        for layer, head, dim, position in ablation.attention_at:
+            plan.positioned[layer].append((row, head, dim, position))
+    return plan
+
+
+def _masking(mask: torch.Tensor):
+    """Pre-hook multiplying the module's input by a (R, width) 0/1 mask, row by row (R = 1 broadcasts).
+    Multiplying by 1 leaves a value bit-identical."""
+
+    def hook(module, args):
+        hidden = args[0]
+        return (hidden * mask.to(device=hidden.device, dtype=hidden.dtype).unsqueeze(1), *args[1:])
+    return hook
+
+
+class _PositionedAttention:
+    """Subtracts chosen (row, head, dim, source position) contributions from one layer's attention output."""
+
+    def __init__(self, model: LoadedModel, layer: int, neurons: list[tuple[int, int, int, int]], rows: int):
+        self.adapter, self.layer, self.shape, self.rows = model.adapter, layer, model.shape, rows
+        self.index = torch.tensor(neurons, dtype=torch.long).reshape(-1, 4)
+        self.values: torch.Tensor | None = None
+
+    def capture_values(self, module, args, output) -> None:
+        self.values = self.adapter.values_from_output(self.layer, output)  # (B, T, H_kv, d_h)
+
+    def subtract(self, module, args, output):
+        attention_output, weights = output[0], output[1]
+        if weights is None or self.values is None:
+            raise RuntimeError("position-specific ablation needs eager attention weights and value states")
+        batch, tokens = attention_output.shape[:2]
+        row, head, dim, position = self.index.unbind(-1)
+        if self.rows == 1:  # the same neurons in every row of the batch
+            count = row.numel()
+            row = torch.arange(batch).repeat_interleave(count)
+            head, dim, position = head.repeat(batch), dim.repeat(batch), position.repeat(batch)
+        inside = position < tokens  # a shorter prompt has nothing at this source position
+        row, head, dim, position = row[inside], head[inside], dim[inside], position[inside]
+        device = attention_output.device
+        direction = self.adapter.layer_weights(self.layer).output_weight[head, dim].to(device)  # (M, d)
+        row, head, dim, position = (t.to(device) for t in (row, head, dim, position))
+        kv_head = self.shape.kv_head_of(head)
+        value = self.values[row, position, kv_head, dim]  # (M,)
+        alpha = weights[row, head, :, position]  # (M, T): every query position's weight on its source
+        contribution = (alpha * value.unsqueeze(-1)).unsqueeze(-1) * direction.to(alpha.dtype).unsqueeze(1)
+        correction = torch.zeros_like(attention_output).index_add_(0, row, contribution.to(attention_output.dtype))
+        return (attention_output - correction, *output[1:])
+
+
+@contextmanager
+def ablated(model: LoadedModel, ablation: Ablation) -> Iterator[LoadedModel]:
+    """Run the model with the given neurons switched off, inside the `with` block only."""
+    with ablated_rows(model, [ablation]):
+        yield model
+
+
+@contextmanager
+def ablated_rows(model: LoadedModel, ablations: Sequence[Ablation]) -> Iterator[LoadedModel]:
+    """Inside the block, row i of every batch runs with ablations[i] switched off; a single ablation applies
+    to every row. Lets one padded batch carry a different intervention per prompt."""
+    if not ablations:
+        raise ValueError("no ablation given")
+    plan = _plan(model, ablations)
+    adapter = model.adapter
+    handles = []
+    try:
+        for layer, mask in plan.ffn_masks.items():
+            handles.append(adapter.mlp_output_projection(layer).register_forward_pre_hook(_masking(mask)))
+        for layer, mask in plan.column_masks.items():
+            handles.append(adapter.attention_output_projection(layer).register_forward_pre_hook(_masking(mask)))
+        for layer, neurons in plan.positioned.items():
+            positioned = _PositionedAttention(model, layer, neurons, plan.rows)
+            handles.append(adapter.value_source(layer).register_forward_hook(positioned.capture_values))
+            handles.append(adapter.attention(layer).register_forward_hook(positioned.subtract))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def last_logits(model: LoadedModel, batch: Sequence[Sequence[int]], ablation: Ablation | None = None,
+                batch_size: int = 16) -> torch.Tensor:
+    """(n, V) float32 next-token logits for token-id prompts, with `ablation` switched off if given."""
+    chunks = []
+    with ablated(model, ablation or Ablation()), torch.inference_mode():
+        for start in range(0, len(batch), batch_size):
+            padded = PaddedBatch.of(batch[start: start + batch_size])
+            chunks.append(padded.last_logits(padded.run(model)))
+    return torch.cat(chunks) if chunks else torch.empty(0, model.shape.vocab_size)
+
+
+def last_logits_each(model: LoadedModel, batch: Sequence[Sequence[int]], ablations: Sequence[Ablation],
+                     batch_size: int = 16) -> torch.Tensor:
+    """(n, V) float32 next-token logits, prompt i run with ablations[i] switched off."""
+    if len(batch) != len(ablations):
+        raise ValueError(f"{len(batch)} prompts but {len(ablations)} ablations")
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(batch), batch_size):
+            rows = slice(start, start + batch_size)
+            padded = PaddedBatch.of(batch[rows])
+            with ablated_rows(model, ablations[rows]):
+                chunks.append(padded.last_logits(padded.run(model)))
+    return torch.cat(chunks) if chunks else torch.empty(0, model.shape.vocab_size)

@@ -1,0 +1,1 @@
+"""The tasks: attribute, score chosen neurons, evaluate, filter, run a dataset, analyze a run."""

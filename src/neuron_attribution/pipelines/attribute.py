@@ -1,0 +1,130 @@
+"""`attribute()`: value neurons, layer and head scores and query neurons for prompts (docs/method.md §2–3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import UserError
+from ..model.loading import LoadedModel
+from ..model.prompts import Prompt, encode_prompt, encode_target, token_texts
+from ..model.trace import Trace, trace_token_ids
+from ..results.attribution import (AttentionNeuron, Attribution, DenseScores, FfnNeuron, HeadPositionScore,
+                                   HeadScore, LayerScores, QueryLayers, TargetInfo)
+from ..scoring import value
+from ..scoring.context import ValueContext, value_context
+from ..settings import (DEFAULT_MEMORY_BUDGET, DEFAULT_QUERY_TOP, DEFAULT_TOP_K, ScoringOptions,
+                        check_positive)
+from .predict import top_predictions
+from .queries import query_scores
+
+PROJECTION_TOKENS = 10
+TOP_HEADS_WITH_POSITIONS = 5
+
+
+def attribute(model: LoadedModel, prompt: Prompt, target: str | int | None = None, *, top_k: int = DEFAULT_TOP_K,
+              dense: bool = False, reference: bool = False, query_top: int = DEFAULT_QUERY_TOP,
+              memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Attribution:
+    """Value neurons for one prompt: which FFN and attention neurons raise log p(target), and the query
+    neurons and layers that activate the top `query_top` value neurons of each kind (0: no query scoring).
+    `target`: answer text (its first token is scored), a token id, or None for the model's top prediction.
+    A `query_top` larger than the model's number of neurons of a kind is clamped to it. `memory_budget`:
+    bytes the vocabulary-sized buffers of exact scoring may take."""
+    return attribute_batch(model, [prompt], None if target is None else [target], top_k=top_k, dense=dense,
+                           reference=reference, query_top=query_top, memory_budget=memory_budget)[0]
+
+
+def attribute_batch(model: LoadedModel, prompts: Sequence[Prompt], targets: Sequence[str | int | None] | None = None,
+                    *, top_k: int = DEFAULT_TOP_K, dense: bool = False, reference: bool = False,
+                    query_top: int = DEFAULT_QUERY_TOP, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                    batch_size: int = 8) -> list[Attribution]:
+    """`attribute` for many prompts, sharing forward passes (right-padded batches of `batch_size`)."""
+    options = ScoringOptions(top_k=top_k, query_top=query_top, memory_budget=memory_budget, reference=reference)
+    return attribute_with(model, prompts, targets, options, dense=dense, batch_size=batch_size)
+
+
+def attribute_with(model: LoadedModel, prompts: Sequence[Prompt], targets: Sequence[str | int | None] | None,
+                   options: ScoringOptions, *, dense: bool = False, batch_size: int = 8) -> list[Attribution]:
+    """`attribute_batch` with the scoring options as one object (as settings carry them)."""
+    check_positive("batch_size", batch_size)
+    if isinstance(prompts, str):
+        raise UserError("prompts must be a list of prompts, not one text; use attribute() for one prompt")
+    if targets is not None and len(targets) != len(prompts):
+        raise UserError(f"{len(prompts)} prompts but {len(targets)} targets")
+    encoded = [encode_prompt(model, p) for p in prompts]
+    results = []
+    for start in range(0, len(encoded), batch_size):
+        traces = trace_token_ids(model, encoded[start: start + batch_size])
+        for offset, trace in enumerate(traces):
+            i = start + offset
+            target = None if targets is None else targets[i]
+            results.append(_attribute_trace(model, prompts[i], encoded[i], trace, target, options, dense))
+    return results
+
+
+def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: Trace, target: str | int | None,
+                     options: ScoringOptions, dense: bool) -> Attribution:
+    top_k = options.top_k
+    target_token = encode_target(model, ids, prompt, int(trace.logits.argmax()) if target is None else target)
+    ctx = value_context(model, trace, target_token.id, reference=options.reference,
+                        memory_budget=options.memory_budget)
+    tokens = token_texts(model, ids)
+    probs = torch.softmax(trace.logits.double(), dim=-1)
+    target_info = TargetInfo(target_token.text, target_token.id, float(probs[target_token.id]),
+                             int((probs > probs[target_token.id]).sum()) + 1, target_token.n_answer_tokens)
+
+    attention_layers, ffn_layers = value.layer_scores(ctx)
+    scores = value.value_scores(ctx, max(top_k, options.query_top), TOP_HEADS_WITH_POSITIONS, PROJECTION_TOKENS)
+    heads = scores.heads
+    head_list = [HeadScore(index.layer, index.head, float(heads[index]))
+                 for index in model.shape.head_indices(torch.arange(heads.numel()))]
+    head_list.sort(key=lambda s: -s.score)
+    head_positions = [HeadPositionScore(l, h, p, tokens[p], float(scores.positions[i, p]))
+                      for i, (l, h) in enumerate(scores.position_heads) for p in range(scores.positions.shape[1])]
+    ffn_neurons = _ffn_neurons(model, ctx, scores.ffn)
+    attention_neurons = _attention_neurons(ctx, scores.attention, tokens)
+    if options.query_top:
+        queries = query_scores(model, trace, ffn_neurons[: options.query_top],
+                               attention_neurons[: options.query_top])
+        query_neurons, query_layers, query_skipped = queries.top(top_k), queries.layers, queries.skipped
+    else:
+        query_neurons, query_layers, query_skipped = [], QueryLayers([], []), []
+    return Attribution(
+        prompt=prompt if isinstance(prompt, str) else "".join(tokens),
+        model=model.name,
+        tokens=tokens,
+        target=target_info,
+        predictions=top_predictions(model, trace.logits, 10),
+        layers=LayerScores(attention_layers.tolist(), ffn_layers.tolist()),
+        heads=head_list,
+        ffn_neurons=ffn_neurons[:top_k],
+        attention_neurons=attention_neurons[:top_k],
+        head_positions=head_positions,
+        query_neurons=query_neurons,
+        query_layers=query_layers,
+        query_skipped=query_skipped,
+        reference=options.reference,
+        evaluated={"ffn": scores.ffn.n_evaluated, "attention": scores.attention.n_evaluated},
+        dense=_dense(ctx) if dense else None,
+    )
+
+
+def _ffn_neurons(model: LoadedModel, ctx: ValueContext, top: value.TopK) -> list[FfnNeuron]:
+    coefficients = value.ffn_coefficients(ctx)
+    return [FfnNeuron(index.layer, index.neuron, score, float(coefficients[index]),
+                      token_texts(model, projection[:PROJECTION_TOKENS]),
+                      token_texts(model, projection[PROJECTION_TOKENS:]))
+            for index, score, projection in zip(ctx.shape.ffn_indices(top.indices), top.scores.tolist(),
+                                                top.extra.tolist())]
+
+
+def _attention_neurons(ctx: ValueContext, top: value.TopK, tokens: list[str]) -> list[AttentionNeuron]:
+    coefficients = ctx.attention_coefficients
+    return [AttentionNeuron(*index, tokens[index.position], score, float(coefficients[index]))
+            for index, score in zip(ctx.shape.attention_indices(top.indices, ctx.trace.n_tokens),
+                                    top.scores.tolist())]
+
+
+def _dense(ctx: ValueContext) -> DenseScores:
+    return DenseScores(value.dense_ffn_scores(ctx).numpy(), value.dense_attention_scores(ctx).numpy())

@@ -1,0 +1,32 @@
+"""Helpers for the paper's analyses of one attribution (docs/method.md §3): query-only vs query-value neurons."""
+
+from __future__ import annotations
+
+from ..model.loading import LoadedModel
+from ..model.prompts import Prompt
+from ..results.attribution import Attribution, QueryValueSplit
+from ..settings import DEFAULT_QUERY_TOP
+from .attribute import attribute
+
+
+def query_value_split(model: LoadedModel, prompt: Prompt, target: str | int | None = None, *, n: int = 300,
+                      query_top: int = DEFAULT_QUERY_TOP) -> QueryValueSplit:
+    """The top-n query neurons minus those also in the top-n FFN value neurons."""
+    result = attribute(model, prompt, target, top_k=n, query_top=query_top)
+    return split_queries(result, model.shape.n_layers)
+
+
+def split_queries(result: Attribution, n_layers: int) -> QueryValueSplit:
+    """The split for an attribution already made; n is its `top_k` (the length of its lists)."""
+    values = {(v.layer, v.neuron) for v in result.ffn_neurons}
+    queries = [(q.layer, q.neuron) for q in result.query_neurons]
+    query_value = [q for q in queries if q in values]
+    query_only = [q for q in queries if q not in values]
+
+    def histogram(neurons: list[tuple[int, int]]) -> list[int]:
+        counts = [0] * n_layers
+        for layer, _ in neurons:
+            counts[layer] += 1
+        return counts
+
+    return QueryValueSplit(len(queries), query_only, query_value, histogram(query_only), histogram(query_value))

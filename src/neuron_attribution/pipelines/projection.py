@@ -1,0 +1,55 @@
+"""Reading neurons in the vocabulary: a neuron's vector through the final norm's gain and the unembedding, and a
+query neuron as one head carries it (docs/method.md §2–3)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from ..model.loading import LoadedModel
+from ..model.prompts import token_texts
+from ..model.readout import project_to_vocabulary
+from ..neurons import AttentionIndex, FfnIndex, HeadIndex, as_index
+from ..results.attribution import AttentionNeuron, FfnNeuron, Projection
+from ..scoring import query
+
+
+def project(model: LoadedModel, neuron: FfnNeuron | AttentionNeuron | FfnIndex | AttentionIndex | tuple,
+            k: int = 10) -> Projection:
+    """The neuron's value vector through the final norm's gain and the unembedding, U(γ ⊙ u), sorted.
+
+    `neuron`: an FfnNeuron or AttentionNeuron from a result, an FfnIndex or AttentionIndex, ("ffn", layer,
+    neuron) or ("attention", layer, head, dim). Top tokens are promoted when the neuron's coefficient is
+    positive, bottom tokens when it is negative."""
+    return projection_of(model, neuron_vector(model, neuron), k)
+
+
+def projection_of(model: LoadedModel, vector: torch.Tensor, k: int) -> Projection:
+    logits = project_to_vocabulary(model.adapter.final_norm(), model.adapter.unembedding[0], vector)
+    top, bottom = logits.topk(k), logits.topk(k, largest=False)
+    return Projection(token_texts(model, top.indices.tolist()), top.indices.tolist(), top.values.tolist(),
+                      token_texts(model, bottom.indices.tolist()), bottom.indices.tolist(), bottom.values.tolist())
+
+
+def neuron_vector(model: LoadedModel, neuron) -> torch.Tensor:
+    """The (d,) value vector an FFN or attention neuron writes per unit of coefficient."""
+    index = neuron.index if isinstance(neuron, (FfnNeuron, AttentionNeuron)) else as_index(neuron)
+    if isinstance(index, HeadIndex):
+        raise UserError(f"a head has no single vector: {index}; give an FFN or attention neuron")
+    model.shape.check(index)
+    weights = model.adapter.layer_weights(index.layer)
+    if isinstance(index, FfnIndex):
+        return weights.ffn_values[index.neuron]
+    return weights.output_weight[index.head, index.dim]
+
+
+def interpret_query_neuron(model: LoadedModel, ffn_layer: int, neuron: int, layer: int, head: int,
+                           k: int = 10) -> Projection:
+    """A query FFN neuron as one head carries it (docs/method.md §3): its value vector through `layer`'s input
+    norm, `head`'s value and output projections, then projected to the vocabulary like any neuron."""
+    s = model.shape
+    for index in (FfnIndex(ffn_layer, neuron), HeadIndex(layer, head)):
+        s.check(index)
+    vector = model.adapter.layer_weights(ffn_layer).ffn_values[neuron]
+    carried = query.interpret_through_head(model.adapter.layer_weights(layer), s, vector, head)
+    return projection_of(model, carried, k)

@@ -1,0 +1,302 @@
+"""Plots (PNG, one figure per question), analysis.json and one self-contained report.html for an Analysis.
+
+Everything from the model or the data that reaches the page (tokens, prompts, answers, type names) goes through
+html.escape: vocabulary tokens contain markup.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..errors import UserError  # noqa: E402
+from ..files import write_bytes_atomic, write_json  # noqa: E402
+from ..pipelines.analyze import TOP_HEADS, TOP_LAYERS, Analysis  # noqa: E402
+from ..pipelines.protocols import HEAD_FRACTION, QueryNeurons, ValueNeurons  # noqa: E402
+
+
+def write_report(analysis: Analysis, directory: Path | str) -> Path:
+    """Writes the PNGs, analysis.json and report.html into `directory`; returns the report's path."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot write to {directory}: {error.strerror or error}") from None
+    figures = {name: draw(analysis) for name, draw in FIGURES.items()}
+    figures = {name: png for name, png in figures.items() if png is not None}
+    for name, png in figures.items():
+        write_bytes_atomic(directory / f"{name}.png", png)
+    write_json(directory / "analysis.json", analysis.to_dict())
+    page = render_html(analysis, figures)
+    write_bytes_atomic(directory / "report.html", page.encode("utf-8"))
+    return directory / "report.html"
+
+
+# --- figures --------------------------------------------------------------------------------------------------
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _grid(n: int):
+    columns = min(3, n)
+    rows = -(-n // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows), squeeze=False, sharex=True)
+    for extra in axes.flat[n:]:
+        extra.set_visible(False)
+    return figure, list(axes.flat)
+
+
+def layer_scores_figure(analysis: Analysis) -> bytes:
+    figure, axes = _grid(len(analysis.types))
+    layers = np.arange(analysis.n_layers)
+    for axis, kind in zip(axes, analysis.types):
+        summary = analysis.layers[kind]
+        axis.plot(layers, summary.attention, marker=".", label="attention layer")
+        axis.plot(layers, summary.ffn, marker=".", label="FFN layer")
+        axis.axhline(0, color="grey", linewidth=0.5)
+        axis.set_title(f"{kind} ({analysis.counts[kind]} sentences)")
+        axis.set_xlabel("layer")
+        axis.set_ylabel("mean log-prob increase")
+    axes[0].legend()
+    figure.suptitle("Layer scores: how much each layer raises log p(answer)")
+    return _png(figure)
+
+
+def _stacked_by_layer(analysis: Analysis, histograms: dict[str, dict[str, list[float]]],
+                      series: tuple[tuple[str, str], tuple[str, str]], title: str) -> bytes:
+    """Per type, two counts per layer stacked: (key, legend label) for the lower and the upper bars."""
+    figure, axes = _grid(len(analysis.types))
+    layers = np.arange(analysis.n_layers)
+    (lower, lower_label), (upper, upper_label) = series
+    for axis, kind in zip(axes, analysis.types):
+        counts = histograms[kind]
+        axis.bar(layers, counts[lower], label=lower_label)
+        axis.bar(layers, counts[upper], bottom=counts[lower], label=upper_label)
+        axis.set_title(kind)
+        axis.set_xlabel("layer")
+        axis.set_ylabel("neurons per sentence")
+    axes[0].legend()
+    figure.suptitle(title)
+    return _png(figure)
+
+
+def value_histogram_figure(analysis: Analysis) -> bytes:
+    return _stacked_by_layer(analysis, analysis.value_histograms,
+                             (("attention", "attention value neurons"), ("ffn", "FFN value neurons")),
+                             f"Where the top-{analysis.top} value neurons sit")
+
+
+def query_histogram_figure(analysis: Analysis) -> bytes:
+    return _stacked_by_layer(analysis, analysis.query_histograms,
+                             (("query_only", "query-only"), ("query_value", "query and value")),
+                             f"Where the top-{analysis.top} query FFN neurons sit")
+
+
+def head_overlap_figure(analysis: Analysis) -> bytes:
+    kinds = analysis.types
+    matrix = np.array([[analysis.head_overlap[a][b] for b in kinds] for a in kinds])
+    figure, axis = plt.subplots(figsize=(0.7 * len(kinds) + 2.5, 0.6 * len(kinds) + 1.5))
+    image = axis.imshow(matrix, cmap="Blues", vmin=0)
+    axis.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
+    axis.set_yticks(range(len(kinds)), kinds)
+    for i in range(len(kinds)):
+        for j in range(len(kinds)):
+            axis.text(j, i, str(matrix[i, j]), ha="center", va="center",
+                      color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    figure.colorbar(image, ax=axis, label="shared heads")
+    axis.set_title(f"Top-{TOP_HEADS} heads shared between knowledge types")
+    return _png(figure)
+
+
+def sharing_figure(analysis: Analysis) -> bytes:
+    kinds = analysis.types
+    names = [("ffn_value", "FFN value"), ("attention_value", "attention value"), ("query", "query")]
+    x = np.arange(len(kinds))
+    figure, axis = plt.subplots(figsize=(1.4 * len(kinds) + 3, 3.5))
+    for i, (key, label) in enumerate(names):
+        axis.bar(x + (i - 1) * 0.27, [analysis.sharing[k][key] for k in kinds], width=0.27, label=label)
+    axis.set_xticks(x, kinds)
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("share of a sentence's top neurons")
+    axis.set_title("Neurons common to more than half of a type's sentences")
+    axis.legend()
+    return _png(figure)
+
+
+def interventions_figure(analysis: Analysis) -> bytes | None:
+    if not analysis.interventions:
+        return None
+    kinds = list(analysis.interventions)
+    rows = ["value", "random (value)", "query", "random (query)"]
+    x = np.arange(len(kinds))
+    figure, axis = plt.subplots(figsize=(1.4 * len(kinds) + 3, 3.5))
+    for i, row in enumerate(rows):
+        axis.bar(x + (i - 1.5) * 0.2, [analysis.interventions[k][row]["mrr_decrease"] for k in kinds], width=0.2,
+                 label=row)
+    axis.set_xticks(x, kinds)
+    axis.set_ylabel("relative MRR decrease")
+    axis.set_title("Switching off value and query neurons vs random ones")
+    axis.legend(fontsize="small")
+    return _png(figure)
+
+
+FIGURES = {"layer_scores": layer_scores_figure, "value_neurons_by_layer": value_histogram_figure,
+           "query_neurons_by_layer": query_histogram_figure, "head_overlap": head_overlap_figure,
+           "sharing": sharing_figure, "interventions": interventions_figure}
+
+
+# --- the page -------------------------------------------------------------------------------------------------
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _table(header: list[str], rows: list[list], caption: str = "") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    title = f"<caption>{_e(caption)}</caption>" if caption else ""
+    return f"<table>{title}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figure(figures: dict[str, bytes], name: str, alt: str) -> str:
+    if name not in figures:
+        return ""
+    data = base64.b64encode(figures[name]).decode("ascii")
+    return f'<figure><img alt="{_e(alt)}" src="data:image/png;base64,{data}"></figure>'
+
+
+def _pct(x: float) -> str:
+    return f"{x:+.1%}"
+
+
+def render_html(analysis: Analysis, figures: dict[str, bytes]) -> str:
+    a = analysis
+    sections = [f"<h1>Neuron attribution: {_e(a.model)} on {_e(a.dataset)}</h1>",
+                f"<p>{sum(a.counts.values())} sentences the model knows: "
+                + ", ".join(f"{_e(k)} {n}" for k, n in a.counts.items()) + ".</p>"]
+
+    sections.append("<h2>Attention and FFN layers (Table 3 style)</h2>")
+    sections.append(_table(
+        ["type", "sentences", "attention layers, sum", "FFN layers, sum", f"top-{TOP_LAYERS} value layers"],
+        [[k, a.counts[k], f"{a.layers[k].attention_sum:.3f}", f"{a.layers[k].ffn_sum:.3f}",
+          ", ".join(f"{'A' if c == 'attention' else 'F'}{l}" for c, l, _ in a.layers[k].top_layers)]
+         for k in a.types],
+        "mean over sentences of the summed log-probability increases; A = attention layer, F = FFN layer"))
+    sections.append(_figure(figures, "layer_scores", "layer scores per type"))
+
+    sections.append("<h2>Where the value and query neurons sit</h2>")
+    sections.append(_table(
+        ["type", "attention value neurons", "FFN value neurons", "mean layer (value)", "query-only",
+         "query-value", "mean layer (query)"],
+        [[k, f"{sum(a.value_histograms[k]['attention']):.1f}", f"{sum(a.value_histograms[k]['ffn']):.1f}",
+          f"{_mean_layer(a.value_histograms[k]['attention'], a.value_histograms[k]['ffn']):.1f}",
+          f"{sum(a.query_histograms[k]['query_only']):.1f}", f"{sum(a.query_histograms[k]['query_value']):.1f}",
+          f"{_mean_layer(a.query_histograms[k]['query_only'], a.query_histograms[k]['query_value']):.1f}"]
+         for k in a.types],
+        f"per sentence, of its top-{a.top} value neurons (both kinds ranked together) and top-{a.top} query "
+        "neurons; "
+        f"the model has {a.n_layers} layers"))
+    sections.append(_figure(figures, "value_neurons_by_layer", "value neurons by layer"))
+    sections.append(_figure(figures, "query_neurons_by_layer", "query neurons by layer"))
+
+    sections.append("<h2>Heads</h2>")
+    sections.append(_table(["type", f"top-{TOP_HEADS} heads (layer.head: mean score)"],
+                           [[k, ", ".join(f"{l}.{h}: {s:.3f}" for l, h, s in a.top_heads[k])] for k in a.types]))
+    geographic = ", ".join(f"{l}.{h}" for l, h in a.geographic_heads) or "none"
+    sections.append(f"<p>Heads in the top {TOP_HEADS} of language, capital and country alike: {_e(geographic)}.</p>")
+    sections.append(_figure(figures, "head_overlap", "head overlap between types"))
+
+    sections.append("<h2>Sharing</h2>")
+    sections.append(_table(
+        ["type", "FFN value", "attention value", "query"],
+        [[k, f"{a.sharing[k]['ffn_value']:.1%}", f"{a.sharing[k]['attention_value']:.1%}",
+          f"{a.sharing[k]['query']:.1%}"] for k in a.types],
+        f"mean share of a sentence's top-{a.top} neurons that occur in the top-{a.top} of more than half of the "
+        "type's "
+        "sentences (attention neurons counted by layer, head and dimension)"))
+    sections.append(_figure(figures, "sharing", "sharing"))
+
+    sections.append(_interventions_html(a, figures))
+    sections.append(_examples_html(a))
+    return _PAGE.format(title=_e(f"neuron-attribution report: {a.model}"), body="\n".join(s for s in sections if s))
+
+
+def _mean_layer(*series: list[float]) -> float:
+    counts = np.sum([np.asarray(s) for s in series], axis=0)
+    return float((counts * np.arange(len(counts))).sum() / counts.sum()) if counts.sum() else float("nan")
+
+
+def _interventions_html(a: Analysis, figures: dict[str, bytes]) -> str:
+    if not a.interventions:
+        return "<h2>Interventions</h2><p>Not run (--no-interventions).</p>"
+    parts = ["<h2>Interventions</h2>"]
+    rows = []
+    for kind, protocol_rows in a.interventions.items():
+        for name, m in protocol_rows.items():
+            decrease = "" if name == "original" else _pct(m["mrr_decrease"])
+            prob_decrease = "" if name == "original" else _pct(m["prob_decrease"])
+            rows.append([kind, a.intervention_sentences.get(kind, ""), name, f"{m['mrr']:.3f}", f"{m['prob']:.2%}",
+                         decrease, prob_decrease])
+    parts.append(_table(["type", "sentences", "switched off", "MRR", "prob", "MRR decrease", "prob decrease"], rows,
+                        _intervention_caption()))
+    parts.append(_figure(figures, "interventions", "interventions"))
+    if a.head_interventions:
+        measured = sorted({k for row in a.head_interventions.values() for k in row})
+        parts.append(_table(["heads off \\ measured on", *measured],
+                            [[ablated, *(_pct(row[k]["mrr_decrease"]) if k in row else "" for k in measured)]
+                             for ablated, row in a.head_interventions.items()],
+                            f"relative MRR decrease when the top {HEAD_FRACTION:.0%} of heads of one type are "
+                            "switched off"))
+    return "\n".join(parts)
+
+
+def _intervention_caption() -> str:
+    n_attention, n_ffn = ValueNeurons.split(ValueNeurons.default_top)
+    return (f"value: top-{n_attention} attention + top-{n_ffn} FFN value neurons; query: "
+            f"top-{QueryNeurons.default_top} query FFN neurons; random: as many random neurons")
+
+
+def _examples_html(a: Analysis) -> str:
+    parts = ["<h2>Sentences and their top neurons</h2>"]
+    for kind, examples in a.examples.items():
+        parts.append(f"<h3>{_e(kind)}</h3>")
+        for ex in examples:
+            parts.append(f"<p class=sentence><q>{_e(ex['prompt'])}</q> → <b>{_e(repr(ex['target']))}</b> "
+                         f"(p = {ex['prob']:.2%})</p>")
+            parts.append(_table(["FFN neuron", "score", "promotes"],
+                                [[f"{n['layer']}_{n['neuron']}", f"{n['score']:.3f}",
+                                  " ".join(repr(t) for t in n["tokens"])] for n in ex["ffn_neurons"]]))
+            parts.append(_table(["attention neuron (layer_head_dim@position)", "source token", "score"],
+                                [[f"{n['layer']}_{n['head']}_{n['dim']}@{n['position']}", repr(n["token"]),
+                                  f"{n['score']:.3f}"] for n in ex["attention_neurons"]]))
+    return "\n".join(parts)
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
+th {{ background: #f0f0f0; }}
+caption {{ caption-side: bottom; font-size: 0.85em; color: #555; text-align: left; padding-top: 0.3em; }}
+img {{ max-width: 100%; }}
+.sentence {{ margin-top: 1.2em; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""
+

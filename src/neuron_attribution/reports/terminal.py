@@ -1,0 +1,182 @@
+"""Terminal reports (rich). Only presentation: everything shown is computed elsewhere."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ..results.attribution import Prediction
+
+_INFO_LABELS = [("family", "Family"), ("architecture", "Architecture"), ("layers", "Layers"),
+                ("heads", "Attention heads"), ("kv_heads", "KV heads"), ("head_dim", "Head size"),
+                ("hidden_size", "Hidden size"), ("ffn_neurons_per_layer", "FFN neurons per layer"),
+                ("ffn_kind", "FFN type"), ("norm", "Norm"), ("vocab_size", "Vocabulary"),
+                ("max_positions", "Context length"), ("attention_neurons_per_token", "Attention neurons per token"),
+                ("dtype", "Weights dtype"), ("device", "Device"), ("source", "Weights from")]
+
+
+def print_model_info(console: Console, description: dict[str, Any]) -> None:
+    table = Table(title=Text(f"Model: {description['name']}"), show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, label in _INFO_LABELS:
+        table.add_row(label, Text(str(description[key])))
+    console.print(table)
+
+
+def print_predictions(console: Console, prompt: str, predictions: list[Prediction]) -> None:
+    console.print(Text(f"Next token after {prompt!r}", style="bold"))
+    table = Table()
+    table.add_column("#", justify="right")
+    table.add_column("token")
+    table.add_column("id", justify="right")
+    table.add_column("prob", justify="right")
+    for rank, p in enumerate(predictions, 1):
+        table.add_row(str(rank), Text(repr(p.token)), str(p.id), f"{p.prob:.2%}")
+    console.print(table)
+
+
+def _bar(value: float, scale: float, width: int = 24) -> Text:
+    """A signed horizontal bar: green to the right for positive scores, red to the left for negative."""
+    cells = 0 if scale <= 0 else min(width, round(abs(value) / scale * width))
+    if value >= 0:
+        return Text(" " * width + "│" + "█" * cells, style="green")
+    return Text(" " * (width - cells) + "█" * cells + "│", style="red")
+
+
+def print_attribution(console: Console, result, rows: int = 10) -> None:
+    target = result.target
+    console.rule(Text(f"{result.prompt!r} → {target.text!r}"))
+    spans = f" (first of {target.n_answer_tokens} answer tokens)" if target.n_answer_tokens > 1 else ""
+    console.print(Text(f"Target {target.text!r} id {target.id}{spans}: probability {target.prob:.2%}, "
+                       f"rank {target.rank}.  Top prediction: {result.predictions[0].token!r} "
+                       f"({result.predictions[0].prob:.2%})" + ("  [reference convention]" if result.reference
+                                                                 else "")))
+    layers = Table(title="Layer scores (log-probability increase)", title_justify="left")
+    for column in ("layer", "attention", "", "FFN", ""):
+        layers.add_column(column, justify="right" if column else "left")
+    scale = max(max(map(abs, result.layers.attention)), max(map(abs, result.layers.ffn)), 1e-9)
+    for layer, (a, f) in enumerate(zip(result.layers.attention, result.layers.ffn)):
+        layers.add_row(str(layer), f"{a:+.3f}", _bar(a, scale, 12), f"{f:+.3f}", _bar(f, scale, 12))
+    layers.add_row("sum", f"{sum(result.layers.attention):+.3f}", "", f"{sum(result.layers.ffn):+.3f}", "")
+    console.print(layers)
+
+    heads = Table(title="Top heads", title_justify="left")
+    for column in ("head", "score", "strongest source positions"):
+        heads.add_column(column)
+    by_head: dict[tuple[int, int], list] = {}
+    for p in result.head_positions:
+        by_head.setdefault((p.layer, p.head), []).append(p)
+    for h in result.heads[:rows]:
+        sources = sorted(by_head.get((h.layer, h.head), []), key=lambda p: -p.score)[:3]
+        heads.add_row(f"{h.layer}.{h.head}", f"{h.score:+.4f}",
+                      Text(", ".join(f"{p.position}:{p.token!r} {p.score:+.3f}" for p in sources)))
+    console.print(heads)
+
+    ffn = Table(title="Top FFN value neurons (layer_neuron)", title_justify="left")
+    for column in ("neuron", "score", "coef", "promotes (top of its value vector)"):
+        ffn.add_column(column)
+    for n in result.ffn_neurons[:rows]:
+        promoted = n.top_tokens if n.coefficient >= 0 else n.bottom_tokens
+        ffn.add_row(f"{n.layer}_{n.neuron}", f"{n.score:+.4f}", f"{n.coefficient:+.3f}",
+                    Text(" ".join(repr(t) for t in promoted[:6])))
+    console.print(ffn)
+
+    attention = Table(title="Top attention value neurons (layer_head_dim @ source position)", title_justify="left")
+    for column in ("neuron", "score", "coef", "source token"):
+        attention.add_column(column)
+    for n in result.attention_neurons[:rows]:
+        attention.add_row(f"{n.layer}_{n.head}_{n.dim} @ {n.position}", f"{n.score:+.4f}", f"{n.coefficient:+.3f}",
+                          Text(repr(n.token)))
+    console.print(attention)
+
+    if result.query_neurons or result.query_layers.for_ffn or result.query_layers.for_attention:
+        print_queries(console, result, rows)
+
+
+def print_queries(console: Console, result, rows: int = 10) -> None:
+    queries = Table(title="Top query FFN neurons (activate the top value neurons)", title_justify="left")
+    swiglu = any(q.gate_score is not None for q in result.query_neurons)
+    columns = ["neuron", "score", "via attention", "via FFN"] + (["gate", "up"] if swiglu else [])
+    for column in columns:
+        queries.add_column(column, justify="left" if column == "neuron" else "right")
+    for q in result.query_neurons[:rows]:
+        cells = [f"{q.layer}_{q.neuron}", f"{q.score:+.4f}", f"{q.attention_score:+.4f}", f"{q.ffn_score:+.4f}"]
+        if swiglu:
+            cells += [f"{q.gate_score:+.4f}", f"{q.up_score:+.4f}"]
+        queries.add_row(*cells)
+    console.print(queries)
+    layers = Table(title="Top query layers", title_justify="left")
+    for column in ("for FFN value neurons", "score", "for attention value neurons", "score "):
+        layers.add_column(column, justify="right" if column.startswith("score") else "left")
+    by_score = [sorted(rows_, key=lambda r: -r.score)[:min(rows, 8)]
+                for rows_ in (result.query_layers.for_ffn, result.query_layers.for_attention)]
+    for ffn_row, attention_row in zip(*by_score):
+        layers.add_row(_component(ffn_row), f"{ffn_row.score:+.3f}", _component(attention_row),
+                       f"{attention_row.score:+.3f}")
+    console.print(layers)
+    if result.query_skipped:
+        console.print(Text(f"Skipped (input·subkey ≈ 0): {', '.join(result.query_skipped)}", style="yellow"))
+
+
+def _component(row) -> str:
+    return "embedding" if row.layer is None else f"{row.component} {row.layer}"
+
+
+def print_evaluation(console: Console, evaluation) -> None:
+    """The paper-style table: one row per method (original first), metrics after switching neurons off."""
+    what = {"compare": f"each method's top-{evaluation.top} FFN neurons switched off",
+            "value": f"top-{evaluation.top} value neurons (2/3 attention, 1/3 FFN) vs as many random",
+            "query": f"top-{evaluation.top} query FFN neurons vs as many random FFN neurons",
+            "heads": f"top {evaluation.top} heads of each type vs {evaluation.top} random heads"}[evaluation.protocol]
+    title = Text(f"{evaluation.model}: {evaluation.n_sentences} sentences, {what}")
+    table = Table(title=title, title_justify="left",
+                  caption="lower = the neurons switched off mattered more; −ΔMRR and −Δprob are relative decreases, "
+                          "−Δlog p the drop in log probability", caption_justify="left")
+    table.add_column("method", no_wrap=True)
+    for column in ("MRR", "prob", "log p", "−ΔMRR", "−Δprob", "−Δlog p"):
+        table.add_column(column, justify="right", no_wrap=True)
+    best = min((m.mrr for key, m in evaluation.methods.items() if key not in ("original", "random")), default=None)
+    for key, m in evaluation.methods.items():
+        style = "bold" if key != "original" and m.mrr == best else None
+        changes = ["", "", ""] if key == "original" else [f"{m.mrr_decrease:+.1%}", f"{m.prob_decrease:+.1%}",
+                                                          f"{m.log_prob_drop:+.3f}"]
+        table.add_row(Text(key), f"{m.mrr:.3f}", f"{m.prob:.2%}", f"{m.log_prob:.3f}", *changes, style=style)
+    console.print(table)
+    if evaluation.by_type:
+        _print_by_type(console, evaluation.by_type)
+    if evaluation.skipped:
+        console.print(Text(f"Skipped {len(evaluation.skipped)}:", style="yellow"))
+        for s in evaluation.skipped[:10]:
+            where = f"{s.source}:{s.line}" if s.line else s.source
+            console.print(Text(f"  {where}: {s.reason}"))
+        if len(evaluation.skipped) > 10:
+            console.print(Text(f"  ... and {len(evaluation.skipped) - 10} more (all listed in --json)"))
+
+
+def _print_by_type(console: Console, by_type) -> None:
+    measured = sorted({kind for row in by_type.values() for kind in row})
+    table = Table(title="MRR decrease by knowledge type (rows: whose heads are off; columns: measured on)",
+                  title_justify="left")
+    table.add_column("heads off")
+    for kind in measured:
+        table.add_column(kind, justify="right")
+    for ablated, row in by_type.items():
+        table.add_row(Text(ablated), *(f"{row[k].mrr_decrease:+.1%}" if k in row else "" for k in measured))
+    console.print(table)
+
+
+def print_datasets(console: Console, rows, all_name: str, knowledge_types) -> None:
+    table = Table(title="Packaged datasets", title_justify="left",
+                  caption=f"--dataset {all_name} runs the six knowledge types together "
+                          f"({', '.join(knowledge_types)}); any JSONL file of "
+                          '{"prompt", "answer", "type"} lines works too.', caption_justify="left")
+    for column in ("name", "facts", "types"):
+        table.add_column(column, justify="right" if column == "facts" else "left")
+    for row in rows:
+        types = ", ".join(f"{kind} {count}" for kind, count in row["types"].items())
+        table.add_row(Text(row["name"]), str(row["facts"]), Text(types))
+    console.print(table)

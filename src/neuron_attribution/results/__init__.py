@@ -1,0 +1,1 @@
+"""Result types people keep: plain dataclasses with their JSON forms. No computation."""

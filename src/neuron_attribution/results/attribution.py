@@ -1,0 +1,203 @@
+"""What `attribute` returns: an `Attribution` with its parts, as dataclasses with a JSON form.
+
+Field names are part of the interface (`attribute --json`, the run tables use the same names): new fields are
+added, never renamed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from ..files import write_json
+from ..neurons import AttentionIndex, FfnIndex, HeadIndex
+
+
+@dataclass(frozen=True)
+class Prediction:
+    token: str
+    id: int
+    prob: float
+
+
+@dataclass
+class TargetInfo:
+    text: str
+    id: int
+    prob: float
+    rank: int  # 1 = the model's top prediction
+    n_answer_tokens: int = 1  # tokens the answer text spans; the first is scored
+
+
+@dataclass
+class LayerScores:
+    attention: list[float]
+    ffn: list[float]
+
+
+@dataclass
+class HeadScore:
+    layer: int
+    head: int
+    score: float
+
+    @property
+    def index(self) -> HeadIndex:
+        return HeadIndex(self.layer, self.head)
+
+
+@dataclass
+class HeadPositionScore:
+    layer: int
+    head: int
+    position: int
+    token: str
+    score: float
+
+
+@dataclass
+class FfnNeuron:
+    layer: int
+    neuron: int
+    score: float
+    coefficient: float
+    top_tokens: list[str]
+    bottom_tokens: list[str]
+
+    @property
+    def index(self) -> FfnIndex:
+        return FfnIndex(self.layer, self.neuron)
+
+
+@dataclass
+class AttentionNeuron:
+    layer: int
+    head: int
+    dim: int
+    position: int
+    token: str
+    score: float
+    coefficient: float
+
+    @property
+    def index(self) -> AttentionIndex:
+        return AttentionIndex(self.layer, self.head, self.dim, self.position)
+
+
+@dataclass
+class QueryNeuron:
+    """An FFN neuron scored for activating the top value neurons. score = attention_score + ffn_score:
+    through the attention value neurons' value-projection rows, and through the FFN value neurons' subkeys
+    (for SwiGLU ffn_score = gate_score + up_score; the two are None for GELU models)."""
+
+    layer: int
+    neuron: int
+    score: float
+    attention_score: float
+    ffn_score: float
+    gate_score: float | None = None
+    up_score: float | None = None
+
+
+@dataclass
+class QueryLayer:
+    component: str  # "embedding", "attention" or "ffn"
+    layer: int | None  # None for the embedding
+    score: float
+    gate_score: float | None = None  # SwiGLU FFN value neurons: the two subkeys' parts of score
+    up_score: float | None = None
+
+
+@dataclass
+class QueryLayers:
+    for_ffn: list[QueryLayer]
+    for_attention: list[QueryLayer]
+
+
+@dataclass
+class DenseScores:
+    ffn: np.ndarray  # (L, N)
+    attention: np.ndarray  # (L, H, d_h, T)
+
+
+@dataclass
+class Attribution:
+    prompt: str
+    model: str
+    tokens: list[str]
+    target: TargetInfo
+    predictions: list[Prediction]
+    layers: LayerScores
+    heads: list[HeadScore]
+    ffn_neurons: list[FfnNeuron]
+    attention_neurons: list[AttentionNeuron]
+    head_positions: list[HeadPositionScore]
+    query_neurons: list[QueryNeuron] = field(default_factory=list)
+    query_layers: QueryLayers = field(default_factory=lambda: QueryLayers([], []))
+    query_skipped: list[str] = field(default_factory=list)  # value neurons whose subkey input h·K' ≈ 0
+    reference: bool = False
+    evaluated: dict[str, int] = field(default_factory=dict)  # neurons scored exactly, per kind
+    dense: DenseScores | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k != "dense"}
+        # gate/up parts exist only for SwiGLU models; GELU results leave the keys out rather than null them.
+        data["query_neurons"] = [_without_missing_subkeys(q) for q in data["query_neurons"]]
+        data["query_layers"] = {kind: [_without_missing_subkeys(q) for q in rows]
+                                for kind, rows in data["query_layers"].items()}
+        return data
+
+    def save(self, path: Path | str) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Attribution:
+        return cls(
+            prompt=data["prompt"], model=data.get("model", ""), tokens=data["tokens"],
+            target=TargetInfo(**data["target"]), predictions=[Prediction(**p) for p in data.get("predictions", [])],
+            layers=LayerScores(**data["layers"]), heads=[HeadScore(**h) for h in data["heads"]],
+            ffn_neurons=[FfnNeuron(**n) for n in data["ffn_neurons"]],
+            attention_neurons=[AttentionNeuron(**n) for n in data["attention_neurons"]],
+            head_positions=[HeadPositionScore(**h) for h in data.get("head_positions", [])],
+            query_neurons=[QueryNeuron(**q) for q in data.get("query_neurons", [])],
+            query_layers=QueryLayers(*([QueryLayer(**q) for q in data.get("query_layers", {}).get(kind, [])]
+                                       for kind in ("for_ffn", "for_attention"))),
+            query_skipped=data.get("query_skipped", []),
+            reference=data.get("reference", False), evaluated=data.get("evaluated", {}))
+
+    @classmethod
+    def load(cls, path: Path | str) -> Attribution:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise UserError(f"cannot read an attribution from {path}: {error}") from None
+
+
+def _without_missing_subkeys(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if not (k in ("gate_score", "up_score") and v is None)}
+
+
+@dataclass
+class Projection:
+    top_tokens: list[str]
+    top_ids: list[int]
+    top_values: list[float]
+    bottom_tokens: list[str]
+    bottom_ids: list[int]
+    bottom_values: list[float]
+
+
+@dataclass
+class QueryValueSplit:
+    """Top-n query FFN neurons, split by whether they are also among the top-n FFN value neurons."""
+
+    n: int
+    query_only: list[tuple[int, int]]  # (layer, neuron)
+    query_value: list[tuple[int, int]]
+    query_only_per_layer: list[int]  # histogram over layers
+    query_value_per_layer: list[int]

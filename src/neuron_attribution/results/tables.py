@@ -1,0 +1,73 @@
+"""The Parquet tables of a run: one row per sentence, neuron, layer or head, columns named as in the attribute
+JSON (they are the result dataclasses' own fields). Column names are part of the interface: new columns are
+added, never renamed."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import UserError
+from .attribution import Attribution
+
+TABLES = ("sentences", "ffn_neurons", "attention_neurons", "query_neurons", "layers", "heads")
+_OPTIONAL_FLOATS = ("gate_score", "up_score")  # present for SwiGLU models only
+_TOKEN_LISTS = ("top_tokens", "bottom_tokens", "tokens")
+
+
+class SentenceSource(Protocol):
+    """What the sentences table needs to know of a sentence besides its attribution."""
+
+    answer: str
+    type: str | None
+    source: str
+    line: int
+
+
+def tables_of(rows: list[tuple[int, SentenceSource, Attribution]]) -> dict[str, pa.Table]:
+    """The six tables of (sentence id, fact, attribution) rows."""
+    columns: dict[str, dict[str, list]] = {name: {} for name in TABLES}
+
+    def add(table: str, **values) -> None:
+        for key, value in values.items():
+            columns[table].setdefault(key, []).append(value)
+
+    for sentence_id, fact, result in rows:
+        common = {"sentence_id": sentence_id, "type": fact.type or "-"}
+        add("sentences", **common, prompt=result.prompt, answer=fact.answer, tokens=result.tokens,
+            target_text=result.target.text, target_id=result.target.id, target_prob=result.target.prob,
+            target_rank=result.target.rank, source=fact.source, line=fact.line)
+        for table, items in (("ffn_neurons", result.ffn_neurons), ("attention_neurons", result.attention_neurons),
+                             ("query_neurons", result.query_neurons)):
+            for rank, item in enumerate(items, 1):
+                add(table, **common, rank=rank, **asdict(item))
+        for layer, (attention, ffn) in enumerate(zip(result.layers.attention, result.layers.ffn)):
+            add("layers", **common, layer=layer, attention=attention, ffn=ffn)
+        for h in result.heads:
+            add("heads", **common, **asdict(h))
+    return {name: pa.table(_typed(values)) for name, values in columns.items()}
+
+
+def _typed(values: dict[str, list]) -> dict[str, pa.Array]:
+    """Columns with explicit types, so that parts with and without optional values merge."""
+    out = {}
+    for key, column in values.items():
+        if key in _OPTIONAL_FLOATS:
+            out[key] = pa.array(column, type=pa.float64())
+        elif key in _TOKEN_LISTS:
+            out[key] = pa.array(column, type=pa.list_(pa.string()))
+        else:
+            out[key] = pa.array(column)
+    return out
+
+
+def read_table(directory: Path | str, table: str) -> pa.Table:
+    path = Path(directory) / f"{table}.parquet"
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as error:
+        raise UserError(f"cannot read {path}: {error}; is {directory} a finished run?") from None

@@ -1,0 +1,26 @@
+"""Reused vocabulary-sized buffers for exact scoring."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import Tensor
+
+
+class Scratch:
+    """Reused vocabulary-sized buffers. A fresh 100 MB tensor per batch costs more in page faults than the
+    exp() over it; these are allocated once per thread and grown when a larger batch needs it."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def buffer(self, name: str, rows: int, columns: int) -> Tensor:
+        store = self._local.__dict__.setdefault("buffers", {})
+        held = store.get(name)
+        if held is None or held.shape[1] != columns or held.shape[0] < rows:
+            held = store[name] = torch.empty(rows, columns)
+        return held[:rows]
+
+
+scratch = Scratch()

@@ -1,0 +1,96 @@
+"""The bases every value score is measured from, for one prompt and target (docs/method.md §2).
+
+Built once per (trace, target) from the model's weights and the trace; everything in `scoring/` is then float32
+math on it. Nothing here runs the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from ..model.loading import LoadedModel
+from ..model.readout import LinearReadout
+from ..model.trace import Trace
+from ..neurons import ModelShape
+from ..settings import DEFAULT_MEMORY_BUDGET
+from .buffers import scratch
+
+
+@dataclass
+class ValueContext:
+    """The bases of every layer for one prompt and target: state 2l is h_T^{l-1}, state 2l+1 is
+    h_T^{l-1}+A_T^l, state 2L is h_T^L, and state 2L+1 is the zero vector (a neuron read alone, no context)."""
+
+    trace: Trace
+    ffn_values: Tensor  # (L, N, d)
+    output_weights: Tensor  # (L, H, d_h, d)
+    shape: ModelShape
+    readout: LinearReadout
+    target: int
+    normalised_states: Tensor  # (2L+2, d): the readout's linear part applied to each state
+    base_log_probs: Tensor  # (2L+2, V): log softmax of each state's logits
+    base_log_sum_exp: Tensor  # (2L+2,): log-sum-exp of each state's logits
+    bound_directions: Tensor  # (2L, d): k for each layer base
+    alone_direction: Tensor  # (d,): k for the zero state
+    memory_budget: int  # bytes the vocabulary-sized buffers of exact scoring may take
+
+    @classmethod
+    def build(cls, trace: Trace, ffn_values: Tensor, output_weights: Tensor, shape: ModelShape,
+              readout: LinearReadout, target: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> ValueContext:
+        before = trace.layer_inputs[:, -1]  # (L, d)
+        middle = before + trace.attention_outputs[:, -1]
+        states = torch.stack([before, middle], dim=1).reshape(-1, before.shape[-1])
+        states = torch.cat([states, trace.final_residual[-1:], torch.zeros(1, states.shape[-1])], dim=0)
+        normalised = readout.normalise(states)
+        vocabulary = readout.unembedding.shape[0]
+        logits = readout.logits_of_normalised(normalised, out=scratch.buffer("logits", len(states), vocabulary))
+        log_sum_exp = torch.logsumexp(logits, dim=-1)
+        log_probs = logits - log_sum_exp.unsqueeze(-1)
+        unembedding = readout.unembedding
+        probs = torch.exp(log_probs, out=scratch.buffer("bases", len(states), vocabulary))
+        expected_row = probs @ unembedding  # p(x)·U per state
+        directions = readout.pullback(unembedding[target] - expected_row)
+        layer_bases = 2 * shape.n_layers
+        return cls(trace, ffn_values, output_weights, shape, readout, target, normalised, log_probs,
+                   log_sum_exp, directions[:layer_bases], directions[layer_bases + 1], memory_budget)
+
+    @property
+    def final_state(self) -> int:
+        return 2 * self.shape.n_layers
+
+    @property
+    def zero_state(self) -> int:
+        return 2 * self.shape.n_layers + 1
+
+    @cached_property
+    def target_log_probs(self) -> Tensor:
+        return self.base_log_probs[:, self.target].clone()
+
+    @cached_property
+    def weighted_values(self) -> Tensor:
+        """(L, H, T, d_h): α_{T,j,p}·v_{p,kv(j),n}, the coefficient of every attention neuron."""
+        values = self.trace.value_states.repeat_interleave(self.shape.heads_per_kv_head, dim=2)  # (L, T, H, d_h)
+        return self.trace.attention_weights.unsqueeze(-1) * values.permute(0, 2, 1, 3)
+
+    @cached_property
+    def attention_coefficients(self) -> Tensor:
+        """(L, H, d_h, T): the same coefficients, indexed (layer, head, dim, source position)."""
+        return self.weighted_values.permute(0, 1, 3, 2)
+
+
+
+def readout_for(model: LoadedModel, trace: Trace, reference: bool = False) -> LinearReadout:
+    unembedding, bias = model.adapter.unembedding
+    return LinearReadout.at(model.adapter.final_norm(), unembedding, bias, trace.final_residual[-1],
+                            reference=reference, max_unembedding_norm=model.adapter.max_unembedding_norm)
+
+
+def value_context(model: LoadedModel, trace: Trace, target: int, *, reference: bool = False,
+                  memory_budget: int = DEFAULT_MEMORY_BUDGET) -> ValueContext:
+    adapter = model.adapter
+    return ValueContext.build(trace, adapter.all_ffn_values, adapter.all_output_weights, model.shape,
+                              readout_for(model, trace, reference), target, memory_budget)

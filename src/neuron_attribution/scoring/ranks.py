@@ -1,0 +1,103 @@
+"""Where a target token ranks in the vocabulary projection of every FFN value vector (a weight property)."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..model.adapters import NormParams
+from ..model.loading import LoadedModel
+from ..model.readout import project_to_vocabulary
+
+
+class VocabularyRanks:
+    """Rank of a target token in the vocabulary projection U(γ ⊙ centre(fc2)) of every FFN value vector,
+    counted from the top (rank 1 = the token the vector promotes most) and from the bottom. A property of the
+    weights alone.
+
+    One pass over the weights keeps each vector's `depth` highest and lowest projection values. A token among
+    them has its rank read off exactly (every value above it is there too); any other token's rank is known to
+    exceed `depth`. The few neurons whose exact rank beyond that still matters are projected again one by one."""
+
+    def __init__(self, ffn_values: Tensor, norm: NormParams, unembedding: Tensor, depth: int = 256,
+                 batch: int = 512):
+        layers, n, d = ffn_values.shape
+        self.shape = (layers, n)
+        self.flat_values = ffn_values.reshape(-1, d)
+        self.norm, self.unembedding = norm, unembedding
+        self.depth, self.batch = min(depth, unembedding.shape[0]), batch
+        self._extremes: dict[str, tuple[Tensor, Tensor]] | None = None  # "top"/"bottom" -> (ids, values)
+        self._full: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def _project(self, rows: Tensor, out: Tensor | None = None) -> Tensor:
+        return project_to_vocabulary(self.norm, self.unembedding, rows, out=out)
+
+    def prepare(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """The pass over the weights (once)."""
+        if self._extremes is not None:
+            return
+        total, k = self.flat_values.shape[0], self.depth
+        kept = {side: (torch.empty(total, k, dtype=torch.int32), torch.empty(total, k)) for side in ("top", "bottom")}
+        buffer = torch.empty(self.batch, self.unembedding.shape[0])
+        for start in range(0, total, self.batch):
+            rows = slice(start, min(start + self.batch, total))
+            projected = self._project(self.flat_values[rows], out=buffer[: rows.stop - rows.start])
+            for side, largest in (("top", True), ("bottom", False)):
+                values, ids = projected.topk(k, dim=-1, largest=largest)
+                kept[side][0][rows], kept[side][1][rows] = ids.int(), values
+            if progress is not None:
+                progress(rows.stop, total)
+        self._extremes = kept
+
+    def known(self, target: int) -> tuple[Tensor, Tensor]:
+        """(from_top, from_bottom), each (L·N,) int: the exact rank where it is at most `depth`, else 0."""
+        self.prepare()
+        result = []
+        for side in ("top", "bottom"):
+            ids, values = self._extremes[side]
+            hit = ids == target  # (L·N, depth), at most one per row
+            present = hit.any(dim=-1)
+            at_target = torch.where(hit, values, torch.zeros(())).sum(dim=-1, keepdim=True)
+            beyond = values > at_target if side == "top" else values < at_target
+            ranks = (beyond & present.unsqueeze(-1)).sum(dim=-1) + 1
+            result.append(torch.where(present, ranks, torch.zeros_like(ranks)))
+        return result[0], result[1]
+
+    def exact(self, flat: Tensor, target: int) -> tuple[Tensor, Tensor]:
+        """(from_top, from_bottom) ranks of `target` for the neurons at flat indices, by projecting them."""
+        vocabulary = self.unembedding.shape[0]
+        projected_buffer = torch.empty(min(self.batch, flat.numel()), vocabulary)
+        compared = torch.empty(projected_buffer.shape, dtype=torch.bool)
+        from_top, from_bottom = [], []
+        for start in range(0, flat.numel(), self.batch):
+            rows = flat[start: start + self.batch]
+            projected = self._project(self.flat_values[rows], out=projected_buffer[: rows.numel()])
+            at_target = projected[:, target: target + 1].clone()
+            out = compared[: rows.numel()]
+            from_top.append(torch.gt(projected, at_target, out=out).sum(dim=-1) + 1)
+            from_bottom.append(torch.lt(projected, at_target, out=out).sum(dim=-1) + 1)
+        if not from_top:
+            return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+        return torch.cat(from_top), torch.cat(from_bottom)
+
+    def full(self, target: int) -> tuple[Tensor, Tensor]:
+        """(from_top, from_bottom), each (L, N): every neuron's exact ranks (a pass over the weights; kept)."""
+        if target not in self._full:
+            from_top, from_bottom = self.exact(torch.arange(self.flat_values.shape[0]), target)
+            self._full[target] = (from_top.reshape(self.shape), from_bottom.reshape(self.shape))
+        return self._full[target]
+
+
+# Per model adapter, so the weight pass is done once per process; weak, so a dropped model takes its ranks
+# along and a later model can never be handed them.
+_RANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def ranks_for(model: LoadedModel) -> VocabularyRanks:
+    adapter = model.adapter
+    if adapter not in _RANKS:
+        _RANKS[adapter] = VocabularyRanks(adapter.all_ffn_values, adapter.final_norm(), adapter.unembedding[0])
+    return _RANKS[adapter]

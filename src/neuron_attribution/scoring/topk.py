@@ -1,0 +1,89 @@
+"""Exact top-k from upper bounds: score items in descending bound order until nothing unscored can enter."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Rounding lets an exact score exceed its analytic bound by ~1e-7; stop only when clear of that.
+BOUND_SLACK = 1e-6
+
+
+@dataclass
+class TopK:
+    indices: Tensor  # flat indices into the neuron set, best first
+    scores: Tensor
+    n_evaluated: int  # how many neurons were scored exactly
+    extra: Tensor | None = None  # per returned neuron, whatever the evaluator kept (vocabulary ids)
+
+
+class TopKSearch:
+    """The k highest scores, given an upper bound per item: items are scored exactly in descending bound
+    order until the k-th best exact score is at least the next bound, so no unevaluated item can enter.
+
+    The caller scores `pending()` however it likes (sharing products with other work) and hands the scores
+    back with `record()`, until `pending()` is None. Ties in score go to the lower index."""
+
+    def __init__(self, bounds: Tensor, k: int):
+        self.bounds = bounds.reshape(-1)
+        self.total = self.bounds.numel()
+        self.k = min(k, self.total)
+        self.position = 0
+        # The bound is tight for all but the largest contributions, so a little over k usually settles it.
+        self.batch = self.k + max(self.k // 8, 16)
+        self.order = self.bounds.topk(min(self.total, 2 * self.batch)).indices
+        self.done: list[Tensor] = []
+        self.scored: list[Tensor] = []
+        self.extras: list[Tensor] = []
+        self.finished = self.k == 0
+
+    def pending(self) -> Tensor | None:
+        if self.finished:
+            return None
+        end = min(self.total, self.position + self.batch)
+        if end > self.order.numel():
+            # Only the next stretch of the bound order is needed: a partial sort, not a sort of every item.
+            self.order = self.bounds.topk(min(self.total, self.position + 2 * self.batch)).indices
+        return self.order[self.position: end]
+
+    def record(self, chunk: Tensor, scores: Tensor, extra: Tensor | None = None) -> None:
+        self.done.append(chunk)
+        self.scored.append(scores)
+        if extra is not None:
+            self.extras.append(extra)
+        self.position += chunk.numel()
+        self.batch = max(self.k // 4, 32)
+        if self.position >= self.total:
+            self.finished = True
+        elif self.position >= self.k:
+            kth = torch.cat(self.scored).topk(self.k).values[-1]
+            if self.position >= self.order.numel():
+                self.order = self.bounds.topk(min(self.total, self.position + 1)).indices
+            self.finished = bool(kth >= self.bounds[self.order[self.position]] + BOUND_SLACK)
+
+    def result(self) -> TopK:
+        if not self.done:
+            return TopK(torch.empty(0, dtype=torch.long), torch.empty(0), 0, None)
+        indices, scores = torch.cat(self.done), torch.cat(self.scored)
+        ranking = rank_by_score(scores, indices)[: self.k]
+        return TopK(indices[ranking], scores[ranking], self.position,
+                    torch.cat(self.extras)[ranking] if self.extras else None)
+
+
+def exact_top_k(bounds: Tensor, evaluate: Callable[[Tensor], tuple[Tensor, Tensor | None]], k: int) -> TopK:
+    """`TopKSearch` run to the end with one evaluator."""
+    search = TopKSearch(bounds, k)
+    while (chunk := search.pending()) is not None:
+        search.record(chunk, *evaluate(chunk))
+    return search.result()
+
+
+def rank_by_score(scores: Tensor, indices: Tensor) -> Tensor:
+    """Positions sorted by descending score, ties to the lower index."""
+    by_index = torch.argsort(indices, stable=True)
+    return by_index[torch.argsort(scores[by_index], descending=True, stable=True)]
+
+

@@ -1,0 +1,83 @@
+"""What a command was asked to do, made once (by the CLI or an API caller) and carried everywhere.
+
+`Settings` names the model (`ModelSpec`: enough to load it again, in another process or on a Ray worker) and
+the scoring options. It is a frozen, picklable dataclass with a JSON form, recorded in every run's `run.json`;
+resumed runs, `analyze` and every worker read it from there. No module keeps settings of its own.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import UserError
+
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes the vocabulary-sized buffers of exact scoring may take
+DEFAULT_TOP_K = 100
+DEFAULT_QUERY_TOP = 30  # value neurons of each kind whose query neurons and layers are scored
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load a model: `name` is None for the offline default, else a directory, .gguf file or hub id."""
+
+    name: str | None = None
+    dtype: str | None = None  # None: float32
+    device: str | None = None  # None: cpu; "cuda", "cuda:1", or "auto" (layers spread over the GPUs)
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How neurons are scored: how many to return, how much memory the exact scoring may use."""
+
+    top_k: int = DEFAULT_TOP_K  # value (and query) neurons returned or stored per prompt
+    query_top: int = DEFAULT_QUERY_TOP  # value neurons of each kind whose query neurons are scored; 0: none
+    memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes for the vocabulary-sized buffers
+    reference: bool = False  # drop the final LayerNorm bias, as the authors' GPT-2 code does
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "memory_budget"):
+            check_positive(name, getattr(self, name))
+        check_positive("query_top", self.query_top, zero_allowed=True)
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    scoring: ScoringOptions = field(default_factory=ScoringOptions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Settings:
+        """Unknown keys (written by a later version) are ignored; missing ones take their defaults."""
+        return cls(model=_known(ModelSpec, data.get("model", {})), scoring=_known(ScoringOptions,
+                                                                                  data.get("scoring", {})))
+
+
+def _known(kind, data: dict[str, Any]):
+    names = {f.name for f in fields(kind)}
+    return kind(**{k: v for k, v in data.items() if k in names})
+
+
+def check_positive(name: str, value: object, *, zero_allowed: bool = False) -> None:
+    """A UserError unless `value` is a whole number > 0 (>= 0 with `zero_allowed`)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_allowed else 1):
+        what = "a whole number, 0 or more" if zero_allowed else "a positive whole number"
+        raise UserError(f"{name} must be {what}, got {value!r}")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500 MB', '1.5gb', '1048576' -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?B?)\s*", text.upper())
+    if not match or float(match.group(1)) <= 0:
+        raise UserError(f"--max-memory {text!r}: use a size such as 2GB or 500MB")
+    unit = match.group(2) if match.group(2) in _UNITS else match.group(2) + "B"
+    return max(1, int(float(match.group(1)) * _UNITS[unit]))
