@@ -1,5 +1,5 @@
 """Independent, straightforward float64 computations of the method's definitions, for the tests to compare
-against. Written from METHOD.md, sharing no code with the package's scoring."""
+against. Written from docs/method.md, sharing no code with the package's scoring."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def layer_scores(model, trace, target) -> tuple[list[float], list[float]]:
     return attention, ffn
 
 
-# --- query neurons and layers (METHOD.md §3), loops over the definitions -----------------------------------
+# --- query neurons and layers (docs/method.md §3), loops over the definitions -----------------------------------
 
 def attention_subkey(model, layer, head, dim, kv_head=None):
     shape = model.shape

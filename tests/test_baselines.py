@@ -1,4 +1,4 @@
-"""The eight FFN scorers against straightforward float64 computations of METHOD.md §4, their exact top-k
+"""The eight FFN scorers against straightforward float64 computations of docs/method.md §4, their exact top-k
 against the dense ranking, and integrated gradients' completeness."""
 
 from __future__ import annotations

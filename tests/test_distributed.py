@@ -16,7 +16,7 @@ from neuron_attribution.datasets import load_facts
 from neuron_attribution.pipelines.evaluate import evaluate
 from neuron_attribution.pipelines.run import RunArguments, run_dataset
 from neuron_attribution.results.tables import TABLES
-from neuron_attribution.settings import ModelSpec, ScoringOptions, Settings
+from neuron_attribution.settings import ScoringOptions, Settings
 
 from .test_runs import FACTS
 
@@ -63,7 +63,8 @@ def test_ray_workers_get_the_settings_match_local_and_survive_a_dead_worker(real
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
     arguments = RunArguments(str(facts))
-    settings = Settings(ModelSpec(device="cpu"), ScoringOptions(top_k=15, memory_budget=BUDGET))
+    assert real_model.spec.device == "cpu"
+    settings = Settings(real_model.spec, ScoringOptions(top_k=15, memory_budget=BUDGET))
     local = run_dataset(real_model, tmp_path / "local", arguments, settings=settings, batch_size=2)
     marker = tmp_path / "crashed"
     with RayBackend(settings, workers=2) as backend:

@@ -1,4 +1,4 @@
-"""Query neurons and query layers (METHOD.md §3) against loops over the definitions."""
+"""Query neurons and query layers (docs/method.md §3) against loops over the definitions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The decomposition of METHOD.md §1 holds numerically, checked from the model's own computation."""
+"""The decomposition of docs/method.md §1 holds numerically, checked from the model's own computation."""
 
 from __future__ import annotations
 

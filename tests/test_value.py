@@ -1,4 +1,4 @@
-"""Value neurons (METHOD.md §2) against an independent float64 computation of the definitions."""
+"""Value neurons (docs/method.md §2) against an independent float64 computation of the definitions."""
 
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ GPT2_LARGE = os.environ.get("NEURON_ATTRIBUTION_GPT2_LARGE")
 
 @pytest.mark.skipif(not GPT2_LARGE, reason="set NEURON_ATTRIBUTION_GPT2_LARGE to a local GPT2-large directory")
 def test_authors_gpt2_large_example():
-    """METHOD.md §7: the authors' notebook figures, in their convention (no ln_f bias)."""
+    """docs/method.md §7: the authors' notebook figures, in their convention (no ln_f bias)."""
     from neuron_attribution import load_model
 
     model = load_model(GPT2_LARGE)

@@ -53,14 +53,7 @@ def _settings(model: str | None, *, dtype: str | None = None, device: str | None
         raise UserError("--top must be a positive number")
     if query_top is not None and query_top < 0:
         raise UserError("--query-top must be 0 or more (0: no query neurons)")
-    return Settings(ModelSpec(_model_argument(model), dtype, device, allow_pickle), ScoringOptions(**scoring))
-
-
-def _model_argument(model: str | None) -> str | None:
-    """A local path made absolute (so the model can be loaded again from elsewhere); anything else as given."""
-    if model is not None and Path(model).exists():
-        return str(Path(model).resolve())
-    return model
+    return Settings(ModelSpec(model, dtype, device, allow_pickle), ScoringOptions(**scoring))
 
 
 def _load(spec):
@@ -68,6 +61,13 @@ def _load(spec):
 
     with console.status("Loading model...", spinner="dots"):
         return load(spec)
+
+
+def _as_loaded(settings, loaded):
+    """The settings with the model spec as loading normalised it (absolute path, canonical dtype name)."""
+    from .settings import Settings
+
+    return Settings(loaded.spec, settings.scoring)
 
 
 @app.command()
@@ -188,6 +188,7 @@ def evaluate(
     facts, skipped = load_facts(dataset, on_error)  # type: ignore[arg-type]
     facts = facts[:limit] if limit else facts
     loaded = _load(settings.model)
+    settings = _as_loaded(settings, loaded)
     with _backend(backend, loaded, settings, workers, address) as pool, _progress_bar() as progress:
         result = run_evaluation(loaded, facts, protocol=protocol, methods=methods, top=top, seed=seed,
                                 batch_size=batch_size, on_error=on_error, skipped=skipped,  # type: ignore[arg-type]
@@ -241,6 +242,7 @@ def run(
     load_facts(dataset, on_error)  # type: ignore[arg-type]  # a bad dataset fails before the model loads
     _check_backend(backend, workers)
     loaded = _load(settings.model)
+    settings = _as_loaded(settings, loaded)
     with _backend(backend, loaded, settings, workers, address) as pool, _progress_bar() as progress:
         summary = run_dataset(loaded, out, RunArguments(dataset, limit, on_error), settings=settings,
                               batch_size=batch_size, progress=progress, backend=pool, overwrite=overwrite)
@@ -367,7 +369,7 @@ def demo(model: ModelOption = None,
     console.rule(f"{per_type} sentences of each knowledge type: run and analyse")
     with _progress_bar() as progress:
         summary = run_dataset(loaded, out, RunArguments("knowledge", per_type),
-                              settings=Settings(settings.model, ScoringOptions(top_k=300)), progress=progress,
+                              settings=Settings(loaded.spec, ScoringOptions(top_k=300)), progress=progress,
                               overwrite=True)
         analysis = analyze_run(out, per_type=per_type, progress=progress, load=lambda spec: loaded)
         report = write_report(analysis, out / "analysis")

@@ -123,8 +123,7 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     device: None (CPU), a torch device ("cuda", "cuda:1"), or "auto" to spread the layers over the available
     GPUs (accelerate's device_map="auto"). Scores are computed in float32 on the CPU whatever the device.
     """
-    spec = ModelSpec(_reloadable_name(name), None if dtype is None else _dtype_name(dtype), device,
-                     allow_pickle, trust_remote_code)
+    spec = ModelSpec(_reloadable_name(name), _dtype_name(dtype), device or "cpu", allow_pickle, trust_remote_code)
     torch_dtype = resolve_dtype(dtype)
     placement = {"device_map": "auto"} if device == "auto" else {}
     if name is None:
@@ -156,7 +155,7 @@ def _reloadable_name(name: str | os.PathLike | None) -> str | None:
     return None if name is None else str(name)
 
 
-def _dtype_name(dtype: str | torch.dtype) -> str:
+def _dtype_name(dtype: str | torch.dtype | None) -> str:
     return str(resolve_dtype(dtype)).removeprefix("torch.")
 
 

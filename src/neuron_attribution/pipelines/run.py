@@ -88,6 +88,9 @@ def run_dataset(model: LoadedModel, directory: Path | str, arguments: RunArgumen
     if arguments.limit is not None:
         check_positive("--limit", arguments.limit)
     settings = backend.settings if backend is not None else settings or run_settings(model)
+    if model.spec is not None and settings.model != model.spec:
+        raise UserError(f"the settings name another model ({settings.model}) than the one given ({model.spec}); "
+                        "build them with Settings(model.spec, ...)")
     report = progress or (lambda what, done, total: None)
     directory = Path(directory)
     created = not directory.exists() or not any(directory.iterdir())

@@ -1,4 +1,4 @@
-"""The paper's three metrics on the gold token (METHOD.md §5): reciprocal rank, probability, log probability,
+"""The paper's three metrics on the gold token (docs/method.md §5): reciprocal rank, probability, log probability,
 averaged over sentences; lower after an intervention = the switched-off neurons mattered more."""
 
 from __future__ import annotations
