@@ -16,6 +16,7 @@ import torch
 import neuron_attribution as na
 from neuron_attribution import attribute
 from neuron_attribution.pipelines.queries import query_scores
+from neuron_attribution.pipelines.score import score_neurons
 from neuron_attribution.scoring.context import value_context
 from neuron_attribution.scoring import value
 from neuron_attribution.model.trace import trace_token_ids
@@ -72,7 +73,7 @@ def main() -> None:
     attribute(model, PROMPTS[0], top_k=100)  # float32 weight copies are made once per model
     rss_before = peak_rss_mb()
 
-    forward, top100, top300, evaluated100, evaluated300, queries = [], [], [], [], [], []
+    forward, top100, top300, evaluated100, evaluated300, queries, chosen = [], [], [], [], [], [], []
     for prompt in PROMPTS:
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])
         with torch.inference_mode():
@@ -83,6 +84,8 @@ def main() -> None:
         trace = trace_token_ids(model, [ids[0].tolist()])[0]
         queries.append(timed(lambda: query_scores(model, trace, r100.ffn_neurons[:30], r100.attention_neurons[:30]),
                              args.repeats))
+        twenty = [n.index for n in r100.ffn_neurons[:10]] + [n.index for n in r100.attention_neurons[:10]]
+        chosen.append(timed(lambda: score_neurons(model, prompt, None, twenty), args.repeats))
         evaluated100.append((r100.evaluated["ffn"] + r100.evaluated["attention"]) / 200)
         evaluated300.append((r300.evaluated["ffn"] + r300.evaluated["attention"]) / 600)
     attribution_peak = peak_rss_mb() - rss_before
@@ -112,6 +115,8 @@ def main() -> None:
           f"= {ratio300:.1f}x forward")
     print(f"query neurons and layers (top-30 value neurons of each kind): median {median(queries) * 1e3:.1f} ms  "
           f"= {median(q / f for q, f in zip(queries, forward)):.2f}x forward")
+    print(f"score_neurons, 20 chosen neurons (10 FFN + 10 attention): median {median(chosen) * 1e3:.1f} ms  "
+          f"= {median(c / f for c, f in zip(chosen, forward)):.2f}x forward")
     if dense:
         print(f"dense, every neuron ({len(dense)} prompts):              median {median(dense):8.1f} s    "
               f"= {dense_ratio:.0f}x attribute(top_k=100)")

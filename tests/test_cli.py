@@ -26,7 +26,8 @@ def test_attribute_json_fields(tmp_path, real_model):
     assert set(data["target"]) >= {"text", "id", "prob", "rank"} and data["target"]["text"] == " Paris"
     assert len(data["layers"]["attention"]) == len(data["layers"]["ffn"]) == 30
     assert len(data["heads"]) == 30 * 9 and set(data["heads"][0]) == {"layer", "head", "score"}
-    for key, fields in (("ffn_neurons", {"layer", "neuron", "score", "coefficient", "top_tokens", "bottom_tokens"}),
+    for key, fields in (("ffn_neurons", {"layer", "neuron", "score", "coefficient", "top_tokens", "bottom_tokens",
+                                         "promoted_tokens"}),
                         ("attention_neurons", {"layer", "head", "dim", "position", "token", "score",
                                                "coefficient"})):
         rows = data[key]

@@ -90,7 +90,7 @@ def test_random_arguments_never_show_a_traceback(monkeypatch, tmp_path, argument
     def refuse(*_args, **_kwargs):
         raise _WouldLoad
 
-    monkeypatch.setattr(cli, "_load", refuse)
+    monkeypatch.setattr("neuron_attribution.model.loading.load", refuse)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["neuron-attribution", *arguments])
     out, err = io.StringIO(), io.StringIO()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,7 +26,11 @@ def encode_prompt(model: LoadedModel, prompt: Prompt) -> list[int]:
             raise UserError("the prompt is empty")
         ids = list(_tokenizer(model)(prompt)["input_ids"])
     else:
-        ids = [int(i) for i in prompt]
+        try:
+            ids = [int(i) for i in prompt]
+        except (TypeError, ValueError):
+            raise UserError(f"a prompt is text (str) or a list of token ids, not {type(prompt).__name__}: "
+                            f"{prompt!r}") from None
         bad = [i for i in ids if not 0 <= i < model.shape.vocab_size]
         if bad:
             raise UserError(f"token id {bad[0]} is outside the vocabulary (size {model.shape.vocab_size})")
@@ -47,7 +52,11 @@ class TargetToken:
 def encode_target(model: LoadedModel, prompt_ids: list[int], prompt: Prompt, target: str | int) -> TargetToken:
     """The first token of an answer. The answer is tokenised in context (prompt + answer) so that word-initial
     forms (" Paris") come out as the model would produce them; a missing leading space is added."""
-    if isinstance(target, int):
+    if isinstance(target, bool) or not isinstance(target, (str, numbers.Integral)):
+        raise UserError(f"a target is answer text (str), a token id (int) or None, not {type(target).__name__}: "
+                        f"{target!r}")
+    if not isinstance(target, str):
+        target = int(target)
         if not 0 <= target < model.shape.vocab_size:
             raise UserError(f"target id {target} is outside the vocabulary (size {model.shape.vocab_size})")
         return TargetToken(target, token_text(model, target), 1)

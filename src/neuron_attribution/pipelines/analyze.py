@@ -253,8 +253,7 @@ def _sharing(tables: dict, types_of: dict, order: list[str], top: int) -> dict[s
 
 def _examples(tables: dict, order: list[str]) -> dict[str, list[dict]]:
     sentences = tables["sentences"]
-    ffn = _by_sentence(tables["ffn_neurons"], "rank", "layer", "neuron", "score", "top_tokens", "bottom_tokens",
-                       "coefficient")
+    ffn = _by_sentence(tables["ffn_neurons"], "rank", "layer", "neuron", "score", "promoted_tokens")
     attention = _by_sentence(tables["attention_neurons"], "rank", "layer", "head", "dim", "position", "token",
                              "score")
     examples: dict[str, list[dict]] = {kind: [] for kind in order}
@@ -264,9 +263,8 @@ def _examples(tables: dict, order: list[str]) -> dict[str, list[dict]]:
             continue
         examples[kind].append({
             "sentence_id": sentence, "prompt": prompt, "target": target, "prob": prob,
-            "ffn_neurons": [{"layer": l, "neuron": n, "score": s,
-                             "tokens": (top if c >= 0 else bottom)[:6]}
-                            for _, l, n, s, top, bottom, c in sorted(ffn[sentence])[:EXAMPLE_NEURONS]],
+            "ffn_neurons": [{"layer": l, "neuron": n, "score": s, "tokens": promoted[:6]}
+                            for _, l, n, s, promoted in sorted(ffn[sentence])[:EXAMPLE_NEURONS]],
             "attention_neurons": [{"layer": l, "head": h, "dim": d, "position": p, "token": t, "score": s}
                                   for _, l, h, d, p, t, s in sorted(attention[sentence])[:EXAMPLE_NEURONS]],
         })

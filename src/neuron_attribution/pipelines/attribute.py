@@ -22,6 +22,8 @@ from .queries import query_scores
 PROJECTION_TOKENS = 10
 TOP_HEADS_WITH_POSITIONS = 5
 
+Target = str | int | None  # answer text (its first token is scored), a token id, or None: the top prediction
+
 
 def attribute(model: LoadedModel, prompt: Prompt, target: str | int | None = None, *, top_k: int = DEFAULT_TOP_K,
               dense: bool = False, reference: bool = False, query_top: int = DEFAULT_QUERY_TOP,
@@ -63,16 +65,12 @@ def attribute_with(model: LoadedModel, prompts: Sequence[Prompt], targets: Seque
     return results
 
 
-def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: Trace, target: str | int | None,
+def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: Trace, target: Target,
                      options: ScoringOptions, dense: bool) -> Attribution:
     top_k = options.top_k
-    target_token = encode_target(model, ids, prompt, int(trace.logits.argmax()) if target is None else target)
-    ctx = value_context(model, trace, target_token.id, reference=options.reference,
-                        memory_budget=options.memory_budget)
+    target = target_info(model, prompt, ids, trace, target)
+    ctx = value_context(model, trace, target.id, reference=options.reference, memory_budget=options.memory_budget)
     tokens = token_texts(model, ids)
-    probs = torch.softmax(trace.logits.double(), dim=-1)
-    target_info = TargetInfo(target_token.text, target_token.id, float(probs[target_token.id]),
-                             int((probs > probs[target_token.id]).sum()) + 1, target_token.n_answer_tokens)
 
     attention_layers, ffn_layers = value.layer_scores(ctx)
     scores = value.value_scores(ctx, max(top_k, options.query_top), TOP_HEADS_WITH_POSITIONS, PROJECTION_TOKENS)
@@ -91,10 +89,10 @@ def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: 
     else:
         query_neurons, query_layers, query_skipped = [], QueryLayers([], []), []
     return Attribution(
-        prompt=prompt if isinstance(prompt, str) else "".join(tokens),
+        prompt=prompt_text(model, prompt, ids),
         model=model.name,
         tokens=tokens,
-        target=target_info,
+        target=target,
         predictions=top_predictions(model, trace.logits, 10),
         layers=LayerScores(attention_layers.tolist(), ffn_layers.tolist()),
         heads=head_list,
@@ -108,6 +106,18 @@ def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: 
         evaluated={"ffn": scores.ffn.n_evaluated, "attention": scores.attention.n_evaluated},
         dense=_dense(ctx) if dense else None,
     )
+
+
+def target_info(model: LoadedModel, prompt: Prompt, ids: list[int], trace: Trace, target: Target) -> TargetInfo:
+    """The target's token, and its probability and rank under the model (None: the top prediction)."""
+    token = encode_target(model, ids, prompt, int(trace.logits.argmax()) if target is None else target)
+    probs = torch.softmax(trace.logits.double(), dim=-1)
+    return TargetInfo(token.text, token.id, float(probs[token.id]), int((probs > probs[token.id]).sum()) + 1,
+                      token.n_answer_tokens)
+
+
+def prompt_text(model: LoadedModel, prompt: Prompt, ids: list[int]) -> str:
+    return prompt if isinstance(prompt, str) else "".join(token_texts(model, ids))
 
 
 def _ffn_neurons(model: LoadedModel, ctx: ValueContext, top: value.TopK) -> list[FfnNeuron]:

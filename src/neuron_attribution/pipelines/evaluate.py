@@ -14,6 +14,7 @@ from ..model.prompts import Sentence, encode_facts
 from ..results.evaluation import Evaluation
 from ..scoring.methods import resolve_methods
 from ..settings import Settings, check_positive
+from .filter import Checked, filter_facts
 from .protocols import PROTOCOLS, Progress, Request
 
 DEFAULT_IG_STEPS = 20
@@ -23,20 +24,39 @@ def evaluate(model: LoadedModel, facts: Sequence[Fact], *, protocol: str = "comp
              methods: str | Sequence[str] | None = None, top: int | None = None, seed: int = 0,
              batch_size: int = 8, on_error: OnError = "skip", skipped: Sequence[Skipped] = (),
              progress: Progress | None = None, ig_steps: int = DEFAULT_IG_STEPS, backend: Backend | None = None,
-             settings: Settings | None = None) -> Evaluation:
+             settings: Settings | None = None, filter: bool = True) -> Evaluation:
     """Run one protocol over `facts`. `skipped`: lines already left out while reading them (reported).
-    `backend`: where the batches run (default: here, with `settings`)."""
+    `backend`: where the batches run (default: here, with `settings`). `filter`: keep only the facts the model
+    knows, as the paper does (docs/method.md §6); the counts are in the result's `filter`."""
     started = time.perf_counter()
-    sentences, left_out = encode_facts(model, facts, on_error)
+    if filter:
+        checked, left_out = filter_facts(model, facts, on_error=on_error, progress=None if progress is None else (
+            lambda done, total: progress("filtering facts", done, total)))
+        sentences = [Sentence(c.fact, c.ids, c.target) for c in checked if c.kept]
+    else:
+        sentences, left_out = encode_facts(model, facts, on_error)
     all_skipped = [*skipped, *left_out]
     if not sentences:
-        raise UserError(f"no usable sentences ({len(all_skipped)} skipped)")
+        reason = (f"no fact is left after the filter: {len(checked)} checked, none known to the model "
+                  "(--no-filter keeps every line)" if filter else "no usable sentences")
+        raise UserError(f"{reason}; {len(all_skipped)} lines skipped")
     result = evaluate_sentences(model, sentences, protocol=protocol, methods=methods, top=top, seed=seed,
                                 batch_size=batch_size, progress=progress, ig_steps=ig_steps, backend=backend,
                                 settings=settings)
     result.skipped = all_skipped
+    if filter:
+        result.filter = _filter_counts(checked)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _filter_counts(checked: Sequence[Checked]) -> dict:
+    by_type: dict[str, dict[str, int]] = {}
+    for c in checked:
+        counts = by_type.setdefault(c.fact.type or "-", {"checked": 0, "kept": 0})
+        counts["checked"] += 1
+        counts["kept"] += int(c.kept)
+    return {"checked": len(checked), "kept": sum(int(c.kept) for c in checked), "by_type": by_type}
 
 
 def evaluate_sentences(model: LoadedModel, sentences: Sequence[Sentence], *, protocol: str = "compare",

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 from ..errors import UserError  # noqa: E402
 from ..files import write_bytes_atomic, write_json  # noqa: E402
-from ..pipelines.analyze import TOP_HEADS, TOP_LAYERS, Analysis  # noqa: E402
+from ..pipelines.analyze import GEOGRAPHIC, TOP_HEADS, TOP_LAYERS, Analysis  # noqa: E402
 from ..pipelines.protocols import HEAD_FRACTION, QueryNeurons, ValueNeurons  # noqa: E402
 
 
@@ -52,10 +52,18 @@ def _png(figure) -> bytes:
 def _grid(n: int):
     columns = min(3, n)
     rows = -(-n // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows), squeeze=False, sharex=True)
+    # Constrained layout keeps titles, labels and the figure legend from overlapping one another.
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows + 0.6), squeeze=False, sharex=True,
+                                layout="constrained")
     for extra in axes.flat[n:]:
         extra.set_visible(False)
     return figure, list(axes.flat)
+
+
+def _legend_below(figure, axis) -> None:
+    """One legend for the figure, below the plots, where it can cover neither data nor titles."""
+    handles, labels = axis.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
 
 
 def layer_scores_figure(analysis: Analysis) -> bytes:
@@ -69,8 +77,8 @@ def layer_scores_figure(analysis: Analysis) -> bytes:
         axis.set_title(f"{kind} ({analysis.counts[kind]} sentences)")
         axis.set_xlabel("layer")
         axis.set_ylabel("mean log-prob increase")
-    axes[0].legend()
     figure.suptitle("Layer scores: how much each layer raises log p(answer)")
+    _legend_below(figure, axes[0])
     return _png(figure)
 
 
@@ -87,8 +95,8 @@ def _stacked_by_layer(analysis: Analysis, histograms: dict[str, dict[str, list[f
         axis.set_title(kind)
         axis.set_xlabel("layer")
         axis.set_ylabel("neurons per sentence")
-    axes[0].legend()
     figure.suptitle(title)
+    _legend_below(figure, axes[0])
     return _png(figure)
 
 
@@ -107,7 +115,7 @@ def query_histogram_figure(analysis: Analysis) -> bytes:
 def head_overlap_figure(analysis: Analysis) -> bytes:
     kinds = analysis.types
     matrix = np.array([[analysis.head_overlap[a][b] for b in kinds] for a in kinds])
-    figure, axis = plt.subplots(figsize=(0.7 * len(kinds) + 2.5, 0.6 * len(kinds) + 1.5))
+    figure, axis = plt.subplots(figsize=(0.7 * len(kinds) + 2.5, 0.6 * len(kinds) + 1.5), layout="constrained")
     image = axis.imshow(matrix, cmap="Blues", vmin=0)
     axis.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
     axis.set_yticks(range(len(kinds)), kinds)
@@ -124,14 +132,14 @@ def sharing_figure(analysis: Analysis) -> bytes:
     kinds = analysis.types
     names = [("ffn_value", "FFN value"), ("attention_value", "attention value"), ("query", "query")]
     x = np.arange(len(kinds))
-    figure, axis = plt.subplots(figsize=(1.4 * len(kinds) + 3, 3.5))
+    figure, axis = plt.subplots(figsize=(1.4 * len(kinds) + 3, 3.9), layout="constrained")
     for i, (key, label) in enumerate(names):
         axis.bar(x + (i - 1) * 0.27, [analysis.sharing[k][key] for k in kinds], width=0.27, label=label)
     axis.set_xticks(x, kinds)
     axis.set_ylim(0, 1)
     axis.set_ylabel("share of a sentence's top neurons")
-    axis.set_title("Neurons common to more than half of a type's sentences")
-    axis.legend()
+    figure.suptitle("Neurons common to more than half of a type's sentences")
+    _legend_below(figure, axis)
     return _png(figure)
 
 
@@ -141,14 +149,14 @@ def interventions_figure(analysis: Analysis) -> bytes | None:
     kinds = list(analysis.interventions)
     rows = ["value", "random (value)", "query", "random (query)"]
     x = np.arange(len(kinds))
-    figure, axis = plt.subplots(figsize=(1.4 * len(kinds) + 3, 3.5))
+    figure, axis = plt.subplots(figsize=(1.4 * len(kinds) + 3, 3.9), layout="constrained")
     for i, row in enumerate(rows):
         axis.bar(x + (i - 1.5) * 0.2, [analysis.interventions[k][row]["mrr_decrease"] for k in kinds], width=0.2,
                  label=row)
     axis.set_xticks(x, kinds)
     axis.set_ylabel("relative MRR decrease")
-    axis.set_title("Switching off value and query neurons vs random ones")
-    axis.legend(fontsize="small")
+    figure.suptitle("Switching off value and query neurons vs random ones")
+    _legend_below(figure, axis)
     return _png(figure)
 
 
@@ -214,8 +222,7 @@ def render_html(analysis: Analysis, figures: dict[str, bytes]) -> str:
     sections.append("<h2>Heads</h2>")
     sections.append(_table(["type", f"top-{TOP_HEADS} heads (layer.head: mean score)"],
                            [[k, ", ".join(f"{l}.{h}: {s:.3f}" for l, h, s in a.top_heads[k])] for k in a.types]))
-    geographic = ", ".join(f"{l}.{h}" for l, h in a.geographic_heads) or "none"
-    sections.append(f"<p>Heads in the top {TOP_HEADS} of language, capital and country alike: {_e(geographic)}.</p>")
+    sections.append(_shared_heads_html(a))
     sections.append(_figure(figures, "head_overlap", "head overlap between types"))
 
     sections.append("<h2>Sharing</h2>")
@@ -231,6 +238,19 @@ def render_html(analysis: Analysis, figures: dict[str, bytes]) -> str:
     sections.append(_interventions_html(a, figures))
     sections.append(_examples_html(a))
     return _PAGE.format(title=_e(f"neuron-attribution report: {a.model}"), body="\n".join(s for s in sections if s))
+
+
+def _shared_heads_html(a: Analysis) -> str:
+    """The heads the geographic types share, said only of the geographic types the run has (two or more)."""
+    present = [kind for kind in GEOGRAPHIC if kind in a.counts]
+    if len(present) < 2:
+        return ""
+    geographic = ", ".join(f"{l}.{h}" for l, h in a.geographic_heads) or "none"
+    return f"<p>Heads in the top {TOP_HEADS} of {_e(_listed(present))} alike: {_e(geographic)}.</p>"
+
+
+def _listed(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _mean_layer(*series: list[float]) -> float:

@@ -77,12 +77,11 @@ def print_attribution(console: Console, result, rows: int = 10) -> None:
     console.print(heads)
 
     ffn = Table(title="Top FFN value neurons (layer_neuron)", title_justify="left")
-    for column in ("neuron", "score", "coef", "promotes (top of its value vector)"):
+    for column in ("neuron", "score", "coef", "promotes (coefficient × value vector)"):
         ffn.add_column(column)
     for n in result.ffn_neurons[:rows]:
-        promoted = n.top_tokens if n.coefficient >= 0 else n.bottom_tokens
         ffn.add_row(f"{n.layer}_{n.neuron}", f"{n.score:+.4f}", f"{n.coefficient:+.3f}",
-                    Text(" ".join(repr(t) for t in promoted[:6])))
+                    Text(" ".join(repr(t) for t in n.promoted_tokens[:6])))
     console.print(ffn)
 
     attention = Table(title="Top attention value neurons (layer_head_dim @ source position)", title_justify="left")
@@ -95,6 +94,20 @@ def print_attribution(console: Console, result, rows: int = 10) -> None:
 
     if result.query_neurons or result.query_layers.for_ffn or result.query_layers.for_attention:
         print_queries(console, result, rows)
+
+
+def print_neuron_scores(console: Console, scores) -> None:
+    """One table per prompt: each chosen neuron's exact score and coefficient."""
+    for prompt, target, row, coefficients in zip(scores.prompts, scores.targets, scores.scores, scores.coefficients):
+        console.rule(Text(f"{prompt!r} → {target.text!r}"))
+        console.print(Text(f"Target {target.text!r} id {target.id}: probability {target.prob:.2%}, "
+                           f"rank {target.rank}."))
+        table = Table(title="Chosen neurons: log-prob increase", title_justify="left")
+        for column in ("neuron", "score", "coef"):
+            table.add_column(column, justify="left" if column == "neuron" else "right")
+        for neuron, score, coefficient in zip(scores.neurons, row, coefficients):
+            table.add_row(str(neuron), f"{score:+.4f}", "" if coefficient is None else f"{coefficient:+.3f}")
+        console.print(table)
 
 
 def print_queries(console: Console, result, rows: int = 10) -> None:
@@ -146,6 +159,11 @@ def print_evaluation(console: Console, evaluation) -> None:
                                                           f"{m.log_prob_drop:+.3f}"]
         table.add_row(Text(key), f"{m.mrr:.3f}", f"{m.prob:.2%}", f"{m.log_prob:.3f}", *changes, style=style)
     console.print(table)
+    if evaluation.filter is not None:
+        f = evaluation.filter
+        per_type = ", ".join(f"{kind} {c['kept']}/{c['checked']}" for kind, c in f["by_type"].items())
+        console.print(Text(f"Kept by the filter (the model knows the fact): {f['kept']} of {f['checked']} "
+                           f"({per_type}); --no-filter keeps every line."))
     if evaluation.by_type:
         _print_by_type(console, evaluation.by_type)
     if evaluation.skipped:

@@ -66,8 +66,14 @@ class FfnNeuron:
     neuron: int
     score: float
     coefficient: float
-    top_tokens: list[str]
-    bottom_tokens: list[str]
+    top_tokens: list[str]  # the top of the raw value vector's vocabulary projection, U(γ ⊙ fc2)
+    bottom_tokens: list[str]  # its bottom, most negative first
+    # What the neuron's contribution m·fc2 pushes up: the top tokens when m ≥ 0, the bottom ones when m < 0.
+    promoted_tokens: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.promoted_tokens:
+            self.promoted_tokens = list(self.top_tokens if self.coefficient >= 0 else self.bottom_tokens)
 
     @property
     def index(self) -> FfnIndex:

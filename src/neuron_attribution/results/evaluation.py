@@ -21,6 +21,8 @@ class Evaluation:
     by_type: dict[str, dict[str, Metrics]] | None = None  # heads: ablated type -> measured type -> metrics
     heads: dict[str, list[tuple[int, int]]] | None = None  # heads: the heads switched off per type
     seconds: float = 0.0
+    # The paper's filter, when applied: {"checked": n, "kept": n, "by_type": {type: {"checked", "kept"}}}
+    filter: dict | None = None
 
     def to_dict(self) -> dict:
         payload = {
@@ -35,6 +37,8 @@ class Evaluation:
         }
         if self.by_type is not None:
             payload["by_type"] = {a: {m: _metrics_dict(x) for m, x in row.items()} for a, row in self.by_type.items()}
+        if self.filter is not None:
+            payload["filter"] = self.filter
         if self.heads is not None:
             payload["heads"] = {t: [list(h) for h in hs] for t, hs in self.heads.items()}
         return payload

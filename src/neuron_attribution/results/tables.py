@@ -16,7 +16,7 @@ from .attribution import Attribution
 
 TABLES = ("sentences", "ffn_neurons", "attention_neurons", "query_neurons", "layers", "heads")
 _OPTIONAL_FLOATS = ("gate_score", "up_score")  # present for SwiGLU models only
-_TOKEN_LISTS = ("top_tokens", "bottom_tokens", "tokens")
+_TOKEN_LISTS = ("top_tokens", "bottom_tokens", "promoted_tokens", "tokens")
 
 
 class SentenceSource(Protocol):

@@ -34,29 +34,49 @@ class ValueContext:
     normalised_states: Tensor  # (2L+2, d): the readout's linear part applied to each state
     base_log_probs: Tensor  # (2L+2, V): log softmax of each state's logits
     base_log_sum_exp: Tensor  # (2L+2,): log-sum-exp of each state's logits
-    bound_directions: Tensor  # (2L, d): k for each layer base
-    alone_direction: Tensor  # (d,): k for the zero state
     memory_budget: int  # bytes the vocabulary-sized buffers of exact scoring may take
 
     @classmethod
     def build(cls, trace: Trace, ffn_values: Tensor, output_weights: Tensor, shape: ModelShape,
-              readout: LinearReadout, target: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> ValueContext:
+              readout: LinearReadout, target: int, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+              only_states: list[int] | None = None) -> ValueContext:
+        """`only_states`: compute the vocabulary-sized base quantities for these states only (the others are
+        NaN), for callers that score a few chosen neurons."""
         before = trace.layer_inputs[:, -1]  # (L, d)
         middle = before + trace.attention_outputs[:, -1]
         states = torch.stack([before, middle], dim=1).reshape(-1, before.shape[-1])
         states = torch.cat([states, trace.final_residual[-1:], torch.zeros(1, states.shape[-1])], dim=0)
         normalised = readout.normalise(states)
         vocabulary = readout.unembedding.shape[0]
-        logits = readout.logits_of_normalised(normalised, out=scratch.buffer("logits", len(states), vocabulary))
+        wanted = slice(None) if only_states is None else torch.tensor(sorted(set(only_states)), dtype=torch.long)
+        picked = normalised[wanted]
+        logits = readout.logits_of_normalised(picked, out=scratch.buffer("logits", len(picked), vocabulary))
         log_sum_exp = torch.logsumexp(logits, dim=-1)
         log_probs = logits - log_sum_exp.unsqueeze(-1)
-        unembedding = readout.unembedding
-        probs = torch.exp(log_probs, out=scratch.buffer("bases", len(states), vocabulary))
-        expected_row = probs @ unembedding  # p(x)·U per state
-        directions = readout.pullback(unembedding[target] - expected_row)
-        layer_bases = 2 * shape.n_layers
+        if only_states is not None:
+            log_probs = torch.full((len(states), vocabulary), float("nan")).index_copy_(0, wanted, log_probs)
+            log_sum_exp = torch.full((len(states),), float("nan")).index_copy_(0, wanted, log_sum_exp)
         return cls(trace, ffn_values, output_weights, shape, readout, target, normalised, log_probs,
-                   log_sum_exp, directions[:layer_bases], directions[layer_bases + 1], memory_budget)
+                   log_sum_exp, memory_budget)
+
+    @cached_property
+    def _directions(self) -> Tensor:
+        """(2L+2, d): for each state x, k_x with c·(u·k_x) the tangent bound of Imp(c·u | x) (docs/method.md
+        §2). Made on first use: scoring chosen neurons needs no bound."""
+        unembedding = self.readout.unembedding
+        probs = torch.exp(self.base_log_probs, out=scratch.buffer("bases", *self.base_log_probs.shape))
+        expected_row = probs @ unembedding  # p(x)·U per state
+        return self.readout.pullback(unembedding[self.target] - expected_row)
+
+    @property
+    def bound_directions(self) -> Tensor:
+        """(2L, d): k for each layer base."""
+        return self._directions[: 2 * self.shape.n_layers]
+
+    @property
+    def alone_direction(self) -> Tensor:
+        """(d,): k for the zero state."""
+        return self._directions[self.zero_state]
 
     @property
     def final_state(self) -> int:
@@ -90,7 +110,7 @@ def readout_for(model: LoadedModel, trace: Trace, reference: bool = False) -> Li
 
 
 def value_context(model: LoadedModel, trace: Trace, target: int, *, reference: bool = False,
-                  memory_budget: int = DEFAULT_MEMORY_BUDGET) -> ValueContext:
+                  memory_budget: int = DEFAULT_MEMORY_BUDGET, only_states: list[int] | None = None) -> ValueContext:
     adapter = model.adapter
     return ValueContext.build(trace, adapter.all_ffn_values, adapter.all_output_weights, model.shape,
-                              readout_for(model, trace, reference), target, memory_budget)
+                              readout_for(model, trace, reference), target, memory_budget, only_states)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import UserError
+from ..neurons import FfnIndex, HeadIndex, NeuronIndex
 from .context import ValueContext
 from .exact import Rows, score_rows
 from .topk import TopK, TopKSearch, exact_top_k, rank_by_score
@@ -89,6 +91,40 @@ def evaluate_ffn(ctx: ValueContext, flat: Tensor, keep_projection: int = 0) -> t
 def evaluate_attention(ctx: ValueContext, flat: Tensor) -> Tensor:
     (scored,) = score_rows(ctx, [attention_rows(ctx, flat)])
     return scored.scores
+
+
+def chosen_states(neurons: list[NeuronIndex]) -> list[int]:
+    """The base states the given neurons are scored from (see `chosen_rows`)."""
+    return [2 * n.layer + int(isinstance(n, FfnIndex)) for n in neurons]
+
+
+def chosen_rows(ctx: ValueContext, neurons: list[NeuronIndex]) -> tuple[Rows, Tensor]:
+    """Rows for the given neurons, in the order given, and their coefficients (NaN for heads, whose output has
+    no single coefficient). An attention neuron without a position stands for its output from every source
+    position; a head, for its whole last-position output."""
+    s, n_tokens = ctx.shape, ctx.trace.n_tokens
+    bases = torch.empty(len(neurons), dtype=torch.long)
+    vectors = torch.empty(len(neurons), s.d_model)
+    coefficients = torch.full((len(neurons),), float("nan"))
+    for row, index in enumerate(neurons):
+        s.check(index)
+        bases[row] = chosen_states([index])[0]
+        if isinstance(index, FfnIndex):
+            vectors[row] = ctx.ffn_values[index]
+            coefficients[row] = ffn_coefficients(ctx)[index]
+            continue
+        layer, head = index.layer, index.head
+        if isinstance(index, HeadIndex):
+            vectors[row] = (ctx.weighted_values[layer, head] @ ctx.output_weights[layer, head]).sum(0)
+            continue
+        if index.position is not None and index.position >= n_tokens:
+            raise UserError(f"attention neuron {index} reads position {index.position}, but the prompt has "
+                            f"{n_tokens} tokens (positions 0 to {n_tokens - 1})")
+        per_position = ctx.attention_coefficients[layer, head, index.dim]
+        vectors[row] = ctx.output_weights[layer, head, index.dim]
+        coefficients[row] = per_position.sum() if index.position is None else per_position[index.position]
+    scale = torch.where(coefficients.isnan(), torch.ones(()), coefficients)
+    return Rows(bases, vectors, scale), coefficients
 
 
 def top_ffn(ctx: ValueContext, k: int) -> TopK:

@@ -1,0 +1,5 @@
+"""`python -m neuron_attribution.cli`."""
+
+from . import main
+
+main()

@@ -1,0 +1,147 @@
+"""What the commands share: the app, the console, option types, settings from flags, backends, progress."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ..errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Find the neurons of a causal language model responsible for a prediction.")
+console = Console()
+
+ModelOption = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Local directory, .gguf file or hub id. Default: the offline SmolLM2-135M-Instruct.")]
+AllowPickleOption = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Allow pickle checkpoints (.bin/.pt), which can run code when loaded.")]
+MaxMemoryOption = Annotated[str, typer.Option("--max-memory", help="Memory the scoring step's vocabulary-sized "
+                                              "buffers may take, e.g. 2GB or 500MB.")]
+BackendOption = Annotated[str, typer.Option("--backend", help=escape(
+    "local, or ray: batches on Ray workers that each load the model once (pip install "
+    "'neuron-attribution[ray]')."))]
+WorkersOption = Annotated[int, typer.Option("--workers", help="Ray workers (a local cluster of this many CPUs "
+                                            "unless --address is given).")]
+AddressOption = Annotated[Optional[str], typer.Option("--address", help="An existing Ray cluster to join.")]
+DtypeOption = Annotated[Optional[str], typer.Option("--dtype", help="float32 (default), bfloat16 or float16.")]
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu (default), cuda, cuda:1, ... or auto "
+                                                     "(layers spread over the GPUs). Scores are float32 either way.")]
+QueryTopOption = Annotated[int, typer.Option("--query-top", help="Score query neurons and layers for this many "
+                                             "top value neurons of each kind (0: no query neurons).")]
+
+
+def settings_from_flags(model: str | None, *, dtype: str | None = None, device: str | None = None,
+              allow_pickle: bool = False, top: int | None = None, query_top: int | None = None,
+              max_memory: str | None = None, reference: bool = False):
+    """The command's settings, checked before anything slow happens."""
+    from ..settings import ModelSpec, ScoringOptions, Settings, parse_size
+
+    scoring: dict = {"reference": reference}
+    for key, value in (("top_k", top), ("query_top", query_top)):
+        if value is not None:
+            scoring[key] = value
+    if max_memory is not None:
+        scoring["memory_budget"] = parse_size(max_memory)
+    if top is not None and top <= 0:
+        raise UserError("--top must be a positive number")
+    if query_top is not None and query_top < 0:
+        raise UserError("--query-top must be 0 or more (0: no query neurons)")
+    return Settings(ModelSpec(model, dtype, device, allow_pickle), ScoringOptions(**scoring))
+
+
+def load_model_spec(spec):
+    from ..model.loading import load
+
+    with console.status("Loading model...", spinner="dots"):
+        return load(spec)
+
+
+def as_loaded(settings, loaded):
+    """The settings with the model spec as loading normalised it (absolute path, canonical dtype name)."""
+    from ..settings import Settings
+
+    return Settings(loaded.spec, settings.scoring)
+
+
+def parse_neurons(text: str) -> list:
+    from ..neurons import parse_neuron
+
+    parts = [part for part in text.split(",") if part.strip()]
+    if not parts:
+        raise UserError("--neurons: give at least one neuron, e.g. 24_177,23_4_38@3")
+    return [parse_neuron(part) for part in parts]
+
+
+def methods_help() -> str:
+    from ..scoring.methods import ALL, methods_help as registry_methods_help
+
+    return escape(f"{ALL} (every method but those marked), or a comma-separated list of: {registry_methods_help()}.")
+
+
+def protocols_help() -> str:
+    from ..pipelines.evaluate import protocols_help as registry_protocols_help
+
+    return escape(f"{registry_protocols_help()}.")
+
+
+def print_run_summary(summary, out: Path) -> None:
+    kept = ", ".join(f"{kind} {summary.kept[kind]}/{total}" for kind, total in summary.facts.items())
+    console.print(f"Kept by the filter (kept/checked; with --limit a type stops once it has enough): {kept}")
+    if summary.used != summary.kept:
+        console.print("Used (--limit): " + ", ".join(f"{kind} {n}" for kind, n in summary.used.items()))
+    console.print(f"Attributed {summary.attributed} sentences ({summary.already_done} were already done) in "
+                  f"{summary.seconds:.0f} s. Tables in {escape(str(out))}")
+
+
+def check_backend(name: str, workers: int) -> None:
+    """Backend flags fail before the model loads."""
+    if name not in ("local", "ray"):
+        raise UserError(f"unknown backend {name!r}; use local or ray")
+    if workers <= 0:
+        raise UserError("--workers must be a positive number")
+    if name == "ray":
+        from ..execution.ray_backend import require_ray
+
+        require_ray()
+
+
+@contextmanager
+def make_backend(name: str, loaded, settings, workers: int, address: str | None):
+    """The backend a command's batches run on: here, or Ray workers (stopped on leaving). The name was
+    checked by `_check_backend` before the model loaded."""
+    from ..execution import LocalBackend
+
+    if name == "local":
+        yield LocalBackend(loaded, settings)
+        return
+    from ..execution.ray_backend import RayBackend
+
+    with console.status(f"Starting {workers} Ray workers...", spinner="dots"):
+        pool = RayBackend(settings, workers=workers, address=address)
+    with pool:
+        yield pool
+
+
+@contextmanager
+def progress_bar():
+    """A rich progress bar driven by (what, done, total) calls, one task per distinct `what`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done, total=total)
+
+        yield update
+

@@ -1,0 +1,194 @@
+"""Commands over datasets: evaluate, datasets, run, analyze, and the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from ..errors import UserError
+from .common import (AddressOption, AllowPickleOption, BackendOption, DeviceOption, DtypeOption, MaxMemoryOption,
+                     ModelOption, QueryTopOption, WorkersOption, app, as_loaded, check_backend, console,
+                     load_model_spec, make_backend, methods_help, print_run_summary, progress_bar, protocols_help,
+                     settings_from_flags)
+
+
+@app.command()
+def evaluate(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="A packaged dataset name (e.g. sample) or a "
+                                         "JSONL file of {\"prompt\", \"answer\", \"type\"?} lines.")],
+    model: ModelOption = None,
+    methods: Annotated[str, typer.Option("--methods", help=methods_help())] = "all",
+    top: Annotated[Optional[int], typer.Option("--top", "-k", help="Neurons switched off per sentence. Default: "
+                                               "10 (compare), 300 (value), 1000 (query), 1% of heads (heads).")]
+    = None,
+    protocol: Annotated[str, typer.Option("--protocol", help=protocols_help())] = "compare",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N facts.")] = None,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON.")] = None,
+    on_error: Annotated[str, typer.Option("--on-error", help="Malformed lines and unusable facts: skip them "
+                                          "(counted in the output) or stop.")] = "skip",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random controls.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sentences traced per forward pass.")] = 8,
+    query_top: QueryTopOption = 30,
+    filter_facts: Annotated[bool, typer.Option("--filter/--no-filter", help="Keep only the facts the model knows "
+                                               "(gold answer in its top 10, above every other candidate of its "
+                                               "type), as the paper does.")] = True,
+    backend: BackendOption = "local",
+    workers: WorkersOption = 2,
+    address: AddressOption = None,
+    max_memory: MaxMemoryOption = "2GB",
+    dtype: DtypeOption = None,
+    device: DeviceOption = None,
+    allow_pickle: AllowPickleOption = False,
+) -> None:
+    """Switch off the neurons each method finds and measure the gold answer: MRR, probability, log probability."""
+    from ..datasets import load_facts
+    from ..pipelines.evaluate import check_protocol, evaluate as run_evaluation
+    from ..reports.terminal import print_evaluation
+    from ..scoring.methods import resolve_methods
+
+    check_protocol(protocol)
+    for name, number in (("--limit", limit), ("--top", top), ("--batch-size", batch_size)):
+        if number is not None and number <= 0:
+            raise UserError(f"{name} must be a positive number")
+    resolve_methods(methods)  # unknown names fail before the model loads
+    settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle, query_top=query_top,
+                         max_memory=max_memory)
+    check_backend(backend, workers)
+    facts, skipped = load_facts(dataset, on_error)  # type: ignore[arg-type]
+    facts = facts[:limit] if limit else facts
+    loaded = load_model_spec(settings.model)
+    settings = as_loaded(settings, loaded)
+    with make_backend(backend, loaded, settings, workers, address) as pool, progress_bar() as progress:
+        result = run_evaluation(loaded, facts, protocol=protocol, methods=methods, top=top, seed=seed,
+                                batch_size=batch_size, on_error=on_error, skipped=skipped,  # type: ignore[arg-type]
+                                progress=progress, backend=pool, filter=filter_facts)
+    print_evaluation(console, result)
+    if json_file:
+        result.save(json_file)
+        console.print(f"Wrote {escape(str(json_file))}")
+
+
+@app.command()
+def datasets() -> None:
+    """List the packaged datasets with their fact counts per knowledge type."""
+    from ..datasets import ALL_TYPES, KNOWLEDGE_TYPES, describe_datasets
+    from ..reports.terminal import print_datasets
+
+    print_datasets(console, describe_datasets(), ALL_TYPES, KNOWLEDGE_TYPES)
+
+
+@app.command()
+def run(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="knowledge (all six types), one type (language, "
+                                         "capital, country, color, number, month), sample, or a JSONL file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the Parquet tables (resumable).")]
+    = Path("out/run"),
+    model: ModelOption = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="At most N kept sentences of each type.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sentences per forward pass.")] = 8,
+    top: Annotated[int, typer.Option("--top", "-k", help="Value and query neurons stored per sentence.")] = 300,
+    query_top: QueryTopOption = 30,
+    on_error: Annotated[str, typer.Option("--on-error", help="Malformed lines: skip them or stop.")] = "skip",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different run already in --out "
+                                            "(only the run's own files are removed).")] = False,
+    backend: BackendOption = "local",
+    workers: WorkersOption = 2,
+    address: AddressOption = None,
+    max_memory: MaxMemoryOption = "2GB",
+    dtype: DtypeOption = None,
+    device: DeviceOption = None,
+    allow_pickle: AllowPickleOption = False,
+) -> None:
+    """Attribute every sentence of a dataset the model knows (the paper's filter) into Parquet tables."""
+    from ..datasets import load_facts
+    from ..pipelines.run import RunArguments, run_dataset
+
+    for name, number in (("--limit", limit), ("--batch-size", batch_size)):
+        if number is not None and number <= 0:
+            raise UserError(f"{name} must be a positive number")
+    settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle, top=top,
+                         query_top=query_top, max_memory=max_memory)
+    load_facts(dataset, on_error)  # type: ignore[arg-type]  # a bad dataset fails before the model loads
+    check_backend(backend, workers)
+    loaded = load_model_spec(settings.model)
+    settings = as_loaded(settings, loaded)
+    with make_backend(backend, loaded, settings, workers, address) as pool, progress_bar() as progress:
+        summary = run_dataset(loaded, out, RunArguments(dataset, limit, on_error), settings=settings,
+                              batch_size=batch_size, progress=progress, backend=pool, overwrite=overwrite)
+    print_run_summary(summary, out)
+
+
+@app.command()
+def analyze(
+    directory: Annotated[Path, typer.Argument(help="A finished `run` directory.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the plots, analysis.json "
+                                                "and report.html. Default: DIR/analysis.")] = None,
+    interventions: Annotated[bool, typer.Option("--interventions/--no-interventions", help="Also switch off "
+                                                "value neurons, query neurons and heads per type (loads the "
+                                                "model).")] = True,
+    per_type: Annotated[int, typer.Option("--per-type", help="Sentences of each type used for the "
+                                          "interventions.")] = 20,
+    device: Annotated[Optional[str], typer.Option("--device", help="Load the model on this device instead of the "
+                                                  "run's own (recorded in its run.json).")] = None,
+    allow_pickle: AllowPickleOption = False,
+) -> None:
+    """Reproduce the paper's analyses on a run: layer scores, histograms, head overlap, sharing, interventions."""
+    from dataclasses import replace
+
+    from ..pipelines.analyze import analyze_run
+    from ..reports.html import write_report
+
+    if per_type <= 0:
+        raise UserError("--per-type must be a positive number")
+    target = out or directory / "analysis"
+
+    def load(spec):
+        spec = replace(spec, allow_pickle=spec.allow_pickle or allow_pickle)
+        return load_model_spec(spec if device is None else replace(spec, device=device))
+
+    with progress_bar() as progress:
+        analysis = analyze_run(directory, interventions=interventions, per_type=per_type, progress=progress,
+                               load=load)
+        report = write_report(analysis, target)
+    console.print(f"Report: {escape(str(report))}")
+
+
+@app.command()
+def demo(model: ModelOption = None,
+         out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the run and its report.")]
+         = Path("out/demo"),
+         per_type: Annotated[int, typer.Option("--per-type", help="Sentences of each knowledge type.")] = 4) -> None:
+    """The main job on the offline default model: explain two predictions, then run and analyse a slice of
+    every knowledge type and write the HTML report."""
+    import time
+
+    from ..model.describe import describe_model
+    from ..pipelines.analyze import analyze_run
+    from ..pipelines.attribute import attribute as run_attribution
+    from ..pipelines.run import RunArguments, run_dataset
+    from ..reports.html import write_report
+    from ..reports.terminal import print_attribution, print_model_info
+    from ..settings import ScoringOptions, Settings
+
+    if per_type <= 0:
+        raise UserError("--per-type must be a positive number")
+    started = time.perf_counter()
+    settings = settings_from_flags(model)
+    loaded = load_model_spec(settings.model)
+    print_model_info(console, describe_model(loaded))
+    for prompt, answer in (("The capital of France is", " Paris"), ("The largest planet is", " Jupiter")):
+        print_attribution(console, run_attribution(loaded, prompt, answer, top_k=100), rows=5)
+    console.rule(f"{per_type} sentences of each knowledge type: run and analyse")
+    with progress_bar() as progress:
+        summary = run_dataset(loaded, out, RunArguments("knowledge", per_type),
+                              settings=Settings(loaded.spec, ScoringOptions(top_k=300)), progress=progress,
+                              overwrite=True)
+        analysis = analyze_run(out, per_type=per_type, progress=progress, load=lambda spec: loaded)
+        report = write_report(analysis, out / "analysis")
+    console.print("Kept by the filter (kept/checked): "
+                  + ", ".join(f"{k} {summary.kept[k]}/{n}" for k, n in summary.facts.items()))
+    console.print(f"Done in {time.perf_counter() - started:.0f} s. Report: {escape(str(report.resolve()))}")
+

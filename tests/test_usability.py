@@ -1,0 +1,157 @@
+"""What a researcher meets in a first afternoon: readable files, clean re-runs, one-line reprs and errors, a
+report that speaks of the data it was given, evaluate filtering as the paper does, help texts shown whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+from neuron_attribution import UserError, attribute
+from neuron_attribution.datasets import load_facts
+from neuron_attribution.files import write_json
+from neuron_attribution.pipelines.evaluate import evaluate
+from neuron_attribution.pipelines.run import RunArguments, run_dataset, run_settings
+from neuron_attribution.reports import html
+
+from .test_report import _hand_made_analysis
+from .test_runs import FACTS
+
+
+def _cli(*args: str, cwd: Path | None = None, umask: int | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "neuron_attribution.cli", *args], capture_output=True, text=True,
+                          timeout=600, cwd=cwd, preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == mode
+
+
+def test_attribute_json_is_readable_by_others(tmp_path, real_model):
+    result = _cli("attribute", "The capital of France is", "--top", "3", "--query-top", "0", "--json",
+                  str(tmp_path / "a.json"), umask=0o022)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+
+
+def _facts(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_a_run_that_fails_leaves_nothing_and_says_what_was_skipped(real_model, tmp_path):
+    facts = _facts(tmp_path / "bad.jsonl", ["{not json", '{"prompt": "x"}', "[1, 2]"])
+    with pytest.raises(UserError) as error:
+        run_dataset(real_model, tmp_path / "out", RunArguments(str(facts)))
+    assert "3 lines skipped" in str(error.value) and "bad.jsonl:1: not valid JSON" in str(error.value)
+    assert not (tmp_path / "out").exists()
+    unknown = _facts(tmp_path / "unknown.jsonl", [{"prompt": "The capital of France is", "answer": "Oslo"}])
+    with pytest.raises(UserError, match="1 facts checked, none known"):
+        run_dataset(real_model, tmp_path / "out", RunArguments(str(unknown)))
+    assert not (tmp_path / "out").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError):  # a directory the user made and filled is never removed
+        run_dataset(real_model, mine, RunArguments(str(unknown)))
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_overwrite_replaces_a_different_run(real_model, tmp_path):
+    facts = _facts(tmp_path / "facts.jsonl", FACTS[:2])
+    out = tmp_path / "run"
+    run_dataset(real_model, out, RunArguments(str(facts)), settings=run_settings(real_model, 5))
+    with pytest.raises(UserError, match="--overwrite"):
+        run_dataset(real_model, out, RunArguments(str(facts)), settings=run_settings(real_model, 7))
+    summary = run_dataset(real_model, out, RunArguments(str(facts)), settings=run_settings(real_model, 7),
+                          overwrite=True)
+    assert summary.attributed == 2 and json.loads((out / "run.json").read_text())["top"] == 7
+
+
+def test_short_repr_and_clear_errors_for_wrong_types(tiny_model, token_batches):
+    assert "\n" not in repr(tiny_model) and "layers=3" in repr(tiny_model) and "device=cpu" in repr(tiny_model)
+    with pytest.raises(UserError, match="a target is answer text .* not tuple"):
+        attribute(tiny_model, token_batches[0], (1, 2))
+    with pytest.raises(UserError, match="a prompt is text"):
+        attribute(tiny_model, 42, 1)
+
+
+def test_the_report_speaks_of_the_types_it_was_given():
+    analysis = _hand_made_analysis()
+    page = html.render_html(analysis, {})
+    assert "language, capital and country" not in page  # the run has none of them
+    analysis.counts = {"capital": 1, "country": 1}
+    assert html._shared_heads_html(analysis).startswith("<p>Heads in the top 10 of capital and country alike")
+
+
+def _extent(artist, renderer):
+    return artist.get_window_extent(renderer)
+
+
+def test_figures_have_no_overlapping_titles_legends_and_bars(monkeypatch):
+    """Every figure is laid out by matplotlib's constrained layout; the suptitle, the subplot titles, the legend
+    and the bars must not cover one another."""
+    analysis = _hand_made_analysis()
+    analysis.counts = {f"type {i}": 1 for i in range(4)}
+    analysis.interventions = {}
+    for kind in analysis.counts:
+        analysis.layers[kind] = analysis.layers[next(iter(analysis.layers))]
+        analysis.value_histograms[kind] = {"attention": [1, 2], "ffn": [3, 4]}
+        analysis.query_histograms[kind] = {"query_only": [1, 0], "query_value": [0, 1]}
+        analysis.sharing[kind] = {"ffn_value": 0.5, "attention_value": 0.9, "query": 1.0}
+        analysis.head_overlap[kind] = {other: 1 for other in analysis.counts}
+        analysis.interventions[kind] = {row: {"mrr_decrease": 1.0} for row in
+                                        ("value", "random (value)", "query", "random (query)")}
+    figures = []
+    monkeypatch.setattr(html, "_png", lambda figure: figures.append(figure) or b"")
+    for draw in html.FIGURES.values():
+        draw(analysis)
+    assert len(figures) == len(html.FIGURES)
+    for figure in figures:
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()
+        titles = [axis.title for axis in figure.axes if axis.get_visible() and axis.get_title()]
+        boxes = [_extent(t, renderer) for t in titles]
+        if figure._suptitle is not None:
+            boxes.append(_extent(figure._suptitle, renderer))
+        for legend in figure.legends:
+            boxes.append(_extent(legend, renderer))
+            bars = [patch for axis in figure.axes for patch in axis.patches]
+            assert not [b for b in bars if _extent(b, renderer).overlaps(_extent(legend, renderer))]
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert not a.overlaps(b), (figure._suptitle.get_text() if figure._suptitle else "", a, b)
+        matplotlib.pyplot.close(figure)
+
+
+@pytest.mark.slow
+def test_evaluate_filters_like_the_paper_unless_told_not_to(real_model, tmp_path):
+    facts = _facts(tmp_path / "facts.jsonl", FACTS[:3])  # the third: the model does not say "Oslo"
+    loaded, _ = load_facts(str(facts))
+    filtered = evaluate(real_model, loaded, methods="norm", top=2)
+    assert filtered.n_sentences == 2
+    assert filtered.filter == {"checked": 3, "kept": 2, "by_type": {"capital": {"checked": 3, "kept": 2}}}
+    assert filtered.to_dict()["filter"]["kept"] == 2
+    everything = evaluate(real_model, loaded, methods="norm", top=2, filter=False)
+    assert everything.n_sentences == 3 and everything.filter is None
+    shown = _cli("evaluate", "--dataset", str(facts), "--methods", "norm", "--top", "2")
+    assert shown.returncode == 0, shown.stderr
+    assert "Kept by the filter (the model knows the fact): 2 of 3 (capital 2/3)" in " ".join(shown.stdout.split())
+
+
+def test_help_texts_keep_their_brackets():
+    shown = _cli("run", "--help")
+    assert shown.returncode == 0
+    assert "neuron-attribution[ray]" in "".join(shown.stdout.split())
