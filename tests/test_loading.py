@@ -13,7 +13,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from neuron_attribution import UserError, load_model
-from neuron_attribution.model.loading import default_model_gguf
+from neuron_attribution.model.loading import cache_root, default_model_gguf
 
 from .conftest import tiny_llama
 
@@ -78,7 +78,7 @@ def test_truncated_safetensors(saved_tiny_llama, tmp_path):
 
 def test_truncated_gguf_leaves_cache_untouched(tmp_path):
     broken = tmp_path / "broken.gguf"
-    broken.write_bytes(default_model_gguf().read_bytes()[: 1 << 20])
+    broken.write_bytes(default_model_gguf(cache_root()).read_bytes()[: 1 << 20])
     cache = tmp_path / "cache"
     result = _run_cli("info", "--model", str(broken), cache=cache)
     assert result.returncode == 2

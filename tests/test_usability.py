@@ -155,3 +155,34 @@ def test_help_texts_keep_their_brackets():
     shown = _cli("run", "--help")
     assert shown.returncode == 0
     assert "neuron-attribution[ray]" in "".join(shown.stdout.split())
+
+
+@pytest.mark.slow
+def test_many_prompts_in_one_process(real_model, tmp_path):
+    lines = [{"prompt": "The capital of France is", "target": " Paris"}, {"prompt": "The capital of Italy is"},
+             "{broken", {"prompt": "The capital of Spain is", "target": ""},
+             {"prompt": "The largest planet is", "target": 7042, "contrast": "kept for later"}]
+    path = _facts(tmp_path / "prompts.jsonl", lines)
+    done = _cli("attribute", "--prompts", str(path), "--json-dir", str(tmp_path / "out"), "--top", "5")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["line-000001.json", "line-000002.json",
+                                                                     "line-000005.json"]
+    shown = " ".join(done.stdout.split())
+    assert "Skipped 2:" in shown and f"{path}:3: not valid JSON" in shown and f"{path}:4: the target is empty" in shown
+    expected = attribute(real_model, "The capital of France is", " Paris", top_k=5)
+    saved = json.loads((tmp_path / "out" / "line-000001.json").read_text())
+    assert [n["score"] for n in saved["ffn_neurons"]] == pytest.approx([n.score for n in expected.ffn_neurons],
+                                                                       abs=1e-5)
+    assert json.loads((tmp_path / "out" / "line-000005.json").read_text())["target"]["id"] == 7042
+    stopped = _cli("attribute", "--prompts", str(path), "--on-error", "stop")
+    assert stopped.returncode == 2 and stopped.stderr.strip() == f"error: {path}:3: not valid JSON " \
+        "(Expecting property name enclosed in double quotes)"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["datasets"], ["run", "--help"]])
+def test_light_commands_do_not_load_torch_or_transformers(args):
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "neuron_attribution.cli", *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-1000:]
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "import time:" in line}
+    assert not {name for name in loaded if name.split(".")[0] in ("torch", "transformers")}

@@ -25,6 +25,7 @@ _EXPORTS = {
     "Evaluation": "results.evaluation", "Metrics": "results.metrics",
     "attribute": "pipelines.attribute", "attribute_batch": "pipelines.attribute",
     "predict": "pipelines.predict",
+    "score_neurons": "pipelines.score", "NeuronScores": "results.neuron_scores",
     "project": "pipelines.projection", "interpret_query_neuron": "pipelines.projection",
     "query_value_split": "pipelines.paper", "split_queries": "pipelines.paper",
     "evaluate": "pipelines.evaluate",
@@ -61,9 +62,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .pipelines.paper import query_value_split, split_queries
     from .pipelines.predict import predict
     from .pipelines.projection import interpret_query_neuron, project
+    from .pipelines.score import score_neurons
     from .pipelines.run import RunArguments, run_dataset
     from .results.attribution import (AttentionNeuron, Attribution, FfnNeuron, HeadScore, Prediction, Projection,
                                       QueryLayer, QueryNeuron)
     from .results.evaluation import Evaluation
+    from .results.neuron_scores import NeuronScores
     from .results.metrics import Metrics
     from .settings import ModelSpec, ScoringOptions, Settings

@@ -141,3 +141,55 @@ def _parse(line: str, source: str, number: int) -> Fact:
     if kind is not None and not isinstance(kind, str):
         raise ValueError("field 'type' must be text")
     return Fact(fields["prompt"], fields["answer"], kind, source, number)
+
+
+@dataclass(frozen=True)
+class PromptLine:
+    """A prompt of the user's own, with an optional target (None: the model's top prediction)."""
+
+    prompt: str
+    target: str | int | None
+    source: str
+    line: int
+
+
+def load_prompt_lines(path: str | Path, on_error: OnError = "skip") -> tuple[list[PromptLine], list[Skipped]]:
+    """JSONL lines {"prompt": text, "target": text or token id (optional)}; other keys are ignored. No filter:
+    these are the user's own prompts. Malformed lines are skipped and counted, or with on_error="stop" end the
+    run with the file and line."""
+    if on_error not in ("skip", "stop"):
+        raise UserError(f"--on-error must be skip or stop, not {on_error!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no such file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+    lines, skipped = [], []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            lines.append(_parse_prompt_line(raw, str(path), number))
+        except ValueError as error:
+            if on_error == "stop":
+                raise UserError(f"{path}:{number}: {error}") from None
+            skipped.append(Skipped(str(path), number, str(error)))
+    return lines, skipped
+
+
+def _parse_prompt_line(raw: str, source: str, number: int) -> PromptLine:
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("missing, empty or non-text field 'prompt'")
+    target = record.get("target")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (str, int))):
+        raise ValueError("field 'target' must be answer text or a token id")
+    return PromptLine(prompt, target, source, number)

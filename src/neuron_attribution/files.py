@@ -36,3 +36,11 @@ def _umask() -> int:
 
 def write_json(path: Path | str, payload: Any) -> None:
     write_bytes_atomic(path, (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def read_json_as(path: Path | str, build, what: str):
+    """build(the JSON data in `path`), with one UserError for an unreadable file or data that does not fit."""
+    try:
+        return build(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"cannot read {what} from {path}: {error}") from None

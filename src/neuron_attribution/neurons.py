@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Union
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Literal, NamedTuple, Union
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 NormKind = Literal["layernorm", "rmsnorm"]
 FfnKind = Literal["gelu", "swiglu"]
@@ -120,11 +120,13 @@ class ModelShape:
 
     def attention_unflat(self, flat: Tensor, n_tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(layer, head, dim, position) tensors of flat attention-neuron indices."""
+        import torch  # here, not at the top: the index types are used where torch need not be loaded
+
         return torch.unravel_index(flat, self.attention_grid(n_tokens))
 
     def attention_indices(self, flat: Tensor, n_tokens: int) -> list[AttentionIndex]:
         parts = self.attention_unflat(flat.reshape(-1), n_tokens)
-        return [AttentionIndex(*row) for row in torch.stack(parts, dim=-1).tolist()]
+        return [AttentionIndex(*row) for row in zip(*(part.tolist() for part in parts))]
 
     def head_unflat(self, flat):
         return flat // self.n_heads, flat % self.n_heads

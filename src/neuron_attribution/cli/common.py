@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 
@@ -15,6 +16,20 @@ from ..errors import UserError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find the neurons of a causal language model responsible for a prediction.")
 console = Console()
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from ..version import __version__
+
+        console.print(f"neuron-attribution {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False) -> None:
+    """Find the neurons of a causal language model responsible for a prediction."""
 
 ModelOption = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Local directory, .gguf file or hub id. Default: the offline SmolLM2-135M-Instruct.")]
@@ -77,6 +92,19 @@ def parse_neurons(text: str) -> list:
     return [parse_neuron(part) for part in parts]
 
 
+class RegistryHelp(typer.core.TyperCommand):
+    """A command whose `--methods` and `--protocol` help comes from the registries, filled in only when its help
+    is shown: the registries live with the scoring code, and loading that (torch) for every `--help` would make
+    the whole CLI slow to answer."""
+
+    def format_help(self, ctx, formatter) -> None:
+        fillers = {"methods": methods_help, "protocol": protocols_help}
+        for param in self.params:
+            if param.name in fillers:
+                param.help = fillers[param.name]()
+        super().format_help(ctx, formatter)
+
+
 def methods_help() -> str:
     from ..scoring.methods import ALL, methods_help as registry_methods_help
 
@@ -98,7 +126,7 @@ def print_run_summary(summary, out: Path) -> None:
                   f"{summary.seconds:.0f} s. Tables in {escape(str(out))}")
 
 
-def check_backend(name: str, workers: int) -> None:
+def check_backend(name: str, workers: int, address: str | None = None) -> None:
     """Backend flags fail before the model loads."""
     if name not in ("local", "ray"):
         raise UserError(f"unknown backend {name!r}; use local or ray")
@@ -107,7 +135,7 @@ def check_backend(name: str, workers: int) -> None:
     if name == "ray":
         from ..execution.ray_backend import require_ray
 
-        require_ray()
+        require_ray(address)
 
 
 @contextmanager

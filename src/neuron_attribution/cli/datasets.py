@@ -10,21 +10,21 @@ from rich.markup import escape
 
 from ..errors import UserError
 from .common import (AddressOption, AllowPickleOption, BackendOption, DeviceOption, DtypeOption, MaxMemoryOption,
-                     ModelOption, QueryTopOption, WorkersOption, app, as_loaded, check_backend, console,
-                     load_model_spec, make_backend, methods_help, print_run_summary, progress_bar, protocols_help,
+                     ModelOption, QueryTopOption, RegistryHelp, WorkersOption, app, as_loaded, check_backend, console,
+                     load_model_spec, make_backend, print_run_summary, progress_bar,
                      settings_from_flags)
 
 
-@app.command()
+@app.command(cls=RegistryHelp)
 def evaluate(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="A packaged dataset name (e.g. sample) or a "
                                          "JSONL file of {\"prompt\", \"answer\", \"type\"?} lines.")],
     model: ModelOption = None,
-    methods: Annotated[str, typer.Option("--methods", help=methods_help())] = "all",
+    methods: Annotated[str, typer.Option("--methods", help="all, or a comma-separated list of methods.")] = "all",
     top: Annotated[Optional[int], typer.Option("--top", "-k", help="Neurons switched off per sentence. Default: "
                                                "10 (compare), 300 (value), 1000 (query), 1% of heads (heads).")]
     = None,
-    protocol: Annotated[str, typer.Option("--protocol", help=protocols_help())] = "compare",
+    protocol: Annotated[str, typer.Option("--protocol", help="compare, value, query or heads.")] = "compare",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N facts.")] = None,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON.")] = None,
     on_error: Annotated[str, typer.Option("--on-error", help="Malformed lines and unusable facts: skip them "
@@ -56,7 +56,7 @@ def evaluate(
     resolve_methods(methods)  # unknown names fail before the model loads
     settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle, query_top=query_top,
                          max_memory=max_memory)
-    check_backend(backend, workers)
+    check_backend(backend, workers, address)
     facts, skipped = load_facts(dataset, on_error)  # type: ignore[arg-type]
     facts = facts[:limit] if limit else facts
     loaded = load_model_spec(settings.model)
@@ -112,7 +112,7 @@ def run(
     settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle, top=top,
                          query_top=query_top, max_memory=max_memory)
     load_facts(dataset, on_error)  # type: ignore[arg-type]  # a bad dataset fails before the model loads
-    check_backend(backend, workers)
+    check_backend(backend, workers, address)
     loaded = load_model_spec(settings.model)
     settings = as_loaded(settings, loaded)
     with make_backend(backend, loaded, settings, workers, address) as pool, progress_bar() as progress:

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from ..errors import UserError
 from .common import (AllowPickleOption, DeviceOption, DtypeOption, MaxMemoryOption, ModelOption, QueryTopOption, app,
-                     console, load_model_spec, parse_neurons, settings_from_flags)
+                     console, load_model_spec, parse_neurons, progress_bar, settings_from_flags)
 
 
 @app.command()
@@ -45,7 +45,7 @@ def predict(prompt: Annotated[str, typer.Argument(help="The prompt whose next to
 
 @app.command()
 def attribute(
-    prompt: Annotated[str, typer.Argument(help="The prompt, e.g. \"The capital of France is\".")],
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt, e.g. \"The capital of France is\".")] = None,
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="Answer text (its first token is "
                                                   "scored). Default: the model's top prediction.")] = None,
     model: ModelOption = None,
@@ -58,6 +58,14 @@ def attribute(
     neurons: Annotated[Optional[str], typer.Option("--neurons", help="Score only these neurons, exactly and fast, "
                                                    "e.g. 24_177,23_4_38@3,21.19 (FFN layer_neuron, attention "
                                                    "layer_head_dim@position, head layer.head).")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="A JSONL file of {\"prompt\", \"target\"?} "
+                                                    "lines: attribute them all in one process (no filter).")] = None,
+    json_dir: Annotated[Optional[Path], typer.Option("--json-dir", help="With --prompts: write one JSON per "
+                                                     "line into this directory.")] = None,
+    on_error: Annotated[str, typer.Option("--on-error", help="With --prompts: lines that are malformed or that "
+                                          "the model cannot take are skipped (and listed) or stop the run.")]
+    = "skip",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="With --prompts: prompts per forward pass.")] = 8,
     max_memory: MaxMemoryOption = "2GB",
     dtype: DtypeOption = None,
     device: DeviceOption = None,
@@ -69,8 +77,12 @@ def attribute(
 
     if show <= 0:
         raise UserError("--show must be a positive number")
+    if (prompt is None) == (prompts is None):
+        raise UserError("give either a prompt or --prompts FILE")
     settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle, top=top,
-                         query_top=query_top, max_memory=max_memory, reference=reference)
+                                   query_top=query_top, max_memory=max_memory, reference=reference)
+    if prompts is not None:
+        return _attribute_file(prompts, json_dir, on_error, batch_size, settings, neurons, json_file)
     chosen = parse_neurons(neurons) if neurons is not None else None
     loaded = load_model_spec(settings.model)
     if chosen is not None:
@@ -88,3 +100,28 @@ def attribute(
         result.save(json_file)
         console.print(f"Wrote {escape(str(json_file))}")
 
+
+
+def _attribute_file(path: Path, json_dir: Path | None, on_error: str, batch_size: int, settings, neurons,
+                    json_file) -> None:
+    """`attribute --prompts FILE`: every line in one process, one JSON per line, a summary table."""
+    from ..datasets import load_prompt_lines
+    from ..pipelines.prompts_file import attribute_lines
+    from ..reports.terminal import print_prompt_summary, print_skipped
+
+    if neurons is not None or json_file is not None:
+        raise UserError("--prompts writes one JSON per line with --json-dir; --neurons and --json take one prompt")
+    if batch_size <= 0:
+        raise UserError("--batch-size must be a positive number")
+    lines, skipped = load_prompt_lines(path, on_error)  # type: ignore[arg-type]
+    loaded = load_model_spec(settings.model)
+    with progress_bar() as progress:
+        results, not_usable = attribute_lines(loaded, lines, settings.scoring, on_error=on_error,  # type: ignore
+                                              batch_size=batch_size, progress=progress)
+    if json_dir is not None:
+        for line, result in results:
+            result.save(json_dir / f"line-{line.line:06d}.json")
+    print_prompt_summary(console, results)
+    print_skipped(console, [*skipped, *not_usable])
+    if json_dir is not None:
+        console.print(f"Wrote {len(results)} JSON files to {escape(str(json_dir))}")

@@ -10,7 +10,10 @@ many torch threads as the driver, so its float32 arithmetic, and hence every num
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
@@ -21,12 +24,27 @@ INSTALL_HINT = "--backend ray needs Ray: pip install 'neuron-attribution[ray]'"
 RESTARTS = 3
 
 
-def require_ray():
+AUTH_HINT = ("if the cluster uses token authentication (Ray 2.59 and later turn it on for `ray start --head`), "
+             "set RAY_AUTH_MODE=token and give its token in RAY_AUTH_TOKEN or ~/.ray/auth_token")
+
+
+def require_ray(address: str | None = None):
+    """Ray, imported for joining `address` (None: a local cluster of our own). Ray reads its authentication mode
+    when it is imported, so that is settled first: joining a cluster whose token is at hand (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, where `ray start` writes it) turns token authentication on, as
+    Ray's documentation asks of clients of such clusters."""
+    if address and "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules and _token_at_hand():
+        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         import ray
     except ImportError:
         raise UserError(INSTALL_HINT) from None
     return ray
+
+
+def _token_at_hand() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").is_file())
 
 
 class _Worker:
@@ -55,7 +73,7 @@ class RayBackend:
     def __init__(self, settings: Settings, *, workers: int = 2, address: str | None = None):
         if workers <= 0:
             raise UserError("--workers must be a positive number")
-        ray = require_ray()
+        ray = require_ray(address)
         import torch
 
         self.ray = ray
@@ -66,12 +84,14 @@ class RayBackend:
                 quiet = {"log_to_driver": False, "logging_level": logging.ERROR}  # progress is ours to show
                 if address:
                     ray.init(address=address, **quiet)
-                else:
-                    ray.init(num_cpus=workers, include_dashboard=False, **quiet)
+                else:  # on loopback: a cluster of our own serves only this machine
+                    ray.init(num_cpus=workers, include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
                     self.started_cluster = True
             except (ConnectionError, ValueError, RuntimeError) as error:
-                raise UserError(f"cannot start or reach the Ray cluster{' at ' + address if address else ''}: "
-                                f"{str(error).splitlines()[0]}") from None
+                cause = str(error).splitlines()[0]
+                if address:
+                    raise UserError(f"cannot reach the Ray cluster at {address}: {cause}; {AUTH_HINT}") from None
+                raise UserError(f"cannot start a local Ray cluster: {cause}") from None
         actor = ray.remote(num_cpus=1, max_restarts=RESTARTS, max_task_retries=RESTARTS)(_Worker)
         self.actors = [actor.remote(settings, torch.get_num_threads()) for _ in range(workers)]
 

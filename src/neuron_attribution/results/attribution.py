@@ -6,15 +6,13 @@ added, never renamed.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
-from ..files import write_json
+from ..files import read_json_as, write_json
 from ..neurons import AttentionIndex, FfnIndex, HeadIndex
 
 
@@ -178,10 +176,7 @@ class Attribution:
 
     @classmethod
     def load(cls, path: Path | str) -> Attribution:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise UserError(f"cannot read an attribution from {path}: {error}") from None
+        return read_json_as(path, cls.from_dict, "an attribution")
 
 
 def _without_missing_subkeys(row: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,8 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
-from ..files import write_json
+from ..files import read_json_as, write_json
 from ..neurons import NeuronIndex, parse_neuron
 from .attribution import TargetInfo
 
@@ -48,10 +46,7 @@ class NeuronScores:
 
     @classmethod
     def load(cls, path: Path | str) -> NeuronScores:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise UserError(f"cannot read neuron scores from {path}: {error}") from None
+        return read_json_as(path, cls.from_dict, "neuron scores")
 
 
 def coefficient_or_none(value: float) -> float | None:

@@ -59,15 +59,17 @@ class LayerWeights:
     ffn_norm: NormParams
     value_weight: Tensor  # (H_kv, d_h, d): value state of KV head g = value_weight[g] @ x̂ + value_bias[g]
     value_bias: Tensor | None  # (H_kv, d_h)
-    output_weight: Tensor  # (H, d_h, d): attention neuron (j, n) writes output_weight[j, n]
+    output_weight: Tensor  # (H, d_h, d): attention neuron (j, n) writes output_weight[j, n] (may be a view)
     output_bias: Tensor | None  # (d,)
     ffn_subkeys: dict[str, Tensor]  # name -> (N, d); "key" for GELU MLPs, "gate" and "up" for SwiGLU
-    ffn_values: Tensor  # (N, d): FFN neuron k writes coefficient · ffn_values[k]
+    ffn_values: Tensor  # (N, d): FFN neuron k writes coefficient · ffn_values[k] (may be a strided view)
     ffn_bias: Tensor | None  # (d,)
 
 
 def as_f32(t: Tensor) -> Tensor:
-    return t.detach().to(device="cpu", dtype=torch.float32).clone()
+    """A float32 CPU tensor with t's values. A float32 CPU weight is shared, not copied (scoring only reads
+    weights; after changing the model's weights in place, call `forget_weights`)."""
+    return t.detach().to(device="cpu", dtype=torch.float32)
 
 
 # config.model_type -> the adapter that covers it; filled by FamilyAdapter subclasses as they are defined.

@@ -75,10 +75,10 @@ class LlamaAdapter(FamilyAdapter):
             value_weight=as_f32(attn.v_proj.weight).reshape(s.n_kv_heads, s.head_dim, s.d_model),
             value_bias=None if value_bias is None else value_bias.reshape(s.n_kv_heads, s.head_dim),
             # o_proj.weight is (d, H·d_h); neuron (j, n) writes its column j·d_h+n.
-            output_weight=as_f32(attn.o_proj.weight).T.reshape(s.n_heads, s.head_dim, s.d_model).contiguous(),
+            output_weight=as_f32(attn.o_proj.weight).T.reshape(s.n_heads, s.head_dim, s.d_model),
             output_bias=_optional_f32(attn.o_proj.bias),
             ffn_subkeys={"gate": as_f32(mlp.gate_proj.weight), "up": as_f32(mlp.up_proj.weight)},
-            ffn_values=as_f32(mlp.down_proj.weight).T.contiguous(),
+            ffn_values=as_f32(mlp.down_proj.weight).T,
             ffn_bias=_optional_f32(mlp.down_proj.bias),
         )
 

@@ -1,0 +1,48 @@
+"""Many prompts of the user's own in one process: `attribute --prompts FILE` (docs/method.md §2–3).
+
+Unlike `run`, no filter: every line is attributed, to its target or to the model's top prediction. A line the
+model cannot take (a prompt too long, a target the tokenizer cannot encode) is skipped with its file and line,
+or ends the call with on_error="stop"."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from ..datasets import OnError, PromptLine, Skipped
+from ..errors import UserError
+from ..model.loading import LoadedModel
+from ..model.prompts import encode_prompt, encode_target
+from ..results.attribution import Attribution
+from ..settings import ScoringOptions, check_positive
+from .attribute import attribute_with
+
+Progress = Callable[[str, int, int], None]
+
+
+def attribute_lines(model: LoadedModel, lines: Sequence[PromptLine], options: ScoringOptions, *,
+                    on_error: OnError = "skip", batch_size: int = 8, progress: Progress | None = None
+                    ) -> tuple[list[tuple[PromptLine, Attribution]], list[Skipped]]:
+    """Each usable line's attribution, in file order (batches of `batch_size` share a forward pass)."""
+    check_positive("--batch-size", batch_size)
+    report = progress or (lambda what, done, total: None)
+    usable, skipped = [], []
+    for line in lines:
+        try:
+            ids = encode_prompt(model, line.prompt)
+            if line.target is not None:
+                encode_target(model, ids, line.prompt, line.target)
+        except UserError as error:
+            if on_error == "stop":
+                raise UserError(f"{line.source}:{line.line}: {error}") from None
+            skipped.append(Skipped(line.source, line.line, str(error), line.prompt))
+            continue
+        usable.append(line)
+    results: list[tuple[PromptLine, Attribution]] = []
+    report("attributing prompts", 0, len(usable))
+    for start in range(0, len(usable), batch_size):
+        chunk = usable[start: start + batch_size]
+        attributed = attribute_with(model, [l.prompt for l in chunk], [l.target for l in chunk], options,
+                                    batch_size=batch_size)
+        results.extend(zip(chunk, attributed))
+        report("attributing prompts", len(results), len(usable))
+    return results, skipped
