@@ -91,23 +91,26 @@ def load_facts(name_or_path: str, on_error: OnError = "skip") -> tuple[list[Fact
     return facts, skipped
 
 
-def _read(path: Path, on_error: OnError) -> tuple[list[Fact], list[Skipped]]:
+def _read(path: Path, on_error: OnError, parse=None) -> tuple[list, list[Skipped]]:
+    """Every non-blank line of a JSONL file through `parse(line, source, number)` (default: a fact). A line
+    whose parse raises ValueError is skipped with its reason, or with on_error="stop" ends the run."""
+    parse = parse or _parse
     source = str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"cannot read {source}: {getattr(error, 'strerror', None) or error}") from None
-    facts, skipped = [], []
+    items, skipped = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            facts.append(_parse(line, source, number))
+            items.append(parse(line, source, number))
         except ValueError as error:
             if on_error == "stop":
                 raise UserError(f"{source}:{number}: {error}") from None
             skipped.append(Skipped(source, number, str(error)))
-    return facts, skipped
+    return items, skipped
 
 
 def describe_datasets() -> list[dict]:
@@ -162,21 +165,7 @@ def load_prompt_lines(path: str | Path, on_error: OnError = "skip") -> tuple[lis
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no such file: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
-    lines, skipped = [], []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            lines.append(_parse_prompt_line(raw, str(path), number))
-        except ValueError as error:
-            if on_error == "stop":
-                raise UserError(f"{path}:{number}: {error}") from None
-            skipped.append(Skipped(str(path), number, str(error)))
-    return lines, skipped
+    return _read(path, on_error, _parse_prompt_line)
 
 
 def _parse_prompt_line(raw: str, source: str, number: int) -> PromptLine:
