@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from neuron_attribution import LoadedModel, load_model
 
@@ -34,7 +34,7 @@ def tiny_gpt2() -> LoadedModel:
 
 
 _SWIGLU_FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-                    "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+                    "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
 
 
 def tiny_llama_like(family: str, n_layers: int = 2, seed: int = 4) -> LoadedModel:
@@ -44,7 +44,7 @@ def tiny_llama_like(family: str, n_layers: int = 2, seed: int = 4) -> LoadedMode
     torch.manual_seed(0)
     config = config_class(hidden_size=32, intermediate_size=40, num_hidden_layers=n_layers, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=64,
-                          tie_word_embeddings=False)
+                          tie_word_embeddings=False, head_dim=8)
     model = model_class(config)
     _randomise(model, seed)
     return LoadedModel.from_hf(model, name=f"tiny-{family}")

@@ -109,4 +109,4 @@ def test_registries_are_filled_by_defining_classes():
     assert list(METHODS) == ["log_prob_increase", "log_probability", "prob_increase", "norm", "coefficient", "rank",
                              "coefficient_x_norm", "coefficient_x_rank", "random", "integrated_gradients"]
     assert "integrated_gradients" not in default_methods()
-    assert {"gpt2", "llama", "mistral", "qwen2"} <= set(supported_model_types())
+    assert {"gpt2", "llama", "mistral", "qwen2", "qwen3"} <= set(supported_model_types())

@@ -63,7 +63,7 @@ def test_decomposition_tiny(tiny_model, token_batches):
         check_readout(tiny_model, trace)
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
 def test_decomposition_llama_like_families(family, token_batches):
     model = tiny_llama_like(family)
     if family == "qwen2":

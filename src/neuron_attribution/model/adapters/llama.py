@@ -1,6 +1,7 @@
-"""Llama and the families built the same way (Mistral, Qwen2): RMSNorm, SwiGLU MLP, grouped-query attention.
+"""Llama and the families built the same way (Mistral, Qwen2, Qwen3): RMSNorm, SwiGLU MLP, grouped-query attention.
 
-Qwen2 adds biases to q/k/v; the value bias is part of the value state and is read here.
+Qwen2 adds biases to q/k/v; the value bias is part of the value state and is read here. Qwen3 normalises queries
+and keys per head, which changes the attention weights (read from the model) but neither values nor outputs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ def _optional_f32(t: Tensor | None) -> Tensor | None:
 
 class LlamaAdapter(FamilyAdapter):
     family = "llama"
-    model_types = ("llama", "mistral", "qwen2")
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
 
     def _layer(self, layer: int) -> nn.Module:
         return self.hf_model.model.layers[layer]
