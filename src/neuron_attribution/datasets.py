@@ -81,14 +81,18 @@ def dataset_path(name_or_path: str) -> Path:
 def load_facts(name_or_path: str, on_error: OnError = "skip") -> tuple[list[Fact], list[Skipped]]:
     """Facts of a dataset, and the malformed lines left out. With on_error="stop" the first malformed line
     ends the run with a UserError naming the file and line."""
-    if on_error not in ("skip", "stop"):
-        raise UserError(f"--on-error must be skip or stop, not {on_error!r}")
+    _check_on_error(on_error)
     facts, skipped = [], []
     for path in dataset_paths(name_or_path):
         more, left_out = _read(path, on_error)
         facts += more
         skipped += left_out
     return facts, skipped
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ("skip", "stop"):
+        raise UserError(f"--on-error must be skip or stop, not {on_error!r}")
 
 
 def _read(path: Path, on_error: OnError, parse=None) -> tuple[list, list[Skipped]]:
@@ -125,13 +129,19 @@ def describe_datasets() -> list[dict]:
     return rows
 
 
-def _parse(line: str, source: str, number: int) -> Fact:
+def _json_object(line: str) -> dict:
+    """One JSONL line as a JSON object; ValueError (a skip reason) otherwise."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise ValueError(f"not valid JSON ({error.msg})") from None
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
+    return record
+
+
+def _parse(line: str, source: str, number: int) -> Fact:
+    record = _json_object(line)
     fields = {}
     for name in ("prompt", "answer"):
         value = record.get(name)
@@ -160,8 +170,7 @@ def load_prompt_lines(path: str | Path, on_error: OnError = "skip") -> tuple[lis
     """JSONL lines {"prompt": text, "target": text or token id (optional)}; other keys are ignored. No filter:
     these are the user's own prompts. Malformed lines are skipped and counted, or with on_error="stop" end the
     run with the file and line."""
-    if on_error not in ("skip", "stop"):
-        raise UserError(f"--on-error must be skip or stop, not {on_error!r}")
+    _check_on_error(on_error)
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no such file: {path}")
@@ -169,12 +178,7 @@ def load_prompt_lines(path: str | Path, on_error: OnError = "skip") -> tuple[lis
 
 
 def _parse_prompt_line(raw: str, source: str, number: int) -> PromptLine:
-    try:
-        record = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"not valid JSON ({error.msg})") from None
-    if not isinstance(record, dict):
-        raise ValueError("not a JSON object")
+    record = _json_object(raw)
     prompt = record.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("missing, empty or non-text field 'prompt'")

@@ -141,7 +141,7 @@ def check_backend(name: str, workers: int, address: str | None = None) -> None:
 @contextmanager
 def make_backend(name: str, loaded, settings, workers: int, address: str | None):
     """The backend a command's batches run on: here, or Ray workers (stopped on leaving). The name was
-    checked by `_check_backend` before the model loaded."""
+    checked by `check_backend` before the model loaded."""
     from ..execution import LocalBackend
 
     if name == "local":

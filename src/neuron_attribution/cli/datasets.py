@@ -54,8 +54,8 @@ def evaluate(
         if number is not None and number <= 0:
             raise UserError(f"{name} must be a positive number")
     resolve_methods(methods)  # unknown names fail before the model loads
-    settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle, query_top=query_top,
-                         max_memory=max_memory)
+    settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                                   query_top=query_top, max_memory=max_memory)
     check_backend(backend, workers, address)
     facts, skipped = load_facts(dataset, on_error)  # type: ignore[arg-type]
     facts = facts[:limit] if limit else facts
@@ -110,7 +110,7 @@ def run(
         if number is not None and number <= 0:
             raise UserError(f"{name} must be a positive number")
     settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle, top=top,
-                         query_top=query_top, max_memory=max_memory)
+                                   query_top=query_top, max_memory=max_memory)
     load_facts(dataset, on_error)  # type: ignore[arg-type]  # a bad dataset fails before the model loads
     check_backend(backend, workers, address)
     loaded = load_model_spec(settings.model)
@@ -168,10 +168,9 @@ def demo(model: ModelOption = None,
     from ..model.describe import describe_model
     from ..pipelines.analyze import analyze_run
     from ..pipelines.attribute import attribute as run_attribution
-    from ..pipelines.run import RunArguments, run_dataset
+    from ..pipelines.run import RunArguments, run_dataset, run_settings
     from ..reports.html import write_report
     from ..reports.terminal import print_attribution, print_model_info
-    from ..settings import ScoringOptions, Settings
 
     if per_type <= 0:
         raise UserError("--per-type must be a positive number")
@@ -184,7 +183,7 @@ def demo(model: ModelOption = None,
     console.rule(f"{per_type} sentences of each knowledge type: run and analyse")
     with progress_bar() as progress:
         summary = run_dataset(loaded, out, RunArguments("knowledge", per_type),
-                              settings=Settings(loaded.spec, ScoringOptions(top_k=300)), progress=progress,
+                              settings=run_settings(loaded), progress=progress,
                               overwrite=True)
         analysis = analyze_run(out, per_type=per_type, progress=progress, load=lambda spec: loaded)
         report = write_report(analysis, out / "analysis")
