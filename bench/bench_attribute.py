@@ -1,7 +1,8 @@
-"""Benchmark: attribute() against one forward pass and against dense scoring, on the default model.
+"""Benchmark: attribute() against one forward pass and against dense scoring.
 
 Prints medians over 20 prompts of 5–30 tokens, all measured in this run. Usage:
-    .venv/bin/python bench/bench_attribute.py [--dense-prompts 3] [--repeats 3]
+    .venv/bin/python bench/bench_attribute.py [--model gemma-3-270m] [--device cuda] [--dense-prompts 3] [--repeats 3]
+On a GPU, times are taken after synchronising and the peak is the device's allocated memory.
 """
 
 from __future__ import annotations
@@ -45,17 +46,26 @@ PROMPTS = [
 ]
 
 
+def synchronise() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(function, repeats: int) -> float:
     function()  # warm-up
     times = []
     for _ in range(repeats):
+        synchronise()
         start = time.perf_counter()
         function()
+        synchronise()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def peak_rss_mb() -> float:
+def peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -63,19 +73,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dense-prompts", type=int, default=3, help="dense scoring is slow: on this many prompts")
+    parser.add_argument("--model", default=None, help="default: the offline SmolLM2-135M-Instruct")
+    parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1 ...")
     args = parser.parse_args()
 
-    model = na.load_model()
+    model = na.load_model(args.model, device=args.device)
+    device = model.device
     tokenizer = model.tokenizer
     lengths = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
-    print(f"model: {model.name}; {len(PROMPTS)} prompts of {min(lengths)}-{max(lengths)} tokens; "
+    print(f"model: {model.name} on {device}; {len(PROMPTS)} prompts of {min(lengths)}-{max(lengths)} tokens; "
           f"torch threads {torch.get_num_threads()}")
     attribute(model, PROMPTS[0], top_k=100)  # float32 weight copies are made once per model
-    rss_before = peak_rss_mb()
+    rss_before = peak_mb(device)
 
     forward, top100, top300, evaluated100, evaluated300, queries, chosen = [], [], [], [], [], [], []
     for prompt in PROMPTS:
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
         with torch.inference_mode():
             forward.append(timed(lambda: model.hf_model(ids), args.repeats))
         top100.append(timed(lambda: attribute(model, prompt, top_k=100), args.repeats))
@@ -88,7 +101,7 @@ def main() -> None:
         chosen.append(timed(lambda: score_neurons(model, prompt, None, twenty), args.repeats))
         evaluated100.append((r100.evaluated["ffn"] + r100.evaluated["attention"]) / 200)
         evaluated300.append((r300.evaluated["ffn"] + r300.evaluated["attention"]) / 600)
-    attribution_peak = peak_rss_mb() - rss_before
+    attribution_peak = peak_mb(device) - rss_before
 
     dense = []
     for prompt in PROMPTS[: args.dense_prompts]:
@@ -124,7 +137,8 @@ def main() -> None:
         print("dense, every neuron: skipped (--dense-prompts 0)")
     print(f"neurons scored exactly per neuron returned:     top-100 {median(evaluated100):.2f}, "
           f"top-300 {median(evaluated300):.2f} (median)")
-    print(f"attribution peak memory above the loaded model: {max(attribution_peak, 0):.0f} MB (peak RSS growth)")
+    what = "peak allocated growth" if device.type == "cuda" else "peak RSS growth"
+    print(f"attribution peak memory above the loaded model: {max(attribution_peak, 0):.0f} MB ({what})")
 
 
 if __name__ == "__main__":

@@ -5,14 +5,84 @@ from __future__ import annotations
 
 import torch
 
+# Block shapes, read off the families' Hugging Face modules (docs/method.md §1), independently of the adapters.
+GEMMA_GAIN = {"gemma", "gemma2", "gemma3_text"}  # RMSNorm multiplies by 1 + weight
+POST_NORMS = {"gemma2", "gemma3_text", "olmo2"}  # (post_attention_layernorm, post_feedforward_layernorm)
+
+
+def model_type(model) -> str:
+    return model.hf_model.config.model_type
+
+
+def is_parallel(model) -> bool:
+    config = model.hf_model.config
+    return config.model_type in ("gptj", "phi") or (config.model_type == "gpt_neox" and config.use_parallel_residual)
+
+
+def gain(model, module) -> torch.Tensor:
+    return module.weight.detach().double() + (1.0 if model_type(model) in GEMMA_GAIN else 0.0)
+
+
+def post_norm_factor(model, layer, kind, raw_output) -> torch.Tensor | None:
+    """γ / rms(o) for the post-norm after the layer's "attention" or "ffn" output o, or None without one."""
+    if model_type(model) not in POST_NORMS:
+        return None
+    block = model.hf_model.model.layers[layer]
+    module = block.post_attention_layernorm if kind == "attention" else block.post_feedforward_layernorm
+    eps = getattr(module, "eps", None) or module.variance_epsilon
+    raw = raw_output.double()
+    return gain(model, module) / (raw.pow(2).mean() + eps).sqrt()
+
+
+def raw_ffn_output(model, trace, layer, position) -> torch.Tensor:
+    w = model.adapter.layer_weights(layer)
+    out = trace.ffn_coefficients[layer, position].double() @ w.ffn_values.double()
+    return out if w.ffn_bias is None else out + w.ffn_bias.double()
+
+
+def raw_attention_output(model, trace, layer) -> torch.Tensor:
+    """The attention output at the last position before any post-norm: the sum over all its neurons."""
+    shape = model.shape
+    w = model.adapter.layer_weights(layer)
+    kv = torch.arange(shape.n_heads) // (shape.n_heads // shape.n_kv_heads)
+    values = trace.value_states[layer][:, kv].double()  # (T, H, d_h)
+    weighted = trace.attention_weights[layer].double().T.unsqueeze(-1) * values  # (T, H, d_h)
+    out = torch.einsum("thn,hnd->d", weighted, w.output_weight.double())
+    return out if w.output_bias is None else out + w.output_bias.double()
+
+
+def ffn_vector(model, trace, layer, neuron, position) -> torch.Tensor:
+    w = model.adapter.layer_weights(layer)
+    vector = trace.ffn_coefficients[layer, position, neuron].double() * w.ffn_values[neuron].double()
+    factor = post_norm_factor(model, layer, "ffn", raw_ffn_output(model, trace, layer, position))
+    return vector if factor is None else vector * factor
+
+
+def ffn_base(model, trace, layer, position=-1) -> torch.Tensor:
+    base = trace.layer_inputs[layer, position].double()
+    return base if is_parallel(model) else base + trace.attention_outputs[layer, position].double()
+
+
+_UNEMBEDDING64: list[tuple[torch.Tensor, torch.Tensor]] = []  # (float32 source, float64 copy), the last one
+
+
+def _unembedding64(model) -> torch.Tensor:
+    """The output matrix in float64, made once per model (vocabulary-sized: 1.3 GB for Gemma's 262k tokens).
+    The source is kept alongside, so an identity check cannot mistake a new tensor for a freed one."""
+    source = model.adapter.unembedding[0]
+    if not _UNEMBEDDING64 or _UNEMBEDDING64[0][0] is not source:
+        _UNEMBEDDING64[:] = [(source, source.double())]
+    return _UNEMBEDDING64[0][1]
+
 
 def final_logits(model, trace, residual: torch.Tensor, reference: bool = False) -> torch.Tensor:
     """Logits of a residual vector with the final norm's scale frozen at the true final residual."""
     norm = model.adapter.final_norm()
-    unembedding, bias = model.adapter.unembedding
+    _, bias = model.adapter.unembedding
+    unembedding = _unembedding64(model)
     h = trace.final_residual[-1].double()
     y = residual.double()
-    gamma = norm.weight.double()
+    gamma = gain(model, model.adapter.final_norm_module())
     if norm.kind == "layernorm":
         scale = ((h - h.mean()).pow(2).mean() + norm.eps).sqrt()
         normed = (y - y.mean()) / scale * gamma
@@ -22,7 +92,9 @@ def final_logits(model, trace, residual: torch.Tensor, reference: bool = False) 
         scale = (h.pow(2).mean() + norm.eps).sqrt()
         normed = y / scale * gamma
     logits = unembedding.double() @ normed
-    return logits if bias is None else logits + bias.double()
+    logits = logits if bias is None else logits + bias.double()
+    cap = getattr(model.hf_model.config, "final_logit_softcapping", None)
+    return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
 def log_prob(model, trace, residual, target, reference=False) -> float:
@@ -37,10 +109,8 @@ def increase(model, trace, base, vector, target, reference=False) -> float:
 
 
 def ffn_neuron_score(model, trace, layer, neuron, target, reference=False) -> float:
-    w = model.adapter.layer_weights(layer)
-    base = trace.layer_inputs[layer, -1].double() + trace.attention_outputs[layer, -1].double()
-    vector = trace.ffn_coefficients[layer, -1, neuron].double() * w.ffn_values[neuron].double()
-    return increase(model, trace, base, vector, target, reference)
+    vector = ffn_vector(model, trace, layer, neuron, trace.n_tokens - 1)
+    return increase(model, trace, ffn_base(model, trace, layer), vector, target, reference)
 
 
 def attention_neuron_vector(model, trace, layer, head, dim, position) -> torch.Tensor:
@@ -49,7 +119,9 @@ def attention_neuron_vector(model, trace, layer, head, dim, position) -> torch.T
     kv = head // (shape.n_heads // shape.n_kv_heads)
     coefficient = trace.attention_weights[layer, head, position].double() * \
         trace.value_states[layer, position, kv, dim].double()
-    return coefficient * w.output_weight[head, dim].double()
+    vector = coefficient * w.output_weight[head, dim].double()
+    factor = post_norm_factor(model, layer, "attention", raw_attention_output(model, trace, layer))
+    return vector if factor is None else vector * factor
 
 
 def attention_neuron_score(model, trace, layer, head, dim, position, target, reference=False) -> float:
@@ -69,23 +141,45 @@ def layer_scores(model, trace, target) -> tuple[list[float], list[float]]:
     for layer in range(model.shape.n_layers):
         before = trace.layer_inputs[layer, -1].double()
         attention.append(increase(model, trace, before, trace.attention_outputs[layer, -1], target))
-        middle = before + trace.attention_outputs[layer, -1].double()
-        ffn.append(increase(model, trace, middle, trace.ffn_outputs[layer, -1], target))
+        ffn.append(increase(model, trace, ffn_base(model, trace, layer), trace.ffn_outputs[layer, -1], target))
     return attention, ffn
 
 
 # --- query neurons and layers (docs/method.md §3), loops over the definitions -----------------------------------
 
+def _input_gain(model, layer, kind) -> torch.Tensor:
+    """γ of the norm in front of the layer's attention or FFN (ones where there is none: OLMo 2)."""
+    kind_type = model_type(model)
+    hf = model.hf_model
+    if kind_type == "olmo2":
+        return torch.ones(model.shape.d_model, dtype=torch.float64)
+    if kind_type in ("gpt2", "gptj"):
+        block = hf.transformer.h[layer]
+        module = block.ln_1 if kind == "attention" or kind_type == "gptj" else block.ln_2
+    elif kind_type == "gpt_neox":
+        block = hf.gpt_neox.layers[layer]
+        module = block.input_layernorm if kind == "attention" else block.post_attention_layernorm
+    else:
+        block = hf.model.layers[layer]
+        if kind == "attention" or kind_type == "phi":
+            module = block.input_layernorm
+        elif kind_type in POST_NORMS:
+            module = block.pre_feedforward_layernorm
+        else:
+            module = block.post_attention_layernorm
+    return gain(model, module)
+
+
 def attention_subkey(model, layer, head, dim, kv_head=None):
     shape = model.shape
     w = model.adapter.layer_weights(layer)
     kv = head // (shape.n_heads // shape.n_kv_heads) if kv_head is None else kv_head
-    return w.value_weight[kv, dim].double() * w.attention_norm.weight.double()
+    return w.value_weight[kv, dim].double() * _input_gain(model, layer, "attention")
 
 
 def ffn_subkeys(model, layer, neuron):
     w = model.adapter.layer_weights(layer)
-    return {name: keys[neuron].double() * w.ffn_norm.weight.double() for name, keys in w.ffn_subkeys.items()}
+    return {name: keys[neuron].double() * _input_gain(model, layer, "ffn") for name, keys in w.ffn_subkeys.items()}
 
 
 def query_ffn(model, trace, attention_neurons, ffn_neurons, kv_head_of=None):
@@ -100,17 +194,15 @@ def query_ffn(model, trace, attention_neurons, ffn_neurons, kv_head_of=None):
                          trace.layer_inputs[layer, position].double(), score))
     last = trace.n_tokens - 1
     for layer, neuron, score in ffn_neurons:
-        middle = trace.layer_inputs[layer, last].double() + trace.attention_outputs[layer, last].double()
+        middle = ffn_base(model, trace, layer, last)
         for name, key in ffn_subkeys(model, layer, neuron).items():
             readings.append((name, layer, last, key, middle, score))
     for name, layer, position, key, h, score in readings:
         total = parts.setdefault(name, torch.zeros(shape.n_layers, shape.d_ffn, dtype=torch.float64))
         denominator = float(h @ key)
         for i in range(layer):
-            values = model.adapter.layer_weights(i).ffn_values.double()
             for k in range(shape.d_ffn):
-                vector = trace.ffn_coefficients[i, position, k].double() * values[k]
-                total[i, k] += float(vector @ key) / denominator * score
+                total[i, k] += float(ffn_vector(model, trace, i, k, position) @ key) / denominator * score
     return parts
 
 
@@ -123,7 +215,7 @@ def query_layers(model, trace, attention_neurons, ffn_neurons):
                 for layer, head, dim, position, score in attention_neurons]
     for layer, neuron, score in ffn_neurons:
         for key in ffn_subkeys(model, layer, neuron).values():
-            readings.append(("for_ffn", layer, last, key, score, True))
+            readings.append(("for_ffn", layer, last, key, score, not is_parallel(model)))
     for kind, layer, position, key, score, own_attention in readings:
         components = [("embedding", None, trace.layer_inputs[0, position])]
         for i in range(model.shape.n_layers):

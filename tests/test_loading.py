@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
 
 from neuron_attribution import UserError, load_model
 from neuron_attribution.model.loading import cache_root, default_model_gguf
@@ -88,10 +88,12 @@ def test_truncated_gguf_leaves_cache_untouched(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    config = GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                           vocab_size=100)
-    GPTNeoXForCausalLM(config).save_pretrained(tmp_path)
-    with pytest.raises(UserError, match="unsupported architecture 'gpt_neox'; supported: gpt2, llama"):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+    config = GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, vocab_size=100,
+                          attention_types=[[["global", "local"], 1]])
+    GPTNeoForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="unsupported architecture 'gpt_neo'; supported: gemma, gemma2, gemma3_text, "
+                                        "gpt2, gpt_neox, gptj, llama, mistral, olmo2, phi, phi3, qwen2, qwen3$"):
         load_model(tmp_path)
 
 
@@ -123,3 +125,32 @@ def test_default_model_info_json(tmp_path, real_model):
     assert (info["hidden_size"], info["ffn_neurons_per_layer"], info["vocab_size"]) == (576, 1536, 49152)
     assert info["attention_neurons_per_token"] == 30 * 9 * 64
     assert "SmolLM2" in info["source"]
+
+
+# --- Gemma 3 270M from its PyPI chunk packages ------------------------------------------------------------------
+
+def test_gemma_chunks_joined_checked_and_terms_shown(tmp_path, capsys):
+    from neuron_attribution.model import gemma_model
+    joined = gemma_model.gemma_gguf(tmp_path)
+    assert joined == tmp_path / "gemma-3-270m" / gemma_model.FILE
+    assert "Gemma Terms of Use" in capsys.readouterr().err
+    assert joined.stat().st_size > 200_000_000
+    assert gemma_model.gemma_gguf(tmp_path) == joined  # joined once: the second call finds it
+    assert "Gemma Terms of Use" not in capsys.readouterr().err
+    assert [p.name for p in joined.parent.iterdir()] == [gemma_model.FILE]
+
+
+def test_gemma_joined_file_with_wrong_sha256_is_refused(tmp_path, monkeypatch):
+    from neuron_attribution.model import gemma_model
+    monkeypatch.setattr(gemma_model, "_expected_sha256", lambda: "0" * 64)
+    with pytest.raises(UserError, match=r"sha256 .* not the published .* refused, nothing cached"):
+        gemma_model.gemma_gguf(tmp_path)
+    assert list((tmp_path / "gemma-3-270m").iterdir()) == []
+
+
+def test_gemma_missing_chunk_package_names_the_pip_command(tmp_path, monkeypatch):
+    from neuron_attribution.model import gemma_model
+    monkeypatch.setattr(gemma_model, "CHUNKS", [*gemma_model.CHUNKS[:3], ("no_such_gemma_part4", "x.part03")])
+    with pytest.raises(UserError, match=r"^Gemma 3 270M is not installed .*pip install 'neuron-attribution\[gemma\]'"):
+        gemma_model.gemma_gguf(tmp_path)
+    assert not (tmp_path / "gemma-3-270m").exists() or not any((tmp_path / "gemma-3-270m").iterdir())

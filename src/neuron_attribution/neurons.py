@@ -23,7 +23,7 @@ from .errors import UserError
 if TYPE_CHECKING:
     from torch import Tensor
 
-NormKind = Literal["layernorm", "rmsnorm"]
+NormKind = Literal["layernorm", "rmsnorm", "identity"]  # identity: a sublayer that reads the raw residual
 FfnKind = Literal["gelu", "swiglu"]
 
 
@@ -89,6 +89,12 @@ class ModelShape:
     max_positions: int | None
     ffn_kind: FfnKind
     norm_kind: NormKind
+    # The block's topology (docs/method.md §1): attention and FFN both read h^{l-1} and add to it (GPT-J, Phi-2,
+    # Pythia); each sublayer's output is normalised before it is added (Gemma 2/3, OLMo 2); final logits are
+    # soft-capped, z' = c·tanh(z/c) (Gemma 2).
+    parallel: bool = False
+    post_norms: bool = False
+    logit_softcap: float | None = None
 
     @property
     def heads_per_kv_head(self) -> int:
@@ -159,7 +165,8 @@ class ModelShape:
         return {"family": self.family, "n_layers": self.n_layers, "n_heads": self.n_heads,
                 "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim, "d_model": self.d_model,
                 "d_ffn": self.d_ffn, "vocab_size": self.vocab_size, "max_positions": self.max_positions,
-                "ffn_kind": self.ffn_kind, "norm_kind": self.norm_kind}
+                "ffn_kind": self.ffn_kind, "norm_kind": self.norm_kind,
+                "parallel": self.parallel, "post_norms": self.post_norms, "logit_softcap": self.logit_softcap}
 
 
 def as_index(neuron: NeuronIndex | tuple) -> NeuronIndex:

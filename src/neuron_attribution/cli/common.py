@@ -32,7 +32,8 @@ def _options(version: Annotated[bool, typer.Option("--version", callback=_show_v
     """Find the neurons of a causal language model responsible for a prediction."""
 
 ModelOption = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="Local directory, .gguf file or hub id. Default: the offline SmolLM2-135M-Instruct.")]
+    "--model", "-m", help="gemma-3-270m (the second offline model; pip extra 'gemma'), a local directory, .gguf "
+                          "file or hub id. Default: the offline SmolLM2-135M-Instruct.")]
 AllowPickleOption = Annotated[bool, typer.Option(
     "--allow-pickle", help="Allow pickle checkpoints (.bin/.pt), which can run code when loaded.")]
 MaxMemoryOption = Annotated[str, typer.Option("--max-memory", help="Memory the scoring step's vocabulary-sized "

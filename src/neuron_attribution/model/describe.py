@@ -22,6 +22,7 @@ def describe_model(model: LoadedModel) -> dict[str, Any]:
         "ffn_neurons": s.n_layers * s.d_ffn,
         "ffn_kind": s.ffn_kind,
         "norm": s.norm_kind,
+        "block": _block(s),
         "vocab_size": s.vocab_size,
         "max_positions": s.max_positions,
         "attention_neurons_per_token": s.attention_neurons_per_token,
@@ -29,3 +30,12 @@ def describe_model(model: LoadedModel) -> dict[str, Any]:
         "device": str(model.device),
         "source": model.source,
     }
+
+
+def _block(s) -> str:
+    parts = ["parallel attention and FFN" if s.parallel else "sequential"]
+    if s.post_norms:
+        parts.append("post-sublayer norms")
+    if s.logit_softcap is not None:
+        parts.append(f"logits soft-capped at {s.logit_softcap:g}")
+    return ", ".join(parts)

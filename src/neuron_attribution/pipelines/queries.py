@@ -53,7 +53,7 @@ def query_scores(model: LoadedModel, trace: Trace, ffn_neurons: Sequence[FfnNeur
         trace, weights, shape,
         [query.AttentionValueNeuron(n.layer, n.head, n.dim, n.position, n.score) for n in attention_neurons]))
     ffn_readings, skipped_ffn = query.usable(query.ffn_readings(
-        trace, weights, [query.FfnValueNeuron(n.layer, n.neuron, n.score) for n in ffn_neurons]))
+        trace, weights, [query.FfnValueNeuron(n.layer, n.neuron, n.score) for n in ffn_neurons], shape.parallel))
     parts = query.query_ffn_scores(trace, model.adapter.all_ffn_values, attention_readings + ffn_readings)
     zeros = torch.zeros(shape.n_layers, shape.d_ffn)
     attention = parts.pop("value", zeros)

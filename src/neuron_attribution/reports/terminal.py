@@ -12,7 +12,7 @@ from rich.text import Text
 _INFO_LABELS = [("family", "Family"), ("architecture", "Architecture"), ("layers", "Layers"),
                 ("heads", "Attention heads"), ("kv_heads", "KV heads"), ("head_dim", "Head size"),
                 ("hidden_size", "Hidden size"), ("ffn_neurons_per_layer", "FFN neurons per layer"),
-                ("ffn_kind", "FFN type"), ("norm", "Norm"), ("vocab_size", "Vocabulary"),
+                ("ffn_kind", "FFN type"), ("norm", "Norm"), ("block", "Block"), ("vocab_size", "Vocabulary"),
                 ("max_positions", "Context length"), ("attention_neurons_per_token", "Attention neurons per token"),
                 ("dtype", "Weights dtype"), ("device", "Device"), ("source", "Weights from")]
 

@@ -17,9 +17,11 @@ class Scratch:
 
     def buffer(self, name: str, rows: int, columns: int) -> Tensor:
         store = self._local.__dict__.setdefault("buffers", {})
-        held = store.get(name)
+        device = torch.get_default_device()  # the scoring device (pipelines score inside `with torch.device`)
+        key = (name, device)
+        held = store.get(key)
         if held is None or held.shape[1] != columns or held.shape[0] < rows:
-            held = store[name] = torch.empty(rows, columns)
+            held = store[key] = torch.empty(rows, columns, device=device)
         return held[:rows]
 
 

@@ -6,8 +6,11 @@ math on it. Nothing here runs the model.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -19,11 +22,14 @@ from ..neurons import ModelShape
 from ..settings import DEFAULT_MEMORY_BUDGET
 from .buffers import scratch
 
+T = TypeVar("T")
+
 
 @dataclass
 class ValueContext:
-    """The bases of every layer for one prompt and target: state 2l is h_T^{l-1}, state 2l+1 is
-    h_T^{l-1}+A_T^l, state 2L is h_T^L, and state 2L+1 is the zero vector (a neuron read alone, no context)."""
+    """The bases of every layer for one prompt and target: state 2l is h_T^{l-1} (attention's base), state 2l+1
+    is the FFN's base, h_T^{l-1}+A_T^l (h_T^{l-1} again in a parallel block), state 2L is h_T^L, and state 2L+1
+    is the zero vector (a neuron read alone, no context)."""
 
     trace: Trace
     ffn_values: Tensor  # (L, N, d)
@@ -43,7 +49,7 @@ class ValueContext:
         """`only_states`: compute the vocabulary-sized base quantities for these states only (the others are
         NaN), for callers that score a few chosen neurons."""
         before = trace.layer_inputs[:, -1]  # (L, d)
-        middle = before + trace.attention_outputs[:, -1]
+        middle = before if shape.parallel else before + trace.attention_outputs[:, -1]
         states = torch.stack([before, middle], dim=1).reshape(-1, before.shape[-1])
         states = torch.cat([states, trace.final_residual[-1:], torch.zeros(1, states.shape[-1])], dim=0)
         normalised = readout.normalise(states)
@@ -92,9 +98,19 @@ class ValueContext:
 
     @cached_property
     def weighted_values(self) -> Tensor:
-        """(L, H, T, d_h): α_{T,j,p}·v_{p,kv(j),n}, the coefficient of every attention neuron."""
+        """(L, H, T, d_h): α_{T,j,p}·v_{p,kv(j),n}, the coefficient of every attention neuron (times the
+        attention post-norm's scale at the last position, if the block has one)."""
         values = self.trace.value_states.repeat_interleave(self.shape.heads_per_kv_head, dim=2)  # (L, T, H, d_h)
-        return self.trace.attention_weights.unsqueeze(-1) * values.permute(0, 2, 1, 3)
+        weights = self.trace.attention_weights
+        scale = self.trace.attention_scale_at_last()
+        if scale is not None:
+            weights = weights * scale.reshape(-1, 1, 1)
+        return weights.unsqueeze(-1) * values.permute(0, 2, 1, 3)
+
+    @cached_property
+    def ffn_coefficients(self) -> Tensor:
+        """(L, N): the FFN coefficients at the last position, weighing the residual directions `ffn_values`."""
+        return self.trace.ffn_residual_coefficients(-1)
 
     @cached_property
     def attention_coefficients(self) -> Tensor:
@@ -103,10 +119,22 @@ class ValueContext:
 
 
 
+def on_scoring_device(function: Callable[..., T]) -> Callable[..., T]:
+    """Run a pipeline step whose first argument is the model with tensors created on the model's scoring
+    device by default (where the trace and the weights are): on a GPU every vocabulary-sized product stays
+    there, and on the CPU nothing changes."""
+    @functools.wraps(function)
+    def on_device(model: LoadedModel, *args, **kwargs) -> T:
+        with torch.device(model.adapter.device):
+            return function(model, *args, **kwargs)
+    return on_device
+
+
 def readout_for(model: LoadedModel, trace: Trace, reference: bool = False) -> LinearReadout:
     unembedding, bias = model.adapter.unembedding
     return LinearReadout.at(model.adapter.final_norm(), unembedding, bias, trace.final_residual[-1],
-                            reference=reference, max_unembedding_norm=model.adapter.max_unembedding_norm)
+                            reference=reference, max_unembedding_norm=model.adapter.max_unembedding_norm,
+                            softcap=model.shape.logit_softcap)
 
 
 def value_context(model: LoadedModel, trace: Trace, target: int, *, reference: bool = False,

@@ -57,14 +57,15 @@ def score_rows(ctx: ValueContext, groups: list[Rows]) -> list[Scored]:
     readout = ctx.readout
     vocabulary = readout.unembedding.shape[0]
     with _flushing_denormals():
-        for rows in _balanced_batches(len(bases), rows_per_product(vocabulary, ctx.memory_budget)):
+        budget = device_budget(ctx.memory_budget, scaled.device)
+        for rows in _balanced_batches(len(bases), rows_per_product(vocabulary, budget)):
             size = rows.stop - rows.start
             moved = ctx.normalised_states[bases[rows]] + readout.normalise(scaled[rows])
             logits = readout.logits_of_normalised(moved, out=scratch.buffer("logits", size, vocabulary))
             wanted = (keep[rows] > 0).nonzero().squeeze(-1)
             if width and wanted.numel():
-                projection[rows][wanted] = _projection_ids(ctx, logits, bases[rows], wanted, width,
-                                                          signs[rows][wanted])
+                changes = _logit_changes(ctx, logits, bases[rows], wanted, scaled[rows])
+                projection[rows][wanted] = _projection_ids(changes, width, signs[rows][wanted])
             target_logit = logits[:, ctx.target].clone()
             reach = readout.max_logit_change(scaled[rows])
             shift = ctx.base_log_sum_exp[bases[rows]]
@@ -79,16 +80,22 @@ def score_rows(ctx: ValueContext, groups: list[Rows]) -> list[Scored]:
     return result
 
 
-def _projection_ids(ctx: ValueContext, logits: Tensor, bases: Tensor, wanted: Tensor, k: int,
-                    signs: Tensor) -> Tensor:
-    """Top-k then bottom-k ids of δ(u) for the wanted rows of fused logits z(x) + c·δ. Subtracting the base's
-    log-probabilities leaves c·δ plus a per-row constant, which does not change the order; where c < 0 the
-    order of δ is the reverse of that of c·δ."""
+def _logit_changes(ctx: ValueContext, logits: Tensor, bases: Tensor, wanted: Tensor, scaled: Tensor) -> Tensor:
+    """c·δ for the wanted rows, up to a per-row constant. From the fused logits z(x) + c·δ, subtracting the
+    base's log-probabilities leaves exactly that; soft-capped logits are not linear, so there δ is computed
+    directly."""
+    if ctx.readout.softcap is not None:
+        return torch.matmul(ctx.readout.normalise(scaled[wanted]), ctx.readout.unembedding.T)
     base = torch.index_select(ctx.base_log_probs, 0, bases[wanted],
                               out=scratch.buffer("bases", wanted.numel(), logits.shape[1]))
-    shifted = base.neg_().add_(logits[wanted])
-    top = shifted.topk(k, dim=-1).indices
-    bottom = shifted.topk(k, dim=-1, largest=False).indices
+    return base.neg_().add_(logits[wanted])
+
+
+def _projection_ids(changes: Tensor, k: int, signs: Tensor) -> Tensor:
+    """Top-k then bottom-k ids of δ(u) from rows of c·δ (+ a constant per row); where c < 0 the order of δ is
+    the reverse of that of c·δ."""
+    top = changes.topk(k, dim=-1).indices
+    bottom = changes.topk(k, dim=-1, largest=False).indices
     negative = (signs < 0).unsqueeze(-1)
     return torch.cat([torch.where(negative, bottom, top), torch.where(negative, top, bottom)], dim=-1)
 
@@ -98,6 +105,14 @@ def rows_per_product(vocabulary: int, memory_budget: int) -> int:
     Everything else in scoring grows with the prompt length only linearly and stays far below this for
     prompts of a few thousand tokens."""
     return max(1, min(EXACT_BATCH, memory_budget // (2 * 4 * vocabulary)))
+
+
+def device_budget(memory_budget: int, device: torch.device) -> int:
+    """The budget, capped on a GPU at half the memory free there now (other work shares the device)."""
+    if device.type != "cuda":
+        return memory_budget
+    free, _ = torch.cuda.mem_get_info(device)
+    return min(memory_budget, free // 2)
 
 
 def _balanced_batches(n: int, most: int) -> list[slice]:

@@ -78,15 +78,20 @@ def attention_readings(trace: Trace, weights: list[LayerWeights], shape: ModelSh
     return readings
 
 
-def ffn_readings(trace: Trace, weights: list[LayerWeights], neurons: list[FfnValueNeuron]) -> list[SubkeyReading]:
+def ffn_readings(trace: Trace, weights: list[LayerWeights], neurons: list[FfnValueNeuron],
+                 parallel: bool = False) -> list[SubkeyReading]:
+    """In a sequential block the FFN reads h^{l-1} + A^l; in a parallel block, h^{l-1} alone (its own layer's
+    attention output is not among its components)."""
     readings = []
     last = trace.n_tokens - 1
     for n in neurons:
         w = weights[n.layer]
-        middle = trace.layer_inputs[n.layer, last] + trace.attention_outputs[n.layer, last]
+        middle = trace.layer_inputs[n.layer, last]
+        if not parallel:
+            middle = middle + trace.attention_outputs[n.layer, last]
         for name, subkeys in w.ffn_subkeys.items():
             readings.append(SubkeyReading(
-                name, n.layer, last, subkeys[n.neuron] * w.ffn_norm.weight, middle, n.score, True,
+                name, n.layer, last, subkeys[n.neuron] * w.ffn_norm.weight, middle, n.score, not parallel,
                 f"ffn {n.layer}_{n.neuron} ({name})"))
     return readings
 
@@ -122,7 +127,8 @@ def _rows_by_name(readings: list[SubkeyReading]) -> dict[str, Tensor]:
 
 def query_ffn_scores(trace: Trace, ffn_values: Tensor, readings: list[SubkeyReading]) -> dict[str, Tensor]:
     """(L, N) query scores of every FFN neuron, per subkey name: Σ over readings of
-    (m_{p,k}^i · fc2_k^i) · K' / (h·K') · I, over the layers i below the value neuron's layer."""
+    (m_{p,k}^i · fc2_k^i) · K' / (h·K') · I, over the layers i below the value neuron's layer. `ffn_values` are
+    the residual directions and the coefficients are taken as they weigh them (post-norm gain and scale)."""
     n_layers, n_neurons, _ = ffn_values.shape
     totals: dict[str, Tensor] = {}
     if not readings:
@@ -138,7 +144,7 @@ def query_ffn_scores(trace: Trace, ffn_values: Tensor, readings: list[SubkeyRead
     merged_keys = torch.einsum("gr,rl,rd->gld", membership, weights, stacked.keys)  # (G, L, d)
     slopes = torch.einsum("lnd,gld->gln", ffn_values, merged_keys)
     positions = torch.tensor([position for _, position in groups])
-    shares = trace.ffn_coefficients[:, positions].permute(1, 0, 2) * slopes  # (G, L, N)
+    shares = trace.ffn_residual_coefficients(positions).permute(1, 0, 2) * slopes  # (G, L, N)
     for index, (name, _) in enumerate(groups):
         totals.setdefault(name, torch.zeros(n_layers, n_neurons)).add_(shares[index])
     return totals

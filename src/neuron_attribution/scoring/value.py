@@ -22,8 +22,14 @@ from .topk import TopK, TopKSearch, exact_top_k, rank_by_score
 
 
 def layer_scores(ctx: ValueContext) -> tuple[Tensor, Tensor]:
-    """(attention, ffn) per layer: the whole sublayer output added to its base. Consecutive bases differ by
-    exactly that output, so these are differences of the bases' target log-probabilities."""
+    """(attention, ffn) per layer: the whole sublayer output added to its base. In a sequential block
+    consecutive bases differ by exactly that output, so these are differences of the bases' target
+    log-probabilities; in a parallel block both outputs are added to h^{l-1} and scored as rows."""
+    if ctx.shape.parallel:
+        layers = torch.arange(ctx.shape.n_layers)
+        attention, ffn = score_rows(ctx, [Rows(2 * layers, ctx.trace.attention_outputs[:, -1]),
+                                          Rows(2 * layers + 1, ctx.trace.ffn_outputs[:, -1])])
+        return attention.scores, ffn.scores
     steps = ctx.target_log_probs[: ctx.final_state + 1].diff()  # (2L,)
     return steps[0::2].clone(), steps[1::2].clone()
 
@@ -54,19 +60,32 @@ def head_position_rows(ctx: ValueContext, heads: list[tuple[int, int]]) -> Rows:
 # --- neuron sets: bounds and exact evaluation -------------------------------------------------------------
 
 def ffn_coefficients(ctx: ValueContext) -> Tensor:
-    return ctx.trace.ffn_coefficients[:, -1]  # (L, N)
+    return ctx.ffn_coefficients  # (L, N)
 
 
 def ffn_bounds(ctx: ValueContext) -> Tensor:
     """(L, N) upper bounds of the FFN neurons' scores."""
+    if ctx.readout.softcap is not None:
+        return ffn_coefficients(ctx).abs() * _reach(ctx, ctx.ffn_values)
     slopes = torch.einsum("lnd,ld->ln", ctx.ffn_values, ctx.bound_directions[1::2])
     return ffn_coefficients(ctx) * slopes
 
 
 def attention_bounds(ctx: ValueContext) -> Tensor:
     """(L, H, d_h, T) upper bounds of the attention neurons' scores."""
+    if ctx.readout.softcap is not None:
+        return ctx.attention_coefficients.abs() * _reach(ctx, ctx.output_weights).unsqueeze(-1)
     slopes = torch.einsum("lhnd,ld->lhn", ctx.output_weights, ctx.bound_directions[0::2])
     return ctx.attention_coefficients * slopes.unsqueeze(-1)
+
+
+def _reach(ctx: ValueContext, vectors: Tensor) -> Tensor:
+    """A proved bound on |Imp(u | x)| / |c| under soft-capped logits, where the tangent bound does not hold:
+    tanh is 1-Lipschitz, so no capped logit moves more than max_v |δ_v(u)| ≤ ‖normalise(u)‖·max_v ‖U_v‖, and the
+    target's log-probability moves at most twice that (its own logit, and the log-sum-exp)."""
+    shape = vectors.shape
+    reach = ctx.readout.max_logit_change(vectors.reshape(-1, shape[-1]))
+    return 2 * reach.reshape(shape[:-1])
 
 
 def ffn_rows(ctx: ValueContext, flat: Tensor, keep_projection: int = 0) -> Rows:

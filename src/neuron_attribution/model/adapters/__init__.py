@@ -10,7 +10,7 @@ from torch import nn
 
 from ...errors import UserError
 from ...neurons import ModelShape
-from .base import ADAPTERS, FamilyAdapter, LayerWeights, NormParams
+from .base import ADAPTERS, FamilyAdapter, LayerWeights, ModelPaths, NormParams
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -27,5 +27,5 @@ def adapter_for(hf_model: nn.Module) -> FamilyAdapter:
     return ADAPTERS[model_type](hf_model)
 
 
-__all__ = ["ADAPTERS", "FamilyAdapter", "LayerWeights", "ModelShape", "NormParams", "adapter_for",
+__all__ = ["ADAPTERS", "FamilyAdapter", "LayerWeights", "ModelPaths", "ModelShape", "NormParams", "adapter_for",
            "supported_model_types"]

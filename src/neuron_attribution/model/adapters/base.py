@@ -8,8 +8,9 @@ computation downstream is float32 whatever dtype the model runs in.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
+from operator import attrgetter
 from typing import ClassVar
 
 import torch
@@ -35,6 +36,8 @@ class NormParams:
 
     def own_scale(self, vectors: Tensor) -> Tensor:
         """1/rms (RMSNorm) or 1/std (LayerNorm) of each row: the scale the norm applies to it."""
+        if self.kind == "identity":
+            return torch.ones(*vectors.shape[:-1], 1, dtype=vectors.dtype, device=vectors.device)
         if self.kind == "layernorm":
             vectors = vectors - vectors.mean(dim=-1, keepdim=True)
         return torch.rsqrt(vectors.pow(2).mean(dim=-1, keepdim=True) + self.eps)
@@ -64,12 +67,53 @@ class LayerWeights:
     ffn_subkeys: dict[str, Tensor]  # name -> (N, d); "key" for GELU MLPs, "gate" and "up" for SwiGLU
     ffn_values: Tensor  # (N, d): FFN neuron k writes coefficient · ffn_values[k] (may be a strided view)
     ffn_bias: Tensor | None  # (d,)
+    # Norms applied to a sublayer's output before it is added to the residual (Gemma 2/3, OLMo 2), else None.
+    attention_post_norm: NormParams | None = None
+    ffn_post_norm: NormParams | None = None
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """Where a family keeps the parts the method reads, as attribute paths: `layers`, `final_norm` and
+    `unembedding` from the model, the others from one decoder layer. The norms declare the block's topology:
+    a missing input norm is None (the sublayer reads the raw residual, as in OLMo 2); post-norms, applied to a
+    sublayer's output before it is added (Gemma 2/3, OLMo 2), are None where the block has none."""
+
+    layers: str
+    attention: str  # output: (A^l, attention weights)
+    value: str  # output holds the value states
+    attention_output: str  # W_O: input is the heads' concatenated outputs
+    mlp: str  # output: F^l
+    mlp_output: str  # the FFN's output projection: input is the coefficients m
+    final_norm: str
+    attention_norm: str | None
+    ffn_norm: str | None  # the same path as attention_norm where one norm feeds both (GPT-J, Phi-2)
+    attention_post_norm: str | None = None
+    ffn_post_norm: str | None = None
+    unembedding: str = "lm_head"
+
+
+def optional_f32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else as_f32(t)
 
 
 def as_f32(t: Tensor) -> Tensor:
-    """A float32 CPU tensor with t's values. A float32 CPU weight is shared, not copied (scoring only reads
+    """A float32 tensor with t's values, on t's device. A float32 weight is shared, not copied (scoring only reads
     weights; after changing the model's weights in place, call `forget_weights`)."""
-    return t.detach().to(device="cpu", dtype=torch.float32)
+    return t.detach().to(dtype=torch.float32)
+
+
+def moved(value, device: torch.device):
+    """Tensors, NormParams, LayerWeights, dicts and tuples of them, on `device` (shared where already there)."""
+    if value is None or isinstance(value, (int, float, str)):
+        return value
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: moved(item, device) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return tuple(moved(item, device) for item in value)
+    return replace(value, **{f.name: moved(getattr(value, f.name), device) for f in fields(value)})
 
 
 # config.model_type -> the adapter that covers it; filled by FamilyAdapter subclasses as they are defined.
@@ -81,6 +125,8 @@ class FamilyAdapter(ABC):
 
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # config.model_type values this adapter covers
+    paths: ClassVar[ModelPaths]
+    norm_gain_offset: ClassVar[float] = 0.0  # Gemma's RMSNorm multiplies by 1 + weight
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -94,38 +140,45 @@ class FamilyAdapter(ABC):
         self.config = hf_model.config
         self._layer_cache: dict[int, LayerWeights] = {}
 
-    # --- hook points --------------------------------------------------------------------------------------
-    @abstractmethod
+    # --- hook points, found through `paths` -----------------------------------------------------------------
     def decoder_layers(self) -> list[nn.Module]:
         """Modules whose input is the residual stream h^{l-1}."""
+        return list(attrgetter(self.paths.layers)(self.hf_model))
 
-    @abstractmethod
+    def _layer(self, layer: int) -> nn.Module:
+        return attrgetter(self.paths.layers)(self.hf_model)[layer]
+
+    def _in_layer(self, layer: int, path: str) -> nn.Module:
+        return attrgetter(path)(self._layer(layer))
+
     def attention(self, layer: int) -> nn.Module:
         """Module whose output is (A^l, attention weights) under eager attention."""
+        return self._in_layer(layer, self.paths.attention)
 
-    @abstractmethod
     def value_source(self, layer: int) -> nn.Module:
         """Module whose output contains the value states of this layer."""
+        return self._in_layer(layer, self.paths.value)
 
-    @abstractmethod
     def values_from_output(self, layer: int, output: Tensor) -> Tensor:
         """(B, T, H_kv, d_h) value states from `value_source`'s output (bias included)."""
+        batch, tokens, _ = output.shape
+        return output.reshape(batch, tokens, self.shape.n_kv_heads, self.shape.head_dim)
 
-    @abstractmethod
     def attention_output_projection(self, layer: int) -> nn.Module:
         """Module whose input is the heads' concatenated outputs (H·d_h per position), before W_O."""
+        return self._in_layer(layer, self.paths.attention_output)
 
-    @abstractmethod
     def mlp(self, layer: int) -> nn.Module:
         """Module whose output is F^l."""
+        return self._in_layer(layer, self.paths.mlp)
 
-    @abstractmethod
     def mlp_output_projection(self, layer: int) -> nn.Module:
         """Module whose input is the FFN coefficients m (N per position)."""
+        return self._in_layer(layer, self.paths.mlp_output)
 
-    @abstractmethod
     def final_norm_module(self) -> nn.Module:
         """Module whose input is the final residual h^L."""
+        return attrgetter(self.paths.final_norm)(self.hf_model)
 
     # --- weights ------------------------------------------------------------------------------------------
     @property
@@ -135,21 +188,31 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def _read_layer_weights(self, layer: int) -> LayerWeights: ...
 
-    @abstractmethod
-    def final_norm(self) -> NormParams: ...
+    def _norm(self, module: nn.Module) -> NormParams:
+        return norm_from_module(module, self.shape.norm_kind, self.norm_gain_offset)
 
-    @abstractmethod
+    def final_norm(self) -> NormParams:
+        return moved(self._norm(self.final_norm_module()), self.device)
+
     def _read_unembedding(self) -> tuple[Tensor, Tensor | None]:
         """(V, d) output matrix and optional (V,) bias."""
+        head = attrgetter(self.paths.unembedding)(self.hf_model)
+        return as_f32(head.weight), optional_f32(head.bias)
+
+    @property
+    def device(self) -> torch.device:
+        """Where scores are computed: the device of the output head (the last one, for a model spread over
+        several). Weights, the trace and every vocabulary-sized product live there, in float32."""
+        return self.hf_model.get_output_embeddings().weight.device
 
     def layer_weights(self, layer: int) -> LayerWeights:
         if layer not in self._layer_cache:
-            self._layer_cache[layer] = self._read_layer_weights(layer)
+            self._layer_cache[layer] = moved(self._read_layer_weights(layer), self.device)
         return self._layer_cache[layer]
 
     @cached_property
     def unembedding(self) -> tuple[Tensor, Tensor | None]:
-        weight, bias = self._read_unembedding()
+        weight, bias = moved(self._read_unembedding(), self.device)
         return weight.contiguous(), bias
 
     @cached_property
@@ -159,13 +222,52 @@ class FamilyAdapter(ABC):
 
     @cached_property
     def all_ffn_values(self) -> Tensor:
-        """(L, N, d): every layer's FFN value vectors, stacked once for vectorised scoring."""
-        return torch.stack([self.layer_weights(l).ffn_values for l in range(self.shape.n_layers)])
+        """(L, N, d): every layer's FFN value vectors as directions in the residual stream, stacked once for
+        vectorised scoring. Behind a post-norm, a vector reaches the residual multiplied by the norm's gain γ and
+        its frozen scale; γ is folded in here, the per-position scale lives in the trace."""
+        return torch.stack([_through(w.ffn_values, w.ffn_post_norm) for w in self._all_layer_weights()])
 
     @cached_property
     def all_output_weights(self) -> Tensor:
-        """(L, H, d_h, d): every layer's attention output vectors."""
-        return torch.stack([self.layer_weights(l).output_weight for l in range(self.shape.n_layers)])
+        """(L, H, d_h, d): every layer's attention output vectors, as directions in the residual stream."""
+        return torch.stack([_through(w.output_weight, w.attention_post_norm) for w in self._all_layer_weights()])
+
+    def _all_layer_weights(self) -> list[LayerWeights]:
+        return [self.layer_weights(l) for l in range(self.shape.n_layers)]
+
+    # --- norms: the block's topology (docs/method.md §1) ----------------------------------------------------
+    def _norm_at(self, layer: int, path: str | None) -> NormParams:
+        return identity_norm(self.shape.d_model) if path is None else self._norm(self._in_layer(layer, path))
+
+    def attention_norm(self, layer: int) -> NormParams:
+        return self._norm_at(layer, self.paths.attention_norm)
+
+    def ffn_norm(self, layer: int) -> NormParams:
+        return self._norm_at(layer, self.paths.ffn_norm)
+
+    def attention_post_norm_module(self, layer: int) -> nn.Module | None:
+        """The norm applied to the attention output before it is added to the residual, if any."""
+        path = self.paths.attention_post_norm
+        return None if path is None else self._in_layer(layer, path)
+
+    def ffn_post_norm_module(self, layer: int) -> nn.Module | None:
+        """The norm applied to the FFN output before it is added to the residual, if any."""
+        path = self.paths.ffn_post_norm
+        return None if path is None else self._in_layer(layer, path)
+
+    def post_norms(self, layer: int) -> dict[str, NormParams | None]:
+        """The keyword arguments of LayerWeights for the post-norms."""
+        attention, ffn = self.attention_post_norm_module(layer), self.ffn_post_norm_module(layer)
+        return {"attention_post_norm": None if attention is None else self._norm(attention),
+                "ffn_post_norm": None if ffn is None else self._norm(ffn)}
+
+    def post_norm_params(self, layer: int, kind: str) -> NormParams:
+        """The post-norm after the layer's "attention" or "ffn" sublayer (which must have one)."""
+        weights = self.layer_weights(layer)
+        norm = weights.attention_post_norm if kind == "attention" else weights.ffn_post_norm
+        if norm is None:
+            raise ValueError(f"layer {layer} has no {kind} post-norm")
+        return norm
 
     def forget_weights(self) -> None:
         """Drop the float32 copies (call after the model's weights were changed)."""
@@ -174,11 +276,22 @@ class FamilyAdapter(ABC):
             self.__dict__.pop(name, None)
 
 
-def norm_from_module(module: nn.Module, kind: NormKind) -> NormParams:
+def _through(vectors: Tensor, post_norm: NormParams | None) -> Tensor:
+    return vectors if post_norm is None else vectors * post_norm.weight
+
+
+def norm_from_module(module: nn.Module, kind: NormKind, gain_offset: float = 0.0) -> NormParams:
+    """`gain_offset`: Gemma's RMSNorm multiplies by 1 + weight; its effective gain is weight + 1."""
     if kind == "layernorm":
         bias = None if module.bias is None else as_f32(module.bias)
         return NormParams("layernorm", as_f32(module.weight), bias, float(module.eps))
     eps = getattr(module, "variance_epsilon", None)
     if eps is None:
         eps = getattr(module, "eps")
-    return NormParams("rmsnorm", as_f32(module.weight), None, float(eps))
+    weight = as_f32(module.weight)
+    return NormParams("rmsnorm", weight + gain_offset if gain_offset else weight, None, float(eps))
+
+
+def identity_norm(d_model: int) -> NormParams:
+    """The 'norm' of a sublayer that reads the residual as it is (OLMo 2 has no pre-norms)."""
+    return NormParams("identity", torch.ones(d_model), None, 0.0)

@@ -69,4 +69,4 @@ class IntegratedGradients(FfnScorer):
                 (grads,) = torch.autograd.grad(probs.sum(), point)
         finally:
             handle.remove()
-        return grads.detach().float().cpu()
+        return grads.detach().to(device=torch.get_default_device(), dtype=torch.float32)

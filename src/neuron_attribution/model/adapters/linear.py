@@ -1,0 +1,41 @@
+"""The shared reading of blocks whose projections are nn.Linear (every family but GPT-2's Conv1D): value rows
+from the value projection, attention output vectors and FFN value vectors from the columns of the output
+projections, and one key per FFN neuron (a row of the input projection; SwiGLU families override this with their
+gate and up rows). Registers no family itself."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor
+
+from .base import FamilyAdapter, LayerWeights, as_f32, optional_f32
+
+
+class LinearAdapter(FamilyAdapter):
+    mlp_input: ClassVar[str] = ""  # path, inside a layer, of a GELU FFN's input projection
+
+    def _value_rows(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        """(H_kv·d_h, d) value-projection rows and their optional bias."""
+        projection = self.value_source(layer)
+        return as_f32(projection.weight), optional_f32(projection.bias)
+
+    def _ffn_subkeys(self, layer: int) -> dict[str, Tensor]:
+        return {"key": as_f32(self._in_layer(layer, self.mlp_input).weight)}
+
+    def _read_layer_weights(self, layer: int) -> LayerWeights:
+        s = self.shape
+        value_rows, value_bias = self._value_rows(layer)
+        output, down = self.attention_output_projection(layer), self.mlp_output_projection(layer)
+        return LayerWeights(
+            attention_norm=self.attention_norm(layer),
+            ffn_norm=self.ffn_norm(layer),
+            value_weight=value_rows.reshape(s.n_kv_heads, s.head_dim, s.d_model),
+            value_bias=None if value_bias is None else value_bias.reshape(s.n_kv_heads, s.head_dim),
+            output_weight=as_f32(output.weight).T.reshape(s.n_heads, s.head_dim, s.d_model),
+            output_bias=optional_f32(output.bias),
+            ffn_subkeys=self._ffn_subkeys(layer),
+            ffn_values=as_f32(down.weight).T,
+            ffn_bias=optional_f32(down.bias),
+            **self.post_norms(layer),
+        )
