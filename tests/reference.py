@@ -182,6 +182,42 @@ def ffn_subkeys(model, layer, neuron):
     return {name: keys[neuron].double() * _input_gain(model, layer, "ffn") for name, keys in w.ffn_subkeys.items()}
 
 
+def _input_norm(model, layer, vector) -> torch.Tensor:
+    """The FFN's input norm applied to a residual vector (RMSNorm with its own scale; none for OLMo 2)."""
+    v = vector.double()
+    if model_type(model) == "olmo2":
+        return v
+    block = model.hf_model.model.layers[layer]
+    module = block.pre_feedforward_layernorm if model_type(model) in POST_NORMS else block.post_attention_layernorm
+    eps = getattr(module, "eps", None) or module.variance_epsilon
+    return v / (v.pow(2).mean() + eps).sqrt() * gain(model, module)
+
+
+def gate_activation(model, g: float) -> float:
+    config = model.hf_model.config
+    name = getattr(config, "hidden_activation", None) or config.hidden_act
+    x = torch.tensor(g, dtype=torch.float64)
+    if name == "silu":
+        return float(x * torch.sigmoid(x))
+    if name in ("gelu_pytorch_tanh", "gelu_tanh"):
+        return float(torch.nn.functional.gelu(x, approximate="tanh"))
+    raise ValueError(name)
+
+
+def swiglu_shares(model, trace, layer, neuron) -> dict[str, float]:
+    """How a gated FFN value neuron's score is split between its gate and up subkeys: by elasticity, e_up = 1
+    and e_gate = g·act'(g)/act(g) (a central difference here), each share e / (e_gate + e_up)."""
+    w = model.adapter.layer_weights(layer)
+    if "gate" not in w.ffn_subkeys:
+        return {name: 1.0 for name in w.ffn_subkeys}
+    middle = ffn_base(model, trace, layer, trace.n_tokens - 1)
+    g = float(w.ffn_subkeys["gate"][neuron].double() @ _input_norm(model, layer, middle))
+    h = 1e-6
+    slope = (gate_activation(model, g + h) - gate_activation(model, g - h)) / (2 * h)
+    elasticity = g * slope / gate_activation(model, g)
+    return {"gate": elasticity / (1 + elasticity), "up": 1 / (1 + elasticity)}
+
+
 def query_ffn(model, trace, attention_neurons, ffn_neurons, kv_head_of=None):
     """{part: (L, N)}: part "value" for attention value neurons (layer, head, dim, position, score), and each
     FFN subkey name for FFN value neurons (layer, neuron, score)."""
@@ -195,8 +231,9 @@ def query_ffn(model, trace, attention_neurons, ffn_neurons, kv_head_of=None):
     last = trace.n_tokens - 1
     for layer, neuron, score in ffn_neurons:
         middle = ffn_base(model, trace, layer, last)
+        shares = swiglu_shares(model, trace, layer, neuron)
         for name, key in ffn_subkeys(model, layer, neuron).items():
-            readings.append((name, layer, last, key, middle, score))
+            readings.append((name, layer, last, key, middle, score * shares[name]))
     for name, layer, position, key, h, score in readings:
         total = parts.setdefault(name, torch.zeros(shape.n_layers, shape.d_ffn, dtype=torch.float64))
         denominator = float(h @ key)
@@ -214,8 +251,9 @@ def query_layers(model, trace, attention_neurons, ffn_neurons):
     readings = [("for_attention", layer, position, attention_subkey(model, layer, head, dim), score, False)
                 for layer, head, dim, position, score in attention_neurons]
     for layer, neuron, score in ffn_neurons:
-        for key in ffn_subkeys(model, layer, neuron).values():
-            readings.append(("for_ffn", layer, last, key, score, not is_parallel(model)))
+        shares = swiglu_shares(model, trace, layer, neuron)
+        for name, key in ffn_subkeys(model, layer, neuron).items():
+            readings.append(("for_ffn", layer, last, key, score * shares[name], not is_parallel(model)))
     for kind, layer, position, key, score, own_attention in readings:
         components = [("embedding", None, trace.layer_inputs[0, position])]
         for i in range(model.shape.n_layers):

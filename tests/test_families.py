@@ -136,8 +136,9 @@ def test_softcapped_top_k_differs_from_an_uncapped_readout():
     assert float(np.abs(capped - uncapped.dense.ffn).max()) > 1e-3
 
 
-def test_query_shares_match_definition(family_model):
-    _check_against_reference(family_model, IDS, 11, k=6, atol=1e-5)
+@pytest.mark.parametrize("via", ["attention", "both"])
+def test_query_shares_match_definition(family_model, via):
+    _check_against_reference(family_model, IDS, 11, k=6, atol=1e-5, via=via)
 
 
 def test_interventions_change_exactly_the_targeted_neurons(family_model):

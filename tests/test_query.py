@@ -20,48 +20,88 @@ def _as_tuples(result, k):
     return attention, ffn
 
 
-def _check_against_reference(model, ids, target, k, atol):
-    result = attribute(model, ids, target, top_k=10_000, query_top=k)
+def _check_against_reference(model, ids, target, k, atol, via="both"):
+    """Every FFN neuron's query score through the chosen path against the loops of tests/reference.py."""
+    result = attribute(model, ids, target, top_k=10_000, query_top=k, query_via=via)
+    assert result.query_via == via and result.to_dict()["query_via"] == via
     trace = trace_token_ids(model, [ids])[0]
     attention, ffn = _as_tuples(result, k)
-    parts = ref.query_ffn(model, trace, attention, ffn)
+    parts = ref.query_ffn(model, trace, attention if via != "ffn" else [], ffn if via != "attention" else [])
     total = sum(parts.values())
     by_neuron = {(q.layer, q.neuron): q for q in result.query_neurons}
     assert len(by_neuron) == model.shape.n_layers * model.shape.d_ffn  # top_k covers every FFN neuron here
+    gated = "gate" in model.adapter.layer_weights(0).ffn_subkeys
     for (layer, neuron), q in by_neuron.items():
         assert q.score == pytest.approx(float(total[layer, neuron]), abs=atol)
-        assert q.attention_score == pytest.approx(float(parts["value"][layer, neuron]), abs=atol)
-        if "gate" in parts:
+        if via == "ffn":
+            assert q.attention_score is None
+        else:
+            assert q.attention_score == pytest.approx(float(parts["value"][layer, neuron]), abs=atol)
+        if via == "attention":
+            assert q.ffn_score is None and q.gate_score is None and q.up_score is None
+        elif gated:
             assert q.gate_score == pytest.approx(float(parts["gate"][layer, neuron]), abs=atol)
             assert q.up_score == pytest.approx(float(parts["up"][layer, neuron]), abs=atol)
         else:
             assert q.gate_score is None and q.up_score is None
-    if "gate" not in parts:  # GELU models: the JSON leaves the SwiGLU-only keys out
-        assert "gate_score" not in result.to_dict()["query_neurons"][0]
+    row = result.to_dict()["query_neurons"][0]
+    if not gated or via == "attention":  # keys of parts that do not exist are left out, not nulled
+        assert "gate_score" not in row
+    assert ("ffn_score" in row) == (via != "attention") and ("attention_score" in row) == (via != "ffn")
     scores = [q.score for q in result.query_neurons]
     assert scores == sorted(scores, reverse=True)
     expected_layers = ref.query_layers(model, trace, attention, ffn)
-    for kind in ("for_ffn", "for_attention"):
+    for kind, taken in (("for_ffn", via != "attention"), ("for_attention", via != "ffn")):
         rows = getattr(result.query_layers, kind)
-        assert len(rows) == 1 + 2 * model.shape.n_layers
+        assert len(rows) == (1 + 2 * model.shape.n_layers if taken else 0)
         for row in rows:
             assert row.score == pytest.approx(expected_layers.get((kind, row.component, row.layer), 0.0), abs=atol)
     return result
 
 
-def test_query_scores_match_definition_tiny(tiny_model, token_batches):
+@pytest.mark.parametrize("via", ["attention", "ffn", "both"])
+def test_query_scores_match_definition_tiny(tiny_model, token_batches, via):
     for ids in token_batches[:2]:
-        _check_against_reference(tiny_model, ids, 11, k=8, atol=1e-5)
+        _check_against_reference(tiny_model, ids, 11, k=8, atol=1e-5, via=via)
 
 
-def test_query_layers_sum_to_value_scores(tiny_model, token_batches):
-    """Shares of a value neuron's score over its components add up to the score (once per subkey)."""
-    result = attribute(tiny_model, token_batches[0], 11, top_k=50, query_top=6)
+def test_query_layers_sum_to_value_scores_once(tiny_model, token_batches):
+    """Every share of one value neuron, over all components and (SwiGLU) both subkeys, adds up to its score
+    exactly once: the gate/up split by elasticity hands it out once, not once per subkey."""
+    result = attribute(tiny_model, token_batches[0], 11, top_k=50, query_top=6, query_via="both")
     attention_total = sum(r.score for r in result.query_layers.for_attention)
     assert attention_total == pytest.approx(sum(n.score for n in result.attention_neurons[:6]), abs=1e-5)
-    subkeys = len(tiny_model.adapter.layer_weights(0).ffn_subkeys)
     ffn_total = sum(r.score for r in result.query_layers.for_ffn)
-    assert ffn_total == pytest.approx(subkeys * sum(n.score for n in result.ffn_neurons[:6]), abs=1e-5)
+    assert ffn_total == pytest.approx(sum(n.score for n in result.ffn_neurons[:6]), abs=1e-5)
+    if "gate" in tiny_model.adapter.layer_weights(0).ffn_subkeys:
+        gate = sum(r.gate_score for r in result.query_layers.for_ffn)
+        up = sum(r.up_score for r in result.query_layers.for_ffn)
+        assert gate + up == pytest.approx(ffn_total, abs=1e-5) and abs(gate) > 1e-3 and abs(up) > 1e-3
+
+
+def test_query_path_changes_the_stored_ranking(tiny_model, token_batches):
+    """The stored top-k is ranked by the chosen path: not one list re-labelled."""
+    ids = token_batches[1]
+    rankings = {via: [(q.layer, q.neuron) for q in attribute(tiny_model, ids, 11, top_k=10, query_top=8,
+                                                             query_via=via).query_neurons]
+                for via in ("attention", "ffn", "both")}
+    assert len({tuple(r) for r in rankings.values()}) == 3
+
+
+def test_swiglu_split_is_the_elasticity_split():
+    """SiLU: e_gate = 1 + g(1 − σ(g)); the split's weights add up to 1; a cancelling pair is refused."""
+    silu = torch.nn.SiLU()
+    for g in (-3.0, -0.5, 0.3, 2.0, 7.0):
+        gate, up = query.swiglu_split(silu, torch.tensor(g))
+        sigma = 1 / (1 + torch.exp(torch.tensor(-g, dtype=torch.float64)))
+        elasticity = 1 + g * (1 - float(sigma))
+        assert gate == pytest.approx(elasticity / (1 + elasticity), rel=1e-6)
+        assert gate + up == pytest.approx(1.0)
+    assert query.swiglu_split(silu, torch.tensor(0.0)) is None  # SiLU(0) = 0: no relative change to split
+    # e_gate = -1 near g = -2.2: the two paths cancel.
+    root = torch.linspace(-2.5, -2.0, 200001, dtype=torch.float64)
+    near = root[(1 + root * (1 - torch.sigmoid(root)) + 1).abs().argmin()]
+    assert query.swiglu_split(silu, near) is None
 
 
 def test_gqa_uses_the_kv_head_the_query_head_reads(token_batches):
@@ -131,22 +171,26 @@ def test_interpret_query_neuron_through_head(tiny_model):
 
 
 @pytest.mark.slow
-def test_query_scores_match_definition_real_model(real_model):
+@pytest.mark.parametrize("via", ["attention", "both"])
+def test_query_scores_match_definition_real_model(real_model, via):
+    """The paper's query neurons (through the top-30 attention value neurons) on SmolLM2: the top-50 and their
+    scores against a loop over the definition; "both" adds the FFN path with its gate/up split."""
     from neuron_attribution import attribute as run
 
     prompt = "The capital of France is"
     ids = real_model.tokenizer(prompt)["input_ids"]
-    result = run(real_model, prompt, " Paris", top_k=100)
+    result = run(real_model, prompt, " Paris", top_k=100, query_via=via)
     trace = trace_token_ids(real_model, [ids])[0]
     attention, ffn = _as_tuples(result, 30)
-    parts = _vectorised_reference(real_model, trace, attention, ffn)
+    parts = _vectorised_reference(real_model, trace, attention, ffn if via == "both" else [])
     total = sum(parts.values())
     for q in result.query_neurons[:50]:
         assert q.score == pytest.approx(float(total[q.layer, q.neuron]), abs=1e-4)
-        assert q.gate_score == pytest.approx(float(parts["gate"][q.layer, q.neuron]), abs=1e-4)
+        if via == "both":
+            assert q.gate_score == pytest.approx(float(parts["gate"][q.layer, q.neuron]), abs=1e-4)
     flat = total.reshape(-1)
-    expected = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))[:20]
-    got = [q.layer * real_model.shape.d_ffn + q.neuron for q in result.query_neurons[:20]]
+    expected = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))[:50]
+    got = [q.layer * real_model.shape.d_ffn + q.neuron for q in result.query_neurons[:50]]
     assert got == expected
 
 
@@ -159,7 +203,9 @@ def _vectorised_reference(model, trace, attention, ffn):
                 for l, h, d, p, s in attention]
     for l, k, s in ffn:
         middle = trace.layer_inputs[l, last].double() + trace.attention_outputs[l, last].double()
-        readings += [(name, l, last, key, middle, s) for name, key in ref.ffn_subkeys(model, l, k).items()]
+        shares = ref.swiglu_shares(model, trace, l, k)
+        readings += [(name, l, last, key, middle, s * shares[name])
+                     for name, key in ref.ffn_subkeys(model, l, k).items()]
     for name, layer, position, key, h, score in readings:
         total = parts.setdefault(name, torch.zeros(shape.n_layers, shape.d_ffn, dtype=torch.float64))
         for i in range(layer):

@@ -66,7 +66,8 @@ def test_every_label_follows_the_runs_top_k(monkeypatch):
     monkeypatch.setattr(html, "_png", lambda figure: titles.append(figure._suptitle.get_text()) or b"")
     html.value_histogram_figure(analysis)
     html.query_histogram_figure(analysis)
-    assert titles == ["Where the top-100 value neurons sit", "Where the top-100 query FFN neurons sit"]
+    assert titles == ["Where the top-100 value neurons sit",
+                      "Where the top-100 query FFN neurons sit (via attention value neurons)"]
 
 
 class _Tags(HTMLParser):

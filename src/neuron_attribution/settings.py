@@ -16,6 +16,10 @@ from .errors import UserError
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes the vocabulary-sized buffers of exact scoring may take
 DEFAULT_TOP_K = 100
 DEFAULT_QUERY_TOP = 30  # value neurons of each kind whose query neurons and layers are scored
+# Which value neurons query neurons are scored through (docs/method.md §3): the top attention value neurons at
+# their source positions (the paper's method), the top FFN value neurons at the last position, or both (summed).
+QUERY_PATHS = ("attention", "ffn", "both")
+DEFAULT_QUERY_VIA = "attention"
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,13 @@ class ScoringOptions:
     query_top: int = DEFAULT_QUERY_TOP  # value neurons of each kind whose query neurons are scored; 0: none
     memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes for the vocabulary-sized buffers
     reference: bool = False  # drop the final LayerNorm bias, as the authors' GPT-2 code does
+    query_via: str = DEFAULT_QUERY_VIA  # one of QUERY_PATHS
 
     def __post_init__(self) -> None:
         for name in ("top_k", "memory_budget"):
             check_positive(name, getattr(self, name))
         check_positive("query_top", self.query_top, zero_allowed=True)
+        check_query_via(self.query_via)
 
 
 @dataclass(frozen=True)
@@ -55,13 +61,20 @@ class Settings:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:
         """Unknown keys (written by a later version) are ignored; missing ones take their defaults."""
-        return cls(model=_known(ModelSpec, data.get("model", {})), scoring=_known(ScoringOptions,
-                                                                                  data.get("scoring", {})))
+        scoring = dict(data.get("scoring", {}))
+        # Versions before query_via existed ranked query neurons by the sum of both paths.
+        scoring.setdefault("query_via", "both")
+        return cls(model=_known(ModelSpec, data.get("model", {})), scoring=_known(ScoringOptions, scoring))
 
 
 def _known(kind, data: dict[str, Any]):
     names = {f.name for f in fields(kind)}
     return kind(**{k: v for k, v in data.items() if k in names})
+
+
+def check_query_via(value: object) -> None:
+    if value not in QUERY_PATHS:
+        raise UserError(f"query_via must be one of {', '.join(QUERY_PATHS)}, got {value!r}")
 
 
 def check_positive(name: str, value: object, *, zero_allowed: bool = False) -> None:

@@ -49,15 +49,18 @@ DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu (defa
                                                      "(layers spread over the GPUs). Scores are float32 either way.")]
 QueryTopOption = Annotated[int, typer.Option("--query-top", help="Score query neurons and layers for this many "
                                              "top value neurons of each kind (0: no query neurons).")]
+QueryViaOption = Annotated[str, typer.Option("--query-via", help="Score query neurons through the top attention "
+                                             "value neurons (the paper's method), the top ffn value neurons, or "
+                                             "both (summed).")]
 
 
 def settings_from_flags(model: str | None, *, dtype: str | None = None, device: str | None = None,
               allow_pickle: bool = False, top: int | None = None, query_top: int | None = None,
-              max_memory: str | None = None, reference: bool = False):
+              max_memory: str | None = None, reference: bool = False, query_via: str = "attention"):
     """The command's settings, checked before anything slow happens."""
     from ..settings import ModelSpec, ScoringOptions, Settings, parse_size
 
-    scoring: dict = {"reference": reference}
+    scoring: dict = {"reference": reference, "query_via": query_via}
     for key, value in (("top_k", top), ("query_top", query_top)):
         if value is not None:
             scoring[key] = value

@@ -10,8 +10,8 @@ from rich.markup import escape
 
 from ..errors import UserError
 from .common import (AddressOption, AllowPickleOption, BackendOption, DeviceOption, DtypeOption, MaxMemoryOption,
-                     ModelOption, QueryTopOption, RegistryHelp, WorkersOption, app, as_loaded, check_backend, console,
-                     load_model_spec, make_backend, print_run_summary, progress_bar,
+                     ModelOption, QueryTopOption, QueryViaOption, RegistryHelp, WorkersOption, app, as_loaded,
+                     check_backend, console, load_model_spec, make_backend, print_run_summary, progress_bar,
                      settings_from_flags)
 
 
@@ -32,6 +32,7 @@ def evaluate(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random controls.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sentences traced per forward pass.")] = 8,
     query_top: QueryTopOption = 30,
+    query_via: QueryViaOption = "attention",
     filter_facts: Annotated[bool, typer.Option("--filter/--no-filter", help="Keep only the facts the model knows "
                                                "(gold answer in its top 10, above every other candidate of its "
                                                "type), as the paper does.")] = True,
@@ -55,7 +56,7 @@ def evaluate(
             raise UserError(f"{name} must be a positive number")
     resolve_methods(methods)  # unknown names fail before the model loads
     settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
-                                   query_top=query_top, max_memory=max_memory)
+                                   query_top=query_top, max_memory=max_memory, query_via=query_via)
     check_backend(backend, workers, address)
     facts, skipped = load_facts(dataset, on_error)  # type: ignore[arg-type]
     facts = facts[:limit] if limit else facts
@@ -91,6 +92,7 @@ def run(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sentences per forward pass.")] = 8,
     top: Annotated[int, typer.Option("--top", "-k", help="Value and query neurons stored per sentence.")] = 300,
     query_top: QueryTopOption = 30,
+    query_via: QueryViaOption = "attention",
     on_error: Annotated[str, typer.Option("--on-error", help="Malformed lines: skip them or stop.")] = "skip",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different run already in --out "
                                             "(only the run's own files are removed).")] = False,
@@ -110,7 +112,7 @@ def run(
         if number is not None and number <= 0:
             raise UserError(f"{name} must be a positive number")
     settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle, top=top,
-                                   query_top=query_top, max_memory=max_memory)
+                                   query_top=query_top, max_memory=max_memory, query_via=query_via)
     load_facts(dataset, on_error)  # type: ignore[arg-type]  # a bad dataset fails before the model loads
     check_backend(backend, workers, address)
     loaded = load_model_spec(settings.model)

@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 
 from ..errors import UserError
-from .common import (AllowPickleOption, DeviceOption, DtypeOption, MaxMemoryOption, ModelOption, QueryTopOption, app,
-                     console, load_model_spec, parse_neurons, progress_bar, settings_from_flags)
+from .common import (AllowPickleOption, DeviceOption, DtypeOption, MaxMemoryOption, ModelOption, QueryTopOption,
+                     QueryViaOption, app, console, load_model_spec, parse_neurons, progress_bar, settings_from_flags)
 
 
 @app.command()
@@ -55,6 +55,7 @@ def attribute(
                                             "authors' GPT-2 code does.")] = False,
     show: Annotated[int, typer.Option("--show", help="Rows per table in the terminal report.")] = 10,
     query_top: QueryTopOption = 30,
+    query_via: QueryViaOption = "attention",
     neurons: Annotated[Optional[str], typer.Option("--neurons", help="Score only these neurons, exactly and fast, "
                                                    "e.g. 24_177,23_4_38@3,21.19 (FFN layer_neuron, attention "
                                                    "layer_head_dim@position, head layer.head).")] = None,
@@ -80,7 +81,8 @@ def attribute(
     if (prompt is None) == (prompts is None):
         raise UserError("give either a prompt or --prompts FILE")
     settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle, top=top,
-                                   query_top=query_top, max_memory=max_memory, reference=reference)
+                                   query_top=query_top, max_memory=max_memory, reference=reference,
+                                   query_via=query_via)
     if prompts is not None:
         return _attribute_file(prompts, json_dir, on_error, batch_size, settings, neurons, json_file)
     chosen = parse_neurons(neurons) if neurons is not None else None

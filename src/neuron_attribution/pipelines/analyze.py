@@ -68,6 +68,7 @@ class Analysis:
     interventions: dict[str, dict[str, dict]] | None = None  # type -> protocol row -> metrics
     head_interventions: dict[str, dict[str, dict]] | None = None  # heads off (type) -> measured type -> metrics
     intervention_sentences: dict[str, int] = field(default_factory=dict)
+    query_via: str = "attention"  # the value neurons the run scored query neurons through
 
     @property
     def types(self) -> list[str]:
@@ -113,7 +114,7 @@ def analyze_run(directory: Path | str, *, interventions: bool = True, per_type: 
     top_heads = _top_heads(tables["heads"], order, n_layers, n_heads)
     analysis = Analysis(
         directory=str(directory), model=contract.model, dataset=contract.dataset,
-        n_layers=n_layers, n_heads=n_heads, top=top, counts=counts,
+        n_layers=n_layers, n_heads=n_heads, top=top, counts=counts, query_via=contract.settings.scoring.query_via,
         layers=_layer_summaries(tables["layers"], order, n_layers),
         value_histograms=_value_histograms(tables["ffn_neurons"], tables["attention_neurons"], types_of, order,
                                            n_layers, top),

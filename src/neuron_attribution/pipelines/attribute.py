@@ -14,7 +14,7 @@ from ..results.attribution import (AttentionNeuron, Attribution, DenseScores, Ff
                                    HeadScore, LayerScores, QueryLayers, TargetInfo)
 from ..scoring import value
 from ..scoring.context import ValueContext, on_scoring_device, value_context
-from ..settings import (DEFAULT_MEMORY_BUDGET, DEFAULT_QUERY_TOP, DEFAULT_TOP_K, ScoringOptions,
+from ..settings import (DEFAULT_MEMORY_BUDGET, DEFAULT_QUERY_TOP, DEFAULT_QUERY_VIA, DEFAULT_TOP_K, ScoringOptions,
                         check_positive)
 from .predict import top_predictions
 from .queries import query_scores
@@ -27,22 +27,25 @@ Target = str | int | None  # answer text (its first token is scored), a token id
 
 def attribute(model: LoadedModel, prompt: Prompt, target: str | int | None = None, *, top_k: int = DEFAULT_TOP_K,
               dense: bool = False, reference: bool = False, query_top: int = DEFAULT_QUERY_TOP,
-              memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Attribution:
+              memory_budget: int = DEFAULT_MEMORY_BUDGET, query_via: str = DEFAULT_QUERY_VIA) -> Attribution:
     """Value neurons for one prompt: which FFN and attention neurons raise log p(target), and the query
-    neurons and layers that activate the top `query_top` value neurons of each kind (0: no query scoring).
+    neurons and layers that activate the top `query_top` value neurons of each kind (0: no query scoring),
+    scored through `query_via`: "attention" value neurons (the paper's method), "ffn" ones, or "both".
     `target`: answer text (its first token is scored), a token id, or None for the model's top prediction.
     A `query_top` larger than the model's number of neurons of a kind is clamped to it. `memory_budget`:
     bytes the vocabulary-sized buffers of exact scoring may take."""
     return attribute_batch(model, [prompt], None if target is None else [target], top_k=top_k, dense=dense,
-                           reference=reference, query_top=query_top, memory_budget=memory_budget)[0]
+                           reference=reference, query_top=query_top, memory_budget=memory_budget,
+                           query_via=query_via)[0]
 
 
 def attribute_batch(model: LoadedModel, prompts: Sequence[Prompt], targets: Sequence[str | int | None] | None = None,
                     *, top_k: int = DEFAULT_TOP_K, dense: bool = False, reference: bool = False,
                     query_top: int = DEFAULT_QUERY_TOP, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                    batch_size: int = 8) -> list[Attribution]:
+                    batch_size: int = 8, query_via: str = DEFAULT_QUERY_VIA) -> list[Attribution]:
     """`attribute` for many prompts, sharing forward passes (right-padded batches of `batch_size`)."""
-    options = ScoringOptions(top_k=top_k, query_top=query_top, memory_budget=memory_budget, reference=reference)
+    options = ScoringOptions(top_k=top_k, query_top=query_top, memory_budget=memory_budget, reference=reference,
+                             query_via=query_via)
     return attribute_with(model, prompts, targets, options, dense=dense, batch_size=batch_size)
 
 
@@ -85,7 +88,7 @@ def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: 
     attention_neurons = _attention_neurons(ctx, scores.attention, tokens)
     if options.query_top:
         queries = query_scores(model, trace, ffn_neurons[: options.query_top],
-                               attention_neurons[: options.query_top])
+                               attention_neurons[: options.query_top], options.query_via)
         query_neurons, query_layers, query_skipped = queries.top(top_k), queries.layers, queries.skipped
     else:
         query_neurons, query_layers, query_skipped = [], QueryLayers([], []), []
@@ -104,6 +107,7 @@ def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: 
         query_layers=query_layers,
         query_skipped=query_skipped,
         reference=options.reference,
+        query_via=options.query_via,
         evaluated={"ffn": scores.ffn.n_evaluated, "attention": scores.attention.n_evaluated},
         dense=_dense(ctx) if dense else None,
     )

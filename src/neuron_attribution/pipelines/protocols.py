@@ -211,7 +211,8 @@ class QueryNeurons(AblationProtocol):
                            for index, score in zip(s.ffn_indices(ffn.indices), ffn.scores)]
             attention_neurons = [query.AttentionValueNeuron(*index, float(score)) for index, score
                                  in zip(s.attention_indices(attention.indices, n_tokens), attention.scores)]
-            total = query_scores(model, ctx.trace, ffn_neurons, attention_neurons).total.reshape(-1)
+            total = query_scores(model, ctx.trace, ffn_neurons, attention_neurons,
+                                 settings.scoring.query_via).total.reshape(-1)
             best = rank_by_score(total, torch.arange(total.numel()))[:top]
             random_ffn = torch.randperm(s.n_layers * s.d_ffn, generator=_generator(request.seed, sentence))[:top]
             return {"query": Ablation(ffn=s.ffn_indices(best)), "random": Ablation(ffn=s.ffn_indices(random_ffn))}

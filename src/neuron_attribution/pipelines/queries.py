@@ -14,54 +14,71 @@ from ..neurons import ModelShape
 from ..results.attribution import AttentionNeuron, FfnNeuron, QueryLayer, QueryLayers, QueryNeuron
 from ..scoring import query
 from ..scoring.topk import rank_by_score
+from ..settings import check_query_via
 
 
 @dataclass
 class QueryScores:
-    """Query scores of every FFN neuron, (L, N) per part, and the query layers."""
+    """Query scores of every FFN neuron, (L, N) per part, and the query layers, through the chosen path."""
 
-    attention: Tensor  # through attention value neurons' value rows
-    ffn_parts: dict[str, Tensor]  # through FFN value neurons' subkeys: "key", or "gate" and "up"
+    attention: Tensor | None  # through attention value neurons' value rows (None: path not taken)
+    ffn_parts: dict[str, Tensor] | None  # through FFN value neurons' subkeys: "key", or "gate" and "up"
     layers: QueryLayers
     skipped: list[str]
     shape: ModelShape
+    via: str = "both"
 
     @property
     def total(self) -> Tensor:
-        return self.attention + sum(self.ffn_parts.values(), torch.zeros_like(self.attention))
+        """(L, N): the score of the chosen path (the sum of both for "both")."""
+        parts = [] if self.attention is None else [self.attention]
+        parts += list((self.ffn_parts or {}).values())
+        return torch.stack(parts).sum(0)
 
     def top(self, k: int) -> list[QueryNeuron]:
         total = self.total.reshape(-1)
         ranked = rank_by_score(total, torch.arange(total.numel()))[:k]
-        swiglu = "gate" in self.ffn_parts
         result = []
         for flat, (layer, neuron) in zip(ranked.tolist(), self.shape.ffn_indices(ranked)):
-            ffn = sum(float(part[layer, neuron]) for part in self.ffn_parts.values())
-            result.append(QueryNeuron(
-                layer, neuron, float(total[flat]), float(self.attention[layer, neuron]), ffn,
-                float(self.ffn_parts["gate"][layer, neuron]) if swiglu else None,
-                float(self.ffn_parts["up"][layer, neuron]) if swiglu else None))
+            result.append(QueryNeuron(layer, neuron, float(total[flat]), *self._paths(layer, neuron)))
         return result
+
+    def _paths(self, layer: int, neuron: int) -> tuple[float | None, float | None, float | None, float | None]:
+        """attention_score, ffn_score, gate_score, up_score: None for a path not taken (and gate/up for GELU)."""
+        attention = None if self.attention is None else float(self.attention[layer, neuron])
+        if self.ffn_parts is None:
+            return attention, None, None, None
+        parts = {name: float(part[layer, neuron]) for name, part in self.ffn_parts.items()}
+        return attention, sum(parts.values()), parts.get("gate"), parts.get("up")
 
 
 def query_scores(model: LoadedModel, trace: Trace, ffn_neurons: Sequence[FfnNeuron | query.FfnValueNeuron],
-                 attention_neurons: Sequence[AttentionNeuron | query.AttentionValueNeuron]) -> QueryScores:
-    """Query FFN neurons and query layers for the given value neurons (docs/method.md §3)."""
+                 attention_neurons: Sequence[AttentionNeuron | query.AttentionValueNeuron],
+                 via: str = "both") -> QueryScores:
+    """Query FFN neurons and query layers for the given value neurons (docs/method.md §3), through the
+    attention value neurons ("attention", the paper's method), the FFN value neurons ("ffn"), or both."""
+    check_query_via(via)
     shape = model.shape
     weights = [model.adapter.layer_weights(layer) for layer in range(shape.n_layers)]
-    attention_readings, skipped_attention = query.usable(query.attention_readings(
-        trace, weights, shape,
-        [query.AttentionValueNeuron(n.layer, n.head, n.dim, n.position, n.score) for n in attention_neurons]))
-    ffn_readings, skipped_ffn = query.usable(query.ffn_readings(
-        trace, weights, [query.FfnValueNeuron(n.layer, n.neuron, n.score) for n in ffn_neurons], shape.parallel))
+    attention_readings, ffn_readings, skipped = [], [], []
+    if via in ("attention", "both"):
+        attention_readings, skipped = query.usable(query.attention_readings(
+            trace, weights, shape,
+            [query.AttentionValueNeuron(n.layer, n.head, n.dim, n.position, n.score) for n in attention_neurons]))
+    if via in ("ffn", "both"):
+        readings, split_skipped = query.ffn_readings(
+            trace, weights, [query.FfnValueNeuron(n.layer, n.neuron, n.score) for n in ffn_neurons], shape.parallel,
+            model.adapter.ffn_activation)
+        ffn_readings, ffn_skipped = query.usable(readings)
+        skipped += split_skipped + ffn_skipped
     parts = query.query_ffn_scores(trace, model.adapter.all_ffn_values, attention_readings + ffn_readings)
     zeros = torch.zeros(shape.n_layers, shape.d_ffn)
-    attention = parts.pop("value", zeros)
-    for name in weights[0].ffn_subkeys:
-        parts.setdefault(name, zeros)
-    layers = QueryLayers(_query_layer_rows(query.query_layer_scores(trace, ffn_readings), shape.n_layers),
-                         _query_layer_rows(query.query_layer_scores(trace, attention_readings), shape.n_layers))
-    return QueryScores(attention, parts, layers, skipped_attention + skipped_ffn, shape)
+    attention = parts.pop("value", zeros) if via != "ffn" else None
+    ffn_parts = {name: parts.get(name, zeros) for name in weights[0].ffn_subkeys} if via != "attention" else None
+    layers = QueryLayers(
+        _query_layer_rows(query.query_layer_scores(trace, ffn_readings), shape.n_layers) if via != "attention" else [],
+        _query_layer_rows(query.query_layer_scores(trace, attention_readings), shape.n_layers) if via != "ffn" else [])
+    return QueryScores(attention, ffn_parts, layers, skipped, shape, via)
 
 
 def _query_layer_rows(shares: dict[str, query.LayerShares], n_layers: int) -> list[QueryLayer]:

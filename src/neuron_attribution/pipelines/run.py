@@ -48,7 +48,8 @@ class RunArguments:
         scoring = settings.scoring
         return {"model": model.name, "dtype": model.dtype, "device": str(model.device), "dataset": self.dataset,
                 "dataset_sha256": _dataset_digest(self.dataset), "limit": self.limit, "top": scoring.top_k,
-                "query_top": scoring.query_top, "reference": scoring.reference, "on_error": self.on_error,
+                "query_top": scoring.query_top, "query_via": scoring.query_via, "reference": scoring.reference,
+                "on_error": self.on_error,
                 "batch_size": batch_size, "neuron_attribution": __version__}
 
 
@@ -137,6 +138,7 @@ def _run(model: LoadedModel, directory: Path, arguments: RunArguments, settings:
         "shape": model.shape.to_dict(),
         "top": settings.scoring.top_k,
         "query_top": settings.scoring.query_top,
+        "query_via": settings.scoring.query_via,
         "model_source": model.source,
         "model_argument": settings.model.name,
         "model_dtype": model.dtype,

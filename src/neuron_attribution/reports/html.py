@@ -109,7 +109,8 @@ def value_histogram_figure(analysis: Analysis) -> bytes:
 def query_histogram_figure(analysis: Analysis) -> bytes:
     return _stacked_by_layer(analysis, analysis.query_histograms,
                              (("query_only", "query-only"), ("query_value", "query and value")),
-                             f"Where the top-{analysis.top} query FFN neurons sit")
+                             f"Where the top-{analysis.top} query FFN neurons sit (via {analysis.query_via} value "
+                             "neurons)")
 
 
 def head_overlap_figure(analysis: Analysis) -> bytes:

@@ -110,28 +110,37 @@ def print_neuron_scores(console: Console, scores) -> None:
 
 
 def print_queries(console: Console, result, rows: int = 10) -> None:
-    queries = Table(title="Top query FFN neurons (activate the top value neurons)", title_justify="left")
-    swiglu = any(q.gate_score is not None for q in result.query_neurons)
-    columns = ["neuron", "score", "via attention", "via FFN"] + (["gate", "up"] if swiglu else [])
-    for column in columns:
+    via = getattr(result, "query_via", "both")
+    queries = Table(title=f"Top query FFN neurons (activate the top {_PATH_NAMES[via]} value neurons)",
+                    title_justify="left")
+    paths = [(name, pick) for name, pick, taken in (
+        ("via attention", lambda q: q.attention_score, via != "ffn" and via != "attention"),
+        ("via FFN", lambda q: q.ffn_score, via == "both"),
+        ("gate", lambda q: q.gate_score, via != "attention"),
+        ("up", lambda q: q.up_score, via != "attention")) if taken]
+    paths = [(name, pick) for name, pick in paths if any(pick(q) is not None for q in result.query_neurons)]
+    for column in ["neuron", "score"] + [name for name, _ in paths]:
         queries.add_column(column, justify="left" if column == "neuron" else "right")
     for q in result.query_neurons[:rows]:
-        cells = [f"{q.layer}_{q.neuron}", f"{q.score:+.4f}", f"{q.attention_score:+.4f}", f"{q.ffn_score:+.4f}"]
-        if swiglu:
-            cells += [f"{q.gate_score:+.4f}", f"{q.up_score:+.4f}"]
-        queries.add_row(*cells)
+        queries.add_row(f"{q.layer}_{q.neuron}", f"{q.score:+.4f}", *(f"{pick(q):+.4f}" for _, pick in paths))
     console.print(queries)
     layers = Table(title="Top query layers", title_justify="left")
-    for column in ("for FFN value neurons", "score", "for attention value neurons", "score "):
-        layers.add_column(column, justify="right" if column.startswith("score") else "left")
-    by_score = [sorted(rows_, key=lambda r: -r.score)[:min(rows, 8)]
-                for rows_ in (result.query_layers.for_ffn, result.query_layers.for_attention)]
-    for ffn_row, attention_row in zip(*by_score):
-        layers.add_row(_component(ffn_row), f"{ffn_row.score:+.3f}", _component(attention_row),
-                       f"{attention_row.score:+.3f}")
+    kinds = [(name, rows_) for name, rows_ in (("for FFN value neurons", result.query_layers.for_ffn),
+                                               ("for attention value neurons", result.query_layers.for_attention))
+             if rows_]
+    for name, _ in kinds:
+        layers.add_column(name, justify="left")
+        layers.add_column("score" + " " * len(layers.columns), justify="right")
+    by_score = [sorted(rows_, key=lambda r: -r.score)[:min(rows, 8)] for _, rows_ in kinds]
+    for row_group in zip(*by_score):
+        layers.add_row(*(cell for row in row_group for cell in (_component(row), f"{row.score:+.3f}")))
     console.print(layers)
     if result.query_skipped:
-        console.print(Text(f"Skipped (input·subkey ≈ 0): {', '.join(result.query_skipped)}", style="yellow"))
+        console.print(Text(f"Skipped (input·subkey ≈ 0, or gate/up elasticities cancel): "
+                           f"{', '.join(result.query_skipped)}", style="yellow"))
+
+
+_PATH_NAMES = {"attention": "attention", "ffn": "FFN", "both": "attention and FFN"}
 
 
 def _component(row) -> str:

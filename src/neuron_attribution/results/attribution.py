@@ -95,15 +95,16 @@ class AttentionNeuron:
 
 @dataclass
 class QueryNeuron:
-    """An FFN neuron scored for activating the top value neurons. score = attention_score + ffn_score:
-    through the attention value neurons' value-projection rows, and through the FFN value neurons' subkeys
-    (for SwiGLU ffn_score = gate_score + up_score; the two are None for GELU models)."""
+    """An FFN neuron scored for activating the top value neurons, through the path the attribution chose
+    (`Attribution.query_via`): attention_score through the attention value neurons' value-projection rows,
+    ffn_score through the FFN value neurons' subkeys (for SwiGLU ffn_score = gate_score + up_score; the two are
+    None for GELU models). score is the chosen path's score (their sum for "both"); a path not taken is None."""
 
     layer: int
     neuron: int
     score: float
-    attention_score: float
-    ffn_score: float
+    attention_score: float | None = None
+    ffn_score: float | None = None
     gate_score: float | None = None
     up_score: float | None = None
 
@@ -145,6 +146,7 @@ class Attribution:
     query_layers: QueryLayers = field(default_factory=lambda: QueryLayers([], []))
     query_skipped: list[str] = field(default_factory=list)  # value neurons whose subkey input h·K' ≈ 0
     reference: bool = False
+    query_via: str = "attention"  # the value neurons query neurons were scored through: attention, ffn, both
     evaluated: dict[str, int] = field(default_factory=dict)  # neurons scored exactly, per kind
     dense: DenseScores | None = field(default=None, repr=False)
 
@@ -172,15 +174,21 @@ class Attribution:
             query_layers=QueryLayers(*([QueryLayer(**q) for q in data.get("query_layers", {}).get(kind, [])]
                                        for kind in ("for_ffn", "for_attention"))),
             query_skipped=data.get("query_skipped", []),
-            reference=data.get("reference", False), evaluated=data.get("evaluated", {}))
+            reference=data.get("reference", False), evaluated=data.get("evaluated", {}),
+            # Files written before query_via existed ranked query neurons by both paths.
+            query_via=data.get("query_via", "both"))
 
     @classmethod
     def load(cls, path: Path | str) -> Attribution:
         return read_json_as(path, cls.from_dict, "an attribution")
 
 
+_OMITTED_WHEN_NONE = ("attention_score", "ffn_score", "gate_score", "up_score")
+
+
 def _without_missing_subkeys(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if not (k in ("gate_score", "up_score") and v is None)}
+    """Paths not taken and gate/up parts of GELU models are left out rather than nulled."""
+    return {k: v for k, v in row.items() if not (k in _OMITTED_WHEN_NONE and v is None)}
 
 
 @dataclass

@@ -15,7 +15,8 @@ from ..errors import UserError
 from .attribution import Attribution
 
 TABLES = ("sentences", "ffn_neurons", "attention_neurons", "query_neurons", "layers", "heads")
-_OPTIONAL_FLOATS = ("gate_score", "up_score")  # present for SwiGLU models only
+# gate/up: SwiGLU models only; attention/ffn: None for a query path not taken.
+_OPTIONAL_FLOATS = ("gate_score", "up_score", "attention_score", "ffn_score")
 _TOKEN_LISTS = ("top_tokens", "bottom_tokens", "promoted_tokens", "tokens")
 
 

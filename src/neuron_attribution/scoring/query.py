@@ -7,11 +7,13 @@ norm's centring and scale are shared by all components and ignored, as in the pa
 
 Subkeys: an attention value neuron (l, j, n, p) reads row n of KV head j // (H / H_kv) of the value
 projection, at its source position p. An FFN value neuron (l, k) reads its key (GELU) or its gate and up rows
-(SwiGLU, scored separately), at the last position. Everything is float32 math on a trace and weights.
+(SwiGLU: its score split between them once, by elasticity), at the last position. Everything is float32 math
+on a trace and weights.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -79,21 +81,57 @@ def attention_readings(trace: Trace, weights: list[LayerWeights], shape: ModelSh
 
 
 def ffn_readings(trace: Trace, weights: list[LayerWeights], neurons: list[FfnValueNeuron],
-                 parallel: bool = False) -> list[SubkeyReading]:
-    """In a sequential block the FFN reads h^{l-1} + A^l; in a parallel block, h^{l-1} alone (its own layer's
-    attention output is not among its components)."""
-    readings = []
+                 parallel: bool = False, activation: Callable[[int], Callable[[Tensor], Tensor]] | None = None
+                 ) -> tuple[list[SubkeyReading], list[str]]:
+    """Readings of the FFN value neurons' subkeys, and labels of the neurons left out.
+
+    In a sequential block the FFN reads h^{l-1} + A^l; in a parallel block, h^{l-1} alone (its own layer's
+    attention output is not among its components). A gated neuron (gate and up subkeys) hands out its score
+    once: split between the two paths by their elasticities (`swiglu_split`); `activation(layer)` is the gate's
+    activation function. A neuron whose two elasticities cancel is left out and reported."""
+    readings, skipped = [], []
     last = trace.n_tokens - 1
     for n in neurons:
         w = weights[n.layer]
         middle = trace.layer_inputs[n.layer, last]
         if not parallel:
             middle = middle + trace.attention_outputs[n.layer, last]
+        shares = {name: 1.0 for name in w.ffn_subkeys}
+        if "gate" in w.ffn_subkeys:
+            gate_input = w.ffn_subkeys["gate"][n.neuron] @ w.ffn_norm.apply_without_bias(middle)
+            split = swiglu_split(activation(n.layer), gate_input)
+            if split is None:
+                skipped.append(f"ffn {n.layer}_{n.neuron} (gate and up elasticities cancel)")
+                continue
+            shares = {"gate": split[0], "up": split[1]}
         for name, subkeys in w.ffn_subkeys.items():
             readings.append(SubkeyReading(
-                name, n.layer, last, subkeys[n.neuron] * w.ffn_norm.weight, middle, n.score, not parallel,
-                f"ffn {n.layer}_{n.neuron} ({name})"))
-    return readings
+                name, n.layer, last, subkeys[n.neuron] * w.ffn_norm.weight, middle, n.score * shares[name],
+                not parallel, f"ffn {n.layer}_{n.neuron} ({name})"))
+    return readings, skipped
+
+
+# |e_gate + e_up| below this: the split's weights e/(e_gate + e_up) would be arbitrarily large.
+NEAR_ZERO_ELASTICITY = 1e-3
+
+
+def swiglu_split(activation: Callable[[Tensor], Tensor], gate_input: Tensor) -> tuple[float, float] | None:
+    """(w_gate, w_up): how a gated neuron's score m = act(g)·u is shared between its gate and up paths
+    (docs/method.md §3). Each path's share is its elasticity, the relative change of m per relative change of
+    its input: e_up = 1, e_gate = g·act'(g)/act(g) (for SiLU, 1 + g(1 − σ(g))); w = e / (e_gate + e_up), so the
+    two shares add up to 1. None where act(g) = 0 or the elasticities cancel."""
+    with torch.inference_mode(False), torch.enable_grad():
+        g = gate_input.detach().reshape(1).to(torch.float64).clone().requires_grad_(True)
+        value = activation(g)
+        (slope,) = torch.autograd.grad(value.sum(), g)
+    value = float(value.detach())
+    if value == 0.0:
+        return None
+    elasticity = float(g.detach()) * float(slope) / value
+    total = elasticity + 1.0
+    if abs(total) < NEAR_ZERO_ELASTICITY:
+        return None
+    return elasticity / total, 1.0 / total
 
 
 def usable(readings: list[SubkeyReading]) -> tuple[list[SubkeyReading], list[str]]:

@@ -235,6 +235,10 @@ class FamilyAdapter(ABC):
     def _all_layer_weights(self) -> list[LayerWeights]:
         return [self.layer_weights(l) for l in range(self.shape.n_layers)]
 
+    def ffn_activation(self, layer: int) -> nn.Module:
+        """The activation of a gated FFN's gate (SiLU for SwiGLU, GELU for Gemma's GeGLU)."""
+        return self.mlp(layer).act_fn
+
     # --- norms: the block's topology (docs/method.md §1) ----------------------------------------------------
     def _norm_at(self, layer: int, path: str | None) -> NormParams:
         return identity_norm(self.shape.d_model) if path is None else self._norm(self._in_layer(layer, path))

@@ -31,3 +31,6 @@ class Phi3Adapter(LlamaAdapter):
     def _ffn_subkeys(self, layer: int) -> dict[str, Tensor]:
         gate, up = as_f32(self.mlp(layer).gate_up_proj.weight).chunk(2, dim=0)
         return {"gate": gate, "up": up}
+
+    def ffn_activation(self, layer: int):
+        return self.mlp(layer).activation_fn
