@@ -26,6 +26,7 @@ class Fact:
     type: str | None
     source: str  # file it came from
     line: int  # 1-based line in that file
+    contrast: str | int | None = None  # score log p(answer) − log p(contrast) in `run` (docs/method.md §2)
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,18 @@ def _parse(line: str, source: str, number: int) -> Fact:
     kind = record.get("type")
     if kind is not None and not isinstance(kind, str):
         raise ValueError("field 'type' must be text")
-    return Fact(fields["prompt"], fields["answer"], kind, source, number)
+    contrast = _contrast_field(record)
+    if isinstance(contrast, str) and contrast.strip() == fields["answer"].strip():
+        raise ValueError("the contrast is the answer itself")
+    return Fact(fields["prompt"], fields["answer"], kind, source, number, contrast)
+
+
+def _contrast_field(record: dict) -> str | int | None:
+    contrast = record.get("contrast")
+    if contrast is not None and (isinstance(contrast, bool) or not isinstance(contrast, (str, int))
+                                 or (isinstance(contrast, str) and not contrast.strip())):
+        raise ValueError("field 'contrast' must be non-empty text or a token id")
+    return contrast
 
 
 @dataclass(frozen=True)
@@ -164,10 +176,12 @@ class PromptLine:
     target: str | int | None
     source: str
     line: int
+    contrast: str | int | None = None
 
 
 def load_prompt_lines(path: str | Path, on_error: OnError = "skip") -> tuple[list[PromptLine], list[Skipped]]:
-    """JSONL lines {"prompt": text, "target": text or token id (optional)}; other keys are ignored. No filter:
+    """JSONL lines {"prompt": text, "target": text or token id (optional), "contrast": the same (optional)};
+    other keys are ignored. No filter:
     these are the user's own prompts. Malformed lines are skipped and counted, or with on_error="stop" end the
     run with the file and line."""
     _check_on_error(on_error)
@@ -185,4 +199,4 @@ def _parse_prompt_line(raw: str, source: str, number: int) -> PromptLine:
     target = record.get("target")
     if target is not None and (isinstance(target, bool) or not isinstance(target, (str, int))):
         raise ValueError("field 'target' must be answer text or a token id")
-    return PromptLine(prompt, target, source, number)
+    return PromptLine(prompt, target, source, number, _contrast_field(record))

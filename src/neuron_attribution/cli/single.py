@@ -48,6 +48,9 @@ def attribute(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt, e.g. \"The capital of France is\".")] = None,
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="Answer text (its first token is "
                                                   "scored). Default: the model's top prediction.")] = None,
+    contrast: Annotated[Optional[str], typer.Option("--contrast", help="Score log p(target) − log p(contrast): "
+                                                    "\"Paris rather than London\" (text; its first token).")]
+    = None,
     model: ModelOption = None,
     top: Annotated[int, typer.Option("--top", "-k", help="How many FFN and attention neurons to return.")] = 100,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the full result as JSON.")] = None,
@@ -84,9 +87,13 @@ def attribute(
                                    query_top=query_top, max_memory=max_memory, reference=reference,
                                    query_via=query_via)
     if prompts is not None:
+        if contrast is not None:
+            raise UserError("with --prompts, give each line its own \"contrast\"; --contrast takes one prompt")
         return _attribute_file(prompts, json_dir, on_error, batch_size, settings, neurons, json_file)
     chosen = parse_neurons(neurons) if neurons is not None else None
     loaded = load_model_spec(settings.model)
+    if chosen is not None and contrast is not None:
+        raise UserError("--contrast applies to a full attribution, not to --neurons")
     if chosen is not None:
         from ..pipelines.score import score_neurons
         from ..reports.terminal import print_neuron_scores
@@ -96,7 +103,8 @@ def attribute(
         print_neuron_scores(console, result)
     else:
         with console.status("Attributing...", spinner="dots"):
-            (result,) = attribute_with(loaded, [prompt], None if target is None else [target], settings.scoring)
+            (result,) = attribute_with(loaded, [prompt], None if target is None else [target], settings.scoring,
+                                       contrasts=[contrast])
         print_attribution(console, result, rows=show)
     if json_file:
         result.save(json_file)

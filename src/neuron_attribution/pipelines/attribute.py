@@ -11,7 +11,7 @@ from ..model.loading import LoadedModel
 from ..model.prompts import Prompt, encode_prompt, encode_target, token_texts
 from ..model.trace import Trace, trace_token_ids
 from ..results.attribution import (AttentionNeuron, Attribution, DenseScores, FfnNeuron, HeadPositionScore,
-                                   HeadScore, LayerScores, QueryLayers, TargetInfo)
+                                   HeadScore, LayerScores, QueryLayers, TargetInfo, TokenInfo)
 from ..scoring import value
 from ..scoring.context import ValueContext, on_scoring_device, value_context
 from ..settings import (DEFAULT_MEMORY_BUDGET, DEFAULT_QUERY_TOP, DEFAULT_QUERY_VIA, DEFAULT_TOP_K, ScoringOptions,
@@ -27,37 +27,43 @@ Target = str | int | None  # answer text (its first token is scored), a token id
 
 def attribute(model: LoadedModel, prompt: Prompt, target: str | int | None = None, *, top_k: int = DEFAULT_TOP_K,
               dense: bool = False, reference: bool = False, query_top: int = DEFAULT_QUERY_TOP,
-              memory_budget: int = DEFAULT_MEMORY_BUDGET, query_via: str = DEFAULT_QUERY_VIA) -> Attribution:
+              memory_budget: int = DEFAULT_MEMORY_BUDGET, query_via: str = DEFAULT_QUERY_VIA,
+              contrast: str | int | None = None) -> Attribution:
     """Value neurons for one prompt: which FFN and attention neurons raise log p(target), and the query
     neurons and layers that activate the top `query_top` value neurons of each kind (0: no query scoring),
     scored through `query_via`: "attention" value neurons (the paper's method), "ffn" ones, or "both".
     `target`: answer text (its first token is scored), a token id, or None for the model's top prediction.
     A `query_top` larger than the model's number of neurons of a kind is clamped to it. `memory_budget`:
-    bytes the vocabulary-sized buffers of exact scoring may take."""
+    bytes the vocabulary-sized buffers of exact scoring may take. `contrast` (answer text or token id): score
+    log p(target) − log p(contrast) instead, "Paris rather than London" (docs/method.md §2)."""
     return attribute_batch(model, [prompt], None if target is None else [target], top_k=top_k, dense=dense,
                            reference=reference, query_top=query_top, memory_budget=memory_budget,
-                           query_via=query_via)[0]
+                           query_via=query_via, contrasts=None if contrast is None else [contrast])[0]
 
 
 def attribute_batch(model: LoadedModel, prompts: Sequence[Prompt], targets: Sequence[str | int | None] | None = None,
                     *, top_k: int = DEFAULT_TOP_K, dense: bool = False, reference: bool = False,
                     query_top: int = DEFAULT_QUERY_TOP, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                    batch_size: int = 8, query_via: str = DEFAULT_QUERY_VIA) -> list[Attribution]:
-    """`attribute` for many prompts, sharing forward passes (right-padded batches of `batch_size`)."""
+                    batch_size: int = 8, query_via: str = DEFAULT_QUERY_VIA,
+                    contrasts: Sequence[str | int | None] | None = None) -> list[Attribution]:
+    """`attribute` for many prompts, sharing forward passes (right-padded batches of `batch_size`); `contrasts`:
+    one per prompt (None where a prompt has none)."""
     options = ScoringOptions(top_k=top_k, query_top=query_top, memory_budget=memory_budget, reference=reference,
                              query_via=query_via)
-    return attribute_with(model, prompts, targets, options, dense=dense, batch_size=batch_size)
+    return attribute_with(model, prompts, targets, options, dense=dense, batch_size=batch_size, contrasts=contrasts)
 
 
 @on_scoring_device
 def attribute_with(model: LoadedModel, prompts: Sequence[Prompt], targets: Sequence[str | int | None] | None,
-                   options: ScoringOptions, *, dense: bool = False, batch_size: int = 8) -> list[Attribution]:
+                   options: ScoringOptions, *, dense: bool = False, batch_size: int = 8,
+                   contrasts: Sequence[str | int | None] | None = None) -> list[Attribution]:
     """`attribute_batch` with the scoring options as one object (as settings carry them)."""
     check_positive("batch_size", batch_size)
     if isinstance(prompts, str):
         raise UserError("prompts must be a list of prompts, not one text; use attribute() for one prompt")
-    if targets is not None and len(targets) != len(prompts):
-        raise UserError(f"{len(prompts)} prompts but {len(targets)} targets")
+    for name, values in (("targets", targets), ("contrasts", contrasts)):
+        if values is not None and len(values) != len(prompts):
+            raise UserError(f"{len(prompts)} prompts but {len(values)} {name}")
     encoded = [encode_prompt(model, p) for p in prompts]
     results = []
     for start in range(0, len(encoded), batch_size):
@@ -65,15 +71,17 @@ def attribute_with(model: LoadedModel, prompts: Sequence[Prompt], targets: Seque
         for offset, trace in enumerate(traces):
             i = start + offset
             target = None if targets is None else targets[i]
-            results.append(_attribute_trace(model, prompts[i], encoded[i], trace, target, options, dense))
+            contrast = None if contrasts is None else contrasts[i]
+            results.append(_attribute_trace(model, prompts[i], encoded[i], trace, target, options, dense, contrast))
     return results
 
 
 def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: Trace, target: Target,
-                     options: ScoringOptions, dense: bool) -> Attribution:
+                     options: ScoringOptions, dense: bool, contrast: Target = None) -> Attribution:
     top_k = options.top_k
-    target = target_info(model, prompt, ids, trace, target)
-    ctx = value_context(model, trace, target.id, reference=options.reference, memory_budget=options.memory_budget)
+    target = target_info(model, prompt, ids, trace, target, contrast)
+    ctx = value_context(model, trace, target.id, reference=options.reference, memory_budget=options.memory_budget,
+                        contrast=None if target.contrast is None else target.contrast.id)
     tokens = token_texts(model, ids)
 
     attention_layers, ffn_layers = value.layer_scores(ctx)
@@ -113,12 +121,23 @@ def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: 
     )
 
 
-def target_info(model: LoadedModel, prompt: Prompt, ids: list[int], trace: Trace, target: Target) -> TargetInfo:
-    """The target's token, and its probability and rank under the model (None: the top prediction)."""
+def target_info(model: LoadedModel, prompt: Prompt, ids: list[int], trace: Trace, target: Target,
+                contrast: Target = None) -> TargetInfo:
+    """The target's token, and its probability and rank under the model (None: the top prediction); the same
+    for a contrast token if one is given."""
     token = encode_target(model, ids, prompt, int(trace.logits.argmax()) if target is None else target)
     probs = torch.softmax(trace.logits.double(), dim=-1)
-    return TargetInfo(token.text, token.id, float(probs[token.id]), int((probs > probs[token.id]).sum()) + 1,
-                      token.n_answer_tokens)
+
+    def rank(token_id: int) -> int:
+        return int((probs > probs[token_id]).sum()) + 1
+
+    info = TargetInfo(token.text, token.id, float(probs[token.id]), rank(token.id), token.n_answer_tokens)
+    if contrast is not None:
+        other = encode_target(model, ids, prompt, contrast)
+        if other.id == token.id:
+            raise UserError(f"the contrast {other.text!r} is the target's own first token; a contrast must differ")
+        info.contrast = TokenInfo(other.text, other.id, float(probs[other.id]), rank(other.id))
+    return info
 
 
 def prompt_text(model: LoadedModel, prompt: Prompt, ids: list[int]) -> str:

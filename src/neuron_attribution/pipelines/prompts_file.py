@@ -29,8 +29,11 @@ def attribute_lines(model: LoadedModel, lines: Sequence[PromptLine], options: Sc
     for line in lines:
         try:
             ids = encode_prompt(model, line.prompt)
-            if line.target is not None:
-                encode_target(model, ids, line.prompt, line.target)
+            target = None if line.target is None else encode_target(model, ids, line.prompt, line.target)
+            if line.contrast is not None:
+                contrast = encode_target(model, ids, line.prompt, line.contrast)
+                if target is not None and contrast.id == target.id:
+                    raise UserError(f"the contrast {contrast.text!r} is the target's own first token")
         except UserError as error:
             if on_error == "stop":
                 raise UserError(f"{line.source}:{line.line}: {error}") from None
@@ -42,7 +45,7 @@ def attribute_lines(model: LoadedModel, lines: Sequence[PromptLine], options: Sc
     for start in range(0, len(usable), batch_size):
         chunk = usable[start: start + batch_size]
         attributed = attribute_with(model, [l.prompt for l in chunk], [l.target for l in chunk], options,
-                                    batch_size=batch_size)
+                                    batch_size=batch_size, contrasts=[l.contrast for l in chunk])
         results.extend(zip(chunk, attributed))
         report("attributing prompts", len(results), len(usable))
     return results, skipped

@@ -177,7 +177,7 @@ def attribute_part(model: LoadedModel, settings: Settings, work: PartWork) -> di
     """The six tables of one batch (runs wherever the backend puts it)."""
     results = attribute_with(model, [c.fact.prompt for _, c in work.sentences],
                              [c.target for _, c in work.sentences], settings.scoring,
-                             batch_size=len(work.sentences))
+                             batch_size=len(work.sentences), contrasts=[c.fact.contrast for _, c in work.sentences])
     return tables_of([(i, c.fact, r) for (i, c), r in zip(work.sentences, results)])
 
 

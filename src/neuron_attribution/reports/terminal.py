@@ -48,13 +48,20 @@ def _bar(value: float, scale: float, width: int = 24) -> Text:
 
 def print_attribution(console: Console, result, rows: int = 10) -> None:
     target = result.target
-    console.rule(Text(f"{result.prompt!r} → {target.text!r}"))
+    contrast = target.contrast
+    rather = "" if contrast is None else f" rather than {contrast.text!r}"
+    console.rule(Text(f"{result.prompt!r} → {target.text!r}{rather}"))
     spans = f" (first of {target.n_answer_tokens} answer tokens)" if target.n_answer_tokens > 1 else ""
     console.print(Text(f"Target {target.text!r} id {target.id}{spans}: probability {target.prob:.2%}, "
                        f"rank {target.rank}.  Top prediction: {result.predictions[0].token!r} "
                        f"({result.predictions[0].prob:.2%})" + ("  [reference convention]" if result.reference
                                                                  else "")))
-    layers = Table(title="Layer scores (log-probability increase)", title_justify="left")
+    if contrast is not None:
+        console.print(Text(f"Contrast {contrast.text!r} id {contrast.id}: probability {contrast.prob:.2%}, rank "
+                           f"{contrast.rank}. Every score below is the increase of log p(target) − "
+                           f"log p(contrast)."))
+    measure = "log-probability increase" if contrast is None else "increase of the log-probability difference"
+    layers = Table(title=f"Layer scores ({measure})", title_justify="left")
     for column in ("layer", "attention", "", "FFN", ""):
         layers.add_column(column, justify="right" if column else "left")
     scale = max(max(map(abs, result.layers.attention)), max(map(abs, result.layers.ffn)), 1e-9)

@@ -24,12 +24,36 @@ class Prediction:
 
 
 @dataclass
+class TokenInfo:
+    """A token the model could predict: its text, id, probability and rank (1 = the top prediction)."""
+
+    text: str
+    id: int
+    prob: float
+    rank: int
+
+
+@dataclass
 class TargetInfo:
     text: str
     id: int
     prob: float
     rank: int  # 1 = the model's top prediction
     n_answer_tokens: int = 1  # tokens the answer text spans; the first is scored
+    # Contrastive attribution: every score is for log p(target) − log p(contrast) (docs/method.md §2).
+    contrast: TokenInfo | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Without `contrast` where there is none."""
+        data = asdict(self)
+        if self.contrast is None:
+            del data["contrast"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TargetInfo:
+        contrast = data.get("contrast")
+        return cls(**{**data, "contrast": None if contrast is None else TokenInfo(**contrast)})
 
 
 @dataclass
@@ -152,6 +176,7 @@ class Attribution:
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in asdict(self).items() if k != "dense"}
+        data["target"] = self.target.to_dict()
         # gate/up parts exist only for SwiGLU models; GELU results leave the keys out rather than null them.
         data["query_neurons"] = [_without_missing_subkeys(q) for q in data["query_neurons"]]
         data["query_layers"] = {kind: [_without_missing_subkeys(q) for q in rows]
@@ -165,7 +190,7 @@ class Attribution:
     def from_dict(cls, data: dict[str, Any]) -> Attribution:
         return cls(
             prompt=data["prompt"], model=data.get("model", ""), tokens=data["tokens"],
-            target=TargetInfo(**data["target"]), predictions=[Prediction(**p) for p in data.get("predictions", [])],
+            target=TargetInfo.from_dict(data["target"]), predictions=[Prediction(**p) for p in data.get("predictions", [])],
             layers=LayerScores(**data["layers"]), heads=[HeadScore(**h) for h in data["heads"]],
             ffn_neurons=[FfnNeuron(**n) for n in data["ffn_neurons"]],
             attention_neurons=[AttentionNeuron(**n) for n in data["attention_neurons"]],

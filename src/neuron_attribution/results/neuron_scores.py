@@ -32,7 +32,7 @@ class NeuronScores:
 
     def to_dict(self) -> dict[str, Any]:
         return {"neurons": [str(n) for n in self.neurons], "prompts": self.prompts,
-                "targets": [vars(t) for t in self.targets], "scores": self.scores,
+                "targets": [t.to_dict() for t in self.targets], "scores": self.scores,
                 "coefficients": self.coefficients, "reference": self.reference}
 
     def save(self, path: Path | str) -> None:
@@ -41,7 +41,7 @@ class NeuronScores:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NeuronScores:
         return cls([parse_neuron(n) for n in data["neurons"]], data["prompts"],
-                   [TargetInfo(**t) for t in data["targets"]], data["scores"], data["coefficients"],
+                   [TargetInfo.from_dict(t) for t in data["targets"]], data["scores"], data["coefficients"],
                    data.get("reference", False))
 
     @classmethod

@@ -17,6 +17,7 @@ from .attribution import Attribution
 TABLES = ("sentences", "ffn_neurons", "attention_neurons", "query_neurons", "layers", "heads")
 # gate/up: SwiGLU models only; attention/ffn: None for a query path not taken.
 _OPTIONAL_FLOATS = ("gate_score", "up_score", "attention_score", "ffn_score")
+_OPTIONAL_TYPED = {"contrast_text": pa.string(), "contrast_id": pa.int64()}  # null without a contrast
 _TOKEN_LISTS = ("top_tokens", "bottom_tokens", "promoted_tokens", "tokens")
 
 
@@ -41,7 +42,9 @@ def tables_of(rows: list[tuple[int, SentenceSource, Attribution]]) -> dict[str, 
         common = {"sentence_id": sentence_id, "type": fact.type or "-"}
         add("sentences", **common, prompt=result.prompt, answer=fact.answer, tokens=result.tokens,
             target_text=result.target.text, target_id=result.target.id, target_prob=result.target.prob,
-            target_rank=result.target.rank, source=fact.source, line=fact.line)
+            target_rank=result.target.rank, source=fact.source, line=fact.line,
+            contrast_text=None if result.target.contrast is None else result.target.contrast.text,
+            contrast_id=None if result.target.contrast is None else result.target.contrast.id)
         for table, items in (("ffn_neurons", result.ffn_neurons), ("attention_neurons", result.attention_neurons),
                              ("query_neurons", result.query_neurons)):
             for rank, item in enumerate(items, 1):
@@ -59,6 +62,8 @@ def _typed(values: dict[str, list]) -> dict[str, pa.Array]:
     for key, column in values.items():
         if key in _OPTIONAL_FLOATS:
             out[key] = pa.array(column, type=pa.float64())
+        elif key in _OPTIONAL_TYPED:
+            out[key] = pa.array(column, type=_OPTIONAL_TYPED[key])
         elif key in _TOKEN_LISTS:
             out[key] = pa.array(column, type=pa.list_(pa.string()))
         else:

@@ -38,14 +38,17 @@ class ValueContext:
     readout: LinearReadout
     target: int
     normalised_states: Tensor  # (2L+2, d): the readout's linear part applied to each state
-    base_log_probs: Tensor  # (2L+2, V): log softmax of each state's logits
-    base_log_sum_exp: Tensor  # (2L+2,): log-sum-exp of each state's logits
+    base_log_probs: Tensor | None  # (2L+2, V): log softmax of each state's logits (None with a contrast)
+    base_log_sum_exp: Tensor | None  # (2L+2,): log-sum-exp of each state's logits (None with a contrast)
     memory_budget: int  # bytes the vocabulary-sized buffers of exact scoring may take
+    # A contrastive target (docs/method.md §2): every score is then Imp_target − Imp_contrast, the change of
+    # log p(target) − log p(contrast), which needs the two tokens' logits only.
+    contrast: int | None = None
 
     @classmethod
     def build(cls, trace: Trace, ffn_values: Tensor, output_weights: Tensor, shape: ModelShape,
               readout: LinearReadout, target: int, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-              only_states: list[int] | None = None) -> ValueContext:
+              only_states: list[int] | None = None, contrast: int | None = None) -> ValueContext:
         """`only_states`: compute the vocabulary-sized base quantities for these states only (the others are
         NaN), for callers that score a few chosen neurons."""
         before = trace.layer_inputs[:, -1]  # (L, d)
@@ -53,6 +56,12 @@ class ValueContext:
         states = torch.stack([before, middle], dim=1).reshape(-1, before.shape[-1])
         states = torch.cat([states, trace.final_residual[-1:], torch.zeros(1, states.shape[-1])], dim=0)
         normalised = readout.normalise(states)
+        if contrast is not None:
+            # Only the two tokens' logits matter: no vocabulary-sized product.
+            context = cls(trace, ffn_values, output_weights, shape, readout, target, normalised, None, None,
+                          memory_budget, contrast)
+            context.target_log_probs = context.pair_logit_difference(normalised)
+            return context
         vocabulary = readout.unembedding.shape[0]
         wanted = slice(None) if only_states is None else torch.tensor(sorted(set(only_states)), dtype=torch.long)
         picked = normalised[wanted]
@@ -63,13 +72,18 @@ class ValueContext:
             log_probs = torch.full((len(states), vocabulary), float("nan")).index_copy_(0, wanted, log_probs)
             log_sum_exp = torch.full((len(states),), float("nan")).index_copy_(0, wanted, log_sum_exp)
         return cls(trace, ffn_values, output_weights, shape, readout, target, normalised, log_probs,
-                   log_sum_exp, memory_budget)
+                   log_sum_exp, memory_budget, contrast)
 
     @cached_property
     def _directions(self) -> Tensor:
         """(2L+2, d): for each state x, k_x with c·(u·k_x) the tangent bound of Imp(c·u | x) (docs/method.md
         §2). Made on first use: scoring chosen neurons needs no bound."""
         unembedding = self.readout.unembedding
+        if self.contrast is not None:
+            # z_target − z_contrast is linear in the added vector: its slope is the same from every base, and
+            # it is the exact score, not only a bound.
+            difference = unembedding[self.target] - unembedding[self.contrast]
+            return self.readout.pullback(difference).expand(len(self.normalised_states), -1)
         probs = torch.exp(self.base_log_probs, out=scratch.buffer("bases", *self.base_log_probs.shape))
         expected_row = probs @ unembedding  # p(x)·U per state
         return self.readout.pullback(unembedding[self.target] - expected_row)
@@ -94,7 +108,20 @@ class ValueContext:
 
     @cached_property
     def target_log_probs(self) -> Tensor:
+        """(2L+2,): log p(target) at each state; with a contrast, log p(target) − log p(contrast)."""
         return self.base_log_probs[:, self.target].clone()
+
+    def pair_logit_difference(self, normalised: Tensor) -> Tensor:
+        """z_target − z_contrast (soft-capped where the model caps) for rows already through the readout's
+        linear part: log p(target) − log p(contrast), the log-sum-exp cancelling."""
+        readout = self.readout
+        pair = torch.tensor([self.target, self.contrast])
+        logits = normalised @ readout.unembedding[pair].T
+        if readout.has_constant:
+            logits = logits + readout.constant_logits[pair]
+        if readout.softcap is not None:
+            logits = torch.tanh(logits / readout.softcap) * readout.softcap
+        return logits[:, 0] - logits[:, 1]
 
     @cached_property
     def weighted_values(self) -> Tensor:
@@ -125,7 +152,10 @@ def on_scoring_device(function: Callable[..., T]) -> Callable[..., T]:
     there, and on the CPU nothing changes."""
     @functools.wraps(function)
     def on_device(model: LoadedModel, *args, **kwargs) -> T:
-        with torch.device(model.adapter.device):
+        device = model.adapter.device
+        if device == torch.get_default_device():
+            return function(model, *args, **kwargs)  # the device mode intercepts every op: not for nothing
+        with torch.device(device):
             return function(model, *args, **kwargs)
     return on_device
 
@@ -138,7 +168,8 @@ def readout_for(model: LoadedModel, trace: Trace, reference: bool = False) -> Li
 
 
 def value_context(model: LoadedModel, trace: Trace, target: int, *, reference: bool = False,
-                  memory_budget: int = DEFAULT_MEMORY_BUDGET, only_states: list[int] | None = None) -> ValueContext:
+                  memory_budget: int = DEFAULT_MEMORY_BUDGET, only_states: list[int] | None = None,
+                  contrast: int | None = None) -> ValueContext:
     adapter = model.adapter
     return ValueContext.build(trace, adapter.all_ffn_values, adapter.all_output_weights, model.shape,
-                              readout_for(model, trace, reference), target, memory_budget, only_states)
+                              readout_for(model, trace, reference), target, memory_budget, only_states, contrast)

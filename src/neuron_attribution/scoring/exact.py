@@ -55,6 +55,13 @@ def score_rows(ctx: ValueContext, groups: list[Rows]) -> list[Scored]:
     scores = torch.empty(len(bases))
     projection = torch.zeros(len(bases), 2 * width, dtype=torch.long)
     readout = ctx.readout
+    if ctx.contrast is not None:
+        scores = _contrast_scores(ctx, bases, scaled)
+        if width:
+            wanted = (keep > 0).nonzero().squeeze(-1)
+            changes = _logit_changes(ctx, None, bases, wanted, scaled)
+            projection[wanted] = _projection_ids(changes, width, signs[wanted])
+        return _split(groups, scores, projection)
     vocabulary = readout.unembedding.shape[0]
     with _flushing_denormals():
         budget = device_budget(ctx.memory_budget, scaled.device)
@@ -72,6 +79,10 @@ def score_rows(ctx: ValueContext, groups: list[Rows]) -> list[Scored]:
             log_sum_exp = _logsumexp_shifted(logits, shift) if bool((reach < _SAFE_EXPONENT).all()) \
                 else _logsumexp_inplace(logits)
             scores[rows] = target_logit - log_sum_exp - ctx.target_log_probs[bases[rows]]
+    return _split(groups, scores, projection)
+
+
+def _split(groups: list[Rows], scores: Tensor, projection: Tensor) -> list[Scored]:
     result, start = [], 0
     for g in groups:
         part = slice(start, start + len(g))
@@ -80,11 +91,19 @@ def score_rows(ctx: ValueContext, groups: list[Rows]) -> list[Scored]:
     return result
 
 
-def _logit_changes(ctx: ValueContext, logits: Tensor, bases: Tensor, wanted: Tensor, scaled: Tensor) -> Tensor:
+def _contrast_scores(ctx: ValueContext, bases: Tensor, scaled: Tensor) -> Tensor:
+    """Imp_target − Imp_contrast for every row: the change of z_target − z_contrast. The log-sum-exp cancels,
+    so two logits per row are all it takes: no vocabulary product."""
+    moved = ctx.normalised_states[bases] + ctx.readout.normalise(scaled)
+    return ctx.pair_logit_difference(moved) - ctx.target_log_probs[bases]
+
+
+def _logit_changes(ctx: ValueContext, logits: Tensor | None, bases: Tensor, wanted: Tensor, scaled: Tensor
+                   ) -> Tensor:
     """c·δ for the wanted rows, up to a per-row constant. From the fused logits z(x) + c·δ, subtracting the
-    base's log-probabilities leaves exactly that; soft-capped logits are not linear, so there δ is computed
-    directly."""
-    if ctx.readout.softcap is not None:
+    base's log-probabilities leaves exactly that; where there are no fused logits (contrastive scoring) or they
+    are soft-capped (not linear), δ is computed directly."""
+    if ctx.readout.softcap is not None or logits is None:
         return torch.matmul(ctx.readout.normalise(scaled[wanted]), ctx.readout.unembedding.T)
     base = torch.index_select(ctx.base_log_probs, 0, bases[wanted],
                               out=scratch.buffer("bases", wanted.numel(), logits.shape[1]))
