@@ -186,6 +186,12 @@ class Attribution:
     def save(self, path: Path | str) -> None:
         write_json(path, self.to_dict())
 
+    def _repr_html_(self) -> str:
+        """Jupyter's display: the terminal report's tables, compact and escaped."""
+        from .display import attribution_html
+
+        return attribution_html(self)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Attribution:
         return cls(

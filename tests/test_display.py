@@ -1,0 +1,70 @@
+"""Notebook display: Attribution._repr_html_ renders the terminal report's tables, escaped, and shows in Chromium."""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+
+import matplotlib.image
+import pytest
+
+from neuron_attribution import attribute
+
+from .conftest import tiny_llama
+from .test_report import _chromium, _headless
+
+EVIL = '"><img src=x onerror=alert(1)><script>alert(2)</script>'
+
+
+class _Elements(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _evil_result():
+    result = attribute(tiny_llama(), [5, 17, 3, 99, 42, 7], 11, top_k=12, contrast=40, query_via="both")
+    result.prompt = EVIL
+    result.ffn_neurons[0].promoted_tokens[0] = EVIL
+    result.attention_neurons[0].token = EVIL
+    result.head_positions[0].token = EVIL
+    return result
+
+
+def test_html_has_every_table_and_is_escaped():
+    result = _evil_result()
+    page = result._repr_html_()
+    parsed = _Elements()
+    parsed.feed(page)
+    assert "script" not in parsed.tags and "img" not in parsed.tags  # the injected markup stays text
+    text = "".join(parsed.text)
+    assert EVIL in text or repr(EVIL) in text
+    for caption in ("Layer scores", "Top heads", "Top FFN value neurons", "Top attention value neurons",
+                    "Top query FFN neurons (via both value neurons)", "contrast"):
+        assert caption in text, caption
+    n = result.ffn_neurons[1]
+    assert f"{n.layer}_{n.neuron}" in text and f"{n.score:+.4f}" in text
+    assert parsed.tags.count("tr") >= 3 * 10 + result.layers.attention.__len__()
+
+
+def test_html_shows_in_chromium(tmp_path):
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("Chromium is not installed here (CI installs it)")
+    page = tmp_path / "attribution.html"
+    page.write_text("<!doctype html><meta charset='utf-8'><body>" + _evil_result()._repr_html_() + "</body>",
+                    encoding="utf-8")
+    dom = _headless(chromium, "--dump-dom", page.as_uri())
+    assert dom.returncode == 0, dom.stderr
+    assert "Top FFN value neurons" in dom.stdout and "<script>alert" not in dom.stdout
+    shot = tmp_path / "shot.png"
+    done = _headless(chromium, f"--screenshot={shot}", "--window-size=1000,1400", page.as_uri())
+    assert done.returncode == 0 and shot.exists(), done.stderr
+    pixels = matplotlib.image.imread(str(shot))
+    assert pixels.std() > 0.05 and (pixels[..., :3].min(axis=-1) < 0.2).mean() > 0.002
