@@ -20,6 +20,8 @@ DEFAULT_QUERY_TOP = 30  # value neurons of each kind whose query neurons and lay
 # their source positions (the paper's method), the top FFN value neurons at the last position, or both (summed).
 QUERY_PATHS = ("attention", "ffn", "both")
 DEFAULT_QUERY_VIA = "attention"
+# Which answer tokens are scored: the first (the paper's) or all of them by teacher forcing (docs/method.md §2).
+ANSWER_TOKENS = ("first", "all")
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,15 @@ class ScoringOptions:
     memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes for the vocabulary-sized buffers
     reference: bool = False  # drop the final LayerNorm bias, as the authors' GPT-2 code does
     query_via: str = DEFAULT_QUERY_VIA  # one of QUERY_PATHS
+    answer_tokens: str = "first"  # one of ANSWER_TOKENS
 
     def __post_init__(self) -> None:
         for name in ("top_k", "memory_budget"):
             check_positive(name, getattr(self, name))
         check_positive("query_top", self.query_top, zero_allowed=True)
         check_query_via(self.query_via)
+        if self.answer_tokens not in ANSWER_TOKENS:
+            raise UserError(f"answer_tokens must be one of {', '.join(ANSWER_TOKENS)}, got {self.answer_tokens!r}")
 
 
 @dataclass(frozen=True)

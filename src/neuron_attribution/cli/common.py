@@ -49,6 +49,9 @@ DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu (defa
                                                      "(layers spread over the GPUs). Scores are float32 either way.")]
 QueryTopOption = Annotated[int, typer.Option("--query-top", help="Score query neurons and layers for this many "
                                              "top value neurons of each kind (0: no query neurons).")]
+AnswerTokensOption = Annotated[str, typer.Option("--answer-tokens", help="Score the answer's first token (the "
+                                                 "paper's), or all of its tokens by teacher forcing (scores "
+                                                 "summed, per-token scores kept).")]
 QueryViaOption = Annotated[str, typer.Option("--query-via", help="Score query neurons through the top attention "
                                              "value neurons (the paper's method), the top ffn value neurons, or "
                                              "both (summed).")]
@@ -56,11 +59,12 @@ QueryViaOption = Annotated[str, typer.Option("--query-via", help="Score query ne
 
 def settings_from_flags(model: str | None, *, dtype: str | None = None, device: str | None = None,
               allow_pickle: bool = False, top: int | None = None, query_top: int | None = None,
-              max_memory: str | None = None, reference: bool = False, query_via: str = "attention"):
+              max_memory: str | None = None, reference: bool = False, query_via: str = "attention",
+              answer_tokens: str = "first"):
     """The command's settings, checked before anything slow happens."""
     from ..settings import ModelSpec, ScoringOptions, Settings, parse_size
 
-    scoring: dict = {"reference": reference, "query_via": query_via}
+    scoring: dict = {"reference": reference, "query_via": query_via, "answer_tokens": answer_tokens}
     for key, value in (("top_k", top), ("query_top", query_top)):
         if value is not None:
             scoring[key] = value

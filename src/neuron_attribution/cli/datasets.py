@@ -9,10 +9,10 @@ import typer
 from rich.markup import escape
 
 from ..errors import UserError
-from .common import (AddressOption, AllowPickleOption, BackendOption, DeviceOption, DtypeOption, MaxMemoryOption,
-                     ModelOption, QueryTopOption, QueryViaOption, RegistryHelp, WorkersOption, app, as_loaded,
-                     check_backend, console, load_model_spec, make_backend, print_run_summary, progress_bar,
-                     settings_from_flags)
+from .common import (AddressOption, AllowPickleOption, AnswerTokensOption, BackendOption, DeviceOption, DtypeOption,
+                     MaxMemoryOption, ModelOption, QueryTopOption, QueryViaOption, RegistryHelp, WorkersOption, app,
+                     as_loaded, check_backend, console, load_model_spec, make_backend, print_run_summary,
+                     progress_bar, settings_from_flags)
 
 
 @app.command(cls=RegistryHelp)
@@ -93,6 +93,7 @@ def run(
     top: Annotated[int, typer.Option("--top", "-k", help="Value and query neurons stored per sentence.")] = 300,
     query_top: QueryTopOption = 30,
     query_via: QueryViaOption = "attention",
+    answer_tokens: AnswerTokensOption = "first",
     on_error: Annotated[str, typer.Option("--on-error", help="Malformed lines: skip them or stop.")] = "skip",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different run already in --out "
                                             "(only the run's own files are removed).")] = False,
@@ -112,7 +113,8 @@ def run(
         if number is not None and number <= 0:
             raise UserError(f"{name} must be a positive number")
     settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle, top=top,
-                                   query_top=query_top, max_memory=max_memory, query_via=query_via)
+                                   query_top=query_top, max_memory=max_memory, query_via=query_via,
+                                   answer_tokens=answer_tokens)
     load_facts(dataset, on_error)  # type: ignore[arg-type]  # a bad dataset fails before the model loads
     check_backend(backend, workers, address)
     loaded = load_model_spec(settings.model)

@@ -9,8 +9,9 @@ import typer
 from rich.markup import escape
 
 from ..errors import UserError
-from .common import (AllowPickleOption, DeviceOption, DtypeOption, MaxMemoryOption, ModelOption, QueryTopOption,
-                     QueryViaOption, app, console, load_model_spec, parse_neurons, progress_bar, settings_from_flags)
+from .common import (AllowPickleOption, AnswerTokensOption, DeviceOption, DtypeOption, MaxMemoryOption, ModelOption,
+                     QueryTopOption, QueryViaOption, app, console, load_model_spec, parse_neurons, progress_bar,
+                     settings_from_flags)
 
 
 @app.command()
@@ -59,6 +60,7 @@ def attribute(
     show: Annotated[int, typer.Option("--show", help="Rows per table in the terminal report.")] = 10,
     query_top: QueryTopOption = 30,
     query_via: QueryViaOption = "attention",
+    answer_tokens: AnswerTokensOption = "first",
     neurons: Annotated[Optional[str], typer.Option("--neurons", help="Score only these neurons, exactly and fast, "
                                                    "e.g. 24_177,23_4_38@3,21.19 (FFN layer_neuron, attention "
                                                    "layer_head_dim@position, head layer.head).")] = None,
@@ -85,7 +87,7 @@ def attribute(
         raise UserError("give either a prompt or --prompts FILE")
     settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle, top=top,
                                    query_top=query_top, max_memory=max_memory, reference=reference,
-                                   query_via=query_via)
+                                   query_via=query_via, answer_tokens=answer_tokens)
     if prompts is not None:
         if contrast is not None:
             raise UserError("with --prompts, give each line its own \"contrast\"; --contrast takes one prompt")

@@ -46,7 +46,29 @@ def encode_prompt(model: LoadedModel, prompt: Prompt) -> list[int]:
 class TargetToken:
     id: int
     text: str
-    n_answer_tokens: int  # how many tokens the answer text spans; only the first is scored
+    n_answer_tokens: int  # how many tokens the answer text spans; only the first is scored by default
+    answer_ids: tuple[int, ...] = ()  # every token of the answer, the first being `id`
+
+
+def encode_answer(model: LoadedModel, prompt_ids: list[int], prompt: Prompt, answer: str | Sequence[int]
+                  ) -> list[int]:
+    """Every token id of an answer (for teacher forcing): answer text tokenised in context, or ids given."""
+    if isinstance(answer, str):
+        return list(encode_target(model, prompt_ids, prompt, answer).answer_ids)
+    if isinstance(answer, numbers.Integral) and not isinstance(answer, bool):
+        return [encode_target(model, prompt_ids, prompt, int(answer)).id]
+    try:
+        ids = [int(i) for i in answer]
+    except (TypeError, ValueError):
+        raise UserError(f"an answer is text or a list of token ids, not {type(answer).__name__}: {answer!r}") from None
+    if not ids:
+        raise UserError("the answer has no tokens")
+    for token in ids:
+        encode_target(model, prompt_ids, prompt, token)  # range check
+    limit = model.shape.max_positions
+    if limit and len(prompt_ids) + len(ids) - 1 > limit:
+        raise UserError(f"prompt and answer take {len(prompt_ids) + len(ids) - 1} tokens; the context holds {limit}")
+    return ids
 
 
 def encode_target(model: LoadedModel, prompt_ids: list[int], prompt: Prompt, target: str | int) -> TargetToken:
@@ -59,7 +81,7 @@ def encode_target(model: LoadedModel, prompt_ids: list[int], prompt: Prompt, tar
         target = int(target)
         if not 0 <= target < model.shape.vocab_size:
             raise UserError(f"target id {target} is outside the vocabulary (size {model.shape.vocab_size})")
-        return TargetToken(target, token_text(model, target), 1)
+        return TargetToken(target, token_text(model, target), 1, (target,))
     if not target.strip():
         raise UserError("the target is empty")
     tokenizer = _tokenizer(model)
@@ -76,7 +98,7 @@ def encode_target(model: LoadedModel, prompt_ids: list[int], prompt: Prompt, tar
     unknown = getattr(tokenizer, "unk_token_id", None)
     if unknown is not None and answer_ids[0] == unknown and tokenizer.unk_token not in target:
         raise UserError(f"the tokenizer cannot encode the target {target!r} (it maps to the unknown token)")
-    return TargetToken(answer_ids[0], token_text(model, answer_ids[0]), len(answer_ids))
+    return TargetToken(answer_ids[0], token_text(model, answer_ids[0]), len(answer_ids), tuple(answer_ids))
 
 
 def token_text(model: LoadedModel, token_id: int) -> str:

@@ -8,48 +8,50 @@ import torch
 
 from ..errors import UserError
 from ..model.loading import LoadedModel
-from ..model.prompts import Prompt, encode_prompt, encode_target, token_texts
+from ..model.prompts import Prompt, encode_prompt, token_texts
 from ..model.trace import Trace, trace_token_ids
 from ..results.attribution import (AttentionNeuron, Attribution, DenseScores, FfnNeuron, HeadPositionScore,
-                                   HeadScore, LayerScores, QueryLayers, TargetInfo, TokenInfo)
+                                   HeadScore, LayerScores, QueryLayers)
 from ..scoring import value
 from ..scoring.context import ValueContext, on_scoring_device, value_context
 from ..settings import (DEFAULT_MEMORY_BUDGET, DEFAULT_QUERY_TOP, DEFAULT_QUERY_VIA, DEFAULT_TOP_K, ScoringOptions,
                         check_positive)
+from .answer import attribute_answer
 from .predict import top_predictions
 from .queries import query_scores
+from .targets import PROJECTION_TOKENS, TOP_HEADS_WITH_POSITIONS, Target, prompt_text, target_info
 
-PROJECTION_TOKENS = 10
-TOP_HEADS_WITH_POSITIONS = 5
-
-Target = str | int | None  # answer text (its first token is scored), a token id, or None: the top prediction
 
 
 def attribute(model: LoadedModel, prompt: Prompt, target: str | int | None = None, *, top_k: int = DEFAULT_TOP_K,
               dense: bool = False, reference: bool = False, query_top: int = DEFAULT_QUERY_TOP,
               memory_budget: int = DEFAULT_MEMORY_BUDGET, query_via: str = DEFAULT_QUERY_VIA,
-              contrast: str | int | None = None) -> Attribution:
+              contrast: str | int | None = None, answer_tokens: str = "first") -> Attribution:
     """Value neurons for one prompt: which FFN and attention neurons raise log p(target), and the query
     neurons and layers that activate the top `query_top` value neurons of each kind (0: no query scoring),
     scored through `query_via`: "attention" value neurons (the paper's method), "ffn" ones, or "both".
     `target`: answer text (its first token is scored), a token id, or None for the model's top prediction.
     A `query_top` larger than the model's number of neurons of a kind is clamped to it. `memory_budget`:
     bytes the vocabulary-sized buffers of exact scoring may take. `contrast` (answer text or token id): score
-    log p(target) − log p(contrast) instead, "Paris rather than London" (docs/method.md §2)."""
+    log p(target) − log p(contrast) instead, "Paris rather than London" (docs/method.md §2). `answer_tokens`:
+    "first" (the paper's), or "all": every token of the answer (text or a list of token ids) by teacher forcing,
+    scores summed over them, per-token scores kept."""
     return attribute_batch(model, [prompt], None if target is None else [target], top_k=top_k, dense=dense,
                            reference=reference, query_top=query_top, memory_budget=memory_budget,
-                           query_via=query_via, contrasts=None if contrast is None else [contrast])[0]
+                           query_via=query_via, contrasts=None if contrast is None else [contrast],
+                           answer_tokens=answer_tokens)[0]
 
 
 def attribute_batch(model: LoadedModel, prompts: Sequence[Prompt], targets: Sequence[str | int | None] | None = None,
                     *, top_k: int = DEFAULT_TOP_K, dense: bool = False, reference: bool = False,
                     query_top: int = DEFAULT_QUERY_TOP, memory_budget: int = DEFAULT_MEMORY_BUDGET,
                     batch_size: int = 8, query_via: str = DEFAULT_QUERY_VIA,
-                    contrasts: Sequence[str | int | None] | None = None) -> list[Attribution]:
+                    contrasts: Sequence[str | int | None] | None = None, answer_tokens: str = "first"
+                    ) -> list[Attribution]:
     """`attribute` for many prompts, sharing forward passes (right-padded batches of `batch_size`); `contrasts`:
     one per prompt (None where a prompt has none)."""
     options = ScoringOptions(top_k=top_k, query_top=query_top, memory_budget=memory_budget, reference=reference,
-                             query_via=query_via)
+                             query_via=query_via, answer_tokens=answer_tokens)
     return attribute_with(model, prompts, targets, options, dense=dense, batch_size=batch_size, contrasts=contrasts)
 
 
@@ -64,6 +66,13 @@ def attribute_with(model: LoadedModel, prompts: Sequence[Prompt], targets: Seque
     for name, values in (("targets", targets), ("contrasts", contrasts)):
         if values is not None and len(values) != len(prompts):
             raise UserError(f"{len(prompts)} prompts but {len(values)} {name}")
+    if options.answer_tokens == "all":
+        if contrasts is not None and any(c is not None for c in contrasts):
+            raise UserError("a contrast applies to a single answer token; use answer_tokens='first' with it")
+        if dense:
+            raise UserError("dense scores are for answer_tokens='first'")
+        return [attribute_answer(model, p, None if targets is None else targets[i], options)
+                for i, p in enumerate(prompts)]
     encoded = [encode_prompt(model, p) for p in prompts]
     results = []
     for start in range(0, len(encoded), batch_size):
@@ -119,29 +128,6 @@ def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: 
         evaluated={"ffn": scores.ffn.n_evaluated, "attention": scores.attention.n_evaluated},
         dense=_dense(ctx) if dense else None,
     )
-
-
-def target_info(model: LoadedModel, prompt: Prompt, ids: list[int], trace: Trace, target: Target,
-                contrast: Target = None) -> TargetInfo:
-    """The target's token, and its probability and rank under the model (None: the top prediction); the same
-    for a contrast token if one is given."""
-    token = encode_target(model, ids, prompt, int(trace.logits.argmax()) if target is None else target)
-    probs = torch.softmax(trace.logits.double(), dim=-1)
-
-    def rank(token_id: int) -> int:
-        return int((probs > probs[token_id]).sum()) + 1
-
-    info = TargetInfo(token.text, token.id, float(probs[token.id]), rank(token.id), token.n_answer_tokens)
-    if contrast is not None:
-        other = encode_target(model, ids, prompt, contrast)
-        if other.id == token.id:
-            raise UserError(f"the contrast {other.text!r} is the target's own first token; a contrast must differ")
-        info.contrast = TokenInfo(other.text, other.id, float(probs[other.id]), rank(other.id))
-    return info
-
-
-def prompt_text(model: LoadedModel, prompt: Prompt, ids: list[int]) -> str:
-    return prompt if isinstance(prompt, str) else "".join(token_texts(model, ids))
 
 
 def _ffn_neurons(model: LoadedModel, ctx: ValueContext, top: value.TopK) -> list[FfnNeuron]:

@@ -81,6 +81,27 @@ def query_scores(model: LoadedModel, trace: Trace, ffn_neurons: Sequence[FfnNeur
     return QueryScores(attention, ffn_parts, layers, skipped, shape, via)
 
 
+def summed_query_scores(parts: list[QueryScores]) -> QueryScores:
+    """Query scores of several predicting positions (teacher-forced answer tokens) added up."""
+    first = parts[0]
+
+    def add(tensors: list[Tensor | None]) -> Tensor | None:
+        return None if tensors[0] is None else torch.stack(tensors).sum(0)
+
+    def add_rows(rows: list[list[QueryLayer]]) -> list[QueryLayer]:
+        def total(values):
+            return None if values[0] is None else sum(values)
+        return [QueryLayer(row[0].component, row[0].layer, sum(r.score for r in row),
+                           total([r.gate_score for r in row]), total([r.up_score for r in row])) for row in zip(*rows)]
+
+    ffn_parts = None if first.ffn_parts is None else {
+        name: torch.stack([p.ffn_parts[name] for p in parts]).sum(0) for name in first.ffn_parts}
+    layers = QueryLayers(add_rows([p.layers.for_ffn for p in parts]),
+                         add_rows([p.layers.for_attention for p in parts]))
+    skipped = list(dict.fromkeys(label for p in parts for label in p.skipped))
+    return QueryScores(add([p.attention for p in parts]), ffn_parts, layers, skipped, first.shape, first.via)
+
+
 def _query_layer_rows(shares: dict[str, query.LayerShares], n_layers: int) -> list[QueryLayer]:
     """Rows in model order: embedding, then attention and FFN of each layer; gate/up parts for SwiGLU."""
     swiglu = "gate" in shares

@@ -49,6 +49,7 @@ class RunArguments:
         return {"model": model.name, "dtype": model.dtype, "device": str(model.device), "dataset": self.dataset,
                 "dataset_sha256": _dataset_digest(self.dataset), "limit": self.limit, "top": scoring.top_k,
                 "query_top": scoring.query_top, "query_via": scoring.query_via, "reference": scoring.reference,
+                "answer_tokens": scoring.answer_tokens,
                 "on_error": self.on_error,
                 "batch_size": batch_size, "neuron_attribution": __version__}
 
@@ -139,6 +140,7 @@ def _run(model: LoadedModel, directory: Path, arguments: RunArguments, settings:
         "top": settings.scoring.top_k,
         "query_top": settings.scoring.query_top,
         "query_via": settings.scoring.query_via,
+        "answer_tokens": settings.scoring.answer_tokens,
         "model_source": model.source,
         "model_argument": settings.model.name,
         "model_dtype": model.dtype,
@@ -176,7 +178,8 @@ class PartWork:
 def attribute_part(model: LoadedModel, settings: Settings, work: PartWork) -> dict[str, pa.Table]:
     """The six tables of one batch (runs wherever the backend puts it)."""
     results = attribute_with(model, [c.fact.prompt for _, c in work.sentences],
-                             [c.target for _, c in work.sentences], settings.scoring,
+                             [c.fact.answer if settings.scoring.answer_tokens == "all" else c.target
+                              for _, c in work.sentences], settings.scoring,
                              batch_size=len(work.sentences), contrasts=[c.fact.contrast for _, c in work.sentences])
     return tables_of([(i, c.fact, r) for (i, c), r in zip(work.sentences, results)])
 

@@ -42,18 +42,18 @@ class TargetInfo:
     n_answer_tokens: int = 1  # tokens the answer text spans; the first is scored
     # Contrastive attribution: every score is for log p(target) − log p(contrast) (docs/method.md §2).
     contrast: TokenInfo | None = None
+    # answer_tokens="all": every answer token, each at its teacher-forced predicting position; the scores are sums.
+    tokens: list[TokenInfo] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Without `contrast` where there is none."""
-        data = asdict(self)
-        if self.contrast is None:
-            del data["contrast"]
-        return data
+        """Without `contrast` and `tokens` where there are none."""
+        return {k: v for k, v in asdict(self).items() if not (k in ("contrast", "tokens") and v is None)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TargetInfo:
-        contrast = data.get("contrast")
-        return cls(**{**data, "contrast": None if contrast is None else TokenInfo(**contrast)})
+        contrast, tokens = data.get("contrast"), data.get("tokens")
+        return cls(**{**data, "contrast": None if contrast is None else TokenInfo(**contrast),
+                      "tokens": None if tokens is None else [TokenInfo(**t) for t in tokens]})
 
 
 @dataclass
@@ -92,6 +92,7 @@ class FfnNeuron:
     bottom_tokens: list[str]  # its bottom, most negative first
     # What the neuron's contribution m·fc2 pushes up: the top tokens when m ≥ 0, the bottom ones when m < 0.
     promoted_tokens: list[str] = field(default_factory=list)
+    token_scores: list[float] | None = None  # answer_tokens="all": the score for each answer token
 
     def __post_init__(self) -> None:
         if not self.promoted_tokens:
@@ -111,6 +112,7 @@ class AttentionNeuron:
     token: str
     score: float
     coefficient: float
+    token_scores: list[float] | None = None  # answer_tokens="all": the score for each answer token
 
     @property
     def index(self) -> AttentionIndex:
@@ -177,6 +179,8 @@ class Attribution:
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in asdict(self).items() if k != "dense"}
         data["target"] = self.target.to_dict()
+        for kind in ("ffn_neurons", "attention_neurons"):
+            data[kind] = [{k: v for k, v in n.items() if not (k == "token_scores" and v is None)} for n in data[kind]]
         # gate/up parts exist only for SwiGLU models; GELU results leave the keys out rather than null them.
         data["query_neurons"] = [_without_missing_subkeys(q) for q in data["query_neurons"]]
         data["query_layers"] = {kind: [_without_missing_subkeys(q) for q in rows]

@@ -17,7 +17,9 @@ from .attribution import Attribution
 TABLES = ("sentences", "ffn_neurons", "attention_neurons", "query_neurons", "layers", "heads")
 # gate/up: SwiGLU models only; attention/ffn: None for a query path not taken.
 _OPTIONAL_FLOATS = ("gate_score", "up_score", "attention_score", "ffn_score")
-_OPTIONAL_TYPED = {"contrast_text": pa.string(), "contrast_id": pa.int64()}  # null without a contrast
+# null without a contrast, or for a single-token answer
+_OPTIONAL_TYPED = {"contrast_text": pa.string(), "contrast_id": pa.int64(), "token_scores": pa.list_(pa.float64()),
+                   "answer_ids": pa.list_(pa.int64())}
 _TOKEN_LISTS = ("top_tokens", "bottom_tokens", "promoted_tokens", "tokens")
 
 
@@ -44,7 +46,8 @@ def tables_of(rows: list[tuple[int, SentenceSource, Attribution]]) -> dict[str, 
             target_text=result.target.text, target_id=result.target.id, target_prob=result.target.prob,
             target_rank=result.target.rank, source=fact.source, line=fact.line,
             contrast_text=None if result.target.contrast is None else result.target.contrast.text,
-            contrast_id=None if result.target.contrast is None else result.target.contrast.id)
+            contrast_id=None if result.target.contrast is None else result.target.contrast.id,
+            answer_ids=None if result.target.tokens is None else [t.id for t in result.target.tokens])
         for table, items in (("ffn_neurons", result.ffn_neurons), ("attention_neurons", result.attention_neurons),
                              ("query_neurons", result.query_neurons)):
             for rank, item in enumerate(items, 1):

@@ -1,0 +1,93 @@
+"""Multi-token answers (`answer_tokens="all"`, docs/method.md §2): the prompt and the answer's first i−1 tokens
+predict token i; every score is summed over those teacher-forced predicting positions, and each neuron keeps
+its per-token scores. The evaluation metrics stay first-token, as in the paper."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from ..model.loading import LoadedModel
+from ..model.prompts import Prompt, encode_answer, encode_prompt, token_texts
+from ..model.trace import trace_token_ids
+from ..results.attribution import (AttentionNeuron, Attribution, FfnNeuron, HeadPositionScore, HeadScore,
+                                   LayerScores, QueryLayers, TokenInfo)
+from ..scoring import query
+from ..scoring.answer import AnswerScores, answer_scores
+from ..scoring.context import value_context
+from ..settings import ScoringOptions
+from .targets import PROJECTION_TOKENS, TOP_HEADS_WITH_POSITIONS, prompt_text, target_info
+from .predict import top_predictions
+from .queries import query_scores, summed_query_scores
+
+
+def attribute_answer(model: LoadedModel, prompt: Prompt, answer: str | int | list[int] | None,
+                     options: ScoringOptions) -> Attribution:
+    """Value (and query) neurons of every token of `answer` (text, or a list of token ids)."""
+    if answer is None:
+        raise UserError("answer_tokens='all' needs the answer (text or token ids), not the top prediction")
+    ids = encode_prompt(model, prompt)
+    answer_ids = encode_answer(model, ids, prompt, answer)
+    prefixes = [ids + answer_ids[:i] for i in range(len(answer_ids))]
+    traces = trace_token_ids(model, prefixes)
+    contexts = [value_context(model, trace, token, reference=options.reference, memory_budget=options.memory_budget)
+                for trace, token in zip(traces, answer_ids)]
+    tokens = token_texts(model, prefixes[-1])
+    shape = model.shape
+    scores = answer_scores(contexts, max(options.top_k, options.query_top), TOP_HEADS_WITH_POSITIONS,
+                           PROJECTION_TOKENS)
+    target = target_info(model, prompt, ids, traces[0], answer_ids[0])
+    target.tokens = [_token_info(model, trace, token) for trace, token in zip(traces, answer_ids)]
+    target.n_answer_tokens = len(answer_ids)
+    heads = [HeadScore(i.layer, i.head, float(scores.heads[i])) for i in shape.head_indices(torch.arange(
+        scores.heads.numel()))]
+    heads.sort(key=lambda h: -h.score)
+    ffn_neurons = _ffn_neurons(model, contexts, scores)
+    attention_neurons = _attention_neurons(contexts, scores, tokens)
+    query_neurons, query_layers, skipped = [], QueryLayers([], []), []
+    if options.query_top:
+        queries = summed_query_scores([
+            query_scores(model, c.trace, [query.FfnValueNeuron(n.layer, n.neuron, n.token_scores[i])
+                                          for n in ffn_neurons[: options.query_top]],
+                         [query.AttentionValueNeuron(n.layer, n.head, n.dim, n.position, n.token_scores[i])
+                          for n in attention_neurons[: options.query_top] if n.position < c.trace.n_tokens],
+                         options.query_via)
+            for i, c in enumerate(contexts)])
+        query_neurons, query_layers, skipped = queries.top(options.top_k), queries.layers, queries.skipped
+    return Attribution(
+        prompt=prompt_text(model, prompt, ids), model=model.name, tokens=tokens, target=target,
+        predictions=top_predictions(model, traces[0].logits, 10),
+        layers=LayerScores(scores.layers[0].tolist(), scores.layers[1].tolist()), heads=heads,
+        ffn_neurons=ffn_neurons[: options.top_k], attention_neurons=attention_neurons[: options.top_k],
+        head_positions=[HeadPositionScore(l, h, p, tokens[p], float(scores.positions[row, p]))
+                        for row, (l, h) in enumerate(scores.position_heads) for p in range(len(tokens))],
+        query_neurons=query_neurons, query_layers=query_layers, query_skipped=skipped, reference=options.reference,
+        query_via=options.query_via,
+        evaluated={"ffn": scores.ffn.n_evaluated, "attention": scores.attention.n_evaluated})
+
+
+def _token_info(model: LoadedModel, trace, token: int) -> TokenInfo:
+    probs = torch.softmax(trace.logits.double(), dim=-1)
+    return TokenInfo(token_texts(model, [token])[0], token, float(probs[token]), int((probs > probs[token]).sum()) + 1)
+
+
+def _ffn_neurons(model: LoadedModel, contexts, scores: AnswerScores) -> list[FfnNeuron]:
+    """Coefficients and vocabulary projections are the first predicting position's (the prompt's last token)."""
+    coefficients = contexts[0].ffn_coefficients
+    return [FfnNeuron(i.layer, i.neuron, score, float(coefficients[i]),
+                      token_texts(model, ids[:PROJECTION_TOKENS]), token_texts(model, ids[PROJECTION_TOKENS:]),
+                      token_scores=per_token)
+            for i, score, ids, per_token in zip(model.shape.ffn_indices(scores.ffn.indices), scores.ffn.scores.tolist(),
+                                                scores.ffn_projection.tolist(), scores.ffn.extra.tolist())]
+
+
+def _attention_neurons(contexts, scores: AnswerScores, tokens: list[str]) -> list[AttentionNeuron]:
+    """The coefficient is the one at the first predicting position that sees the source position."""
+    shape = contexts[0].shape
+    neurons = []
+    for index, score, per_token in zip(shape.attention_indices(scores.attention.indices, len(tokens)),
+                                       scores.attention.scores.tolist(), scores.attention.extra.tolist()):
+        first = next(c for c in contexts if index.position < c.trace.n_tokens)
+        neurons.append(AttentionNeuron(*index, tokens[index.position], score,
+                                       float(first.attention_coefficients[index]), token_scores=per_token))
+    return neurons

@@ -1,0 +1,39 @@
+"""The target of an attribution: its token, probability and rank (and a contrast's), shared by the pipelines."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from ..model.loading import LoadedModel
+from ..model.prompts import Prompt, encode_target, token_texts
+from ..model.trace import Trace
+from ..results.attribution import TargetInfo, TokenInfo
+
+PROJECTION_TOKENS = 10  # vocabulary tokens kept at each end of an FFN neuron's projection
+TOP_HEADS_WITH_POSITIONS = 5
+
+Target = str | int | None  # answer text (its first token is scored), a token id, or None: the top prediction
+
+
+def target_info(model: LoadedModel, prompt: Prompt, ids: list[int], trace: Trace, target: Target,
+                contrast: Target = None) -> TargetInfo:
+    """The target's token, and its probability and rank under the model (None: the top prediction); the same
+    for a contrast token if one is given."""
+    token = encode_target(model, ids, prompt, int(trace.logits.argmax()) if target is None else target)
+    probs = torch.softmax(trace.logits.double(), dim=-1)
+
+    def rank(token_id: int) -> int:
+        return int((probs > probs[token_id]).sum()) + 1
+
+    info = TargetInfo(token.text, token.id, float(probs[token.id]), rank(token.id), token.n_answer_tokens)
+    if contrast is not None:
+        other = encode_target(model, ids, prompt, contrast)
+        if other.id == token.id:
+            raise UserError(f"the contrast {other.text!r} is the target's own first token; a contrast must differ")
+        info.contrast = TokenInfo(other.text, other.id, float(probs[other.id]), rank(other.id))
+    return info
+
+
+def prompt_text(model: LoadedModel, prompt: Prompt, ids: list[int]) -> str:
+    return prompt if isinstance(prompt, str) else "".join(token_texts(model, ids))
