@@ -74,20 +74,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dense-prompts", type=int, default=3, help="dense scoring is slow: on this many prompts")
     parser.add_argument("--model", default=None, help="default: the offline SmolLM2-135M-Instruct")
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts")
     parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1 ...")
     args = parser.parse_args()
 
     model = na.load_model(args.model, device=args.device)
     device = model.device
     tokenizer = model.tokenizer
-    lengths = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
-    print(f"model: {model.name} on {device}; {len(PROMPTS)} prompts of {min(lengths)}-{max(lengths)} tokens; "
+    prompts = PROMPTS[: args.prompts]
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    print(f"model: {model.name} on {device}; {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens; "
           f"torch threads {torch.get_num_threads()}")
     attribute(model, PROMPTS[0], top_k=100)  # float32 weight copies are made once per model
     rss_before = peak_mb(device)
 
     forward, top100, top300, evaluated100, evaluated300, queries, chosen = [], [], [], [], [], [], []
-    for prompt in PROMPTS:
+    contrastive, via, three_tokens, one_token = [], {"attention": [], "ffn": [], "both": []}, [], []
+    for prompt in prompts:
         ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
         with torch.inference_mode():
             forward.append(timed(lambda: model.hf_model(ids), args.repeats))
@@ -99,12 +102,23 @@ def main() -> None:
                              args.repeats))
         twenty = [n.index for n in r100.ffn_neurons[:10]] + [n.index for n in r100.attention_neurons[:10]]
         chosen.append(timed(lambda: score_neurons(model, prompt, None, twenty), args.repeats))
+        second = r100.predictions[1].id  # contrast: the runner-up
+        contrastive.append(timed(lambda: attribute(model, prompt, r100.target.id, top_k=100, contrast=second),
+                                 args.repeats))
+        for path, times in via.items():
+            times.append(timed(lambda: query_scores(model, trace, r100.ffn_neurons[:30], r100.attention_neurons[:30],
+                                                    path), args.repeats))
+        answer = [r100.target.id, r100.predictions[1].id, r100.predictions[2].id]  # any three tokens
+        three_tokens.append(timed(lambda: attribute(model, prompt, answer, top_k=100, answer_tokens="all"),
+                                  args.repeats))
+        one_token.append(timed(lambda: attribute(model, prompt, answer[:1], top_k=100, answer_tokens="all"),
+                               args.repeats))
         evaluated100.append((r100.evaluated["ffn"] + r100.evaluated["attention"]) / 200)
         evaluated300.append((r300.evaluated["ffn"] + r300.evaluated["attention"]) / 600)
     attribution_peak = peak_mb(device) - rss_before
 
     dense = []
-    for prompt in PROMPTS[: args.dense_prompts]:
+    for prompt in prompts[: args.dense_prompts]:
         ids = tokenizer(prompt)["input_ids"]
 
         def dense_scoring():
@@ -130,6 +144,13 @@ def main() -> None:
           f"= {median(q / f for q, f in zip(queries, forward)):.2f}x forward")
     print(f"score_neurons, 20 chosen neurons (10 FFN + 10 attention): median {median(chosen) * 1e3:.1f} ms  "
           f"= {median(c / f for c, f in zip(chosen, forward)):.2f}x forward")
+    print(f"contrastive attribute(top_k=100, contrast=runner-up): median {median(contrastive) * 1e3:.1f} ms  "
+          f"= {median(c / f for c, f in zip(contrastive, forward)):.2f}x forward")
+    print("query scoring by path (top-30 value neurons):      " + ", ".join(
+        f"{path} {median(q / f for q, f in zip(times, forward)):.2f}x" for path, times in via.items()) + " forward")
+    print(f"answer_tokens='all', 3 tokens vs 1 token:          median {median(three_tokens) * 1e3:.1f} ms vs "
+          f"{median(one_token) * 1e3:.1f} ms = {median(t / o for t, o in zip(three_tokens, one_token)):.2f}x "
+          f"(target <= 3x)")
     if dense:
         print(f"dense, every neuron ({len(dense)} prompts):              median {median(dense):8.1f} s    "
               f"= {dense_ratio:.0f}x attribute(top_k=100)")
