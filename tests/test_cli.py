@@ -35,11 +35,14 @@ def test_attribute_json_fields(tmp_path, real_model):
         assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
     queries = data["query_neurons"]
     assert len(queries) == 12
-    assert {"layer", "neuron", "score", "gate_score", "up_score"} <= set(queries[0])
-    for kind in ("for_ffn", "for_attention"):
-        rows = data["query_layers"][kind]
-        assert {row["component"] for row in rows} == {"embedding", "attention", "ffn"}
-        assert set(rows[0]) >= {"component", "layer", "score"}
+    # The default path is the paper's: through the attention value neurons only.
+    assert data["query_via"] == "attention"
+    assert set(queries[0]) == {"layer", "neuron", "score", "attention_score"}
+    assert all(q["score"] == q["attention_score"] for q in queries)
+    assert data["query_layers"]["for_ffn"] == []
+    rows = data["query_layers"]["for_attention"]
+    assert {row["component"] for row in rows} == {"embedding", "attention", "ffn"}
+    assert set(rows[0]) >= {"component", "layer", "score"}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -48,6 +51,13 @@ def test_attribute_json_fields(tmp_path, real_model):
     (["attribute", "Hello", "--query-top", "-1"], "error: --query-top must be 0 or more (0: no query neurons)"),
     (["attribute", "Hello", "--target", " "], "error: the target is empty"),
     (["info", "--model", "/nonexistent/model"], "error: no such model path: /nonexistent/model"),
+    (["attribute", "Hello", "--query-via", "heads"], "error: query_via must be one of attention, ffn, both, got "
+                                                     "'heads'"),
+    (["attribute", "Hello", "--answer-tokens", "some"], "error: answer_tokens must be one of first, all, got 'some'"),
+    (["attribute", "The capital of France is", "--target", " Paris", "--contrast", "Paris"],
+     "error: the contrast ' Paris' is the target's own first token; a contrast must differ"),
+    (["attribute", "The capital of France is", "--answer-tokens", "all"],
+     "error: answer_tokens='all' needs the answer (text or token ids), not the top prediction"),
 ])
 def test_bad_input_exits_2_in_one_line(args, message, real_model):
     result = run(*args)
