@@ -97,7 +97,7 @@ def test_markup_from_tokens_and_prompts_stays_inert():
     assert EVIL in text and "'<b>'" in text  # shown to the reader as text
 
 
-FACTS = [{"prompt": "The capital of France is", "answer": "Paris", "type": "capital"},
+FACTS = [{"prompt": "The capital of France is", "answer": "Paris", "type": "capital", "contrast": " London"},
          {"prompt": "The capital of Italy is", "answer": "Rome", "type": "capital"},
          {"prompt": "The official language of Spain is", "answer": "Spanish", "type": "language"},
          {"prompt": "Berlin is a city in the country of", "answer": "Germany", "type": "country"}]
@@ -138,7 +138,7 @@ def test_report_renders_in_chromium(real_model, tmp_path):
     for text in ("Attention and FFN layers (Table 3 style)", "top-10 value layers", "Where the value and query",
                  "Heads in the top 10 of language, capital and country alike", "Sharing", "Interventions",
                  "random (value)", "The capital of France is", "capital", "language", "country",
-                 "top-30 value neurons"):
+                 "top-30 value neurons", "rather than"):
         assert text in dom.stdout, text
     screenshot = tmp_path / "report.png"
     shot = _headless(chromium, f"--screenshot={screenshot}", "--window-size=1200,2400", report.as_uri())

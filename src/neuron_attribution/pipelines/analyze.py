@@ -258,12 +258,13 @@ def _examples(tables: dict, order: list[str]) -> dict[str, list[dict]]:
     attention = _by_sentence(tables["attention_neurons"], "rank", "layer", "head", "dim", "position", "token",
                              "score")
     examples: dict[str, list[dict]] = {kind: [] for kind in order}
-    for sentence, kind, prompt, target, prob in _rows(sentences, "sentence_id", "type", "prompt", "target_text",
-                                                        "target_prob"):
+    contrasts = sentences.get("contrast_text") or [None] * len(sentences["sentence_id"])  # runs before contrasts
+    for (sentence, kind, prompt, target, prob), contrast in zip(
+            _rows(sentences, "sentence_id", "type", "prompt", "target_text", "target_prob"), contrasts):
         if len(examples[kind]) >= EXAMPLES_PER_TYPE:
             continue
         examples[kind].append({
-            "sentence_id": sentence, "prompt": prompt, "target": target, "prob": prob,
+            "sentence_id": sentence, "prompt": prompt, "target": target, "prob": prob, "contrast": contrast,
             "ffn_neurons": [{"layer": l, "neuron": n, "score": s, "tokens": promoted[:6]}
                             for _, l, n, s, promoted in sorted(ffn[sentence])[:EXAMPLE_NEURONS]],
             "attention_neurons": [{"layer": l, "head": h, "dim": d, "position": p, "token": t, "score": s}

@@ -294,7 +294,8 @@ def _examples_html(a: Analysis) -> str:
     for kind, examples in a.examples.items():
         parts.append(f"<h3>{_e(kind)}</h3>")
         for ex in examples:
-            parts.append(f"<p class=sentence><q>{_e(ex['prompt'])}</q> → <b>{_e(repr(ex['target']))}</b> "
+            rather = "" if ex.get("contrast") is None else f" rather than <b>{_e(repr(ex['contrast']))}</b>"
+            parts.append(f"<p class=sentence><q>{_e(ex['prompt'])}</q> → <b>{_e(repr(ex['target']))}</b>{rather} "
                          f"(p = {ex['prob']:.2%})</p>")
             parts.append(_table(["FFN neuron", "score", "promotes"],
                                 [[f"{n['layer']}_{n['neuron']}", f"{n['score']:.3f}",
