@@ -8,7 +8,7 @@ import torch
 
 from neuron_attribution import attribute
 from neuron_attribution.model.trace import trace_token_ids
-from neuron_attribution.scoring.buffers import scratch
+from neuron_attribution.scoring.buffers import default_device, scratch
 from neuron_attribution.scoring.context import on_scoring_device, value_context
 
 from .conftest import tiny_family, tiny_llama
@@ -39,11 +39,11 @@ def test_pipeline_steps_run_with_the_scoring_device_as_default():
 
     @on_scoring_device
     def step(m, x):
-        seen.append((torch.get_default_device(), scratch.buffer("probe", 2, 3).device))
+        seen.append((default_device(), scratch.buffer("probe", 2, 3).device))
         return x + 1
 
     assert step(model, 1) == 2
     assert seen == [(model.adapter.device, model.adapter.device)]
-    assert torch.get_default_device() == torch.device("cpu")  # restored afterwards
+    assert default_device() == torch.device("cpu")  # restored afterwards
     result = attribute(model, [3, 4, 5, 6], 7, top_k=5)
     assert len(result.ffn_neurons) == 5

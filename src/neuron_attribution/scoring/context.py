@@ -20,7 +20,7 @@ from ..model.readout import LinearReadout
 from ..model.trace import Trace
 from ..neurons import ModelShape
 from ..settings import DEFAULT_MEMORY_BUDGET
-from .buffers import scratch
+from .buffers import default_device, scratch
 
 T = TypeVar("T")
 
@@ -153,7 +153,7 @@ def on_scoring_device(function: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(function)
     def on_device(model: LoadedModel, *args, **kwargs) -> T:
         device = model.adapter.device
-        if device == torch.get_default_device():
+        if device == default_device():
             return function(model, *args, **kwargs)  # the device mode intercepts every op: not for nothing
         with torch.device(device):
             return function(model, *args, **kwargs)

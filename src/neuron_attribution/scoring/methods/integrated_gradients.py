@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ...model.loading import LoadedModel
 from ...model.trace import PaddedBatch
+from ..buffers import default_device
 from ..context import ValueContext
 from .base import FfnScorer, MethodResources
 
@@ -69,4 +70,4 @@ class IntegratedGradients(FfnScorer):
                 (grads,) = torch.autograd.grad(probs.sum(), point)
         finally:
             handle.remove()
-        return grads.detach().to(device=torch.get_default_device(), dtype=torch.float32)
+        return grads.detach().to(device=default_device(), dtype=torch.float32)
