@@ -34,7 +34,10 @@ def test_contrast_is_the_difference_of_the_two_targets(make):
     assert both.layers.attention == pytest.approx(
         np.subtract(alone.layers.attention, other.layers.attention).tolist(), abs=1e-5)
     by_head = {(h.layer, h.head): h.score for h in alone.heads}
-    for h, o in zip(sorted(both.heads, key=lambda h: (h.layer, h.head)), sorted(other.heads, key=lambda h: (h.layer, h.head))):
+    def in_order(heads):
+        return sorted(heads, key=lambda h: (h.layer, h.head))
+
+    for h, o in zip(in_order(both.heads), in_order(other.heads)):
         assert h.score == pytest.approx(by_head[(h.layer, h.head)] - o.score, abs=1e-5)
     # The fast top-k is the dense ranking.
     assert [(n.layer, n.neuron) for n in both.ffn_neurons] == _dense_ranking(both.dense.ffn, 10)

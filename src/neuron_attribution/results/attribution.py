@@ -200,7 +200,8 @@ class Attribution:
     def from_dict(cls, data: dict[str, Any]) -> Attribution:
         return cls(
             prompt=data["prompt"], model=data.get("model", ""), tokens=data["tokens"],
-            target=TargetInfo.from_dict(data["target"]), predictions=[Prediction(**p) for p in data.get("predictions", [])],
+            target=TargetInfo.from_dict(data["target"]),
+            predictions=[Prediction(**p) for p in data.get("predictions", [])],
             layers=LayerScores(**data["layers"]), heads=[HeadScore(**h) for h in data["heads"]],
             ffn_neurons=[FfnNeuron(**n) for n in data["ffn_neurons"]],
             attention_neurons=[AttentionNeuron(**n) for n in data["attention_neurons"]],

@@ -68,7 +68,8 @@ def _layers(result: Attribution) -> str:
     body = [[str(layer), f"{a:+.3f}", _bar(a, scale), f"{f:+.3f}", _bar(f, scale)]
             for layer, (a, f) in enumerate(zip(attention, ffn))]
     body.append(["sum", f"{sum(attention):+.3f}", "", f"{sum(ffn):+.3f}", ""])
-    what = "log-probability increase" if result.target.contrast is None else "increase of log p(target) − log p(contrast)"
+    what = ("log-probability increase" if result.target.contrast is None
+            else "increase of log p(target) − log p(contrast)")
     return _table(f"Layer scores ({what})", ["layer", "attention", "", "FFN", ""], body, {2, 4})
 
 
