@@ -96,3 +96,9 @@ def test_contrast_on_the_real_model(real_model, tmp_path):
     results, not_usable = attribute_lines(real_model, lines, ScoringOptions(top_k=5, query_top=0))
     assert len(results) == 1 and results[0][1].target.contrast.text == " London"
     assert len(not_usable) == 1 and "contrast" in not_usable[0].reason
+    # Dataset lines for `run`: a contrast whose first token is the answer's is skipped before anything runs.
+    from neuron_attribution.datasets import Fact
+    from neuron_attribution.model.prompts import encode_facts
+    sentences, skipped = encode_facts(real_model, [Fact(prompt, "Paris", "capital", "f", 1, "Paris!"),
+                                                   Fact(prompt, "Paris", "capital", "f", 2, " London")])
+    assert [s.fact.line for s in sentences] == [2] and "contrast" in skipped[0].reason

@@ -129,12 +129,15 @@ class Sentence:
 def encode_facts(model: LoadedModel, facts: Sequence[Fact], on_error: OnError = "skip"
                  ) -> tuple[list[Sentence], list[Skipped]]:
     """Token ids of each fact's prompt and answer; facts the model cannot take (an empty or too long prompt, an
-    answer the tokenizer cannot encode) are skipped with the reason, or with on_error="stop" end the run."""
+    answer the tokenizer cannot encode, a contrast whose first token is the answer's) are skipped with the
+    reason, or with on_error="stop" end the run."""
     sentences, skipped = [], []
     for fact in facts:
         try:
             ids = encode_prompt(model, fact.prompt)
             target = encode_target(model, ids, fact.prompt, fact.answer).id
+            if fact.contrast is not None and encode_target(model, ids, fact.prompt, fact.contrast).id == target:
+                raise UserError("the contrast's first token is the answer's own")
         except UserError as error:
             if on_error == "stop":
                 raise UserError(f"{fact.source}:{fact.line}: {error}") from None
