@@ -44,6 +44,12 @@ def test_contrast_is_the_difference_of_the_two_targets(make):
     assert [(n.layer, n.head, n.dim, n.position) for n in both.attention_neurons] == \
         _dense_ranking(both.dense.attention, 10)
     assert both.target.contrast.id == contrast and both.target.id == target
+    # Vocabulary projections (computed once per neuron in the contrastive path) are the neuron's own.
+    again = attribute(model, IDS, target, top_k=10, contrast=contrast)
+    wide = {(n.layer, n.neuron): n for n in attribute(model, IDS, target, top_k=10_000).ffn_neurons}
+    for n, m in zip(both.ffn_neurons, again.ffn_neurons):
+        own = wide[(n.layer, n.neuron)]
+        assert n.top_tokens == m.top_tokens == own.top_tokens and n.bottom_tokens == own.bottom_tokens
     assert both.target.contrast.prob == pytest.approx(other.target.prob, rel=1e-6)
     assert both.target.contrast.rank == other.target.rank
 

@@ -89,19 +89,20 @@ def test_query_path_changes_the_stored_ranking(tiny_model, token_batches):
 
 
 def test_swiglu_split_is_the_elasticity_split():
-    """SiLU: e_gate = 1 + g(1 − σ(g)); the split's weights add up to 1; a cancelling pair is refused."""
+    """SiLU: e_gate = 1 + g(1 − σ(g)); the split's weights add up to 1; an undefined split is NaN."""
     silu = torch.nn.SiLU()
-    for g in (-3.0, -0.5, 0.3, 2.0, 7.0):
-        gate, up = query.swiglu_split(silu, torch.tensor(g))
+    values = [-3.0, -0.5, 0.3, 2.0, 7.0]
+    gate, up = query.swiglu_split(silu, torch.tensor(values))
+    for g, w_gate, w_up in zip(values, gate.tolist(), up.tolist()):
         sigma = 1 / (1 + torch.exp(torch.tensor(-g, dtype=torch.float64)))
         elasticity = 1 + g * (1 - float(sigma))
-        assert gate == pytest.approx(elasticity / (1 + elasticity), rel=1e-6)
-        assert gate + up == pytest.approx(1.0)
-    assert query.swiglu_split(silu, torch.tensor(0.0)) is None  # SiLU(0) = 0: no relative change to split
-    # e_gate = -1 near g = -2.2: the two paths cancel.
+        assert w_gate == pytest.approx(elasticity / (1 + elasticity), rel=1e-6)
+        assert w_gate + w_up == pytest.approx(1.0)
+    # e_gate = -1 near g = -2.2: the two paths cancel; SiLU(0) = 0: no relative change to split.
     root = torch.linspace(-2.5, -2.0, 200001, dtype=torch.float64)
     near = root[(1 + root * (1 - torch.sigmoid(root)) + 1).abs().argmin()]
-    assert query.swiglu_split(silu, near) is None
+    gate, up = query.swiglu_split(silu, torch.stack([torch.tensor(0.0, dtype=torch.float64), near]))
+    assert bool(gate.isnan().all()) and bool(up.isnan().all())
 
 
 def test_gqa_uses_the_kv_head_the_query_head_reads(token_batches):

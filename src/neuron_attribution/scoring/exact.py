@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ class Rows:
     vectors: Tensor  # (n, d)
     coefficients: Tensor | None = None  # (n,)
     projection: int = 0
+    keys: Tensor | None = None  # (n,) flat neuron indices: lets weight-only results (projections) be reused
 
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
@@ -58,9 +60,9 @@ def score_rows(ctx: ValueContext, groups: list[Rows]) -> list[Scored]:
     if ctx.contrast is not None:
         scores = _contrast_scores(ctx, bases, scaled)
         if width:
+            keys = torch.cat([g.keys if g.keys is not None else torch.full((len(g),), -1) for g in groups])
             wanted = (keep > 0).nonzero().squeeze(-1)
-            changes = _logit_changes(ctx, None, bases, wanted, scaled)
-            projection[wanted] = _projection_ids(changes, width, signs[wanted])
+            projection[wanted] = _cached_projection_ids(ctx, bases, wanted, scaled, signs, keys, width)
         return _split(groups, scores, projection)
     vocabulary = readout.unembedding.shape[0]
     with _flushing_denormals():
@@ -89,6 +91,43 @@ def _split(groups: list[Rows], scores: Tensor, projection: Tensor) -> list[Score
         result.append(Scored(scores[part], projection[part, : 2 * g.projection] if g.projection else None))
         start += len(g)
     return result
+
+
+# Vocabulary projections of FFN neurons are properties of the weights: top(δ(u)) and bottom(δ(u)) do not depend
+# on the prompt, the coefficient's sign or the norm's frozen scale. Kept per model (its residual directions).
+_PROJECTIONS: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _projection_cache(values: Tensor) -> dict:
+    """The cache of one model's residual directions (tensors compare element-wise, so keyed by identity, with a
+    weak reference that tells a freed tensor from a new one at the same address)."""
+    held = _PROJECTIONS.get(id(values))
+    if held is None or held[0]() is not values:
+        for key in [k for k, (ref, _) in _PROJECTIONS.items() if ref() is None]:
+            del _PROJECTIONS[key]
+        held = _PROJECTIONS[id(values)] = (weakref.ref(values), {})
+    return held[1]
+
+
+def _cached_projection_ids(ctx: ValueContext, bases: Tensor, wanted: Tensor, scaled: Tensor, signs: Tensor,
+                           keys: Tensor, width: int) -> Tensor:
+    """Projection ids of the wanted rows, computed once per (model, neuron): the contrastive path has no fused
+    logits to read them from, and one vocabulary product per returned neuron is most of its cost."""
+    cache = _projection_cache(ctx.ffn_values)
+    wanted_keys = keys[wanted].tolist()
+    missing = [i for i, key in enumerate(wanted_keys) if key < 0 or (key, width) not in cache]
+    ids = torch.empty(len(wanted_keys), 2 * width, dtype=torch.long)
+    if missing:
+        rows = wanted[missing]
+        computed = _projection_ids(_logit_changes(ctx, None, bases, rows, scaled), width, signs[rows])
+        ids[missing] = computed
+        for i, row in zip(missing, computed):
+            if wanted_keys[i] >= 0:
+                cache[(wanted_keys[i], width)] = row
+    for i, key in enumerate(wanted_keys):
+        if key >= 0 and (key, width) in cache:
+            ids[i] = cache[(key, width)]
+    return ids
 
 
 def _contrast_scores(ctx: ValueContext, bases: Tensor, scaled: Tensor) -> Tensor:

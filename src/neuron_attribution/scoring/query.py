@@ -91,47 +91,62 @@ def ffn_readings(trace: Trace, weights: list[LayerWeights], neurons: list[FfnVal
     activation function. A neuron whose two elasticities cancel is left out and reported."""
     readings, skipped = [], []
     last = trace.n_tokens - 1
-    for n in neurons:
+    bases = [_ffn_input(trace, n.layer, last, parallel) for n in neurons]
+    splits = _gate_up_splits(weights, neurons, bases, activation)
+    for n, middle, split in zip(neurons, bases, splits):
         w = weights[n.layer]
-        middle = trace.layer_inputs[n.layer, last]
-        if not parallel:
-            middle = middle + trace.attention_outputs[n.layer, last]
-        shares = {name: 1.0 for name in w.ffn_subkeys}
-        if "gate" in w.ffn_subkeys:
-            gate_input = w.ffn_subkeys["gate"][n.neuron] @ w.ffn_norm.apply_without_bias(middle)
-            split = swiglu_split(activation(n.layer), gate_input)
-            if split is None:
-                skipped.append(f"ffn {n.layer}_{n.neuron} (gate and up elasticities cancel)")
-                continue
-            shares = {"gate": split[0], "up": split[1]}
+        if split is None:
+            skipped.append(f"ffn {n.layer}_{n.neuron} (gate and up elasticities cancel)")
+            continue
         for name, subkeys in w.ffn_subkeys.items():
             readings.append(SubkeyReading(
-                name, n.layer, last, subkeys[n.neuron] * w.ffn_norm.weight, middle, n.score * shares[name],
+                name, n.layer, last, subkeys[n.neuron] * w.ffn_norm.weight, middle, n.score * split[name],
                 not parallel, f"ffn {n.layer}_{n.neuron} ({name})"))
     return readings, skipped
+
+
+def _ffn_input(trace: Trace, layer: int, position: int, parallel: bool) -> Tensor:
+    middle = trace.layer_inputs[layer, position]
+    return middle if parallel else middle + trace.attention_outputs[layer, position]
+
+
+def _gate_up_splits(weights: list[LayerWeights], neurons: list[FfnValueNeuron], bases: list[Tensor],
+                    activation: Callable[[int], Callable[[Tensor], Tensor]] | None) -> list[dict[str, float] | None]:
+    """Per neuron, the share of each subkey: 1 for a GELU key; the elasticity split for gate and up."""
+    if not neurons or "gate" not in weights[neurons[0].layer].ffn_subkeys:
+        return [{name: 1.0 for name in weights[n.layer].ffn_subkeys} for n in neurons]
+    gate_inputs = torch.stack([weights[n.layer].ffn_subkeys["gate"][n.neuron] @ weights[n.layer].ffn_norm
+                               .apply_without_bias(middle) for n, middle in zip(neurons, bases)])
+    by_layer: dict[int, list[int]] = {}
+    for i, n in enumerate(neurons):
+        by_layer.setdefault(n.layer, []).append(i)
+    splits: list[dict[str, float] | None] = [None] * len(neurons)
+    for layer, rows in by_layer.items():  # one activation module per layer (they are all the same kind)
+        gate, up = swiglu_split(activation(layer), gate_inputs[rows])
+        for i, g, u in zip(rows, gate.tolist(), up.tolist()):
+            splits[i] = None if g != g else {"gate": g, "up": u}  # NaN: undefined split
+    return splits
 
 
 # |e_gate + e_up| below this: the split's weights e/(e_gate + e_up) would be arbitrarily large.
 NEAR_ZERO_ELASTICITY = 1e-3
 
 
-def swiglu_split(activation: Callable[[Tensor], Tensor], gate_input: Tensor) -> tuple[float, float] | None:
-    """(w_gate, w_up): how a gated neuron's score m = act(g)·u is shared between its gate and up paths
-    (docs/method.md §3). Each path's share is its elasticity, the relative change of m per relative change of
-    its input: e_up = 1, e_gate = g·act'(g)/act(g) (for SiLU, 1 + g(1 − σ(g))); w = e / (e_gate + e_up), so the
-    two shares add up to 1. None where act(g) = 0 or the elasticities cancel."""
+def swiglu_split(activation: Callable[[Tensor], Tensor], gate_input: Tensor) -> tuple[Tensor, Tensor]:
+    """(w_gate, w_up) for each gate pre-activation g: how a gated neuron's score m = act(g)·u is shared between
+    its gate and up paths (docs/method.md §3). Each path's share is its elasticity, the relative change of m per
+    relative change of its input: e_up = 1, e_gate = g·act'(g)/act(g) (for SiLU, 1 + g(1 − σ(g))); w = e /
+    (e_gate + e_up), so the two add up to 1. NaN where act(g) = 0 or the elasticities cancel."""
     with torch.inference_mode(False), torch.enable_grad():
-        g = gate_input.detach().reshape(1).to(torch.float64).clone().requires_grad_(True)
+        g = gate_input.detach().reshape(-1).to(torch.float64).clone().requires_grad_(True)
         value = activation(g)
         (slope,) = torch.autograd.grad(value.sum(), g)
-    value = float(value.detach())
-    if value == 0.0:
-        return None
-    elasticity = float(g.detach()) * float(slope) / value
+    value, g = value.detach(), g.detach()
+    elasticity = g * slope / value
     total = elasticity + 1.0
-    if abs(total) < NEAR_ZERO_ELASTICITY:
-        return None
-    return elasticity / total, 1.0 / total
+    undefined = (value == 0) | (total.abs() < NEAR_ZERO_ELASTICITY)
+    nan = torch.full_like(total, float("nan"))
+    return torch.where(undefined, nan, elasticity / total), torch.where(undefined, nan, 1.0 / total)
 
 
 def usable(readings: list[SubkeyReading]) -> tuple[list[SubkeyReading], list[str]]:

@@ -92,7 +92,7 @@ def ffn_rows(ctx: ValueContext, flat: Tensor, keep_projection: int = 0) -> Rows:
     """FFN neurons by flat index layer·N + neuron, each added to its layer's post-attention residual."""
     layers, neurons = ctx.shape.ffn_unflat(flat)
     return Rows(2 * layers + 1, ctx.ffn_values[layers, neurons], ffn_coefficients(ctx)[layers, neurons],
-                keep_projection)
+                keep_projection, keys=flat)
 
 
 def attention_rows(ctx: ValueContext, flat: Tensor) -> Rows:
