@@ -11,12 +11,12 @@ from ..model.loading import LoadedModel
 from ..model.prompts import Prompt, encode_answer, encode_prompt, token_texts
 from ..model.trace import trace_token_ids
 from ..results.attribution import (AttentionNeuron, Attribution, FfnNeuron, HeadPositionScore, HeadScore,
-                                   LayerScores, QueryLayers, TokenInfo)
+                                   LayerScores, QueryLayers)
 from ..scoring import query
 from ..scoring.answer import AnswerScores, answer_scores
 from ..scoring.context import value_context
 from ..settings import ScoringOptions
-from .targets import PROJECTION_TOKENS, TOP_HEADS_WITH_POSITIONS, prompt_text, target_info
+from .targets import PROJECTION_TOKENS, TOP_HEADS_WITH_POSITIONS, prompt_text, target_info, token_info
 from .predict import top_predictions
 from .queries import query_scores, summed_query_scores
 
@@ -37,7 +37,8 @@ def attribute_answer(model: LoadedModel, prompt: Prompt, answer: str | int | lis
     scores = answer_scores(contexts, max(options.top_k, options.query_top), TOP_HEADS_WITH_POSITIONS,
                            PROJECTION_TOKENS)
     target = target_info(model, prompt, ids, traces[0], answer_ids[0])
-    target.tokens = [_token_info(model, trace, token) for trace, token in zip(traces, answer_ids)]
+    target.tokens = [token_info(torch.softmax(trace.logits.double(), dim=-1), token, token_texts(model, [token])[0])
+                     for trace, token in zip(traces, answer_ids)]
     target.n_answer_tokens = len(answer_ids)
     heads = [HeadScore(i.layer, i.head, float(scores.heads[i])) for i in shape.head_indices(torch.arange(
         scores.heads.numel()))]
@@ -64,11 +65,6 @@ def attribute_answer(model: LoadedModel, prompt: Prompt, answer: str | int | lis
         query_neurons=query_neurons, query_layers=query_layers, query_skipped=skipped, reference=options.reference,
         query_via=options.query_via,
         evaluated={"ffn": scores.ffn.n_evaluated, "attention": scores.attention.n_evaluated})
-
-
-def _token_info(model: LoadedModel, trace, token: int) -> TokenInfo:
-    probs = torch.softmax(trace.logits.double(), dim=-1)
-    return TokenInfo(token_texts(model, [token])[0], token, float(probs[token]), int((probs > probs[token]).sum()) + 1)
 
 
 def _ffn_neurons(model: LoadedModel, contexts, scores: AnswerScores) -> list[FfnNeuron]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from ..errors import UserError
 from ..model.loading import LoadedModel
@@ -22,17 +23,19 @@ def target_info(model: LoadedModel, prompt: Prompt, ids: list[int], trace: Trace
     for a contrast token if one is given."""
     token = encode_target(model, ids, prompt, int(trace.logits.argmax()) if target is None else target)
     probs = torch.softmax(trace.logits.double(), dim=-1)
-
-    def rank(token_id: int) -> int:
-        return int((probs > probs[token_id]).sum()) + 1
-
-    info = TargetInfo(token.text, token.id, float(probs[token.id]), rank(token.id), token.n_answer_tokens)
+    first = token_info(probs, token.id, token.text)
+    info = TargetInfo(first.text, first.id, first.prob, first.rank, token.n_answer_tokens)
     if contrast is not None:
         other = encode_target(model, ids, prompt, contrast)
         if other.id == token.id:
             raise UserError(f"the contrast {other.text!r} is the target's own first token; a contrast must differ")
-        info.contrast = TokenInfo(other.text, other.id, float(probs[other.id]), rank(other.id))
+        info.contrast = token_info(probs, other.id, other.text)
     return info
+
+
+def token_info(probs: Tensor, token_id: int, text: str) -> TokenInfo:
+    """A token's probability and rank (1 = the top prediction) under one position's next-token distribution."""
+    return TokenInfo(text, token_id, float(probs[token_id]), int((probs > probs[token_id]).sum()) + 1)
 
 
 def prompt_text(model: LoadedModel, prompt: Prompt, ids: list[int]) -> str:

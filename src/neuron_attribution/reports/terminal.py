@@ -79,11 +79,8 @@ def print_attribution(console: Console, result, rows: int = 10) -> None:
     heads = Table(title="Top heads", title_justify="left")
     for column in ("head", "score", "strongest source positions"):
         heads.add_column(column)
-    by_head: dict[tuple[int, int], list] = {}
-    for p in result.head_positions:
-        by_head.setdefault((p.layer, p.head), []).append(p)
     for h in result.heads[:rows]:
-        sources = sorted(by_head.get((h.layer, h.head), []), key=lambda p: -p.score)[:3]
+        sources = result.strongest_sources(h)
         heads.add_row(f"{h.layer}.{h.head}", f"{h.score:+.4f}",
                       Text(", ".join(f"{p.position}:{p.token!r} {p.score:+.3f}" for p in sources)))
     console.print(heads)
@@ -123,15 +120,14 @@ def print_neuron_scores(console: Console, scores) -> None:
 
 
 def print_queries(console: Console, result, rows: int = 10) -> None:
-    via = getattr(result, "query_via", "both")
+    via = result.query_via
     queries = Table(title=f"Top query FFN neurons (activate the top {_PATH_NAMES[via]} value neurons)",
                     title_justify="left")
-    paths = [(name, pick) for name, pick, taken in (
-        ("via attention", lambda q: q.attention_score, via != "ffn" and via != "attention"),
-        ("via FFN", lambda q: q.ffn_score, via == "both"),
-        ("gate", lambda q: q.gate_score, via != "attention"),
-        ("up", lambda q: q.up_score, via != "attention")) if taken]
-    paths = [(name, pick) for name, pick in paths if any(pick(q) is not None for q in result.query_neurons)]
+    # The two paths' parts beside the score only where both were taken; gate/up wherever they exist.
+    parts = [("gate", lambda q: q.gate_score), ("up", lambda q: q.up_score)]
+    if via == "both":
+        parts = [("via attention", lambda q: q.attention_score), ("via FFN", lambda q: q.ffn_score), *parts]
+    paths = [(name, pick) for name, pick in parts if any(pick(q) is not None for q in result.query_neurons)]
     for column in ["neuron", "score"] + [name for name, _ in paths]:
         queries.add_column(column, justify="left" if column == "neuron" else "right")
     for q in result.query_neurons[:rows]:

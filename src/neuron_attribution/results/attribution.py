@@ -190,6 +190,11 @@ class Attribution:
     def save(self, path: Path | str) -> None:
         write_json(path, self.to_dict())
 
+    def strongest_sources(self, head: HeadScore, n: int = 3) -> list[HeadPositionScore]:
+        """The head's n highest-scoring source positions (only the top heads have position scores)."""
+        own = [p for p in self.head_positions if (p.layer, p.head) == (head.layer, head.head)]
+        return sorted(own, key=lambda p: -p.score)[:n]
+
     def _repr_html_(self) -> str:
         """Jupyter's display: the terminal report's tables, compact and escaped."""
         from .display import attribution_html

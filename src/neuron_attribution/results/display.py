@@ -74,12 +74,9 @@ def _layers(result: Attribution) -> str:
 
 
 def _heads(result: Attribution, rows: int) -> str:
-    by_head: dict[tuple[int, int], list] = {}
-    for p in result.head_positions:
-        by_head.setdefault((p.layer, p.head), []).append(p)
     body = []
     for h in result.heads[:rows]:
-        sources = sorted(by_head.get((h.layer, h.head), []), key=lambda p: -p.score)[:3]
+        sources = result.strongest_sources(h)
         body.append([f"{h.layer}.{h.head}", f"{h.score:+.4f}",
                      ", ".join(f"{p.position}:{_token(p.token)} {p.score:+.3f}" for p in sources)])
     return _table("Top heads", ["head", "score", "strongest source positions"], body, {2})

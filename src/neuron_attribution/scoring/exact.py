@@ -114,19 +114,20 @@ def _cached_projection_ids(ctx: ValueContext, bases: Tensor, wanted: Tensor, sca
     """Projection ids of the wanted rows, computed once per (model, neuron): the contrastive path has no fused
     logits to read them from, and one vocabulary product per returned neuron is most of its cost."""
     cache = _projection_cache(ctx.ffn_values)
+    ids = torch.empty(len(wanted), 2 * width, dtype=torch.long)
     wanted_keys = keys[wanted].tolist()
-    missing = [i for i, key in enumerate(wanted_keys) if key < 0 or (key, width) not in cache]
-    ids = torch.empty(len(wanted_keys), 2 * width, dtype=torch.long)
+    missing = []
+    for i, key in enumerate(wanted_keys):
+        if (key, width) in cache:
+            ids[i] = cache[(key, width)]
+        else:
+            missing.append(i)
     if missing:
         rows = wanted[missing]
-        computed = _projection_ids(_logit_changes(ctx, None, bases, rows, scaled), width, signs[rows])
-        ids[missing] = computed
-        for i, row in zip(missing, computed):
-            if wanted_keys[i] >= 0:
-                cache[(wanted_keys[i], width)] = row
-    for i, key in enumerate(wanted_keys):
-        if key >= 0 and (key, width) in cache:
-            ids[i] = cache[(key, width)]
+        ids[missing] = _projection_ids(_logit_changes(ctx, None, bases, rows, scaled), width, signs[rows])
+        for i in missing:
+            if wanted_keys[i] >= 0:  # rows without a neuron key are not cached
+                cache[(wanted_keys[i], width)] = ids[i].clone()
     return ids
 
 
