@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-REFERENCE = [sys.executable, "-c", "from transformers.models.llama.modeling_llama import LlamaForCausalLM"]
+IMPORT = "from transformers.models.llama.modeling_llama import LlamaForCausalLM"
+REFERENCE = [sys.executable, "-c", IMPORT]
+SETTLED_REFERENCE = [sys.executable, "-c", f"import gc; gc.set_threshold(200_000, 10, 10)\n{IMPORT}\ngc.freeze()"]
 COMMANDS = {
     "--help": [str(BIN / "neuron-attribution"), "--help"],
     "--version": [str(BIN / "neuron-attribution"), "--version"],
@@ -43,16 +45,21 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=50)
     args = parser.parse_args()
     wall(COMMANDS["info"])  # warm caches
-    times: dict[str, list[float]] = {"reference": [], **{name: [] for name in COMMANDS}}
+    times: dict[str, list[float]] = {"reference": [], "settled": [], **{name: [] for name in COMMANDS}}
     for _ in range(args.repeats):
         times["reference"].append(wall(REFERENCE))
+        times["settled"].append(wall(SETTLED_REFERENCE))
         for name, command in COMMANDS.items():
             times[name].append(wall(command))
     reference = statistics.median(times["reference"])
+    settled = statistics.median(times["settled"])
     print(f"bare transformers import (reference): median {reference:.2f} s over {args.repeats} runs")
+    print(f"the same import, collector settled as the CLI does: median {settled:.2f} s = "
+          f"{settled / reference:4.2f}x reference")
     for name in COMMANDS:
         median = statistics.median(times[name])
-        print(f"{name:>10}: median {median:5.2f} s = {median / reference:4.2f}x reference")
+        print(f"{name:>10}: median {median:5.2f} s = {median / reference:4.2f}x reference "
+              f"({median / settled:4.2f}x the settled import)")
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "prompts.jsonl"
         path.write_text("".join(json.dumps({"prompt": PROMPTS[i % len(PROMPTS)]}) + "\n"

@@ -186,3 +186,20 @@ def test_light_commands_do_not_load_torch_or_transformers(args):
     assert done.returncode == 0, done.stderr[-1000:]
     loaded = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "import time:" in line}
     assert not {name for name in loaded if name.split(".")[0] in ("torch", "transformers")}
+
+
+def test_the_cli_defers_the_collector_until_the_model_is_loaded_then_restores_it():
+    import gc
+
+    from neuron_attribution.cli.common import defer_collection, settle_heap
+
+    before = gc.get_threshold()
+    try:
+        defer_collection()
+        assert gc.get_threshold()[0] >= 100_000
+        settle_heap()
+        assert gc.get_threshold() == before
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
