@@ -42,7 +42,7 @@ def test_twenty_kills_then_resume(real_model, tmp_path):
     for _ in range(20):
         process = subprocess.Popen(_cli_command(*arguments, "--out", str(directory)), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(chance.uniform(2.5, 7.0))
+        time.sleep(chance.uniform(1.5, 5.0))  # start-up is about 3 s; the whole run about 10 s
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             interrupted += 1
@@ -53,7 +53,7 @@ def test_twenty_kills_then_resume(real_model, tmp_path):
                 pq.read_metadata(part / f"{table}.parquet")
             seen += pq.read_table(part / "sentences.parquet").column("sentence_id").to_pylist()
         assert len(seen) == len(set(seen))
-    assert interrupted >= 10
+    assert interrupted >= 10, interrupted
     final = subprocess.run(_cli_command(*arguments, "--out", str(directory)), capture_output=True, text=True,
                            timeout=600)
     assert final.returncode == 0, final.stderr

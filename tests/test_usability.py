@@ -191,15 +191,18 @@ def test_light_commands_do_not_load_torch_or_transformers(args):
 def test_the_cli_defers_the_collector_until_the_model_is_loaded_then_restores_it():
     import gc
 
-    from neuron_attribution.cli.common import defer_collection, settle_heap
+    from neuron_attribution.cli.common import collection_deferred, settle_heap
 
     before = gc.get_threshold()
     try:
-        defer_collection()
-        assert gc.get_threshold()[0] >= 100_000
-        settle_heap()
+        with collection_deferred():
+            assert gc.get_threshold()[0] >= 100_000
+            settle_heap()
+            assert gc.get_threshold() == before
+            assert gc.get_freeze_count() > 0
+        with collection_deferred():
+            pass  # a command that loads no model
         assert gc.get_threshold() == before
-        assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)

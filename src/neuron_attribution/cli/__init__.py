@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import gc
 import sys
 
 from rich.console import Console
@@ -11,18 +10,17 @@ from rich.markup import escape
 
 from ..errors import UserError
 from . import datasets, single  # noqa: F401  (importing them defines and so registers the commands)
-from .common import app, defer_collection
+from .common import app, collection_deferred
 
 
 def main() -> None:
-    defer_collection()
-    try:
-        app()
-    except UserError as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted")
-        sys.exit(130)
-    finally:
-        gc.freeze()  # interpreter shutdown then skips scanning torch's and transformers' objects (~0.5 s)
+    with collection_deferred():
+        try:
+            app()
+        except UserError as error:
+            Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False,
+                                       soft_wrap=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            Console(stderr=True).print("interrupted")
+            sys.exit(130)

@@ -85,14 +85,20 @@ _START_UP_GC_THRESHOLD = 200_000
 _DEFAULT_GC_THRESHOLDS = gc.get_threshold()
 
 
-def defer_collection() -> None:
-    """Collect cycles rarely until the model is loaded (`settle_heap`)."""
+@contextmanager
+def collection_deferred():
+    """Collect cycles rarely until the model is loaded (`settle_heap`); the usual rate again afterwards, so a
+    command run inside another Python process leaves it as it was."""
     gc.set_threshold(_START_UP_GC_THRESHOLD, *_DEFAULT_GC_THRESHOLDS[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*_DEFAULT_GC_THRESHOLDS)
 
 
 def settle_heap() -> None:
-    """Move everything made so far out of the collector's sight (it lives as long as the process) and collect
-    at the usual rate from here on."""
+    """Move everything made so far out of the collector's sight (the modules and the model live as long as the
+    process, and exit then skips scanning them) and collect at the usual rate from here on."""
     gc.freeze()
     gc.set_threshold(*_DEFAULT_GC_THRESHOLDS)
 
