@@ -50,9 +50,8 @@ class ScoringOptions:
         for name in ("top_k", "memory_budget"):
             check_positive(name, getattr(self, name))
         check_positive("query_top", self.query_top, zero_allowed=True)
-        check_query_via(self.query_via)
-        if self.answer_tokens not in ANSWER_TOKENS:
-            raise UserError(f"answer_tokens must be one of {', '.join(ANSWER_TOKENS)}, got {self.answer_tokens!r}")
+        check_choice("query_via", self.query_via, QUERY_PATHS)
+        check_choice("answer_tokens", self.answer_tokens, ANSWER_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -77,9 +76,9 @@ def _known(kind, data: dict[str, Any]):
     return kind(**{k: v for k, v in data.items() if k in names})
 
 
-def check_query_via(value: object) -> None:
-    if value not in QUERY_PATHS:
-        raise UserError(f"query_via must be one of {', '.join(QUERY_PATHS)}, got {value!r}")
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def check_positive(name: str, value: object, *, zero_allowed: bool = False) -> None:

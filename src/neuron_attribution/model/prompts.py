@@ -101,6 +101,16 @@ def encode_target(model: LoadedModel, prompt_ids: list[int], prompt: Prompt, tar
     return TargetToken(answer_ids[0], token_text(model, answer_ids[0]), len(answer_ids), tuple(answer_ids))
 
 
+def encode_contrast(model: LoadedModel, prompt_ids: list[int], prompt: Prompt, contrast: str | int,
+                    target_id: int | None) -> TargetToken:
+    """The contrast's token (its first, like a target's); it must differ from the target's first token, or every
+    score would be zero. `target_id` None: the target is not known yet (the top prediction)."""
+    token = encode_target(model, prompt_ids, prompt, contrast)
+    if token.id == target_id:
+        raise UserError(f"the contrast {token.text!r} is the target's own first token; a contrast must differ")
+    return token
+
+
 def token_text(model: LoadedModel, token_id: int) -> str:
     text = model.token_texts.get(token_id)
     if text is None:
@@ -136,8 +146,8 @@ def encode_facts(model: LoadedModel, facts: Sequence[Fact], on_error: OnError = 
         try:
             ids = encode_prompt(model, fact.prompt)
             target = encode_target(model, ids, fact.prompt, fact.answer).id
-            if fact.contrast is not None and encode_target(model, ids, fact.prompt, fact.contrast).id == target:
-                raise UserError("the contrast's first token is the answer's own")
+            if fact.contrast is not None:
+                encode_contrast(model, ids, fact.prompt, fact.contrast, target)
         except UserError as error:
             if on_error == "stop":
                 raise UserError(f"{fact.source}:{fact.line}: {error}") from None

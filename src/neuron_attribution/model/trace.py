@@ -46,6 +46,12 @@ class Trace:
         """h_T^{l-1}: base for attention scores of `layer`."""
         return self.layer_inputs[layer, -1]
 
+    def ffn_inputs(self, position: int, parallel: bool) -> Tensor:
+        """(L, d): the residual each layer's FFN reads at `position`: h^{l-1} + A^l, or h^{l-1} alone in a
+        parallel block."""
+        before = self.layer_inputs[:, position]
+        return before if parallel else before + self.attention_outputs[:, position]
+
     def ffn_residual_coefficients(self, positions: int | Tensor) -> Tensor:
         """(L, N) at one position or (L, P, N) at several: the FFN coefficients as they weigh the residual
         directions (times the post-norm's scale there, if the block has one)."""

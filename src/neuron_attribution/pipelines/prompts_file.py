@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from ..datasets import OnError, PromptLine, Skipped
 from ..errors import UserError
 from ..model.loading import LoadedModel
-from ..model.prompts import encode_prompt, encode_target
+from ..model.prompts import encode_contrast, encode_prompt, encode_target
 from ..results.attribution import Attribution
 from ..settings import ScoringOptions, check_positive
 from .attribute import attribute_with
@@ -31,9 +31,7 @@ def attribute_lines(model: LoadedModel, lines: Sequence[PromptLine], options: Sc
             ids = encode_prompt(model, line.prompt)
             target = None if line.target is None else encode_target(model, ids, line.prompt, line.target)
             if line.contrast is not None:
-                contrast = encode_target(model, ids, line.prompt, line.contrast)
-                if target is not None and contrast.id == target.id:
-                    raise UserError(f"the contrast {contrast.text!r} is the target's own first token")
+                encode_contrast(model, ids, line.prompt, line.contrast, None if target is None else target.id)
         except UserError as error:
             if on_error == "stop":
                 raise UserError(f"{line.source}:{line.line}: {error}") from None

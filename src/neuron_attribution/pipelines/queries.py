@@ -14,7 +14,7 @@ from ..neurons import ModelShape
 from ..results.attribution import AttentionNeuron, FfnNeuron, QueryLayer, QueryLayers, QueryNeuron
 from ..scoring import query
 from ..scoring.topk import rank_by_score
-from ..settings import check_query_via
+from ..settings import QUERY_PATHS, check_choice
 
 
 @dataclass
@@ -57,7 +57,7 @@ def query_scores(model: LoadedModel, trace: Trace, ffn_neurons: Sequence[FfnNeur
                  via: str = "both") -> QueryScores:
     """Query FFN neurons and query layers for the given value neurons (docs/method.md §3), through the
     attention value neurons ("attention", the paper's method), the FFN value neurons ("ffn"), or both."""
-    check_query_via(via)
+    check_choice("query_via", via, QUERY_PATHS)
     shape = model.shape
     weights = [model.adapter.layer_weights(layer) for layer in range(shape.n_layers)]
     attention_readings, ffn_readings, skipped = [], [], []

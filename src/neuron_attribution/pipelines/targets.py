@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import UserError
 from ..model.loading import LoadedModel
-from ..model.prompts import Prompt, encode_target, token_texts
+from ..model.prompts import Prompt, encode_contrast, encode_target, token_texts
 from ..model.trace import Trace
 from ..results.attribution import TargetInfo, TokenInfo
 
@@ -26,9 +25,7 @@ def target_info(model: LoadedModel, prompt: Prompt, ids: list[int], trace: Trace
     first = token_info(probs, token.id, token.text)
     info = TargetInfo(first.text, first.id, first.prob, first.rank, token.n_answer_tokens)
     if contrast is not None:
-        other = encode_target(model, ids, prompt, contrast)
-        if other.id == token.id:
-            raise UserError(f"the contrast {other.text!r} is the target's own first token; a contrast must differ")
+        other = encode_contrast(model, ids, prompt, contrast, token.id)
         info.contrast = token_info(probs, other.id, other.text)
     return info
 

@@ -52,7 +52,7 @@ class ValueContext:
         """`only_states`: compute the vocabulary-sized base quantities for these states only (the others are
         NaN), for callers that score a few chosen neurons."""
         before = trace.layer_inputs[:, -1]  # (L, d)
-        middle = before if shape.parallel else before + trace.attention_outputs[:, -1]
+        middle = trace.ffn_inputs(-1, shape.parallel)
         states = torch.stack([before, middle], dim=1).reshape(-1, before.shape[-1])
         states = torch.cat([states, trace.final_residual[-1:], torch.zeros(1, states.shape[-1])], dim=0)
         normalised = readout.normalise(states)

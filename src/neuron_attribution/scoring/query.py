@@ -91,7 +91,8 @@ def ffn_readings(trace: Trace, weights: list[LayerWeights], neurons: list[FfnVal
     activation function. A neuron whose two elasticities cancel is left out and reported."""
     readings, skipped = [], []
     last = trace.n_tokens - 1
-    bases = [_ffn_input(trace, n.layer, last, parallel) for n in neurons]
+    inputs = trace.ffn_inputs(last, parallel)
+    bases = [inputs[n.layer] for n in neurons]
     splits = _gate_up_splits(weights, neurons, bases, activation)
     for n, middle, split in zip(neurons, bases, splits):
         w = weights[n.layer]
@@ -103,11 +104,6 @@ def ffn_readings(trace: Trace, weights: list[LayerWeights], neurons: list[FfnVal
                 name, n.layer, last, subkeys[n.neuron] * w.ffn_norm.weight, middle, n.score * split[name],
                 not parallel, f"ffn {n.layer}_{n.neuron} ({name})"))
     return readings, skipped
-
-
-def _ffn_input(trace: Trace, layer: int, position: int, parallel: bool) -> Tensor:
-    middle = trace.layer_inputs[layer, position]
-    return middle if parallel else middle + trace.attention_outputs[layer, position]
 
 
 def _gate_up_splits(weights: list[LayerWeights], neurons: list[FfnValueNeuron], bases: list[Tensor],

@@ -33,10 +33,5 @@ class GptNeoXAdapter(LinearAdapter):
 
     @property
     def shape(self) -> ModelShape:
-        c = self.config
-        return ModelShape(
-            family=self.family, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
-            n_kv_heads=c.num_attention_heads, head_dim=c.hidden_size // c.num_attention_heads,
-            d_model=c.hidden_size, d_ffn=c.intermediate_size, vocab_size=c.vocab_size,
-            max_positions=c.max_position_embeddings, ffn_kind="gelu", norm_kind="layernorm",
-            parallel=bool(c.use_parallel_residual))
+        return self.shape_from_standard_config(ffn_kind="gelu", norm_kind="layernorm",
+                                               parallel=bool(self.config.use_parallel_residual))

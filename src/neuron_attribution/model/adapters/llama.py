@@ -30,20 +30,4 @@ class LlamaAdapter(LinearAdapter):
 
     @property
     def shape(self) -> ModelShape:
-        c = self.config
-        heads = c.num_attention_heads
-        return ModelShape(
-            family=c.model_type,
-            n_layers=c.num_hidden_layers,
-            n_heads=heads,
-            n_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-            head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
-            d_model=c.hidden_size,
-            d_ffn=c.intermediate_size,
-            vocab_size=c.vocab_size,
-            max_positions=getattr(c, "max_position_embeddings", None),
-            ffn_kind="swiglu",
-            norm_kind="rmsnorm",
-            post_norms=self.paths.attention_post_norm is not None,
-            logit_softcap=getattr(c, "final_logit_softcapping", None),
-        )
+        return self.shape_from_standard_config(ffn_kind="swiglu", norm_kind="rmsnorm")

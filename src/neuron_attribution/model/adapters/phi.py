@@ -18,10 +18,4 @@ class PhiAdapter(LinearAdapter):
 
     @property
     def shape(self) -> ModelShape:
-        c = self.config
-        heads = c.num_attention_heads
-        return ModelShape(
-            family=self.family, n_layers=c.num_hidden_layers, n_heads=heads,
-            n_kv_heads=getattr(c, "num_key_value_heads", None) or heads, head_dim=c.hidden_size // heads,
-            d_model=c.hidden_size, d_ffn=c.intermediate_size, vocab_size=c.vocab_size,
-            max_positions=c.max_position_embeddings, ffn_kind="gelu", norm_kind="layernorm", parallel=True)
+        return self.shape_from_standard_config(ffn_kind="gelu", norm_kind="layernorm", parallel=True)
