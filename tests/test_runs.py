@@ -165,3 +165,33 @@ def test_run_bad_input(tmp_path, facts_file):
     assert result.returncode == 2 and "is not empty and holds no run" in result.stderr
     result = cli("analyze", str(not_a_run))
     assert result.returncode == 2 and "holds no readable run.json" in result.stderr
+
+
+TWO_FACTS = FACTS[:2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [("--query-top", "0"), ("--query-via", "ffn"), ("--query-via", "both"),
+                                   ("--answer-tokens", "all"), ("--on-error", "stop")],
+                         ids=lambda f: " ".join(f))
+def test_every_documented_option_value_works_through_run_and_analyze(tmp_path, flags):
+    """Each value `run --help` offers (beyond the defaults, which the other tests use) gives a run that
+    `analyze` reads: `--query-top 0` once crashed after all the work, sorting a query table with no columns."""
+    facts = tmp_path / "two.jsonl"
+    facts.write_text("".join(json.dumps(f) + "\n" for f in TWO_FACTS))
+    directory = tmp_path / "run"
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "neuron_attribution.cli", *args], capture_output=True,
+                              text=True, timeout=600)
+
+    result = cli("run", "--dataset", str(facts), "--out", str(directory), "--top", "20", *flags)
+    assert result.returncode == 0, result.stderr
+    tables = _tables(directory)
+    assert tables["sentences"]["sentence_id"] == [0, 1]
+    queries = tables["query_neurons"]
+    assert {"sentence_id", "layer", "neuron", "score"} <= set(queries)
+    assert len(queries["sentence_id"]) == (0 if flags == ("--query-top", "0") else 2 * 20)
+    analysed = cli("analyze", str(directory), "--out", str(tmp_path / "analysis"), "--no-interventions")
+    assert analysed.returncode == 0, analysed.stderr
+    assert (tmp_path / "analysis" / "report.html").exists()

@@ -4,7 +4,9 @@ added, never renamed."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import types
+import typing
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -12,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import UserError
-from .attribution import Attribution
+from .attribution import AttentionNeuron, Attribution, FfnNeuron, HeadScore, QueryNeuron
 
 TABLES = ("sentences", "ffn_neurons", "attention_neurons", "query_neurons", "layers", "heads")
 # gate/up: SwiGLU models only; attention/ffn: None for a query path not taken.
@@ -56,7 +58,37 @@ def tables_of(rows: list[tuple[int, SentenceSource, Attribution]]) -> dict[str, 
             add("layers", **common, layer=layer, attention=attention, ffn=ffn)
         for h in result.heads:
             add("heads", **common, **asdict(h))
-    return {name: pa.table(_typed(values)) for name, values in columns.items()}
+    return {name: pa.table(_typed(values)) if values else _empty(name) for name, values in columns.items()}
+
+
+# The rows of each neuron table (sentences always has rows: one per sentence).
+_ROW_KINDS = {"ffn_neurons": FfnNeuron, "attention_neurons": AttentionNeuron, "query_neurons": QueryNeuron,
+              "heads": HeadScore}
+_ARROW_TYPES = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
+
+
+def _empty(table: str) -> pa.Table:
+    """A table with no rows still has its columns (`run --query-top 0` stores no query neurons), so that
+    parts merge, sort by sentence and read back like any other."""
+    schema = [("sentence_id", pa.int64()), ("type", pa.string())]
+    if table == "layers":
+        schema += [("layer", pa.int64()), ("attention", pa.float64()), ("ffn", pa.float64())]
+    else:
+        kind = _ROW_KINDS[table]
+        hints = typing.get_type_hints(kind)
+        schema += [("rank", pa.int64())] if table != "heads" else []
+        schema += [(f.name, _arrow_type(hints[f.name])) for f in fields(kind)]
+    return pa.table({name: pa.array([], type=kind) for name, kind in schema})
+
+
+def _arrow_type(hint) -> pa.DataType:
+    """int, float, str, bool, list[...] and their optional forms."""
+    arguments = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return _arrow_type(arguments[0])
+    if typing.get_origin(hint) is list:
+        return pa.list_(_arrow_type(arguments[0]))
+    return _ARROW_TYPES[hint]
 
 
 def _typed(values: dict[str, list]) -> dict[str, pa.Array]:
