@@ -2,12 +2,16 @@
 
 Prints medians over 20 prompts of 5–30 tokens, all measured in this run. Usage:
     .venv/bin/python bench/bench_attribute.py [--model gemma-3-270m] [--device cuda] [--dense-prompts 3] [--repeats 3]
-On a GPU, times are taken after synchronising and the peak is the device's allocated memory.
+        [--json FILE]
+On a GPU, times are taken after synchronising and the peak is the device's allocated memory. `--json` writes the
+figures (each step as a multiple of the forward pass) for bench/summary.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import resource
 import statistics
 import time
@@ -76,6 +80,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the offline SmolLM2-135M-Instruct")
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts")
     parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1 ...")
+    parser.add_argument("--json", default=None, help="write the figures to this file")
     args = parser.parse_args()
 
     model = na.load_model(args.model, device=args.device)
@@ -160,6 +165,22 @@ def main() -> None:
           f"top-300 {median(evaluated300):.2f} (median)")
     what = "peak allocated growth" if device.type == "cuda" else "peak RSS growth"
     print(f"attribution peak memory above the loaded model: {max(attribution_peak, 0):.0f} MB ({what})")
+    if args.json:
+        ratios = {"top100": ratio100, "top300": ratio300,
+                  "score_neurons": median(c / f for c, f in zip(chosen, forward)),
+                  "contrast": median(c / f for c, f in zip(contrastive, forward)),
+                  "query": median(q / f for q, f in zip(queries, forward))}
+        figures = {"bench": "attribute", "model": model.name, "device": device_name(device), "prompts": len(prompts),
+                   "forward_ms": median(forward) * 1e3, "ratios_to_forward": ratios,
+                   "evaluated_per_returned": median(evaluated100), "peak_mb": max(attribution_peak, 0)}
+        with open(args.json, "w", encoding="utf-8") as file:
+            json.dump(figures, file, indent=1)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":

@@ -86,3 +86,33 @@ def test_ray_workers_get_the_settings_match_local_and_survive_a_dead_worker(real
     here = evaluate(real_model, loaded, methods="log_prob_increase,norm,random", top=5, batch_size=2,
                     settings=settings)
     assert on_ray.methods == here.methods
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a worker without CUDA is what is checked")
+def test_ray_workers_ask_for_gpus_and_a_worker_without_one_fails_in_one_line():
+    """A cluster that advertises one GPU (Ray's resources are declared, so this CPU machine can claim one) gets
+    each worker's GPU share asked for; too many shares are refused at once instead of waiting for ever, and a
+    worker placed where CUDA is not usable names that cause."""
+    from neuron_attribution import UserError
+    from neuron_attribution.settings import ModelSpec
+
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        on_gpu = Settings(ModelSpec(device="cuda"))
+        with pytest.raises(UserError, match=r"2 Ray workers × 1 GPU .* need 2 GPUs, but the Ray cluster has 1 GPU"):
+            RayBackend(on_gpu, workers=2)
+        with RayBackend(on_gpu, workers=2, gpus_per_worker=0.5) as backend:
+            assert backend.gpus_per_worker == 0.5
+            with pytest.raises(UserError) as failed:
+                list(backend.map(_report_settings, [0]))
+        message = str(failed.value)
+        assert "no CUDA GPU is usable on the Ray worker's node" in message and "CUDA_VISIBLE_DEVICES='0'" in message
+        assert "\n" not in message
+        with RayBackend(Settings(ModelSpec(device="auto")), workers=1) as backend:
+            assert backend.gpus_per_worker == 1.0
+        with RayBackend(Settings(), workers=1) as backend:
+            assert backend.gpus_per_worker == 0.0
+    finally:
+        ray.shutdown()
+    with pytest.raises(UserError, match="--gpus-per-worker needs a CUDA device"):
+        RayBackend(Settings(), workers=1, gpus_per_worker=1)

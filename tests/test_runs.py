@@ -89,7 +89,7 @@ def test_run_tables_hold_what_attribute_gives(real_model, finished_run):
 
 @pytest.mark.slow
 def test_a_different_run_into_the_same_directory_is_refused(real_model, finished_run, facts_file):
-    with pytest.raises(UserError, match="holds a different run .*top: 20 there, 5 now"):
+    with pytest.raises(UserError, match="holds a different run .*scoring.top_k: 20 there, 5 now"):
         run_dataset(real_model, finished_run, RunArguments(str(facts_file), None, "skip"), settings=run_settings(real_model, 5))
     with pytest.raises(UserError, match="holds a different run .*limit"):
         run_dataset(real_model, finished_run, RunArguments(str(facts_file), 1, "skip"), settings=run_settings(real_model, 20))
@@ -195,3 +195,61 @@ def test_every_documented_option_value_works_through_run_and_analyze(tmp_path, f
     analysed = cli("analyze", str(directory), "--out", str(tmp_path / "analysis"), "--no-interventions")
     assert analysed.returncode == 0, analysed.stderr
     assert (tmp_path / "analysis" / "report.html").exists()
+
+
+def test_a_run_identity_holds_every_setting():
+    """Each field of the settings (the model spec and the scoring options, those added later too) is part of
+    what a resumed run must match: changing any one of them changes the identity."""
+    from dataclasses import fields, replace
+
+    from neuron_attribution.settings import ModelSpec, ScoringOptions, Settings
+
+    from .conftest import tiny_llama
+
+    model = tiny_llama()
+    arguments = RunArguments("sample")
+    base = Settings(ModelSpec(name="m", dtype="float32", device="cpu"), ScoringOptions())
+    identity = arguments.identity(model, base, 8)
+    changed = {"name": "other", "dtype": "bfloat16", "device": "cuda", "allow_pickle": True,
+               "trust_remote_code": True, "top_k": 7, "query_top": 3, "memory_budget": 12345, "reference": True,
+               "query_via": "both", "answer_tokens": "all", "budget_fixed": True}
+    for part, kind in (("model", ModelSpec), ("scoring", ScoringOptions)):
+        for field in fields(kind):
+            other = replace(base, **{part: replace(getattr(base, part), **{field.name: changed[field.name]})})
+            moved = {k for k, v in arguments.identity(model, other, 8).items() if identity[k] != v}
+            assert moved == {f"{part}.{field.name}"}, field.name
+    assert arguments.identity(model, base, 4)["batch_size"] == 4
+
+
+@pytest.mark.slow
+def test_the_scoring_budget_is_fixed_when_a_run_starts_and_kept_on_resume(real_model, finished_run, facts_file,
+                                                                          tmp_path):
+    """On a GPU the budget depends on the memory free at the moment; a run fixes it once (recorded in run.json)
+    and a resumed call uses the recorded one, so its parts batch, and round, as the first call's did."""
+    from neuron_attribution.execution import LocalBackend
+    from neuron_attribution.pipelines.run import PartWork
+
+    settings = run_settings(real_model, 20)
+    record = json.loads((finished_run / "run.json").read_text())
+    assert record["memory_budget_in_use"] == settings.scoring.memory_budget  # on a CPU: the cap itself
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    shutil.rmtree(sorted((copy / "parts").iterdir())[0])
+    record["memory_budget_in_use"] = settings.scoring.memory_budget - 1  # as if fixed on a GPU with less free
+    (copy / "run.json").write_text(json.dumps(record))
+
+    class Watching(LocalBackend):
+        items: list = []
+
+        def map(self, function, items):
+            self.items.extend(items)
+            return super().map(function, items)
+
+    backend = Watching(real_model, settings)
+    summary = run_dataset(real_model, copy, RunArguments(str(facts_file), None, "skip"), batch_size=4,
+                          backend=backend)
+    assert summary.attributed == 4
+    assert backend.items and all(isinstance(w, PartWork) and w.memory_budget == settings.scoring.memory_budget - 1
+                                 for w in backend.items)
+    assert json.loads((copy / "run.json").read_text())["memory_budget_in_use"] == settings.scoring.memory_budget - 1
+    assert _tables(copy) == _tables(finished_run)

@@ -35,6 +35,12 @@ class ModelSpec:
     trust_remote_code: bool = False
 
 
+def needs_cuda(device: str | None) -> bool:
+    """Whether a device request asks for GPUs ("cuda", "cuda:N", or "auto"): a Ray worker then asks Ray for a
+    GPU share."""
+    return device is not None and (device == "auto" or device.startswith("cuda"))
+
+
 @dataclass(frozen=True)
 class ScoringOptions:
     """How neurons are scored: how many to return, how much memory the exact scoring may use."""
@@ -45,6 +51,9 @@ class ScoringOptions:
     reference: bool = False  # drop the final LayerNorm bias, as the authors' GPT-2 code does
     query_via: str = DEFAULT_QUERY_VIA  # one of QUERY_PATHS
     answer_tokens: str = "first"  # one of ANSWER_TOKENS
+    # False: on a GPU the budget is capped at half the memory free there when each prompt is scored. True: used as
+    # it is (a run fixes it when it starts, so that a resumed run batches, and rounds, exactly as before).
+    budget_fixed: bool = False
 
     def __post_init__(self) -> None:
         for name in ("top_k", "memory_budget"):
@@ -61,6 +70,11 @@ class Settings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting as "model.device", "scoring.top_k", ...: what a resumed run must match, option by
+        option, so that an option added later is part of it without being listed anywhere."""
+        return {f"{part}.{key}": value for part, values in self.to_dict().items() for key, value in values.items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:

@@ -45,6 +45,9 @@ BackendOption = Annotated[str, typer.Option("--backend", help=escape(
 WorkersOption = Annotated[int, typer.Option("--workers", help="Ray workers (a local cluster of this many CPUs "
                                             "unless --address is given).")]
 AddressOption = Annotated[Optional[str], typer.Option("--address", help="An existing Ray cluster to join.")]
+GpusPerWorkerOption = Annotated[Optional[float], typer.Option(
+    "--gpus-per-worker", help="With --backend ray and --device cuda (or auto): the GPU share each worker asks "
+                              "Ray for (default 1; 0.5 puts two workers on one GPU).")]
 DtypeOption = Annotated[Optional[str], typer.Option("--dtype", help="float32 (default), bfloat16 or float16.")]
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu (default), cuda, cuda:1, ... or auto "
                                                      "(layers spread over the GPUs). Scores are float32 either way.")]
@@ -113,10 +116,30 @@ def load_model_spec(spec):
 
 
 def as_loaded(settings, loaded):
-    """The settings with the model spec as loading normalised it (absolute path, canonical dtype name)."""
+    """The settings with the model spec as loading normalised it (absolute path, canonical dtype name); the
+    device stays the one asked for (a Ray driver without a GPU holds its copy on the CPU)."""
+    from dataclasses import replace
+
     from ..settings import Settings
 
-    return Settings(loaded.spec, settings.scoring)
+    return Settings(replace(loaded.spec, device=settings.model.device or loaded.spec.device), settings.scoring)
+
+
+def load_driver_model(settings, backend: str) -> tuple:
+    """The model this process needs (encoding and filtering facts; all the work with the local backend). With
+    Ray the workers compute, so a driver without a GPU loads its copy on the CPU."""
+    from dataclasses import replace
+
+    from ..settings import needs_cuda
+
+    spec = settings.model
+    if backend == "ray" and needs_cuda(spec.device):
+        import torch
+
+        if not torch.cuda.is_available():
+            spec = replace(spec, device="cpu")
+    loaded = load_model_spec(spec)
+    return loaded, as_loaded(settings, loaded)
 
 
 def parse_neurons(text: str) -> list:
@@ -162,20 +185,33 @@ def print_run_summary(summary, out: Path) -> None:
                   f"{summary.seconds:.0f} s. Tables in {escape(str(out))}")
 
 
-def check_backend(name: str, workers: int, address: str | None = None) -> None:
-    """Backend flags fail before the model loads."""
+def check_backend(name: str, workers: int, address: str | None = None, settings=None,
+                  gpus_per_worker: float | None = None) -> None:
+    """Backend and device flags fail before the model loads. With the local backend the device must be here;
+    with Ray it must be on the workers (checked when they start), not on this machine."""
     if name not in ("local", "ray"):
         raise UserError(f"unknown backend {name!r}; use local or ray")
     if workers <= 0:
         raise UserError("--workers must be a positive number")
+    if gpus_per_worker is not None and name != "ray":
+        raise UserError("--gpus-per-worker is for --backend ray")
+    device = None if settings is None else settings.model.device
     if name == "ray":
-        from ..execution.ray_backend import require_ray
+        from ..execution.ray_backend import gpu_share, require_ray
 
+        if settings is not None:
+            gpu_share(settings, gpus_per_worker)
         require_ray(address)
+    elif settings is not None and device not in (None, "cpu"):
+        from ..model.devices import check_device
+        from ..model.loading import resolve_dtype
+
+        check_device(device, resolve_dtype(settings.model.dtype))
 
 
 @contextmanager
-def make_backend(name: str, loaded, settings, workers: int, address: str | None):
+def make_backend(name: str, loaded, settings, workers: int, address: str | None,
+                 gpus_per_worker: float | None = None):
     """The backend a command's batches run on: here, or Ray workers (stopped on leaving). The name was
     checked by `check_backend` before the model loaded."""
     from ..execution import LocalBackend
@@ -186,7 +222,7 @@ def make_backend(name: str, loaded, settings, workers: int, address: str | None)
     from ..execution.ray_backend import RayBackend
 
     with console.status(f"Starting {workers} Ray workers...", spinner="dots"):
-        pool = RayBackend(settings, workers=workers, address=address)
+        pool = RayBackend(settings, workers=workers, address=address, gpus_per_worker=gpus_per_worker)
     with pool:
         yield pool
 

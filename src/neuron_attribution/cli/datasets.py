@@ -10,9 +10,9 @@ from rich.markup import escape
 
 from ..errors import UserError
 from .common import (AddressOption, AllowPickleOption, AnswerTokensOption, BackendOption, DeviceOption, DtypeOption,
-                     MaxMemoryOption, ModelOption, QueryTopOption, QueryViaOption, RegistryHelp, WorkersOption, app,
-                     as_loaded, check_backend, console, load_model_spec, make_backend, print_run_summary,
-                     progress_bar, settings_from_flags)
+                     GpusPerWorkerOption, MaxMemoryOption, ModelOption, QueryTopOption, QueryViaOption, RegistryHelp,
+                     WorkersOption, app, check_backend, console, load_driver_model, load_model_spec, make_backend,
+                     print_run_summary, progress_bar, settings_from_flags)
 
 
 @app.command(cls=RegistryHelp)
@@ -39,6 +39,7 @@ def evaluate(
     backend: BackendOption = "local",
     workers: WorkersOption = 2,
     address: AddressOption = None,
+    gpus_per_worker: GpusPerWorkerOption = None,
     max_memory: MaxMemoryOption = "2GB",
     dtype: DtypeOption = None,
     device: DeviceOption = None,
@@ -57,12 +58,12 @@ def evaluate(
     resolve_methods(methods)  # unknown names fail before the model loads
     settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
                                    query_top=query_top, max_memory=max_memory, query_via=query_via)
-    check_backend(backend, workers, address)
+    check_backend(backend, workers, address, settings, gpus_per_worker)
     facts, skipped = load_facts(dataset, on_error)  # type: ignore[arg-type]
     facts = facts[:limit] if limit else facts
-    loaded = load_model_spec(settings.model)
-    settings = as_loaded(settings, loaded)
-    with make_backend(backend, loaded, settings, workers, address) as pool, progress_bar() as progress:
+    loaded, settings = load_driver_model(settings, backend)
+    with make_backend(backend, loaded, settings, workers, address, gpus_per_worker) as pool, \
+            progress_bar() as progress:
         result = run_evaluation(loaded, facts, protocol=protocol, methods=methods, top=top, seed=seed,
                                 batch_size=batch_size, on_error=on_error, skipped=skipped,  # type: ignore[arg-type]
                                 progress=progress, backend=pool, filter=filter_facts)
@@ -100,6 +101,7 @@ def run(
     backend: BackendOption = "local",
     workers: WorkersOption = 2,
     address: AddressOption = None,
+    gpus_per_worker: GpusPerWorkerOption = None,
     max_memory: MaxMemoryOption = "2GB",
     dtype: DtypeOption = None,
     device: DeviceOption = None,
@@ -116,10 +118,10 @@ def run(
                                    query_top=query_top, max_memory=max_memory, query_via=query_via,
                                    answer_tokens=answer_tokens)
     load_facts(dataset, on_error)  # type: ignore[arg-type]  # a bad dataset fails before the model loads
-    check_backend(backend, workers, address)
-    loaded = load_model_spec(settings.model)
-    settings = as_loaded(settings, loaded)
-    with make_backend(backend, loaded, settings, workers, address) as pool, progress_bar() as progress:
+    check_backend(backend, workers, address, settings, gpus_per_worker)
+    loaded, settings = load_driver_model(settings, backend)
+    with make_backend(backend, loaded, settings, workers, address, gpus_per_worker) as pool, \
+            progress_bar() as progress:
         summary = run_dataset(loaded, out, RunArguments(dataset, limit, on_error), settings=settings,
                               batch_size=batch_size, progress=progress, backend=pool, overwrite=overwrite)
     print_run_summary(summary, out)

@@ -1,7 +1,9 @@
 """The Ray backend: the same batch functions as the local backend, on Ray actors that each load the model once.
 
 A local cluster is started by default (`workers` actors of one CPU each); `address` joins an existing cluster,
-whose nodes need this package and the model. Results come back to the driver, which alone writes files, so no
+whose nodes need this package and the model. When the settings name a CUDA device (or "auto"), each actor also
+asks Ray for `gpus_per_worker` of a GPU (Ray then makes that GPU visible to it, and only that one), so several
+workers can share a GPU with fractions; the driver itself needs no GPU. Results come back to the driver, which alone writes files, so no
 shared filesystem is needed. An actor that dies is restarted (loading the model again) and its unfinished batch
 is run again; the driver keeps one result per batch, so nothing is lost or counted twice. Each actor uses as
 many torch threads as the driver, so its float32 arithmetic, and hence every number, is the driver's.
@@ -17,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..settings import Settings
+from ..settings import Settings, needs_cuda
 from . import SetupFunction, WorkFunction
 
 INSTALL_HINT = "--backend ray needs Ray: pip install 'neuron-attribution[ray]'"
 RESTARTS = 3
+NO_GPU_ON_WORKER = "no CUDA GPU is usable on the Ray worker's node"
 
 
 AUTH_HINT = ("if the cluster uses token authentication (Ray 2.59 and later turn it on for `ray start --head`), "
@@ -57,6 +60,11 @@ class _Worker:
 
         torch.set_num_threads(threads)
         self.settings = settings
+        if needs_cuda(settings.model.device) and not torch.cuda.is_available():
+            import socket
+
+            raise RuntimeError(f"{NO_GPU_ON_WORKER} {socket.gethostname()} (CUDA_VISIBLE_DEVICES="
+                               f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r}, torch {torch.__version__})")
         self.model = load(settings.model)
 
     def run(self, function: WorkFunction, item: Any) -> Any:
@@ -70,9 +78,11 @@ class RayBackend:
     """`map` over Ray actors. Use as a context manager: the actors (and a local cluster this started) stop
     on leaving it."""
 
-    def __init__(self, settings: Settings, *, workers: int = 2, address: str | None = None):
+    def __init__(self, settings: Settings, *, workers: int = 2, address: str | None = None,
+                 gpus_per_worker: float | None = None):
         if workers <= 0:
             raise UserError("--workers must be a positive number")
+        gpus = gpu_share(settings, gpus_per_worker)
         ray = require_ray(address)
         import torch
 
@@ -92,8 +102,22 @@ class RayBackend:
                 if address:
                     raise UserError(f"cannot reach the Ray cluster at {address}: {cause}; {AUTH_HINT}") from None
                 raise UserError(f"cannot start a local Ray cluster: {cause}") from None
-        actor = ray.remote(num_cpus=1, max_restarts=RESTARTS, max_task_retries=RESTARTS)(_Worker)
+        if gpus:
+            self._check_gpus(workers, gpus)
+        actor = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=RESTARTS, max_task_retries=RESTARTS)(_Worker)
         self.actors = [actor.remote(settings, torch.get_num_threads()) for _ in range(workers)]
+        self.gpus_per_worker = gpus
+
+    def _check_gpus(self, workers: int, gpus: float) -> None:
+        """Actors asking for more GPUs than the cluster has would wait for ever: refused at once instead."""
+        total = self.ray.cluster_resources().get("GPU", 0)
+        if workers * gpus > total:
+            self.close()
+            have = "no GPU" if not total else f"{total:g} GPU{'s' if total != 1 else ''}"
+            raise UserError(f"{workers} Ray worker{'s' if workers != 1 else ''} × {gpus:g} GPU "
+                            f"(--device {self.settings.model.device}, --gpus-per-worker) need {workers * gpus:g} "
+                            f"GPUs, but the Ray cluster has {have}; use fewer --workers, a smaller "
+                            "--gpus-per-worker, or --device cpu")
 
     def __enter__(self) -> RayBackend:
         return self
@@ -102,7 +126,7 @@ class RayBackend:
         self.close()
 
     def close(self) -> None:
-        for actor in self.actors:
+        for actor in getattr(self, "actors", []):
             self.ray.kill(actor)
         self.actors = []
         if self.started_cluster:
@@ -116,8 +140,7 @@ class RayBackend:
         try:
             return self.ray.get(references)
         except self.ray.exceptions.RayError as error:
-            raise UserError(f"a Ray worker failed {what} after {RESTARTS} retries: "
-                            f"{str(error).splitlines()[0]}") from None
+            raise UserError(f"a Ray worker failed {what} after {RESTARTS} retries: {_cause(error)}") from None
 
     def map(self, function: WorkFunction, items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         """Two batches in flight per actor; results as they finish."""
@@ -136,3 +159,25 @@ class RayBackend:
                 result = self._get(reference, f"on batch {index}")
                 free.append(actor)
                 yield index, result
+
+
+def gpu_share(settings: Settings, gpus_per_worker: float | None) -> float:
+    """The GPU share each actor asks for: none unless the settings name a CUDA device (or "auto")."""
+    if not needs_cuda(settings.model.device):
+        if gpus_per_worker is not None:
+            raise UserError("--gpus-per-worker needs a CUDA device: add --device cuda (or auto)")
+        return 0.0
+    share = 1.0 if gpus_per_worker is None else float(gpus_per_worker)
+    if share <= 0:
+        raise UserError(f"--gpus-per-worker must be more than 0, got {share:g}")
+    return share
+
+
+def _cause(error: BaseException) -> str:
+    """One line naming what went wrong on the worker: Ray wraps an actor's own error in several lines of its
+    own, the cause's message last."""
+    text = str(error)
+    if NO_GPU_ON_WORKER in text:
+        return next(line.strip() for line in text.splitlines() if NO_GPU_ON_WORKER in line).split(": ", 1)[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

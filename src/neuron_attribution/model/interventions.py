@@ -81,7 +81,7 @@ def _plan(model: LoadedModel, ablations: Sequence[Ablation]) -> _Plan:
 
     def mask(masks: dict[int, torch.Tensor], layer: int, width: int) -> torch.Tensor:
         if layer not in masks:
-            masks[layer] = torch.ones(plan.rows, width)
+            masks[layer] = torch.ones(plan.rows, width, device="cpu")  # the hook moves it to the layer's device
         return masks[layer]
 
     for row, ablation in enumerate(ablations):
@@ -113,7 +113,7 @@ class _PositionedAttention:
 
     def __init__(self, model: LoadedModel, layer: int, neurons: list[tuple[int, int, int, int]], rows: int):
         self.adapter, self.layer, self.shape, self.rows = model.adapter, layer, model.shape, rows
-        self.index = torch.tensor(neurons, dtype=torch.long).reshape(-1, 4)
+        self.index = torch.tensor(neurons, dtype=torch.long, device="cpu").reshape(-1, 4)
         self.values: torch.Tensor | None = None
 
     def capture_values(self, module, args, output) -> None:
@@ -127,7 +127,7 @@ class _PositionedAttention:
         row, head, dim, position = self.index.unbind(-1)
         if self.rows == 1:  # the same neurons in every row of the batch
             count = row.numel()
-            row = torch.arange(batch).repeat_interleave(count)
+            row = torch.arange(batch, device=row.device).repeat_interleave(count)
             head, dim, position = head.repeat(batch), dim.repeat(batch), position.repeat(batch)
         inside = position < tokens  # a shorter prompt has nothing at this source position
         row, head, dim, position = row[inside], head[inside], dim[inside], position[inside]
@@ -181,7 +181,7 @@ def last_logits(model: LoadedModel, batch: Sequence[Sequence[int]], ablation: Ab
         for start in range(0, len(batch), batch_size):
             padded = PaddedBatch.of(batch[start: start + batch_size])
             chunks.append(padded.last_logits(padded.run(model)))
-    return torch.cat(chunks) if chunks else torch.empty(0, model.shape.vocab_size)
+    return torch.cat(chunks) if chunks else torch.empty(0, model.shape.vocab_size, device="cpu")
 
 
 def last_logits_each(model: LoadedModel, batch: Sequence[Sequence[int]], ablations: Sequence[Ablation],
@@ -196,4 +196,4 @@ def last_logits_each(model: LoadedModel, batch: Sequence[Sequence[int]], ablatio
             padded = PaddedBatch.of(batch[rows])
             with ablated_rows(model, ablations[rows]):
                 chunks.append(padded.last_logits(padded.run(model)))
-    return torch.cat(chunks) if chunks else torch.empty(0, model.shape.vocab_size)
+    return torch.cat(chunks) if chunks else torch.empty(0, model.shape.vocab_size, device="cpu")

@@ -28,6 +28,7 @@ from . import gemma_model
 from .adapters import FamilyAdapter, adapter_for
 from .default_model import LABEL as DEFAULT_MODEL_LABEL
 from .default_model import default_model_gguf
+from .devices import check_device
 from .environment import check_supported_versions
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -118,6 +119,7 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     check_supported_versions()
     spec = ModelSpec(_reloadable_name(name), _dtype_name(dtype), device or "cpu", allow_pickle, trust_remote_code)
     torch_dtype = resolve_dtype(dtype)
+    check_device(device, torch_dtype)
     placement = {"device_map": "auto"} if device == "auto" else {}
     if name is None:
         directory, label = _dequantised_cache(default_model_gguf(cache_root())), DEFAULT_MODEL_LABEL

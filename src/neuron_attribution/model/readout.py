@@ -32,7 +32,7 @@ class LinearReadout:
            *, reference: bool = False, max_unembedding_norm: float | None = None,
            softcap: float | None = None) -> LinearReadout:
         scale = float(norm.own_scale(final_residual.double()))
-        constant = torch.zeros(unembedding.shape[0])
+        constant = torch.zeros(unembedding.shape[0], device=unembedding.device)
         if norm.bias is not None and not reference:
             constant = constant + unembedding @ norm.bias
         if unembedding_bias is not None:

@@ -176,23 +176,25 @@ class PaddedBatch:
     def of(cls, batch: Sequence[Sequence[int]]) -> PaddedBatch:
         if not batch or any(len(ids) == 0 for ids in batch):
             raise ValueError("every prompt needs at least one token")
-        lengths = torch.tensor([len(ids) for ids in batch])
-        input_ids = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long)
+        # Token ids and lengths are bookkeeping on the host; `run` moves what the model reads to its device.
+        lengths = torch.tensor([len(ids) for ids in batch], device="cpu")
+        input_ids = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long, device="cpu")
         mask = torch.zeros_like(input_ids)
         for row, ids in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+            input_ids[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long, device="cpu")
             mask[row, : len(ids)] = 1
         return cls(input_ids, mask, lengths)
 
     def run(self, model: LoadedModel):
         device = model.device
-        positions = torch.arange(self.input_ids.shape[1]).unsqueeze(0).expand(self.input_ids.shape[0], -1)
+        batch, width = self.input_ids.shape
+        positions = torch.arange(width, device=device).unsqueeze(0).expand(batch, -1)
         return model.hf_model(input_ids=self.input_ids.to(device), attention_mask=self.mask.to(device),
-                              position_ids=positions.to(device), use_cache=False)
+                              position_ids=positions, use_cache=False)
 
     def last_logits(self, output) -> Tensor:
         """(B, V) float32 logits at each prompt's own last token."""
-        rows = torch.arange(self.input_ids.shape[0])
+        rows = torch.arange(self.input_ids.shape[0], device=output.logits.device)
         return output.logits[rows, (self.lengths - 1).to(output.logits.device)].detach().float().cpu()
 
 

@@ -10,13 +10,13 @@ from ..errors import UserError
 from ..model.loading import LoadedModel
 from ..model.prompts import Prompt, encode_answer, encode_prompt, token_texts
 from ..model.trace import trace_token_ids
-from ..results.attribution import (AttentionNeuron, Attribution, FfnNeuron, HeadPositionScore, HeadScore,
+from ..results.attribution import (AttentionNeuron, Attribution, FfnNeuron, HeadPositionScore,
                                    LayerScores, QueryLayers)
 from ..scoring import query
 from ..scoring.answer import AnswerScores, answer_scores
 from ..scoring.context import value_context
 from ..settings import ScoringOptions
-from .targets import PROJECTION_TOKENS, TOP_HEADS_WITH_POSITIONS, prompt_text, target_info, token_info
+from .targets import PROJECTION_TOKENS, TOP_HEADS_WITH_POSITIONS, prompt_text, ranked_heads, target_info, token_info
 from .predict import top_predictions
 from .queries import query_scores, summed_query_scores
 
@@ -30,7 +30,8 @@ def attribute_answer(model: LoadedModel, prompt: Prompt, answer: str | int | lis
     answer_ids = encode_answer(model, ids, prompt, answer)
     prefixes = [ids + answer_ids[:i] for i in range(len(answer_ids))]
     traces = trace_token_ids(model, prefixes)
-    contexts = [value_context(model, trace, token, reference=options.reference, memory_budget=options.memory_budget)
+    contexts = [value_context(model, trace, token, reference=options.reference, memory_budget=options.memory_budget,
+                              budget_fixed=options.budget_fixed)
                 for trace, token in zip(traces, answer_ids)]
     tokens = token_texts(model, prefixes[-1])
     shape = model.shape
@@ -40,9 +41,7 @@ def attribute_answer(model: LoadedModel, prompt: Prompt, answer: str | int | lis
     target.tokens = [token_info(torch.softmax(trace.logits.double(), dim=-1), token, token_texts(model, [token])[0])
                      for trace, token in zip(traces, answer_ids)]
     target.n_answer_tokens = len(answer_ids)
-    heads = [HeadScore(i.layer, i.head, float(scores.heads[i])) for i in shape.head_indices(torch.arange(
-        scores.heads.numel()))]
-    heads.sort(key=lambda h: -h.score)
+    heads = ranked_heads(shape, scores.heads)
     ffn_neurons = _ffn_neurons(model, contexts, scores)
     attention_neurons = _attention_neurons(contexts, scores, tokens)
     query_neurons, query_layers, skipped = [], QueryLayers([], []), []

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 
 from ..errors import UserError
 from ..model.loading import LoadedModel
 from ..model.prompts import Prompt, encode_prompt, token_texts
 from ..model.trace import Trace, trace_token_ids
 from ..results.attribution import (AttentionNeuron, Attribution, DenseScores, FfnNeuron, HeadPositionScore,
-                                   HeadScore, LayerScores, QueryLayers)
+                                   LayerScores, QueryLayers)
 from ..scoring import value
-from ..scoring.context import ValueContext, on_scoring_device, value_context
+from ..scoring.context import ValueContext, value_context
 from ..settings import (DEFAULT_MEMORY_BUDGET, DEFAULT_QUERY_TOP, DEFAULT_QUERY_VIA, DEFAULT_TOP_K, ScoringOptions,
                         check_positive)
 from .answer import attribute_answer
 from .predict import top_predictions
 from .queries import query_scores
-from .targets import PROJECTION_TOKENS, TOP_HEADS_WITH_POSITIONS, Target, prompt_text, target_info
+from .targets import PROJECTION_TOKENS, TOP_HEADS_WITH_POSITIONS, Target, prompt_text, ranked_heads, target_info
 
 
 
@@ -55,7 +54,6 @@ def attribute_batch(model: LoadedModel, prompts: Sequence[Prompt], targets: Sequ
     return attribute_with(model, prompts, targets, options, dense=dense, batch_size=batch_size, contrasts=contrasts)
 
 
-@on_scoring_device
 def attribute_with(model: LoadedModel, prompts: Sequence[Prompt], targets: Sequence[str | int | None] | None,
                    options: ScoringOptions, *, dense: bool = False, batch_size: int = 8,
                    contrasts: Sequence[str | int | None] | None = None) -> list[Attribution]:
@@ -90,15 +88,13 @@ def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: 
     top_k = options.top_k
     target = target_info(model, prompt, ids, trace, target, contrast)
     ctx = value_context(model, trace, target.id, reference=options.reference, memory_budget=options.memory_budget,
-                        contrast=None if target.contrast is None else target.contrast.id)
+                        contrast=None if target.contrast is None else target.contrast.id,
+                        budget_fixed=options.budget_fixed)
     tokens = token_texts(model, ids)
 
     attention_layers, ffn_layers = value.layer_scores(ctx)
     scores = value.value_scores(ctx, max(top_k, options.query_top), TOP_HEADS_WITH_POSITIONS, PROJECTION_TOKENS)
-    heads = scores.heads
-    head_list = [HeadScore(index.layer, index.head, float(heads[index]))
-                 for index in model.shape.head_indices(torch.arange(heads.numel()))]
-    head_list.sort(key=lambda s: -s.score)
+    head_list = ranked_heads(model.shape, scores.heads)
     head_positions = [HeadPositionScore(l, h, p, tokens[p], float(scores.positions[i, p]))
                       for i, (l, h) in enumerate(scores.position_heads) for p in range(scores.positions.shape[1])]
     ffn_neurons = _ffn_neurons(model, ctx, scores.ffn)

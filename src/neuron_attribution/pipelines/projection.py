@@ -12,7 +12,6 @@ from ..model.readout import project_to_vocabulary
 from ..neurons import AttentionIndex, FfnIndex, HeadIndex, as_index
 from ..results.attribution import AttentionNeuron, FfnNeuron, Projection
 from ..scoring import query
-from ..scoring.context import on_scoring_device
 
 
 def project(model: LoadedModel, neuron: FfnNeuron | AttentionNeuron | FfnIndex | AttentionIndex | tuple,
@@ -25,7 +24,6 @@ def project(model: LoadedModel, neuron: FfnNeuron | AttentionNeuron | FfnIndex |
     return projection_of(model, neuron_vector(model, neuron), k)
 
 
-@on_scoring_device
 def projection_of(model: LoadedModel, vector: torch.Tensor, k: int) -> Projection:
     logits = project_to_vocabulary(model.adapter.final_norm(), model.adapter.unembedding[0], vector)
     top, bottom = logits.topk(k), logits.topk(k, largest=False)

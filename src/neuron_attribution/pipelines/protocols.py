@@ -31,7 +31,7 @@ from ..neurons import HeadIndex
 from ..results.evaluation import Evaluation
 from ..results.metrics import GoldScores, Metrics
 from ..scoring import query, value
-from ..scoring.context import ValueContext, on_scoring_device, value_context
+from ..scoring.context import ValueContext, value_context
 from ..scoring.methods import METHODS, FfnScorer, MethodResources, create_scorers
 from ..scoring.methods.baselines import sentence_seed
 from ..scoring.ranks import ranks_for
@@ -112,7 +112,6 @@ class AblationProtocol(EvaluationProtocol):
         return Evaluation(self.key, model.name, request.top or self.default_top, len(sentences), methods)
 
 
-@on_scoring_device
 def ablation_batch(model: LoadedModel, settings: Settings, work: tuple[Request, list[Sentence]]
                    ) -> dict[str, GoldScores]:
     """One batch of an ablation protocol: trace the sentences, find what each row switches off, run them all;
@@ -120,7 +119,7 @@ def ablation_batch(model: LoadedModel, settings: Settings, work: tuple[Request, 
     request, sentences = work
     protocol = PROTOCOLS[request.protocol]()
     traces = trace_token_ids(model, [s.ids for s in sentences])
-    gold = torch.tensor([s.target for s in sentences])
+    gold = _gold(sentences)
     make = protocol.ablations(model, settings, request)
     ids, ablations, keys = [], [], []
     for sentence, trace in zip(sentences, traces):
@@ -137,13 +136,26 @@ def ablation_batch(model: LoadedModel, settings: Settings, work: tuple[Request, 
     return scores | {key: GoldScores.of(torch.stack(r), gold) for key, r in rows.items()}
 
 
-@on_scoring_device
 def _prepare_ranks(model: LoadedModel, settings: Settings, progress: Callable[[int, int], None] | None) -> None:
     ranks_for(model).prepare(progress)
 
 
+def _gold(sentences: list[Sentence]) -> Tensor:
+    return torch.tensor([s.target for s in sentences], device="cpu")
+
+
+def _rows_of_type(sentences: list[Sentence], kind: str | None) -> Tensor:
+    return torch.tensor([i for i, s in enumerate(sentences) if s.type == kind], device="cpu")
+
+
+def _random_order(n: int, generator: torch.Generator) -> Tensor:
+    """A random permutation of range(n), drawn on the CPU: the same seed picks the same neurons whatever device
+    the scores are computed on."""
+    return torch.randperm(n, generator=generator, device="cpu")
+
+
 def _generator(seed: int, sentence: Sentence) -> torch.Generator:
-    return torch.Generator().manual_seed(sentence_seed(seed, torch.tensor(sentence.ids), sentence.target))
+    return torch.Generator(device="cpu").manual_seed(sentence_seed(seed, sentence.ids, sentence.target))
 
 
 class Compare(AblationProtocol):
@@ -186,8 +198,8 @@ class ValueNeurons(AblationProtocol):
             n_tokens = ctx.trace.n_tokens
             ffn, attention = value.top_ffn(ctx, n_ffn), value.top_attention(ctx, n_attention)
             generator = _generator(request.seed, sentence)
-            random_ffn = torch.randperm(s.n_layers * s.d_ffn, generator=generator)[:n_ffn]
-            random_attention = torch.randperm(math.prod(s.attention_grid(n_tokens)), generator=generator)[:n_attention]
+            random_ffn = _random_order(s.n_layers * s.d_ffn, generator)[:n_ffn]
+            random_attention = _random_order(math.prod(s.attention_grid(n_tokens)), generator)[:n_attention]
             return {"value": Ablation(ffn=s.ffn_indices(ffn.indices),
                                       attention_at=s.attention_indices(attention.indices, n_tokens)),
                     "random": Ablation(ffn=s.ffn_indices(random_ffn),
@@ -213,22 +225,21 @@ class QueryNeurons(AblationProtocol):
                                  in zip(s.attention_indices(attention.indices, n_tokens), attention.scores)]
             total = query_scores(model, ctx.trace, ffn_neurons, attention_neurons,
                                  settings.scoring.query_via).total.reshape(-1)
-            best = rank_by_score(total, torch.arange(total.numel()))[:top]
-            random_ffn = torch.randperm(s.n_layers * s.d_ffn, generator=_generator(request.seed, sentence))[:top]
+            best = rank_by_score(total)[:top]
+            random_ffn = _random_order(s.n_layers * s.d_ffn, _generator(request.seed, sentence))[:top]
             return {"query": Ablation(ffn=s.ffn_indices(best)), "random": Ablation(ffn=s.ffn_indices(random_ffn))}
         return make
 
 
 # --- heads: score them all, choose per type, then switch them off ------------------------------------------
 
-@on_scoring_device
 def head_scores_batch(model: LoadedModel, settings: Settings, sentences: list[Sentence]) -> tuple[GoldScores, Tensor]:
     """The unablated gold scores and every head's score, (n, L, H), for one batch."""
     traces = trace_token_ids(model, [s.ids for s in sentences])
-    gold = torch.tensor([s.target for s in sentences])
+    gold = _gold(sentences)
     heads = torch.stack([value.head_scores(value_context(model, trace, s.target,
                                                          memory_budget=settings.scoring.memory_budget))
-                         for s, trace in zip(sentences, traces)])
+                         for s, trace in zip(sentences, traces)]).cpu()
     return GoldScores.of(torch.stack([t.logits for t in traces]), gold), heads
 
 
@@ -236,7 +247,7 @@ def heads_ablation_batch(model: LoadedModel, settings: Settings,
                          work: tuple[dict[str, list[HeadIndex]], list[Sentence]]) -> dict[str, GoldScores]:
     """The gold scores of one batch with each named set of heads switched off in turn."""
     runs, sentences = work
-    gold = torch.tensor([s.target for s in sentences])
+    gold = _gold(sentences)
     ids = [s.ids for s in sentences]
     return {key: GoldScores.of(last_logits_each(model, ids, [Ablation(heads=heads)] * len(ids), batch_size=16), gold)
             for key, heads in runs.items()}
@@ -257,11 +268,11 @@ class Heads(EvaluationProtocol):
         types = sorted({s.type for s in sentences})
         chosen = {}
         for kind in types:
-            rows = torch.tensor([i for i, s in enumerate(sentences) if s.type == kind])
+            rows = _rows_of_type(sentences, kind)
             mean = heads[rows].mean(dim=0).reshape(-1)
-            chosen[kind] = model.shape.head_indices(rank_by_score(mean, torch.arange(mean.numel()))[:count])
-        generator = torch.Generator().manual_seed(request.seed)
-        chosen_random = model.shape.head_indices(torch.randperm(n_layers * n_heads, generator=generator)[:count])
+            chosen[kind] = model.shape.head_indices(rank_by_score(mean)[:count])
+        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        chosen_random = model.shape.head_indices(_random_order(n_layers * n_heads, generator)[:count])
         runs = {f"heads:{kind}": chosen[kind] for kind in types} | {"random": chosen_random}
         parts = gathered(backend, heads_ablation_batch, [(runs, batch) for batch in batches], sizes,
                          "switching off each type's top heads", report)
@@ -274,7 +285,7 @@ class Heads(EvaluationProtocol):
             ablated = key.removeprefix("heads:")
             by_type[ablated] = {}
             for kind in types:
-                rows = torch.tensor([i for i, s in enumerate(sentences) if s.type == kind])
+                rows = _rows_of_type(sentences, kind)
                 by_type[ablated][kind] = Metrics.of(scores[key].subset(rows), Metrics.of(original.subset(rows)))
         result.by_type = by_type
         result.heads = {kind: [tuple(h) for h in hs] for kind, hs in {**chosen, "random": chosen_random}.items()}

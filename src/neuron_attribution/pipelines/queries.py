@@ -37,7 +37,7 @@ class QueryScores:
 
     def top(self, k: int) -> list[QueryNeuron]:
         total = self.total.reshape(-1)
-        ranked = rank_by_score(total, torch.arange(total.numel()))[:k]
+        ranked = rank_by_score(total)[:k]
         result = []
         for flat, (layer, neuron) in zip(ranked.tolist(), self.shape.ffn_indices(ranked)):
             result.append(QueryNeuron(layer, neuron, float(total[flat]), *self._paths(layer, neuron)))
@@ -72,7 +72,7 @@ def query_scores(model: LoadedModel, trace: Trace, ffn_neurons: Sequence[FfnNeur
         ffn_readings, ffn_skipped = query.usable(readings)
         skipped += split_skipped + ffn_skipped
     parts = query.query_ffn_scores(trace, model.adapter.all_ffn_values, attention_readings + ffn_readings)
-    zeros = torch.zeros(shape.n_layers, shape.d_ffn)
+    zeros = torch.zeros(shape.n_layers, shape.d_ffn, device=model.adapter.device)
     attention = parts.pop("value", zeros) if via != "ffn" else None
     ffn_parts = {name: parts.get(name, zeros) for name in weights[0].ffn_subkeys} if via != "attention" else None
     layers = QueryLayers(

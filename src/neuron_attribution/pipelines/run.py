@@ -14,7 +14,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,6 +26,7 @@ from ..execution import Backend, LocalBackend, settings_for
 from ..files import write_json
 from ..model.loading import LoadedModel
 from ..results.tables import tables_of
+from ..scoring.exact import device_budget
 from ..settings import ScoringOptions, Settings, check_positive
 from .attribute import attribute_with
 from .filter import Checked, filter_facts
@@ -43,14 +44,11 @@ class RunArguments:
     on_error: str = "skip"
 
     def identity(self, model: LoadedModel, settings: Settings, batch_size: int) -> dict:
-        """What must match for a directory to be resumed: the model and everything that changes results (the
-        batch size too: float32 rounding depends on which prompts are padded together)."""
-        scoring = settings.scoring
-        return {"model": model.name, "dtype": model.dtype, "device": str(model.device), "dataset": self.dataset,
-                "dataset_sha256": _dataset_digest(self.dataset), "limit": self.limit, "top": scoring.top_k,
-                "query_top": scoring.query_top, "query_via": scoring.query_via, "reference": scoring.reference,
-                "answer_tokens": scoring.answer_tokens,
-                "on_error": self.on_error,
+        """What must match for a directory to be resumed: every setting (derived from the settings object, so
+        none can be forgotten), the dataset's content and everything else that changes results (the batch size
+        too: float32 rounding depends on which prompts are padded together)."""
+        return {"model": model.name, **settings.flat(), "dataset": self.dataset,
+                "dataset_sha256": _dataset_digest(self.dataset), "limit": self.limit, "on_error": self.on_error,
                 "batch_size": batch_size, "neuron_attribution": __version__}
 
 
@@ -90,7 +88,7 @@ def run_dataset(model: LoadedModel, directory: Path | str, arguments: RunArgumen
     if arguments.limit is not None:
         check_positive("--limit", arguments.limit)
     settings = backend.settings if backend is not None else settings or run_settings(model)
-    if model.spec is not None and settings.model != model.spec:
+    if model.spec is not None and replace(settings.model, device=None) != replace(model.spec, device=None):
         raise UserError(f"the settings name another model ({settings.model}) than the one given ({model.spec}); "
                         "build them with Settings(model.spec, ...)")
     report = progress or (lambda what, done, total: None)
@@ -108,6 +106,8 @@ def run_dataset(model: LoadedModel, directory: Path | str, arguments: RunArgumen
 def _run(model: LoadedModel, directory: Path, arguments: RunArguments, settings: Settings, batch_size: int,
          report: Progress, backend: Backend | None, overwrite: bool, started: float) -> RunSummary:
     record = claim(directory, arguments.identity(model, settings, batch_size), overwrite)
+    pool = backend or LocalBackend(model, settings)
+    budget = _memory_budget_in_use(directory, record, pool)
     checked, left_out = _filtered(model, directory, arguments, report)
     sentences = _selected(checked, arguments.limit)
     if not sentences:
@@ -122,8 +122,8 @@ def _run(model: LoadedModel, directory: Path, arguments: RunArguments, settings:
     finished = len(sentences) - sum(len(batch) for batch in todo)
     report("attributing sentences", finished, len(sentences))
     attribution_started = time.perf_counter()
-    works = [PartWork([(i, sentences[i]) for i in batch]) for batch in todo]
-    for index, tables in (backend or LocalBackend(model, settings)).map(attribute_part, works):
+    works = [PartWork([(i, sentences[i]) for i in batch], budget) for batch in todo]
+    for index, tables in pool.map(attribute_part, works):
         write_part(parts, todo[index][0], tables)
         finished += len(todo[index])
         report("attributing sentences", finished, len(sentences))
@@ -170,18 +170,37 @@ def _nothing_left(checked: Sequence[Checked], left_out: list[dict]) -> str:
 
 @dataclass(frozen=True)
 class PartWork:
-    """One fixed batch: (sentence id, checked fact) pairs."""
+    """One fixed batch: (sentence id, checked fact) pairs, and the scoring buffers' budget the run fixed."""
 
     sentences: list[tuple[int, Checked]]
+    memory_budget: int
 
 
 def attribute_part(model: LoadedModel, settings: Settings, work: PartWork) -> dict[str, pa.Table]:
     """The six tables of one batch (runs wherever the backend puts it)."""
+    options = replace(settings.scoring, memory_budget=work.memory_budget, budget_fixed=True)
     results = attribute_with(model, [c.fact.prompt for _, c in work.sentences],
-                             [c.fact.answer if settings.scoring.answer_tokens == "all" else c.target
-                              for _, c in work.sentences], settings.scoring,
+                             [c.fact.answer if options.answer_tokens == "all" else c.target
+                              for _, c in work.sentences], options,
                              batch_size=len(work.sentences), contrasts=[c.fact.contrast for _, c in work.sentences])
     return tables_of([(i, c.fact, r) for (i, c), r in zip(work.sentences, results)])
+
+
+def memory_budget_here(model: LoadedModel, settings: Settings, cap: int) -> int:
+    """The scoring buffers' budget on this model's device now: the cap, and on a GPU at most half its free
+    memory (runs wherever the backend puts it, so it is the workers' device that counts)."""
+    return device_budget(cap, model.adapter.device) if not settings.scoring.budget_fixed else cap
+
+
+def _memory_budget_in_use(directory: Path, record: dict, backend: Backend) -> int:
+    """Fixed when the run starts and recorded in run.json: a resumed run batches its products, and so rounds,
+    exactly as the first call did, whatever memory is free on its GPU now."""
+    if "memory_budget_in_use" not in record:
+        cap = backend.settings.scoring.memory_budget
+        ((_, budget),) = list(backend.map(memory_budget_here, [cap]))
+        record["memory_budget_in_use"] = int(budget)
+        write_json(directory / "run.json", record)
+    return record["memory_budget_in_use"]
 
 
 def _filtered(model: LoadedModel, directory: Path, arguments: RunArguments, report: Progress

@@ -15,7 +15,7 @@ from ..model.trace import trace_token_ids
 from ..neurons import NeuronIndex, as_index, parse_neuron
 from ..results.neuron_scores import NeuronScores, coefficient_or_none
 from ..scoring import value
-from ..scoring.context import on_scoring_device, value_context
+from ..scoring.context import value_context
 from ..scoring.exact import score_rows
 from ..settings import DEFAULT_MEMORY_BUDGET, check_positive
 from .attribute import Target, prompt_text, target_info
@@ -23,7 +23,6 @@ from .attribute import Target, prompt_text, target_info
 NeuronLike = NeuronIndex | tuple | str
 
 
-@on_scoring_device
 def score_neurons(model: LoadedModel, prompts: Prompt | Sequence[Prompt], targets: Target | Sequence[Target] = None,
                   neurons: Sequence[NeuronLike] = (), *, reference: bool = False,
                   memory_budget: int = DEFAULT_MEMORY_BUDGET, batch_size: int = 8) -> NeuronScores:

@@ -8,7 +8,8 @@ from torch import Tensor
 from ..model.loading import LoadedModel
 from ..model.prompts import Prompt, encode_contrast, encode_target, token_texts
 from ..model.trace import Trace
-from ..results.attribution import TargetInfo, TokenInfo
+from ..neurons import ModelShape
+from ..results.attribution import HeadScore, TargetInfo, TokenInfo
 
 PROJECTION_TOKENS = 10  # vocabulary tokens kept at each end of an FFN neuron's projection
 TOP_HEADS_WITH_POSITIONS = 5
@@ -33,6 +34,14 @@ def target_info(model: LoadedModel, prompt: Prompt, ids: list[int], trace: Trace
 def token_info(probs: Tensor, token_id: int, text: str) -> TokenInfo:
     """A token's probability and rank (1 = the top prediction) under one position's next-token distribution."""
     return TokenInfo(text, token_id, float(probs[token_id]), int((probs > probs[token_id]).sum()) + 1)
+
+
+def ranked_heads(shape: ModelShape, scores: Tensor) -> list[HeadScore]:
+    """Every head with its score, best first (ties in (layer, head) order), from (L, H) scores on any device."""
+    scores = scores.detach().cpu()
+    heads = [HeadScore(i.layer, i.head, float(scores[i]))
+             for i in shape.head_indices(torch.arange(scores.numel(), device="cpu"))]
+    return sorted(heads, key=lambda h: -h.score)
 
 
 def prompt_text(model: LoadedModel, prompt: Prompt, ids: list[int]) -> str:

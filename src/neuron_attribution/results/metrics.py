@@ -19,7 +19,9 @@ class GoldScores:
 
     @classmethod
     def of(cls, logits: Tensor, gold: Tensor) -> GoldScores:
-        logits = logits.double()
+        """On the CPU, wherever the logits were computed: results travel to a driver that may have no GPU."""
+        logits = logits.detach().to(device="cpu", dtype=torch.float64)
+        gold = gold.to("cpu")
         gold_logits = logits.gather(1, gold.unsqueeze(1))
         ranks = (logits > gold_logits).sum(dim=1) + 1
         log_probs = torch.log_softmax(logits, dim=-1).gather(1, gold.unsqueeze(1)).squeeze(1)

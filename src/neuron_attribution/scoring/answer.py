@@ -41,7 +41,7 @@ def answer_scores(contexts: list[ValueContext], k: int, n_position_heads: int, p
     layer_parts = [value.layer_scores(c) for c in contexts]
     layers = (torch.stack([a for a, _ in layer_parts]).sum(0), torch.stack([f for _, f in layer_parts]).sum(0))
     heads = torch.stack([value.head_scores(c) for c in contexts]).sum(0)
-    flat = rank_by_score(heads.reshape(-1), torch.arange(heads.numel()))
+    flat = rank_by_score(heads.reshape(-1))
     position_heads = shape.head_indices(flat[:n_position_heads])
     positions = torch.stack([_padded(_position_scores(c, position_heads), width) for c in contexts]).sum(0)
 
@@ -54,7 +54,7 @@ def answer_scores(contexts: list[ValueContext], k: int, n_position_heads: int, p
 
     def attention_scores(chunk: Tensor) -> tuple[Tensor, Tensor]:
         layer, head, dim, position = torch.unravel_index(chunk, grid)
-        per_token = torch.zeros(len(chunk), len(contexts))
+        per_token = torch.zeros(len(chunk), len(contexts), device=chunk.device)
         for i, c in enumerate(contexts):
             seen = position < c.trace.n_tokens
             own = shape.attention_grid(c.trace.n_tokens)
@@ -66,7 +66,8 @@ def answer_scores(contexts: list[ValueContext], k: int, n_position_heads: int, p
     attention = exact_top_k(attention_bounds, attention_scores, k)
     (projected,) = score_rows(contexts[0], [value.ffn_rows(contexts[0], ffn.indices, projection)])
     return AnswerScores(layers, heads, position_heads, positions, ffn, attention,
-                        projected.projection if projected.projection is not None else torch.empty(0, 0))
+                        projected.projection if projected.projection is not None
+                        else torch.empty(0, 0, dtype=torch.long, device=heads.device))
 
 
 def _position_scores(ctx: ValueContext, heads: list[tuple[int, int]]) -> Tensor:

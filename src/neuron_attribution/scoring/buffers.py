@@ -15,9 +15,8 @@ class Scratch:
     def __init__(self):
         self._local = threading.local()
 
-    def buffer(self, name: str, rows: int, columns: int) -> Tensor:
+    def buffer(self, name: str, rows: int, columns: int, device: torch.device) -> Tensor:
         store = self._local.__dict__.setdefault("buffers", {})
-        device = default_device()  # the scoring device (pipelines score inside `with torch.device`)
         key = (name, device)
         held = store.get(key)
         if held is None or held.shape[1] != columns or held.shape[0] < rows:
@@ -26,8 +25,3 @@ class Scratch:
 
 
 scratch = Scratch()
-
-
-def default_device() -> torch.device:
-    """Where factory functions put new tensors now (torch.get_default_device exists only from torch 2.3)."""
-    return torch.empty(()).device

@@ -6,11 +6,8 @@ math on it. Nothing here runs the model.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -20,10 +17,7 @@ from ..model.readout import LinearReadout
 from ..model.trace import Trace
 from ..neurons import ModelShape
 from ..settings import DEFAULT_MEMORY_BUDGET
-from .buffers import default_device, scratch
-
-T = TypeVar("T")
-
+from .buffers import scratch
 
 @dataclass
 class ValueContext:
@@ -44,35 +38,39 @@ class ValueContext:
     # A contrastive target (docs/method.md §2): every score is then Imp_target − Imp_contrast, the change of
     # log p(target) − log p(contrast), which needs the two tokens' logits only.
     contrast: int | None = None
+    budget_fixed: bool = False  # use memory_budget as it is, without capping it at a GPU's free memory
 
     @classmethod
     def build(cls, trace: Trace, ffn_values: Tensor, output_weights: Tensor, shape: ModelShape,
               readout: LinearReadout, target: int, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-              only_states: list[int] | None = None, contrast: int | None = None) -> ValueContext:
+              only_states: list[int] | None = None, contrast: int | None = None,
+              budget_fixed: bool = False) -> ValueContext:
         """`only_states`: compute the vocabulary-sized base quantities for these states only (the others are
         NaN), for callers that score a few chosen neurons."""
         before = trace.layer_inputs[:, -1]  # (L, d)
         middle = trace.ffn_inputs(-1, shape.parallel)
         states = torch.stack([before, middle], dim=1).reshape(-1, before.shape[-1])
-        states = torch.cat([states, trace.final_residual[-1:], torch.zeros(1, states.shape[-1])], dim=0)
+        states = torch.cat([states, trace.final_residual[-1:], states.new_zeros(1, states.shape[-1])], dim=0)
         normalised = readout.normalise(states)
         if contrast is not None:
             # Only the two tokens' logits matter: no vocabulary-sized product.
             context = cls(trace, ffn_values, output_weights, shape, readout, target, normalised, None, None,
-                          memory_budget, contrast)
+                          memory_budget, contrast, budget_fixed)
             context.target_log_probs = context.pair_logit_difference(normalised)
             return context
         vocabulary = readout.unembedding.shape[0]
-        wanted = slice(None) if only_states is None else torch.tensor(sorted(set(only_states)), dtype=torch.long)
+        wanted = slice(None) if only_states is None else torch.tensor(sorted(set(only_states)), dtype=torch.long,
+                                                                     device=states.device)
         picked = normalised[wanted]
-        logits = readout.logits_of_normalised(picked, out=scratch.buffer("logits", len(picked), vocabulary))
+        logits = readout.logits_of_normalised(picked, out=scratch.buffer("logits", len(picked), vocabulary,
+                                                                          states.device))
         log_sum_exp = torch.logsumexp(logits, dim=-1)
         log_probs = logits - log_sum_exp.unsqueeze(-1)
         if only_states is not None:
-            log_probs = torch.full((len(states), vocabulary), float("nan")).index_copy_(0, wanted, log_probs)
-            log_sum_exp = torch.full((len(states),), float("nan")).index_copy_(0, wanted, log_sum_exp)
+            log_probs = log_probs.new_full((len(states), vocabulary), float("nan")).index_copy_(0, wanted, log_probs)
+            log_sum_exp = log_sum_exp.new_full((len(states),), float("nan")).index_copy_(0, wanted, log_sum_exp)
         return cls(trace, ffn_values, output_weights, shape, readout, target, normalised, log_probs,
-                   log_sum_exp, memory_budget, contrast)
+                   log_sum_exp, memory_budget, contrast, budget_fixed)
 
     @cached_property
     def _directions(self) -> Tensor:
@@ -84,9 +82,14 @@ class ValueContext:
             # it is the exact score, not only a bound.
             difference = unembedding[self.target] - unembedding[self.contrast]
             return self.readout.pullback(difference).expand(len(self.normalised_states), -1)
-        probs = torch.exp(self.base_log_probs, out=scratch.buffer("bases", *self.base_log_probs.shape))
+        probs = torch.exp(self.base_log_probs, out=scratch.buffer("bases", *self.base_log_probs.shape, self.device))
         expected_row = probs @ unembedding  # p(x)·U per state
         return self.readout.pullback(unembedding[self.target] - expected_row)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the trace, the weights and every product of this context live (the output head's device)."""
+        return self.normalised_states.device
 
     @property
     def bound_directions(self) -> Tensor:
@@ -115,7 +118,7 @@ class ValueContext:
         """z_target − z_contrast (soft-capped where the model caps) for rows already through the readout's
         linear part: log p(target) − log p(contrast), the log-sum-exp cancelling."""
         readout = self.readout
-        pair = torch.tensor([self.target, self.contrast])
+        pair = torch.tensor([self.target, self.contrast], device=normalised.device)
         logits = normalised @ readout.unembedding[pair].T
         if readout.has_constant:
             logits = logits + readout.constant_logits[pair]
@@ -146,20 +149,6 @@ class ValueContext:
 
 
 
-def on_scoring_device(function: Callable[..., T]) -> Callable[..., T]:
-    """Run a pipeline step whose first argument is the model with tensors created on the model's scoring
-    device by default (where the trace and the weights are): on a GPU every vocabulary-sized product stays
-    there, and on the CPU nothing changes."""
-    @functools.wraps(function)
-    def on_device(model: LoadedModel, *args, **kwargs) -> T:
-        device = model.adapter.device
-        if device == default_device():
-            return function(model, *args, **kwargs)  # the device mode intercepts every op: not for nothing
-        with torch.device(device):
-            return function(model, *args, **kwargs)
-    return on_device
-
-
 def readout_for(model: LoadedModel, trace: Trace, reference: bool = False) -> LinearReadout:
     unembedding, bias = model.adapter.unembedding
     return LinearReadout.at(model.adapter.final_norm(), unembedding, bias, trace.final_residual[-1],
@@ -169,7 +158,8 @@ def readout_for(model: LoadedModel, trace: Trace, reference: bool = False) -> Li
 
 def value_context(model: LoadedModel, trace: Trace, target: int, *, reference: bool = False,
                   memory_budget: int = DEFAULT_MEMORY_BUDGET, only_states: list[int] | None = None,
-                  contrast: int | None = None) -> ValueContext:
+                  contrast: int | None = None, budget_fixed: bool = False) -> ValueContext:
     adapter = model.adapter
     return ValueContext.build(trace, adapter.all_ffn_values, adapter.all_output_weights, model.shape,
-                              readout_for(model, trace, reference), target, memory_budget, only_states, contrast)
+                              readout_for(model, trace, reference), target, memory_budget, only_states, contrast,
+                              budget_fixed)

@@ -49,28 +49,31 @@ def score_rows(ctx: ValueContext, groups: list[Rows]) -> list[Scored]:
     product (the readout is linear), so no vocabulary-sized base has to be gathered per row."""
     if not groups:
         return []
+    device = ctx.device
     bases = torch.cat([g.bases for g in groups])
     scaled = torch.cat([g.scaled() for g in groups])
-    signs = torch.cat([torch.ones(len(g)) if g.coefficients is None else g.coefficients.sign() for g in groups])
-    keep = torch.cat([torch.full((len(g),), g.projection, dtype=torch.long) for g in groups])
+    signs = torch.cat([torch.ones(len(g), device=device) if g.coefficients is None else g.coefficients.sign()
+                       for g in groups])
+    keep = torch.cat([torch.full((len(g),), g.projection, dtype=torch.long, device=device) for g in groups])
     width = max(g.projection for g in groups)
-    scores = torch.empty(len(bases))
-    projection = torch.zeros(len(bases), 2 * width, dtype=torch.long)
+    scores = torch.empty(len(bases), device=device)
+    projection = torch.zeros(len(bases), 2 * width, dtype=torch.long, device=device)
     readout = ctx.readout
     if ctx.contrast is not None:
         scores = _contrast_scores(ctx, bases, scaled)
         if width:
-            keys = torch.cat([g.keys if g.keys is not None else torch.full((len(g),), -1) for g in groups])
+            keys = torch.cat([g.keys if g.keys is not None else torch.full((len(g),), -1, device=device)
+                              for g in groups])
             wanted = (keep > 0).nonzero().squeeze(-1)
             projection[wanted] = _cached_projection_ids(ctx, bases, wanted, scaled, signs, keys, width)
         return _split(groups, scores, projection)
     vocabulary = readout.unembedding.shape[0]
     with _flushing_denormals():
-        budget = device_budget(ctx.memory_budget, scaled.device)
+        budget = ctx.memory_budget if ctx.budget_fixed else device_budget(ctx.memory_budget, device)
         for rows in _balanced_batches(len(bases), rows_per_product(vocabulary, budget)):
             size = rows.stop - rows.start
             moved = ctx.normalised_states[bases[rows]] + readout.normalise(scaled[rows])
-            logits = readout.logits_of_normalised(moved, out=scratch.buffer("logits", size, vocabulary))
+            logits = readout.logits_of_normalised(moved, out=scratch.buffer("logits", size, vocabulary, device))
             wanted = (keep[rows] > 0).nonzero().squeeze(-1)
             if width and wanted.numel():
                 changes = _logit_changes(ctx, logits, bases[rows], wanted, scaled[rows])
@@ -114,7 +117,7 @@ def _cached_projection_ids(ctx: ValueContext, bases: Tensor, wanted: Tensor, sca
     """Projection ids of the wanted rows, computed once per (model, neuron): the contrastive path has no fused
     logits to read them from, and one vocabulary product per returned neuron is most of its cost."""
     cache = _projection_cache(ctx.ffn_values)
-    ids = torch.empty(len(wanted), 2 * width, dtype=torch.long)
+    ids = torch.empty(len(wanted), 2 * width, dtype=torch.long, device=ctx.device)
     wanted_keys = keys[wanted].tolist()
     missing = []
     for i, key in enumerate(wanted_keys):
@@ -146,7 +149,7 @@ def _logit_changes(ctx: ValueContext, logits: Tensor | None, bases: Tensor, want
     if ctx.readout.softcap is not None or logits is None:
         return torch.matmul(ctx.readout.normalise(scaled[wanted]), ctx.readout.unembedding.T)
     base = torch.index_select(ctx.base_log_probs, 0, bases[wanted],
-                              out=scratch.buffer("bases", wanted.numel(), logits.shape[1]))
+                              out=scratch.buffer("bases", wanted.numel(), logits.shape[1], logits.device))
     return base.neg_().add_(logits[wanted])
 
 

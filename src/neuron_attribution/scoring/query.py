@@ -164,14 +164,16 @@ class _Stacked:
 
     @classmethod
     def of(cls, readings: list[SubkeyReading]) -> _Stacked:
-        return cls(torch.stack([r.scaled_subkey for r in readings]), torch.tensor([r.position for r in readings]),
-                   torch.tensor([r.layer for r in readings]),
-                   torch.tensor([r.score / r.denominator for r in readings]))
+        keys = torch.stack([r.scaled_subkey for r in readings])
+        return cls(keys, torch.tensor([r.position for r in readings], device=keys.device),
+                   torch.tensor([r.layer for r in readings], device=keys.device),
+                   torch.tensor([r.score / r.denominator for r in readings], device=keys.device))
 
 
-def _rows_by_name(readings: list[SubkeyReading]) -> dict[str, Tensor]:
+def _rows_by_name(readings: list[SubkeyReading], device: torch.device) -> dict[str, Tensor]:
     names = [r.subkey_name for r in readings]
-    return {name: torch.tensor([i for i, n in enumerate(names) if n == name]) for name in dict.fromkeys(names)}
+    return {name: torch.tensor([i for i, n in enumerate(names) if n == name], device=device)
+            for name in dict.fromkeys(names)}
 
 
 def query_ffn_scores(trace: Trace, ffn_values: Tensor, readings: list[SubkeyReading]) -> dict[str, Tensor]:
@@ -186,16 +188,18 @@ def query_ffn_scores(trace: Trace, ffn_values: Tensor, readings: list[SubkeyRead
     # per layer i, Σ_r [i < l_r]·(I_r / h_r·K'_r)·K'_r. That leaves one (L·N·d) product per (kind, position)
     # instead of one per reading.
     stacked = _Stacked.of(readings)
-    below = torch.arange(n_layers).unsqueeze(0) < stacked.layers.unsqueeze(1)
+    device = stacked.keys.device
+    below = torch.arange(n_layers, device=device).unsqueeze(0) < stacked.layers.unsqueeze(1)
     weights = below * stacked.weights.unsqueeze(1)  # (R, L)
     groups = list(dict.fromkeys((r.subkey_name, r.position) for r in readings))
-    membership = torch.tensor([[float((r.subkey_name, r.position) == g) for r in readings] for g in groups])
+    membership = torch.tensor([[float((r.subkey_name, r.position) == g) for r in readings] for g in groups],
+                              device=device)
     merged_keys = torch.einsum("gr,rl,rd->gld", membership, weights, stacked.keys)  # (G, L, d)
     slopes = torch.einsum("lnd,gld->gln", ffn_values, merged_keys)
-    positions = torch.tensor([position for _, position in groups])
+    positions = torch.tensor([position for _, position in groups], device=device)
     shares = trace.ffn_residual_coefficients(positions).permute(1, 0, 2) * slopes  # (G, L, N)
     for index, (name, _) in enumerate(groups):
-        totals.setdefault(name, torch.zeros(n_layers, n_neurons)).add_(shares[index])
+        totals.setdefault(name, shares.new_zeros(n_layers, n_neurons)).add_(shares[index])
     return totals
 
 
@@ -215,15 +219,15 @@ def query_layer_scores(trace: Trace, readings: list[SubkeyReading]) -> dict[str,
     n_layers = trace.n_layers
     stacked = _Stacked.of(readings)
     keys, positions, weight = stacked.keys, stacked.positions, stacked.weights.unsqueeze(1)
-    layers = torch.arange(n_layers).unsqueeze(0)
+    layers = torch.arange(n_layers, device=keys.device).unsqueeze(0)
     value_layer = stacked.layers.unsqueeze(1)
-    own = torch.tensor([r.reads_same_layer_attention for r in readings]).unsqueeze(1)
+    own = torch.tensor([r.reads_same_layer_attention for r in readings], device=keys.device).unsqueeze(1)
     attention_mask = (layers < value_layer) | (own & (layers == value_layer))
     attention = torch.einsum("lrd,rd->rl", trace.attention_outputs[:, positions], keys) * weight * attention_mask
     ffn = torch.einsum("lrd,rd->rl", trace.ffn_outputs[:, positions], keys) * weight * (layers < value_layer)
     embedding = (trace.layer_inputs[0, positions] * keys).sum(-1) * weight.squeeze(1)
     return {name: LayerShares(float(embedding[rows].sum()), attention[rows].sum(0), ffn[rows].sum(0))
-            for name, rows in _rows_by_name(readings).items()}
+            for name, rows in _rows_by_name(readings, keys.device).items()}
 
 
 def interpret_through_head(weights: LayerWeights, shape: ModelShape, vector: Tensor, head: int) -> Tensor:

@@ -39,9 +39,10 @@ class VocabularyRanks:
         """The pass over the weights (once)."""
         if self._extremes is not None:
             return
-        total, k = self.flat_values.shape[0], self.depth
-        kept = {side: (torch.empty(total, k, dtype=torch.int32), torch.empty(total, k)) for side in ("top", "bottom")}
-        buffer = torch.empty(self.batch, self.unembedding.shape[0])
+        total, k, device = self.flat_values.shape[0], self.depth, self.flat_values.device
+        kept = {side: (torch.empty(total, k, dtype=torch.int32, device=device), torch.empty(total, k, device=device))
+                for side in ("top", "bottom")}
+        buffer = torch.empty(self.batch, self.unembedding.shape[0], device=device)
         for start in range(0, total, self.batch):
             rows = slice(start, min(start + self.batch, total))
             projected = self._project(self.flat_values[rows], out=buffer[: rows.stop - rows.start])
@@ -60,7 +61,7 @@ class VocabularyRanks:
             ids, values = self._extremes[side]
             hit = ids == target  # (L·N, depth), at most one per row
             present = hit.any(dim=-1)
-            at_target = torch.where(hit, values, torch.zeros(())).sum(dim=-1, keepdim=True)
+            at_target = torch.where(hit, values, 0.0).sum(dim=-1, keepdim=True)
             beyond = values > at_target if side == "top" else values < at_target
             ranks = (beyond & present.unsqueeze(-1)).sum(dim=-1) + 1
             result.append(torch.where(present, ranks, torch.zeros_like(ranks)))
@@ -69,8 +70,9 @@ class VocabularyRanks:
     def exact(self, flat: Tensor, target: int) -> tuple[Tensor, Tensor]:
         """(from_top, from_bottom) ranks of `target` for the neurons at flat indices, by projecting them."""
         vocabulary = self.unembedding.shape[0]
-        projected_buffer = torch.empty(min(self.batch, flat.numel()), vocabulary)
-        compared = torch.empty(projected_buffer.shape, dtype=torch.bool)
+        device = self.flat_values.device
+        projected_buffer = torch.empty(min(self.batch, flat.numel()), vocabulary, device=device)
+        compared = torch.empty(projected_buffer.shape, dtype=torch.bool, device=device)
         from_top, from_bottom = [], []
         for start in range(0, flat.numel(), self.batch):
             rows = flat[start: start + self.batch]
@@ -80,13 +82,14 @@ class VocabularyRanks:
             from_top.append(torch.gt(projected, at_target, out=out).sum(dim=-1) + 1)
             from_bottom.append(torch.lt(projected, at_target, out=out).sum(dim=-1) + 1)
         if not from_top:
-            return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+            return (torch.empty(0, dtype=torch.long, device=device),) * 2
         return torch.cat(from_top), torch.cat(from_bottom)
 
     def full(self, target: int) -> tuple[Tensor, Tensor]:
         """(from_top, from_bottom), each (L, N): every neuron's exact ranks (a pass over the weights; kept)."""
         if target not in self._full:
-            from_top, from_bottom = self.exact(torch.arange(self.flat_values.shape[0]), target)
+            from_top, from_bottom = self.exact(torch.arange(self.flat_values.shape[0], device=self.flat_values.device),
+                                               target)
             self._full[target] = (from_top.reshape(self.shape), from_bottom.reshape(self.shape))
         return self._full[target]
 

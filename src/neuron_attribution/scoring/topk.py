@@ -66,7 +66,8 @@ class TopKSearch:
 
     def result(self) -> TopK:
         if not self.done:
-            return TopK(torch.empty(0, dtype=torch.long), torch.empty(0), 0, None)
+            device = self.bounds.device
+            return TopK(torch.empty(0, dtype=torch.long, device=device), torch.empty(0, device=device), 0, None)
         indices, scores = torch.cat(self.done), torch.cat(self.scored)
         ranking = rank_by_score(scores, indices)[: self.k]
         return TopK(indices[ranking], scores[ranking], self.position,
@@ -81,8 +82,11 @@ def exact_top_k(bounds: Tensor, evaluate: Callable[[Tensor], tuple[Tensor, Tenso
     return search.result()
 
 
-def rank_by_score(scores: Tensor, indices: Tensor) -> Tensor:
-    """Positions sorted by descending score, ties to the lower index."""
+def rank_by_score(scores: Tensor, indices: Tensor | None = None) -> Tensor:
+    """Positions sorted by descending score, ties to the lower index (`indices`: each position's index; default:
+    the position itself)."""
+    if indices is None:
+        return torch.argsort(scores, descending=True, stable=True)
     by_index = torch.argsort(indices, stable=True)
     return by_index[torch.argsort(scores[by_index], descending=True, stable=True)]
 

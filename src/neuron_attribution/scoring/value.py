@@ -26,7 +26,7 @@ def layer_scores(ctx: ValueContext) -> tuple[Tensor, Tensor]:
     consecutive bases differ by exactly that output, so these are differences of the bases' target
     log-probabilities; in a parallel block both outputs are added to h^{l-1} and scored as rows."""
     if ctx.shape.parallel:
-        layers = torch.arange(ctx.shape.n_layers)
+        layers = torch.arange(ctx.shape.n_layers, device=ctx.device)
         attention, ffn = score_rows(ctx, [Rows(2 * layers, ctx.trace.attention_outputs[:, -1]),
                                           Rows(2 * layers + 1, ctx.trace.ffn_outputs[:, -1])])
         return attention.scores, ffn.scores
@@ -38,7 +38,7 @@ def head_rows(ctx: ValueContext) -> Rows:
     """Every head's last-position output, each added to its layer's input; rows in (layer, head) order."""
     per_head = torch.einsum("lhtn,lhnd->lhd", ctx.weighted_values, ctx.output_weights)
     layers, heads, d = per_head.shape
-    return Rows(torch.arange(layers).repeat_interleave(heads) * 2, per_head.reshape(-1, d))
+    return Rows(torch.arange(layers, device=ctx.device).repeat_interleave(heads) * 2, per_head.reshape(-1, d))
 
 
 def head_scores(ctx: ValueContext) -> Tensor:
@@ -51,9 +51,9 @@ def head_position_rows(ctx: ValueContext, heads: list[tuple[int, int]]) -> Rows:
     """For each (layer, head), its output coming from each source position; rows in (head, position) order."""
     n_tokens, d = ctx.trace.n_tokens, ctx.shape.d_model
     if not heads:
-        return Rows(torch.empty(0, dtype=torch.long), torch.empty(0, d))
+        return Rows(torch.empty(0, dtype=torch.long, device=ctx.device), torch.empty(0, d, device=ctx.device))
     vectors = torch.stack([ctx.weighted_values[l, j] @ ctx.output_weights[l, j] for l, j in heads])  # (K, T, d)
-    bases = torch.tensor([2 * l for l, _ in heads]).repeat_interleave(n_tokens)
+    bases = torch.tensor([2 * l for l, _ in heads], device=ctx.device).repeat_interleave(n_tokens)
     return Rows(bases, vectors.reshape(-1, d))
 
 
@@ -122,9 +122,9 @@ def chosen_rows(ctx: ValueContext, neurons: list[NeuronIndex]) -> tuple[Rows, Te
     no single coefficient). An attention neuron without a position stands for its output from every source
     position; a head, for its whole last-position output."""
     s, n_tokens = ctx.shape, ctx.trace.n_tokens
-    bases = torch.empty(len(neurons), dtype=torch.long)
-    vectors = torch.empty(len(neurons), s.d_model)
-    coefficients = torch.full((len(neurons),), float("nan"))
+    bases = torch.empty(len(neurons), dtype=torch.long, device=ctx.device)
+    vectors = torch.empty(len(neurons), s.d_model, device=ctx.device)
+    coefficients = torch.full((len(neurons),), float("nan"), device=ctx.device)
     for row, index in enumerate(neurons):
         s.check(index)
         bases[row] = chosen_states([index])[0]
@@ -142,7 +142,7 @@ def chosen_rows(ctx: ValueContext, neurons: list[NeuronIndex]) -> tuple[Rows, Te
         per_position = ctx.attention_coefficients[layer, head, index.dim]
         vectors[row] = ctx.output_weights[layer, head, index.dim]
         coefficients[row] = per_position.sum() if index.position is None else per_position[index.position]
-    scale = torch.where(coefficients.isnan(), torch.ones(()), coefficients)
+    scale = torch.where(coefficients.isnan(), 1.0, coefficients)
     return Rows(bases, vectors, scale), coefficients
 
 
@@ -192,7 +192,7 @@ def value_scores(ctx: ValueContext, k: int, n_position_heads: int, projection: i
         extra_groups = []
         if head_scores_ is None:
             head_scores_ = extra_scored[0].scores.reshape(ctx.shape.n_layers, ctx.shape.n_heads)
-            flat = rank_by_score(head_scores_.reshape(-1), torch.arange(head_scores_.numel()))
+            flat = rank_by_score(head_scores_.reshape(-1))
             position_heads = ctx.shape.head_indices(flat[:n_position_heads])
             extra_groups = [head_position_rows(ctx, position_heads)]
         elif positions is None:
@@ -203,11 +203,12 @@ def value_scores(ctx: ValueContext, k: int, n_position_heads: int, projection: i
 def dense_ffn_scores(ctx: ValueContext) -> Tensor:
     """(L, N): every FFN neuron scored exactly."""
     total = ctx.shape.n_layers * ctx.shape.d_ffn
-    return evaluate_ffn(ctx, torch.arange(total))[0].reshape(ctx.shape.n_layers, ctx.shape.d_ffn)
+    return evaluate_ffn(ctx, torch.arange(total, device=ctx.device))[0].reshape(ctx.shape.n_layers, ctx.shape.d_ffn)
 
 
 def dense_attention_scores(ctx: ValueContext) -> Tensor:
     """(L, H, d_h, T): every attention neuron scored exactly."""
     s = ctx.shape
     total = s.n_layers * s.n_heads * s.head_dim * ctx.trace.n_tokens
-    return evaluate_attention(ctx, torch.arange(total)).reshape(s.n_layers, s.n_heads, s.head_dim, -1)
+    scores = evaluate_attention(ctx, torch.arange(total, device=ctx.device))
+    return scores.reshape(s.n_layers, s.n_heads, s.head_dim, -1)

@@ -241,7 +241,9 @@ class FamilyAdapter(ABC):
 
     # --- norms: the block's topology (docs/method.md §1) ----------------------------------------------------
     def _norm_at(self, layer: int, path: str | None) -> NormParams:
-        return identity_norm(self.shape.d_model) if path is None else self._norm(self._in_layer(layer, path))
+        if path is None:
+            return identity_norm(self.shape.d_model, self.device)
+        return self._norm(self._in_layer(layer, path))
 
     def attention_norm(self, layer: int) -> NormParams:
         return self._norm_at(layer, self.paths.attention_norm)
@@ -296,6 +298,6 @@ def norm_from_module(module: nn.Module, kind: NormKind, gain_offset: float = 0.0
     return NormParams("rmsnorm", weight + gain_offset if gain_offset else weight, None, float(eps))
 
 
-def identity_norm(d_model: int) -> NormParams:
+def identity_norm(d_model: int, device: torch.device) -> NormParams:
     """The 'norm' of a sublayer that reads the residual as it is (OLMo 2 has no pre-norms)."""
-    return NormParams("identity", torch.ones(d_model), None, 0.0)
+    return NormParams("identity", torch.ones(d_model, device=device), None, 0.0)

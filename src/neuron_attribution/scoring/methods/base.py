@@ -10,7 +10,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
 from torch import Tensor
 
 from ..context import ValueContext
@@ -65,4 +64,4 @@ class FfnScorer(ABC):
     def top(self, ctx: ValueContext, k: int) -> Tensor:
         """Flat indices (layer·N + neuron) of the k best neurons, best first, ties to the lower index."""
         flat = self.scores(ctx).reshape(-1)
-        return rank_by_score(flat, torch.arange(flat.numel()))[:k]
+        return rank_by_score(flat)[:k]

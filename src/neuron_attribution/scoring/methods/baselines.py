@@ -10,7 +10,7 @@ as the proposed method does, instead of scoring every neuron against the vocabul
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -58,7 +58,7 @@ class LogProbability(FfnScorer):
         return tangent.clamp(max=0.0)
 
     def scores(self, ctx: ValueContext) -> Tensor:
-        flat = torch.arange(ctx.shape.n_layers * ctx.shape.d_ffn)
+        flat = torch.arange(ctx.shape.n_layers * ctx.shape.d_ffn, device=ctx.device)
         return self._evaluate(ctx, flat).reshape(ctx.shape.n_layers, ctx.shape.d_ffn)
 
     def top(self, ctx: ValueContext, k: int) -> Tensor:
@@ -160,7 +160,7 @@ class CoefficientTimesRank(_RankScorer):
         m = ffn_coefficients(ctx).reshape(-1)
         known = self._signed_rank(m, *self.ranks.known(ctx.target))
         # Where the rank is beyond the kept depth it is at least depth + 1: an upper bound on |m| / rank.
-        bounds = m.abs() / torch.where(known > 0, known, torch.tensor(float(self.ranks.depth + 1)))
+        bounds = m.abs() / torch.where(known > 0, known, float(self.ranks.depth + 1))
 
         def evaluate(flat: Tensor) -> Tensor:
             rank = known[flat].clone()
@@ -187,10 +187,12 @@ class RandomControl(FfnScorer):
         return cls(resources.seed)
 
     def scores(self, ctx: ValueContext) -> Tensor:
-        generator = torch.Generator().manual_seed(sentence_seed(self.seed, ctx.trace.token_ids, ctx.target))
-        return torch.rand(ctx.shape.n_layers, ctx.shape.d_ffn, generator=generator)
+        # Drawn on the CPU, then moved: the same seed gives the same neurons on every device.
+        generator = torch.Generator(device="cpu").manual_seed(sentence_seed(self.seed, ctx.trace.token_ids.tolist(),
+                                                                            ctx.target))
+        return torch.rand(ctx.shape.n_layers, ctx.shape.d_ffn, generator=generator, device="cpu").to(ctx.device)
 
 
-def sentence_seed(seed: int, token_ids: Tensor, target: int) -> int:
-    payload = ",".join(map(str, [seed, target, *token_ids.tolist()])).encode()
+def sentence_seed(seed: int, token_ids: Sequence[int], target: int) -> int:
+    payload = ",".join(map(str, [seed, target, *token_ids])).encode()
     return zlib.crc32(payload)

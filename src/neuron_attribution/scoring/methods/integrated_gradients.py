@@ -15,7 +15,6 @@ from torch import Tensor
 
 from ...model.loading import LoadedModel
 from ...model.trace import PaddedBatch
-from ..buffers import default_device
 from ..context import ValueContext
 from .base import FfnScorer, MethodResources
 
@@ -45,7 +44,7 @@ class IntegratedGradients(FfnScorer):
 
     def layer_scores(self, token_ids: list[int], layer: int, coefficients: Tensor, target: int) -> Tensor:
         """(N,) integrated gradients of p(target) for one layer's last-position coefficients."""
-        alphas = (torch.arange(self.steps, dtype=torch.float32) + 0.5) / self.steps
+        alphas = (torch.arange(self.steps, dtype=torch.float32, device=coefficients.device) + 0.5) / self.steps
         grads = self._gradients(token_ids, layer, alphas.unsqueeze(-1) * coefficients, target)
         return coefficients * grads.mean(dim=0)
 
@@ -70,4 +69,4 @@ class IntegratedGradients(FfnScorer):
                 (grads,) = torch.autograd.grad(probs.sum(), point)
         finally:
             handle.remove()
-        return grads.detach().to(device=default_device(), dtype=torch.float32)
+        return grads.detach().to(device=path.device, dtype=torch.float32)

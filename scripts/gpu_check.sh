@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU check, for a machine with a CUDA GPU and the README set-up done (bash scripts/setup.sh): the GPU tests
+# (pytest -m gpu), then the GPU benchmarks on SmolLM2 and Gemma 3 270M and `run`, then one table of every figure
+# as a multiple of the same machine's forward pass, with the CPU figures of bench/figures/ beside them.
+# Nothing here needs editing on the GPU machine. About 5 minutes on one GPU; each step has its own time limit so
+# that the whole stays under 8. Exit 0 only when every step passed.
+#   PYTHON=...       the interpreter (default: .venv/bin/python, or python3 where there is no .venv)
+#   GPU_CHECK_OUT=.. where the logs and figures go (default: out/gpu-check)
+#   GPU_CHECK_DEVICE=cpu  a rehearsal without a GPU: the same steps with the CPU standing in (slower; the time
+#                    limits are then not enforced), to check the script itself
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+OUT=${GPU_CHECK_OUT:-out/gpu-check}
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+scale=1
+if [ "$DEVICE" = cpu ]; then
+  scale=20  # a rehearsal: the CPU takes far longer than the limits allow a GPU
+  export NEURON_ATTRIBUTION_TEST_DEVICE=cpu
+  echo "gpu_check: rehearsal on the CPU (GPU_CHECK_DEVICE=cpu): the figures are the CPU's" | tee "$OUT/machine.txt"
+elif ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: $PYTHON's torch sees no CUDA GPU ($("$PYTHON" -c 'import torch; print(torch.__version__)' 2>&1))" >&2
+  exit 2
+else
+  "$PYTHON" -c "import torch; print('gpu_check:', torch.cuda.get_device_name(0), '| torch', torch.__version__,
+'| CUDA', torch.version.cuda, '| GPUs', torch.cuda.device_count())" | tee "$OUT/machine.txt"
+fi
+
+failed=()
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local started=$SECONDS
+  echo "gpu_check: == $name (limit ${limit} s)"
+  if ! timeout $((limit * scale)) "$@" 2>&1 | tee "$OUT/$name.log"; then
+    failed+=("$name")
+    echo "gpu_check: $name FAILED (see $OUT/$name.log)" >&2
+  fi
+  echo "gpu_check: $name took $((SECONDS - started)) s"
+}
+
+step tests 240 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+step attribute-smollm2 75 "$PYTHON" bench/bench_attribute.py --device "$DEVICE" --prompts 8 --repeats 3 \
+  --dense-prompts 1 --json "$OUT/attribute-smollm2.json"
+step attribute-gemma 90 "$PYTHON" bench/bench_attribute.py --device "$DEVICE" --model gemma-3-270m --prompts 8 \
+  --repeats 3 --dense-prompts 1 --json "$OUT/attribute-gemma.json"
+step run-smollm2 60 "$PYTHON" bench/bench_run.py --device "$DEVICE" --per-type 2 --batch-sizes 8 --top 300 \
+  --json "$OUT/run-smollm2.json"
+
+echo
+"$PYTHON" bench/summary.py "$OUT" | tee "$OUT/summary.md"
+if ((${#failed[@]})); then
+  echo "gpu_check: FAILED: ${failed[*]}" >&2
+  exit 1
+fi
+echo "gpu_check: all steps passed ($SECONDS s)"
