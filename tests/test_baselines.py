@@ -24,7 +24,7 @@ def _context(model, ids, target=None):
 def _ranks(model, depth):
     adapter = model.adapter
     norm = adapter.final_norm()
-    return VocabularyRanks(adapter.all_ffn_values, norm, adapter.unembedding[0], depth=depth, batch=7)
+    return VocabularyRanks(adapter.ffn_value_stack, norm, adapter.unembedding_matrix, depth=depth, batch=7)
 
 
 class _Resources(MethodResources):

@@ -85,7 +85,8 @@ def test_contrast_on_the_real_model(real_model, tmp_path):
     unembedding = real_model.adapter.unembedding[0]
     direction = (unembedding[result.target.id] - unembedding[result.target.contrast.id]).double() * \
         norm.weight.double() * scale
-    values = real_model.adapter.all_ffn_values.double()  # (L, N, d)
+    values = torch.stack([real_model.adapter.layer_weights(l).ffn_values.double()
+                          for l in range(real_model.shape.n_layers)])  # (L, N, d)
     linear = trace.ffn_coefficients[:, -1].double() * (values @ direction)
     assert [(n.layer, n.neuron) for n in result.ffn_neurons] == _dense_ranking(linear.numpy(), 50)
     assert [n.score for n in result.ffn_neurons] == pytest.approx(

@@ -115,7 +115,8 @@ def test_trace_and_weights_live_on_the_scoring_device():
         assert {t.device for t in _tensors(trace) if t is not trace.token_ids} == {device}
         weights = model.adapter.layer_weights(1)
         assert {t.device for t in _tensors(weights)} == {device}
-        assert model.adapter.all_ffn_values.device == device and model.adapter.unembedding[0].device == device
+        assert model.adapter.ffn_value_stack.device == device and model.adapter.unembedding[0].device == device
+        assert {m.weight.device for m in model.adapter.ffn_value_stack.layers} == {device}
         ctx = value_context(model, trace, 7)
         assert ctx.base_log_probs.device == device and ctx.normalised_states.device == device
 

@@ -20,8 +20,9 @@ def _as_tuples(result, k):
     return attention, ffn
 
 
-def _check_against_reference(model, ids, target, k, atol, via="both"):
-    """Every FFN neuron's query score through the chosen path against the loops of tests/reference.py."""
+def _check_against_reference(model, ids, target, k, atol, via="both", layers=True):
+    """Every FFN neuron's query score through the chosen path against the loops of tests/reference.py (and,
+    with `layers`, the query layers, whose reference assumes the residual is exactly the sum of its parts)."""
     result = attribute(model, ids, target, top_k=10_000, query_top=k, query_via=via)
     assert result.query_via == via and result.to_dict()["query_via"] == via
     trace = trace_token_ids(model, [ids])[0]
@@ -50,6 +51,8 @@ def _check_against_reference(model, ids, target, k, atol, via="both"):
     assert ("ffn_score" in row) == (via != "attention") and ("attention_score" in row) == (via != "ffn")
     scores = [q.score for q in result.query_neurons]
     assert scores == sorted(scores, reverse=True)
+    if not layers:
+        return result
     expected_layers = ref.query_layers(model, trace, attention, ffn)
     for kind, taken in (("for_ffn", via != "attention"), ("for_attention", via != "ffn")):
         rows = getattr(result.query_layers, kind)

@@ -15,12 +15,13 @@ import torch
 from torch import Tensor
 
 from .adapters import NormParams
+from .weights import Matrix, as_matrix
 
 
 @dataclass(frozen=True)
 class LinearReadout:
     norm: NormParams
-    unembedding: Tensor  # (V, d)
+    unembedding: Matrix  # (V, d), read where it lives
     scale: float  # frozen 1/rms or 1/std of the final residual
     constant_logits: Tensor  # (V,): U·β (+ output bias), added once to a base
     max_unembedding_norm: float  # max_v ‖U_v‖, for bounding how far a vector can move any logit
@@ -28,17 +29,18 @@ class LinearReadout:
     softcap: float | None = None  # final logits soft-capped as c·tanh(z/c) (Gemma 2); logits are then not linear
 
     @classmethod
-    def at(cls, norm: NormParams, unembedding: Tensor, unembedding_bias: Tensor | None, final_residual: Tensor,
-           *, reference: bool = False, max_unembedding_norm: float | None = None,
+    def at(cls, norm: NormParams, unembedding: Matrix | Tensor, unembedding_bias: Tensor | None,
+           final_residual: Tensor, *, reference: bool = False, max_unembedding_norm: float | None = None,
            softcap: float | None = None) -> LinearReadout:
+        unembedding = as_matrix(unembedding)
         scale = float(norm.own_scale(final_residual.double()))
         constant = torch.zeros(unembedding.shape[0], device=unembedding.device)
         if norm.bias is not None and not reference:
-            constant = constant + unembedding @ norm.bias
+            constant = constant + unembedding.times_transposed(norm.bias.unsqueeze(0))[0]
         if unembedding_bias is not None:
             constant = constant + unembedding_bias
         if max_unembedding_norm is None:
-            max_unembedding_norm = float(unembedding.norm(dim=-1).max())
+            max_unembedding_norm = float(unembedding.norms().max())
         return cls(norm, unembedding, scale, constant, max_unembedding_norm, bool(constant.any()), softcap)
 
     def normalise(self, vectors: Tensor) -> Tensor:
@@ -57,7 +59,7 @@ class LinearReadout:
     def logits_of_normalised(self, normalised: Tensor, out: Tensor | None = None) -> Tensor:
         """U·n + constant for rows n already through `normalise`. Most RMSNorm models have no constant, and
         then no vocabulary-sized pass is spent adding zeros. `out`: a (rows, V) buffer to write into."""
-        logits = torch.matmul(normalised, self.unembedding.T, out=out)
+        logits = self.unembedding.times_transposed(normalised, out=out)
         if self.has_constant:
             logits.add_(self.constant_logits)
         if self.softcap is not None:
@@ -70,7 +72,8 @@ class LinearReadout:
         return self.norm.adjoint(covectors, self.scale)
 
 
-def project_to_vocabulary(norm: NormParams, unembedding: Tensor, vectors: Tensor, out: Tensor | None = None) -> Tensor:
+def project_to_vocabulary(norm: NormParams, unembedding: Matrix | Tensor, vectors: Tensor,
+                          out: Tensor | None = None) -> Tensor:
     """U(γ ⊙ centre(u)) for each row u: a vector read through the final norm's gain (no scale, no bias) into
     the vocabulary. The one vocabulary projection of neurons' vectors (docs/method.md §2)."""
-    return torch.matmul(norm.linear_part(vectors), unembedding.T, out=out)
+    return as_matrix(unembedding).times_transposed(norm.linear_part(vectors), out=out)

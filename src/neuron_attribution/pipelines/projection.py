@@ -25,7 +25,7 @@ def project(model: LoadedModel, neuron: FfnNeuron | AttentionNeuron | FfnIndex |
 
 
 def projection_of(model: LoadedModel, vector: torch.Tensor, k: int) -> Projection:
-    logits = project_to_vocabulary(model.adapter.final_norm(), model.adapter.unembedding[0], vector)
+    logits = project_to_vocabulary(model.adapter.final_norm(), model.adapter.unembedding_matrix, vector)
     top, bottom = logits.topk(k), logits.topk(k, largest=False)
     return Projection(token_texts(model, top.indices.tolist()), top.indices.tolist(), top.values.tolist(),
                       token_texts(model, bottom.indices.tolist()), bottom.indices.tolist(), bottom.values.tolist())
@@ -39,8 +39,8 @@ def neuron_vector(model: LoadedModel, neuron) -> torch.Tensor:
         raise UserError(f"a head has no single vector: {index}; give an FFN or attention neuron")
     model.shape.check(index)
     if isinstance(index, FfnIndex):
-        return model.adapter.all_ffn_values[index.layer, index.neuron]
-    return model.adapter.all_output_weights[index.layer, index.head, index.dim]
+        return model.adapter.ffn_value_stack.layers[index.layer].row(index.neuron)
+    return model.adapter.output_weight_stack.layers[index.layer].row(model.shape.head_column(index.head, index.dim))
 
 
 def interpret_query_neuron(model: LoadedModel, ffn_layer: int, neuron: int, layer: int, head: int,
@@ -50,6 +50,6 @@ def interpret_query_neuron(model: LoadedModel, ffn_layer: int, neuron: int, laye
     s = model.shape
     for index in (FfnIndex(ffn_layer, neuron), HeadIndex(layer, head)):
         s.check(index)
-    vector = model.adapter.all_ffn_values[ffn_layer, neuron]
+    vector = model.adapter.ffn_value_stack.layers[ffn_layer].row(neuron)
     carried = query.interpret_through_head(model.adapter.layer_weights(layer), s, vector, head)
     return projection_of(model, carried, k)

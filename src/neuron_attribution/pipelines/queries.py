@@ -71,7 +71,7 @@ def query_scores(model: LoadedModel, trace: Trace, ffn_neurons: Sequence[FfnNeur
             model.adapter.ffn_activation)
         ffn_readings, ffn_skipped = query.usable(readings)
         skipped += split_skipped + ffn_skipped
-    parts = query.query_ffn_scores(trace, model.adapter.all_ffn_values, attention_readings + ffn_readings)
+    parts = query.query_ffn_scores(trace, model.adapter.ffn_value_stack, attention_readings + ffn_readings)
     zeros = torch.zeros(shape.n_layers, shape.d_ffn, device=model.adapter.device)
     attention = parts.pop("value", zeros) if via != "ffn" else None
     ffn_parts = {name: parts.get(name, zeros) for name in weights[0].ffn_subkeys} if via != "attention" else None

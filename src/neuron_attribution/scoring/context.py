@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..model.loading import LoadedModel
 from ..model.readout import LinearReadout
+from ..model.weights import LayerStack
 from ..model.trace import Trace
 from ..neurons import ModelShape
 from ..settings import DEFAULT_MEMORY_BUDGET
@@ -26,8 +27,8 @@ class ValueContext:
     is the zero vector (a neuron read alone, no context)."""
 
     trace: Trace
-    ffn_values: Tensor  # (L, N, d)
-    output_weights: Tensor  # (L, H, d_h, d)
+    ffn_values: LayerStack  # (L, N, d), read where the weights live
+    output_weights: LayerStack  # (L, H·d_h, d)
     shape: ModelShape
     readout: LinearReadout
     target: int
@@ -41,7 +42,7 @@ class ValueContext:
     budget_fixed: bool = False  # use memory_budget as it is, without capping it at a GPU's free memory
 
     @classmethod
-    def build(cls, trace: Trace, ffn_values: Tensor, output_weights: Tensor, shape: ModelShape,
+    def build(cls, trace: Trace, ffn_values: LayerStack, output_weights: LayerStack, shape: ModelShape,
               readout: LinearReadout, target: int, memory_budget: int = DEFAULT_MEMORY_BUDGET,
               only_states: list[int] | None = None, contrast: int | None = None,
               budget_fixed: bool = False) -> ValueContext:
@@ -80,11 +81,11 @@ class ValueContext:
         if self.contrast is not None:
             # z_target − z_contrast is linear in the added vector: its slope is the same from every base, and
             # it is the exact score, not only a bound.
-            difference = unembedding[self.target] - unembedding[self.contrast]
+            difference = unembedding.row(self.target) - unembedding.row(self.contrast)
             return self.readout.pullback(difference).expand(len(self.normalised_states), -1)
         probs = torch.exp(self.base_log_probs, out=scratch.buffer("bases", *self.base_log_probs.shape, self.device))
-        expected_row = probs @ unembedding  # p(x)·U per state
-        return self.readout.pullback(unembedding[self.target] - expected_row)
+        expected_row = unembedding.transposed_times(probs)  # p(x)·U per state
+        return self.readout.pullback(unembedding.row(self.target) - expected_row)
 
     @property
     def device(self) -> torch.device:
@@ -119,7 +120,7 @@ class ValueContext:
         linear part: log p(target) − log p(contrast), the log-sum-exp cancelling."""
         readout = self.readout
         pair = torch.tensor([self.target, self.contrast], device=normalised.device)
-        logits = normalised @ readout.unembedding[pair].T
+        logits = normalised @ readout.unembedding.rows(pair).T
         if readout.has_constant:
             logits = logits + readout.constant_logits[pair]
         if readout.softcap is not None:
@@ -150,8 +151,8 @@ class ValueContext:
 
 
 def readout_for(model: LoadedModel, trace: Trace, reference: bool = False) -> LinearReadout:
-    unembedding, bias = model.adapter.unembedding
-    return LinearReadout.at(model.adapter.final_norm(), unembedding, bias, trace.final_residual[-1],
+    return LinearReadout.at(model.adapter.final_norm(), model.adapter.unembedding_matrix,
+                            model.adapter.unembedding[1], trace.final_residual[-1],
                             reference=reference, max_unembedding_norm=model.adapter.max_unembedding_norm,
                             softcap=model.shape.logit_softcap)
 
@@ -160,6 +161,6 @@ def value_context(model: LoadedModel, trace: Trace, target: int, *, reference: b
                   memory_budget: int = DEFAULT_MEMORY_BUDGET, only_states: list[int] | None = None,
                   contrast: int | None = None, budget_fixed: bool = False) -> ValueContext:
     adapter = model.adapter
-    return ValueContext.build(trace, adapter.all_ffn_values, adapter.all_output_weights, model.shape,
+    return ValueContext.build(trace, adapter.ffn_value_stack, adapter.output_weight_stack, model.shape,
                               readout_for(model, trace, reference), target, memory_budget, only_states, contrast,
                               budget_fixed)

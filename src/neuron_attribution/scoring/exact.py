@@ -147,7 +147,7 @@ def _logit_changes(ctx: ValueContext, logits: Tensor | None, bases: Tensor, want
     base's log-probabilities leaves exactly that; where there are no fused logits (contrastive scoring) or they
     are soft-capped (not linear), δ is computed directly."""
     if ctx.readout.softcap is not None or logits is None:
-        return torch.matmul(ctx.readout.normalise(scaled[wanted]), ctx.readout.unembedding.T)
+        return ctx.readout.unembedding.times_transposed(ctx.readout.normalise(scaled[wanted]))
     base = torch.index_select(ctx.base_log_probs, 0, bases[wanted],
                               out=scratch.buffer("bases", wanted.numel(), logits.shape[1], logits.device))
     return base.neg_().add_(logits[wanted])

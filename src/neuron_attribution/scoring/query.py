@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..model.adapters import LayerWeights
 from ..model.trace import Trace
+from ..model.weights import LayerStack
 from ..neurons import ModelShape
 
 # |h·K'| below this fraction of ‖h‖·‖K'‖ (a cosine under 1e-4) is treated as zero: dividing by it would give
@@ -74,7 +75,7 @@ def attention_readings(trace: Trace, weights: list[LayerWeights], shape: ModelSh
         w = weights[n.layer]
         kv_head = shape.kv_head_of(n.head)
         readings.append(SubkeyReading(
-            "value", n.layer, n.position, w.value_weight[kv_head, n.dim] * w.attention_norm.weight,
+            "value", n.layer, n.position, _row(w.value_weight[kv_head, n.dim], trace) * w.attention_norm.weight,
             trace.layer_inputs[n.layer, n.position], n.score, False,
             f"attention {n.layer}_{n.head}_{n.dim}@{n.position}"))
     return readings
@@ -101,7 +102,8 @@ def ffn_readings(trace: Trace, weights: list[LayerWeights], neurons: list[FfnVal
             continue
         for name, subkeys in w.ffn_subkeys.items():
             readings.append(SubkeyReading(
-                name, n.layer, last, subkeys[n.neuron] * w.ffn_norm.weight, middle, n.score * split[name],
+                name, n.layer, last, _row(subkeys[n.neuron], trace) * w.ffn_norm.weight, middle,
+                n.score * split[name],
                 not parallel, f"ffn {n.layer}_{n.neuron} ({name})"))
     return readings, skipped
 
@@ -111,8 +113,9 @@ def _gate_up_splits(weights: list[LayerWeights], neurons: list[FfnValueNeuron], 
     """Per neuron, the share of each subkey: 1 for a GELU key; the elasticity split for gate and up."""
     if not neurons or "gate" not in weights[neurons[0].layer].ffn_subkeys:
         return [{name: 1.0 for name in weights[n.layer].ffn_subkeys} for n in neurons]
-    gate_inputs = torch.stack([weights[n.layer].ffn_subkeys["gate"][n.neuron] @ weights[n.layer].ffn_norm
-                               .apply_without_bias(middle) for n, middle in zip(neurons, bases)])
+    gate_inputs = torch.stack([_row(weights[n.layer].ffn_subkeys["gate"][n.neuron], middle)
+                               @ weights[n.layer].ffn_norm.apply_without_bias(middle)
+                               for n, middle in zip(neurons, bases)])
     by_layer: dict[int, list[int]] = {}
     for i, n in enumerate(neurons):
         by_layer.setdefault(n.layer, []).append(i)
@@ -176,11 +179,11 @@ def _rows_by_name(readings: list[SubkeyReading], device: torch.device) -> dict[s
             for name in dict.fromkeys(names)}
 
 
-def query_ffn_scores(trace: Trace, ffn_values: Tensor, readings: list[SubkeyReading]) -> dict[str, Tensor]:
+def query_ffn_scores(trace: Trace, ffn_values: LayerStack, readings: list[SubkeyReading]) -> dict[str, Tensor]:
     """(L, N) query scores of every FFN neuron, per subkey name: Σ over readings of
     (m_{p,k}^i · fc2_k^i) · K' / (h·K') · I, over the layers i below the value neuron's layer. `ffn_values` are
     the residual directions and the coefficients are taken as they weigh them (post-norm gain and scale)."""
-    n_layers, n_neurons, _ = ffn_values.shape
+    n_layers, n_neurons = ffn_values.n_layers, ffn_values.n_rows
     totals: dict[str, Tensor] = {}
     if not readings:
         return totals
@@ -195,7 +198,7 @@ def query_ffn_scores(trace: Trace, ffn_values: Tensor, readings: list[SubkeyRead
     membership = torch.tensor([[float((r.subkey_name, r.position) == g) for r in readings] for g in groups],
                               device=device)
     merged_keys = torch.einsum("gr,rl,rd->gld", membership, weights, stacked.keys)  # (G, L, d)
-    slopes = torch.einsum("lnd,gld->gln", ffn_values, merged_keys)
+    slopes = ffn_values.dots(merged_keys.permute(1, 0, 2)).permute(1, 0, 2)  # (G, L, N)
     positions = torch.tensor([position for _, position in groups], device=device)
     shares = trace.ffn_residual_coefficients(positions).permute(1, 0, 2) * slopes  # (G, L, N)
     for index, (name, _) in enumerate(groups):
@@ -234,5 +237,11 @@ def interpret_through_head(weights: LayerWeights, shape: ModelShape, vector: Ten
     """A (query) neuron's vector as the head would carry it: through the layer's input norm (own scale,
     gain, no bias), the head's value projection (its KV head) and output projection. Returns a (d,) vector."""
     normed = weights.attention_norm.apply_without_bias(vector)
-    value = weights.value_weight[shape.kv_head_of(head)] @ normed  # (d_h,)
-    return value @ weights.output_weight[head]  # (d,)
+    value = _row(weights.value_weight[shape.kv_head_of(head)], normed) @ normed  # (d_h,)
+    return value @ _row(weights.output_weight[head], normed)  # (d,)
+
+
+def _row(weight: Tensor, like: Tensor | Trace) -> Tensor:
+    """A slice of a weight matrix (as the model holds it) as float32, beside `like` (a tensor, or a trace's)."""
+    device = like.layer_inputs.device if isinstance(like, Trace) else like.device
+    return weight.to(device=device, dtype=torch.float32)

@@ -11,6 +11,7 @@ from torch import Tensor
 from ..model.adapters import NormParams
 from ..model.loading import LoadedModel
 from ..model.readout import project_to_vocabulary
+from ..model.weights import LayerStack, Matrix
 
 
 class VocabularyRanks:
@@ -22,11 +23,11 @@ class VocabularyRanks:
     them has its rank read off exactly (every value above it is there too); any other token's rank is known to
     exceed `depth`. The few neurons whose exact rank beyond that still matters are projected again one by one."""
 
-    def __init__(self, ffn_values: Tensor, norm: NormParams, unembedding: Tensor, depth: int = 256,
+    def __init__(self, ffn_values: LayerStack, norm: NormParams, unembedding: Matrix, depth: int = 256,
                  batch: int = 512):
-        layers, n, d = ffn_values.shape
-        self.shape = (layers, n)
-        self.flat_values = ffn_values.reshape(-1, d)
+        self.shape = (ffn_values.n_layers, ffn_values.n_rows)
+        self.values = ffn_values
+        self.total = ffn_values.n_layers * ffn_values.n_rows
         self.norm, self.unembedding = norm, unembedding
         self.depth, self.batch = min(depth, unembedding.shape[0]), batch
         self._extremes: dict[str, tuple[Tensor, Tensor]] | None = None  # "top"/"bottom" -> (ids, values)
@@ -39,18 +40,20 @@ class VocabularyRanks:
         """The pass over the weights (once)."""
         if self._extremes is not None:
             return
-        total, k, device = self.flat_values.shape[0], self.depth, self.flat_values.device
+        total, k, device = self.total, self.depth, self.values.device
         kept = {side: (torch.empty(total, k, dtype=torch.int32, device=device), torch.empty(total, k, device=device))
                 for side in ("top", "bottom")}
         buffer = torch.empty(self.batch, self.unembedding.shape[0], device=device)
-        for start in range(0, total, self.batch):
-            rows = slice(start, min(start + self.batch, total))
-            projected = self._project(self.flat_values[rows], out=buffer[: rows.stop - rows.start])
-            for side, largest in (("top", True), ("bottom", False)):
-                values, ids = projected.topk(k, dim=-1, largest=largest)
-                kept[side][0][rows], kept[side][1][rows] = ids.int(), values
-            if progress is not None:
-                progress(rows.stop, total)
+        for first, block in self.values.chunks():
+            for start in range(0, len(block), self.batch):
+                part = block[start: start + self.batch]
+                rows = slice(first + start, first + start + len(part))
+                projected = self._project(part, out=buffer[: len(part)])
+                for side, largest in (("top", True), ("bottom", False)):
+                    values, ids = projected.topk(k, dim=-1, largest=largest)
+                    kept[side][0][rows], kept[side][1][rows] = ids.int(), values
+                if progress is not None:
+                    progress(rows.stop, total)
         self._extremes = kept
 
     def known(self, target: int) -> tuple[Tensor, Tensor]:
@@ -70,13 +73,13 @@ class VocabularyRanks:
     def exact(self, flat: Tensor, target: int) -> tuple[Tensor, Tensor]:
         """(from_top, from_bottom) ranks of `target` for the neurons at flat indices, by projecting them."""
         vocabulary = self.unembedding.shape[0]
-        device = self.flat_values.device
+        device = self.values.device
         projected_buffer = torch.empty(min(self.batch, flat.numel()), vocabulary, device=device)
         compared = torch.empty(projected_buffer.shape, dtype=torch.bool, device=device)
         from_top, from_bottom = [], []
         for start in range(0, flat.numel(), self.batch):
             rows = flat[start: start + self.batch]
-            projected = self._project(self.flat_values[rows], out=projected_buffer[: rows.numel()])
+            projected = self._project(self.values.flat_rows(rows), out=projected_buffer[: rows.numel()])
             at_target = projected[:, target: target + 1].clone()
             out = compared[: rows.numel()]
             from_top.append(torch.gt(projected, at_target, out=out).sum(dim=-1) + 1)
@@ -88,8 +91,7 @@ class VocabularyRanks:
     def full(self, target: int) -> tuple[Tensor, Tensor]:
         """(from_top, from_bottom), each (L, N): every neuron's exact ranks (a pass over the weights; kept)."""
         if target not in self._full:
-            from_top, from_bottom = self.exact(torch.arange(self.flat_values.shape[0], device=self.flat_values.device),
-                                               target)
+            from_top, from_bottom = self.exact(torch.arange(self.total, device=self.values.device), target)
             self._full[target] = (from_top.reshape(self.shape), from_bottom.reshape(self.shape))
         return self._full[target]
 
@@ -102,5 +104,5 @@ _RANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def ranks_for(model: LoadedModel) -> VocabularyRanks:
     adapter = model.adapter
     if adapter not in _RANKS:
-        _RANKS[adapter] = VocabularyRanks(adapter.all_ffn_values, adapter.final_norm(), adapter.unembedding[0])
+        _RANKS[adapter] = VocabularyRanks(adapter.ffn_value_stack, adapter.final_norm(), adapter.unembedding_matrix)
     return _RANKS[adapter]

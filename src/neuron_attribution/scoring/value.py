@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..neurons import FfnIndex, HeadIndex, NeuronIndex
+from ..model.weights import LayerStack
 from .context import ValueContext
 from .exact import Rows, score_rows
 from .topk import TopK, TopKSearch, exact_top_k, rank_by_score
@@ -34,11 +35,24 @@ def layer_scores(ctx: ValueContext) -> tuple[Tensor, Tensor]:
     return steps[0::2].clone(), steps[1::2].clone()
 
 
+def head_outputs(ctx: ValueContext, layer: int, head: int | None, weights: Tensor) -> Tensor:
+    """(K, d) vectors Σ_n weights[k, n]·(output vector (head, n) of `layer`) for (K, d_h) weights; with head
+    None, Σ_{j,n} weights[k, j, n]·(output vector (j, n)) for (K, H, d_h) weights. Read where the weights live."""
+    if head is not None:
+        spread = weights.new_zeros(len(weights), ctx.shape.n_heads, ctx.shape.head_dim)
+        spread[:, head] = weights
+        weights = spread
+    return ctx.output_weights.combine(layer, weights.reshape(len(weights), -1))
+
+
 def head_rows(ctx: ValueContext) -> Rows:
     """Every head's last-position output, each added to its layer's input; rows in (layer, head) order."""
-    per_head = torch.einsum("lhtn,lhnd->lhd", ctx.weighted_values, ctx.output_weights)
-    layers, heads, d = per_head.shape
-    return Rows(torch.arange(layers, device=ctx.device).repeat_interleave(heads) * 2, per_head.reshape(-1, d))
+    s = ctx.shape
+    eye = torch.eye(s.n_heads, device=ctx.device).unsqueeze(-1)  # head j's output weighs only its own vectors
+    per_head = torch.stack([head_outputs(ctx, l, None, eye * ctx.weighted_values[l].sum(1).unsqueeze(0))
+                            for l in range(s.n_layers)])  # (L, H, d)
+    return Rows(torch.arange(s.n_layers, device=ctx.device).repeat_interleave(s.n_heads) * 2,
+                per_head.reshape(-1, s.d_model))
 
 
 def head_scores(ctx: ValueContext) -> Tensor:
@@ -52,7 +66,7 @@ def head_position_rows(ctx: ValueContext, heads: list[tuple[int, int]]) -> Rows:
     n_tokens, d = ctx.trace.n_tokens, ctx.shape.d_model
     if not heads:
         return Rows(torch.empty(0, dtype=torch.long, device=ctx.device), torch.empty(0, d, device=ctx.device))
-    vectors = torch.stack([ctx.weighted_values[l, j] @ ctx.output_weights[l, j] for l, j in heads])  # (K, T, d)
+    vectors = torch.stack([head_outputs(ctx, l, j, ctx.weighted_values[l, j]) for l, j in heads])  # (K, T, d)
     bases = torch.tensor([2 * l for l, _ in heads], device=ctx.device).repeat_interleave(n_tokens)
     return Rows(bases, vectors.reshape(-1, d))
 
@@ -67,38 +81,38 @@ def ffn_bounds(ctx: ValueContext) -> Tensor:
     """(L, N) upper bounds of the FFN neurons' scores."""
     if ctx.readout.softcap is not None:
         return ffn_coefficients(ctx).abs() * _reach(ctx, ctx.ffn_values)
-    slopes = torch.einsum("lnd,ld->ln", ctx.ffn_values, ctx.bound_directions[1::2])
+    slopes = ctx.ffn_values.dots(ctx.bound_directions[1::2])
     return ffn_coefficients(ctx) * slopes
 
 
 def attention_bounds(ctx: ValueContext) -> Tensor:
     """(L, H, d_h, T) upper bounds of the attention neurons' scores."""
     if ctx.readout.softcap is not None:
-        return ctx.attention_coefficients.abs() * _reach(ctx, ctx.output_weights).unsqueeze(-1)
-    slopes = torch.einsum("lhnd,ld->lhn", ctx.output_weights, ctx.bound_directions[0::2])
+        reach = _reach(ctx, ctx.output_weights)
+        return ctx.attention_coefficients.abs() * reach.reshape(ctx.attention_coefficients.shape[:3]).unsqueeze(-1)
+    slopes = ctx.output_weights.dots(ctx.bound_directions[0::2]).reshape(ctx.attention_coefficients.shape[:3])
     return ctx.attention_coefficients * slopes.unsqueeze(-1)
 
 
-def _reach(ctx: ValueContext, vectors: Tensor) -> Tensor:
-    """A proved bound on |Imp(u | x)| / |c| under soft-capped logits, where the tangent bound does not hold:
-    tanh is 1-Lipschitz, so no capped logit moves more than max_v |δ_v(u)| ≤ ‖normalise(u)‖·max_v ‖U_v‖, and the
-    target's log-probability moves at most twice that (its own logit, and the log-sum-exp)."""
-    shape = vectors.shape
-    reach = ctx.readout.max_logit_change(vectors.reshape(-1, shape[-1]))
-    return 2 * reach.reshape(shape[:-1])
+def _reach(ctx: ValueContext, vectors: LayerStack) -> Tensor:
+    """(L, R): a proved bound on |Imp(u | x)| / |c| under soft-capped logits, where the tangent bound does not
+    hold: tanh is 1-Lipschitz, so no capped logit moves more than max_v |δ_v(u)| ≤ ‖normalise(u)‖·max_v ‖U_v‖,
+    and the target's log-probability moves at most twice that (its own logit, and the log-sum-exp)."""
+    reach = torch.cat([ctx.readout.max_logit_change(block) for _, block in vectors.chunks()])
+    return 2 * reach.reshape(vectors.n_layers, vectors.n_rows)
 
 
 def ffn_rows(ctx: ValueContext, flat: Tensor, keep_projection: int = 0) -> Rows:
     """FFN neurons by flat index layer·N + neuron, each added to its layer's post-attention residual."""
     layers, neurons = ctx.shape.ffn_unflat(flat)
-    return Rows(2 * layers + 1, ctx.ffn_values[layers, neurons], ffn_coefficients(ctx)[layers, neurons],
+    return Rows(2 * layers + 1, ctx.ffn_values.rows(layers, neurons), ffn_coefficients(ctx)[layers, neurons],
                 keep_projection, keys=flat)
 
 
 def attention_rows(ctx: ValueContext, flat: Tensor) -> Rows:
     """Attention neurons by flat index into (L, H, d_h, T), each added to its layer's input."""
     layer, head, dim, position = ctx.shape.attention_unflat(flat, ctx.trace.n_tokens)
-    return Rows(2 * layer, ctx.output_weights[layer, head, dim],
+    return Rows(2 * layer, ctx.output_weights.rows(layer, ctx.shape.head_column(head, dim)),
                 ctx.attention_coefficients[layer, head, dim, position])
 
 
@@ -129,18 +143,18 @@ def chosen_rows(ctx: ValueContext, neurons: list[NeuronIndex]) -> tuple[Rows, Te
         s.check(index)
         bases[row] = chosen_states([index])[0]
         if isinstance(index, FfnIndex):
-            vectors[row] = ctx.ffn_values[index]
+            vectors[row] = ctx.ffn_values.layers[index.layer].row(index.neuron)
             coefficients[row] = ffn_coefficients(ctx)[index]
             continue
         layer, head = index.layer, index.head
         if isinstance(index, HeadIndex):
-            vectors[row] = (ctx.weighted_values[layer, head] @ ctx.output_weights[layer, head]).sum(0)
+            vectors[row] = head_outputs(ctx, layer, head, ctx.weighted_values[layer, head].sum(0, keepdim=True))[0]
             continue
         if index.position is not None and index.position >= n_tokens:
             raise UserError(f"attention neuron {index} reads position {index.position}, but the prompt has "
                             f"{n_tokens} tokens (positions 0 to {n_tokens - 1})")
         per_position = ctx.attention_coefficients[layer, head, index.dim]
-        vectors[row] = ctx.output_weights[layer, head, index.dim]
+        vectors[row] = ctx.output_weights.layers[layer].row(s.head_column(head, index.dim))
         coefficients[row] = per_position.sum() if index.position is None else per_position[index.position]
     scale = torch.where(coefficients.isnan(), 1.0, coefficients)
     return Rows(bases, vectors, scale), coefficients

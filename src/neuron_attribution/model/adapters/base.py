@@ -1,8 +1,9 @@
 """What the method needs to know about a model family, named once.
 
 An adapter is data about a Hugging Face model: which modules to hook and which weights play which role in
-docs/method.md §1. It never re-implements a forward pass. All weights it hands out are float32 copies, so every
-computation downstream is float32 whatever dtype the model runs in.
+docs/method.md §1. It never re-implements a forward pass. Weight matrices are handed out as the model holds them
+(its dtype, the layer's device: views, never copies); scoring reads them as float32 a chunk at a time
+(`model/weights.py`). Norm gains and biases, vectors of the hidden size, are float32 on the scoring device.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ...neurons import ModelShape, NormKind
+from ..weights import LayerStack, Matrix
 
 @dataclass(frozen=True)
 class NormParams:
@@ -56,7 +58,9 @@ class NormParams:
 
 @dataclass(frozen=True)
 class LayerWeights:
-    """One decoder layer's weights, float32, in the orientation the method uses."""
+    """One decoder layer's weights in the orientation the method uses: matrices as views of the model's own
+    parameters (its dtype, on the layer's device; read rows with `.float()`), norms and biases float32 on the
+    scoring device."""
 
     attention_norm: NormParams
     ffn_norm: NormParams
@@ -91,6 +95,11 @@ class ModelPaths:
     attention_post_norm: str | None = None
     ffn_post_norm: str | None = None
     unembedding: str = "lm_head"
+
+
+def native(t: Tensor) -> Tensor:
+    """A weight matrix as the model holds it (dtype and device), detached: a view, never a copy."""
+    return t.detach()
 
 
 def optional_f32(t: Tensor | None) -> Tensor | None:
@@ -195,9 +204,9 @@ class FamilyAdapter(ABC):
         return moved(self._norm(self.final_norm_module()), self.device)
 
     def _read_unembedding(self) -> tuple[Tensor, Tensor | None]:
-        """(V, d) output matrix and optional (V,) bias."""
+        """(V, d) output matrix (as the model holds it) and optional (V,) float32 bias."""
         head = attrgetter(self.paths.unembedding)(self.hf_model)
-        return as_f32(head.weight), optional_f32(head.bias)
+        return native(head.weight), optional_f32(head.bias)
 
     @property
     def device(self) -> torch.device:
@@ -206,31 +215,45 @@ class FamilyAdapter(ABC):
         return self.hf_model.get_output_embeddings().weight.device
 
     def layer_weights(self, layer: int) -> LayerWeights:
+        """Views of the layer's matrices where they live; its norms and biases on the scoring device (kept: they
+        take no memory beyond a few hidden-size vectors)."""
         if layer not in self._layer_cache:
-            self._layer_cache[layer] = moved(self._read_layer_weights(layer), self.device)
+            weights = self._read_layer_weights(layer)
+            self._layer_cache[layer] = replace(weights, **{name: moved(getattr(weights, name), self.device)
+                                                           for name in _SMALL_PARTS})
         return self._layer_cache[layer]
 
-    @cached_property
+    @property
     def unembedding(self) -> tuple[Tensor, Tensor | None]:
-        weight, bias = moved(self._read_unembedding(), self.device)
-        return weight.contiguous(), bias
+        """(V, d) as the model holds it, and the optional float32 (V,) bias on the scoring device."""
+        weight, bias = self._read_unembedding()
+        return weight, moved(bias, self.device)
+
+    @cached_property
+    def unembedding_matrix(self) -> Matrix:
+        """The unembedding, read in place (float32) or a chunk of rows at a time (other dtypes)."""
+        return Matrix.of(self.unembedding[0], self.device)
 
     @cached_property
     def max_unembedding_norm(self) -> float:
         """max_v ‖U_v‖ over the vocabulary (a weight property, computed once)."""
-        return float(self.unembedding[0].norm(dim=-1).max())
+        return float(self.unembedding_matrix.norms().max())
 
     @cached_property
-    def all_ffn_values(self) -> Tensor:
-        """(L, N, d): every layer's FFN value vectors as directions in the residual stream, stacked once for
-        vectorised scoring. Behind a post-norm, a vector reaches the residual multiplied by the norm's gain γ and
-        its frozen scale; γ is folded in here, the per-position scale lives in the trace."""
-        return torch.stack([_through(w.ffn_values, w.ffn_post_norm) for w in self._all_layer_weights()])
+    def ffn_value_stack(self) -> LayerStack:
+        """Every layer's FFN value vectors as directions in the residual stream, (L, N, d) as a `LayerStack` read
+        where the weights live. Behind a post-norm, a vector reaches the residual multiplied by the norm's gain γ
+        and its frozen scale; γ is folded in here, the per-position scale lives in the trace."""
+        return LayerStack([Matrix.of(w.ffn_values, self.device, _gain(w.ffn_post_norm))
+                           for w in self._all_layer_weights()], self.device)
 
     @cached_property
-    def all_output_weights(self) -> Tensor:
-        """(L, H, d_h, d): every layer's attention output vectors, as directions in the residual stream."""
-        return torch.stack([_through(w.output_weight, w.attention_post_norm) for w in self._all_layer_weights()])
+    def output_weight_stack(self) -> LayerStack:
+        """Every layer's attention output vectors, (L, H·d_h, d) (row head·d_h + dim), as directions in the
+        residual stream."""
+        s = self.shape
+        return LayerStack([Matrix.of(w.output_weight.reshape(s.n_heads * s.head_dim, s.d_model), self.device,
+                                     _gain(w.attention_post_norm)) for w in self._all_layer_weights()], self.device)
 
     def _all_layer_weights(self) -> list[LayerWeights]:
         return [self.layer_weights(l) for l in range(self.shape.n_layers)]
@@ -276,14 +299,19 @@ class FamilyAdapter(ABC):
         return norm
 
     def forget_weights(self) -> None:
-        """Drop the float32 copies (call after the model's weights were changed)."""
+        """Drop what was derived from the weights (call after the model's weights were replaced)."""
         self._layer_cache.clear()
-        for name in ("unembedding", "max_unembedding_norm", "all_ffn_values", "all_output_weights"):
+        for name in ("unembedding_matrix", "max_unembedding_norm", "ffn_value_stack", "output_weight_stack"):
             self.__dict__.pop(name, None)
 
 
-def _through(vectors: Tensor, post_norm: NormParams | None) -> Tensor:
-    return vectors if post_norm is None else vectors * post_norm.weight
+# LayerWeights' parts that are vectors of the hidden size (or smaller): moved to the scoring device once.
+_SMALL_PARTS = ("attention_norm", "ffn_norm", "value_bias", "output_bias", "ffn_bias", "attention_post_norm",
+                "ffn_post_norm")
+
+
+def _gain(post_norm: NormParams | None) -> Tensor | None:
+    return None if post_norm is None else post_norm.weight
 
 
 def norm_from_module(module: nn.Module, kind: NormKind, gain_offset: float = 0.0) -> NormParams:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import FamilyAdapter, LayerWeights, ModelPaths, ModelShape, as_f32
+from .base import FamilyAdapter, LayerWeights, ModelPaths, ModelShape, as_f32, native
 
 
 class Gpt2Adapter(FamilyAdapter):
@@ -38,16 +38,16 @@ class Gpt2Adapter(FamilyAdapter):
     def _read_layer_weights(self, layer: int) -> LayerWeights:
         block, s = self._layer(layer), self.shape
         d, heads, head_dim = s.d_model, s.n_heads, s.head_dim
-        qkv_weight = as_f32(block.attn.c_attn.weight)  # (d, 3d)
+        qkv_weight = native(block.attn.c_attn.weight)  # (d, 3d)
         qkv_bias = as_f32(block.attn.c_attn.bias)
         return LayerWeights(
             attention_norm=self.attention_norm(layer),
             ffn_norm=self.ffn_norm(layer),
-            value_weight=qkv_weight[:, 2 * d :].T.reshape(heads, head_dim, d).contiguous(),
-            value_bias=qkv_bias[2 * d :].reshape(heads, head_dim).contiguous(),
-            output_weight=as_f32(block.attn.c_proj.weight).reshape(heads, head_dim, d).contiguous(),
+            value_weight=qkv_weight[:, 2 * d :].T.reshape(heads, head_dim, d),
+            value_bias=qkv_bias[2 * d :].reshape(heads, head_dim),
+            output_weight=native(block.attn.c_proj.weight).reshape(heads, head_dim, d),
             output_bias=as_f32(block.attn.c_proj.bias),
-            ffn_subkeys={"key": as_f32(block.mlp.c_fc.weight).T.contiguous()},
-            ffn_values=as_f32(block.mlp.c_proj.weight).contiguous(),
+            ffn_subkeys={"key": native(block.mlp.c_fc.weight).T},
+            ffn_values=native(block.mlp.c_proj.weight),
             ffn_bias=as_f32(block.mlp.c_proj.bias),
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import ModelPaths, ModelShape, as_f32, optional_f32
+from .base import ModelPaths, ModelShape, native, optional_f32
 from .linear import LinearAdapter
 
 
@@ -26,10 +26,10 @@ class GptNeoXAdapter(LinearAdapter):
 
     def _value_rows(self, layer: int) -> tuple[Tensor, Tensor | None]:
         s, projection = self.shape, self.value_source(layer)
-        rows = as_f32(projection.weight).reshape(s.n_heads, 3, s.head_dim, s.d_model)[:, 2]
+        rows = native(projection.weight).reshape(s.n_heads, 3, s.head_dim, s.d_model)[:, 2]
         bias = optional_f32(projection.bias)
-        return (rows.reshape(-1, s.d_model),
-                None if bias is None else bias.reshape(s.n_heads, 3, s.head_dim)[:, 2].reshape(-1))
+        # (H, d_h, d) as it lies in the fused weight: a view, which the caller's reshape keeps one
+        return rows, None if bias is None else bias.reshape(s.n_heads, 3, s.head_dim)[:, 2].reshape(-1)
 
     @property
     def shape(self) -> ModelShape:

@@ -10,7 +10,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from ...neurons import FfnKind, NormKind
-from .base import FamilyAdapter, LayerWeights, ModelShape, as_f32, optional_f32
+from .base import FamilyAdapter, LayerWeights, ModelShape, native, optional_f32
 
 
 class LinearAdapter(FamilyAdapter):
@@ -40,12 +40,12 @@ class LinearAdapter(FamilyAdapter):
         )
 
     def _value_rows(self, layer: int) -> tuple[Tensor, Tensor | None]:
-        """(H_kv·d_h, d) value-projection rows and their optional bias."""
+        """(H_kv·d_h, d) value-projection rows (or already (H_kv, d_h, d)) and their optional bias."""
         projection = self.value_source(layer)
-        return as_f32(projection.weight), optional_f32(projection.bias)
+        return native(projection.weight), optional_f32(projection.bias)
 
     def _ffn_subkeys(self, layer: int) -> dict[str, Tensor]:
-        return {"key": as_f32(self._in_layer(layer, self.mlp_input).weight)}
+        return {"key": native(self._in_layer(layer, self.mlp_input).weight)}
 
     def _read_layer_weights(self, layer: int) -> LayerWeights:
         s = self.shape
@@ -56,10 +56,10 @@ class LinearAdapter(FamilyAdapter):
             ffn_norm=self.ffn_norm(layer),
             value_weight=value_rows.reshape(s.n_kv_heads, s.head_dim, s.d_model),
             value_bias=None if value_bias is None else value_bias.reshape(s.n_kv_heads, s.head_dim),
-            output_weight=as_f32(output.weight).T.reshape(s.n_heads, s.head_dim, s.d_model),
+            output_weight=native(output.weight).T.reshape(s.n_heads, s.head_dim, s.d_model),
             output_bias=optional_f32(output.bias),
             ffn_subkeys=self._ffn_subkeys(layer),
-            ffn_values=as_f32(down.weight).T,
+            ffn_values=native(down.weight).T,
             ffn_bias=optional_f32(down.bias),
             **self.post_norms(layer),
         )

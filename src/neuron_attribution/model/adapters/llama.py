@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import ModelPaths, ModelShape, as_f32
+from .base import ModelPaths, ModelShape, native
 from .linear import LinearAdapter
 
 LLAMA_PATHS = ModelPaths(layers="model.layers", attention="self_attn", value="self_attn.v_proj",
@@ -26,7 +26,7 @@ class LlamaAdapter(LinearAdapter):
 
     def _ffn_subkeys(self, layer: int) -> dict[str, Tensor]:
         mlp = self.mlp(layer)
-        return {"gate": as_f32(mlp.gate_proj.weight), "up": as_f32(mlp.up_proj.weight)}
+        return {"gate": native(mlp.gate_proj.weight), "up": native(mlp.up_proj.weight)}
 
     @property
     def shape(self) -> ModelShape:

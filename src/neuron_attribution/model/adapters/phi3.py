@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from torch import Tensor
 
-from .base import as_f32
+from .base import native
 from .llama import LLAMA_PATHS, LlamaAdapter
 
 
@@ -29,7 +29,7 @@ class Phi3Adapter(LlamaAdapter):
         return rows[start:], None if bias is None else bias[start:]
 
     def _ffn_subkeys(self, layer: int) -> dict[str, Tensor]:
-        gate, up = as_f32(self.mlp(layer).gate_up_proj.weight).chunk(2, dim=0)
+        gate, up = native(self.mlp(layer).gate_up_proj.weight).chunk(2, dim=0)
         return {"gate": gate, "up": up}
 
     def ffn_activation(self, layer: int):

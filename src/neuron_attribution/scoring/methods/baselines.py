@@ -53,7 +53,7 @@ class LogProbability(FfnScorer):
         return scored.scores + ctx.target_log_probs[ctx.zero_state]
 
     def _bounds(self, ctx: ValueContext) -> Tensor:
-        slopes = torch.einsum("lnd,d->ln", ctx.ffn_values, ctx.alone_direction)
+        slopes = ctx.ffn_values.dots(ctx.alone_direction.expand(ctx.shape.n_layers, -1))
         tangent = ctx.target_log_probs[ctx.zero_state] + ffn_coefficients(ctx) * slopes
         return tangent.clamp(max=0.0)
 
@@ -87,7 +87,7 @@ class ProbIncrease(FfnScorer):
 
 
 def value_norms(ctx: ValueContext) -> Tensor:
-    return ctx.ffn_values.norm(dim=-1)  # (L, N)
+    return ctx.ffn_values.norms()  # (L, N)
 
 
 class Norm(FfnScorer):
