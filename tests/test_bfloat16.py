@@ -12,11 +12,9 @@ import torch
 from neuron_attribution import attribute, score_neurons
 from neuron_attribution.model import weights
 from neuron_attribution.model.loading import LoadedModel
-from neuron_attribution.model.trace import trace_token_ids
 
-from . import reference as ref
 from .conftest import tiny_family, tiny_gpt2, tiny_llama
-from .test_families import _dense_ranking
+from .test_families import _dense_ranking, check_every_neuron_and_head
 from .test_query import _check_against_reference
 
 IDS = [5, 17, 3, 99, 42, 7, 250]
@@ -40,20 +38,7 @@ def bf16_model(request, monkeypatch) -> LoadedModel:
 def test_every_score_equals_a_float64_loop_over_the_bfloat16_weights_and_activations(bf16_model):
     model, target = bf16_model, 11
     assert next(model.hf_model.parameters()).dtype == torch.bfloat16
-    trace = trace_token_ids(model, [IDS])[0]
-    result = attribute(model, IDS, target, top_k=10, dense=True)
-    s = model.shape
-    for layer in range(s.n_layers):
-        for neuron in range(s.d_ffn):
-            expected = ref.ffn_neuron_score(model, trace, layer, neuron, target)
-            assert result.dense.ffn[layer, neuron] == pytest.approx(expected, abs=ATOL), (layer, neuron)
-        for head in range(s.n_heads):
-            for dim in range(s.head_dim):
-                for position in range(trace.n_tokens):
-                    expected = ref.attention_neuron_score(model, trace, layer, head, dim, position, target)
-                    assert result.dense.attention[layer, head, dim, position] == pytest.approx(expected, abs=ATOL)
-    for h in result.heads:
-        assert h.score == pytest.approx(ref.head_score(model, trace, h.layer, h.head, target), abs=ATOL)
+    _, result = check_every_neuron_and_head(model, IDS, target, ATOL)
     assert [(n.layer, n.neuron) for n in result.ffn_neurons] == _dense_ranking(result.dense.ffn, 10)
     chosen = score_neurons(model, IDS, target, [n.index for n in result.ffn_neurons[:4]])
     assert chosen.scores[0] == pytest.approx([n.score for n in result.ffn_neurons[:4]], abs=1e-6)

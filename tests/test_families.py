@@ -72,25 +72,31 @@ def test_decomposition(family_model):
     assert float((trace.logits.double() - logits).abs().max()) < 1e-4
 
 
-def test_every_score_matches_definition(family_model):
-    model, target = family_model, 11
-    trace = trace_token_ids(model, [IDS])[0]
-    result = attribute(model, IDS, target, top_k=10, dense=True)
+def check_every_neuron_and_head(model, ids, target, atol):
+    """Every FFN and attention neuron's dense score and every head's score against the float64 loops."""
+    trace = trace_token_ids(model, [ids])[0]
+    result = attribute(model, ids, target, top_k=10, dense=True)
     s = model.shape
     for layer in range(s.n_layers):
         for neuron in range(s.d_ffn):
             expected = ref.ffn_neuron_score(model, trace, layer, neuron, target)
-            assert result.dense.ffn[layer, neuron] == pytest.approx(expected, abs=ATOL)
+            assert result.dense.ffn[layer, neuron] == pytest.approx(expected, abs=atol), (layer, neuron)
         for head in range(s.n_heads):
             for dim in range(s.head_dim):
                 for position in range(trace.n_tokens):
                     expected = ref.attention_neuron_score(model, trace, layer, head, dim, position, target)
-                    assert result.dense.attention[layer, head, dim, position] == pytest.approx(expected, abs=ATOL)
+                    assert result.dense.attention[layer, head, dim, position] == pytest.approx(expected, abs=atol)
+    for h in result.heads:
+        assert h.score == pytest.approx(ref.head_score(model, trace, h.layer, h.head, target), abs=atol)
+    return trace, result
+
+
+def test_every_score_matches_definition(family_model):
+    model, target = family_model, 11
+    trace, result = check_every_neuron_and_head(model, IDS, target, ATOL)
     attention, ffn = ref.layer_scores(model, trace, target)
     assert result.layers.attention == pytest.approx(attention, abs=ATOL)
     assert result.layers.ffn == pytest.approx(ffn, abs=ATOL)
-    for h in result.heads:
-        assert h.score == pytest.approx(ref.head_score(model, trace, h.layer, h.head, target), abs=ATOL)
     with torch.no_grad():
         probs = torch.softmax(model.hf_model(torch.tensor([IDS])).logits[0, -1].double(), -1)
     assert result.target.prob == pytest.approx(float(probs[target]), rel=1e-4)
