@@ -194,6 +194,15 @@ def test_the_memory_budget_reaches_the_scoring(tiny_model, token_batches, monkey
     assert set(seen) == {12345, DEFAULT_MEMORY_BUDGET}
 
 
+def test_a_budget_too_small_for_one_row_names_the_smallest_that_works(tiny_model, token_batches):
+    from neuron_attribution import UserError
+
+    smallest = 2 * 4 * 257  # one row of logits and one of bases, float32
+    with pytest.raises(UserError, match=r"^--max-memory 2.0[0-9]*KB is too small: .* give at least 2.01KB$"):
+        attribute(tiny_model, token_batches[0], top_k=3, memory_budget=smallest - 1)
+    assert attribute(tiny_model, token_batches[0], top_k=3, memory_budget=smallest).ffn_neurons
+
+
 def test_ray_backend_without_ray_says_how_to_install(monkeypatch):
     import builtins
 

@@ -7,6 +7,8 @@ import threading
 import torch
 from torch import Tensor
 
+from ..errors import UserError
+
 
 class Scratch:
     """Reused vocabulary-sized buffers. A fresh 100 MB tensor per batch costs more in page faults than the
@@ -25,3 +27,23 @@ class Scratch:
 
 
 scratch = Scratch()
+
+
+def smallest_budget(vocabulary: int) -> int:
+    """Bytes the vocabulary-sized products need at the least: one row of logits and one of bases, float32."""
+    return 2 * 4 * vocabulary
+
+
+def check_budget(memory_budget: int, vocabulary: int) -> None:
+    """A one-line UserError when not even one row of the vocabulary-sized products fits the budget."""
+    least = smallest_budget(vocabulary)
+    if memory_budget < least:
+        raise UserError(f"--max-memory {_size(memory_budget)} is too small: one row of the vocabulary-sized "
+                        f"products ({vocabulary} tokens) needs {_size(least)}; give at least {_size(least)}")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n}B"

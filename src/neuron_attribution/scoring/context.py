@@ -18,7 +18,7 @@ from ..model.weights import LayerStack
 from ..model.trace import Trace
 from ..neurons import ModelShape
 from ..settings import DEFAULT_MEMORY_BUDGET
-from .buffers import scratch
+from .buffers import check_budget, scratch
 
 @dataclass
 class ValueContext:
@@ -48,6 +48,7 @@ class ValueContext:
               budget_fixed: bool = False) -> ValueContext:
         """`only_states`: compute the vocabulary-sized base quantities for these states only (the others are
         NaN), for callers that score a few chosen neurons."""
+        check_budget(memory_budget, readout.unembedding.shape[0])
         before = trace.layer_inputs[:, -1]  # (L, d)
         middle = trace.ffn_inputs(-1, shape.parallel)
         states = torch.stack([before, middle], dim=1).reshape(-1, before.shape[-1])

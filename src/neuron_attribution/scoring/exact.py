@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .buffers import scratch
+from .buffers import scratch, smallest_budget
 from .context import ValueContext
 
 EXACT_BATCH = 512  # most rows per vocabulary-sized product: (512, V) float32 is 100 MB for V = 49k
@@ -166,7 +166,7 @@ def rows_per_product(vocabulary: int, memory_budget: int) -> int:
     """Rows per vocabulary-sized product such that its two buffers (rows × V float32 each) fit the budget.
     Everything else in scoring grows with the prompt length only linearly and stays far below this for
     prompts of a few thousand tokens."""
-    return max(1, min(EXACT_BATCH, memory_budget // (2 * 4 * vocabulary)))
+    return max(1, min(EXACT_BATCH, memory_budget // smallest_budget(vocabulary)))
 
 
 def device_budget(memory_budget: int, device: torch.device) -> int:
