@@ -203,6 +203,13 @@ def test_a_budget_too_small_for_one_row_names_the_smallest_that_works(tiny_model
     assert attribute(tiny_model, token_batches[0], top_k=3, memory_budget=smallest).ffn_neurons
 
 
+def test_a_prompt_longer_than_the_context_names_both_lengths(tiny_model):
+    from neuron_attribution import UserError
+
+    with pytest.raises(UserError, match=r"^the prompt has 65 tokens; the model's context holds 64$"):
+        attribute(tiny_model, [3] * 65, 7, top_k=3)
+
+
 def test_ray_backend_without_ray_says_how_to_install(monkeypatch):
     import builtins
 
