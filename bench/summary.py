@@ -34,7 +34,7 @@ def load(directory: Path) -> list[dict]:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(data, dict) and "bench" in data:
+        if isinstance(data, dict) and data.get("bench") in ("attribute", "run"):
             figures.append(data)
     return figures
 

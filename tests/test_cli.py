@@ -111,3 +111,39 @@ def test_evaluate_stops_at_a_malformed_line(tmp_path):
     result = run("evaluate", "--dataset", str(facts), "--on-error", "stop")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: {facts}:2: missing or non-text field 'prompt'"
+
+
+@pytest.mark.slow
+def test_a_token_id_target_and_a_fragment_warning(tmp_path, real_model):
+    out = tmp_path / "id.json"
+    result = run("attribute", "The capital of France is", "--target-id", "42", "--top", "5", "--query-top", "0",
+                 "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["target"]["id"] == 42
+    for args, message in ((("--target-id", "99999999"), "error: target id 99999999 is outside the vocabulary"),
+                          (("--target-id", "-5"), "error: --target-id -5: a token id is 0 or more"),
+                          (("--target-id", "7", "--target", "Paris"), "error: give --target (answer text) or")):
+        failed = run("attribute", "The capital of France is", *args)
+        assert failed.returncode == 2 and failed.stderr.startswith(message), failed.stderr
+        assert len(failed.stderr.strip().splitlines()) == 1
+    fragment = run("attribute", "The capital of France is", "--target", "zqxjvkw", "--top", "3", "--query-top", "0")
+    assert fragment.returncode == 0, fragment.stderr
+    assert "Warning: the answer is" in fragment.stdout and "only its first" in fragment.stdout
+    whole = run("attribute", "The capital of France is", "--target", " Paris", "--top", "3", "--query-top", "0")
+    assert "Warning" not in whole.stdout
+
+
+def test_a_top_that_reaches_every_ffn_neuron_is_announced_as_dense_scoring():
+    from neuron_attribution.cli.common import console, warn_if_dense
+
+    from .conftest import tiny_llama
+
+    shape = tiny_llama().shape  # 3 layers × 40 FFN neurons
+    with console.capture() as captured:
+        warn_if_dense(shape, 119)
+    assert captured.get() == ""
+    with console.capture() as captured:
+        warn_if_dense(shape, 100_000_000)
+    text = " ".join(captured.get().split())
+    assert "Warning: --top 100000000 reaches the model's 120 FFN neurons (3 layers × 40)" in text
+    assert "as slow as dense scoring" in text

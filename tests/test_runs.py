@@ -253,3 +253,15 @@ def test_the_scoring_budget_is_fixed_when_a_run_starts_and_kept_on_resume(real_m
                                  for w in backend.items)
     assert json.loads((copy / "run.json").read_text())["memory_budget_in_use"] == settings.scoring.memory_budget - 1
     assert _tables(copy) == _tables(finished_run)
+
+
+@pytest.mark.slow
+def test_run_names_the_lines_it_skips(tmp_path):
+    """As evaluate and attribute --prompts do: by file and line, with the reason."""
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps(TWO_FACTS[0]) + "\nnot json\n" + json.dumps(TWO_FACTS[1]) + "\n")
+    result = subprocess.run([sys.executable, "-m", "neuron_attribution.cli", "run", "--dataset", str(facts),
+                             "--out", str(tmp_path / "run"), "--top", "5", "--query-top", "0"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "Skipped 1:" in result.stdout and f"{facts}:2: not valid JSON" in result.stdout.replace("\n", "")

@@ -11,6 +11,7 @@ import typer
 import typer.core
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 from ..errors import UserError
 
@@ -142,6 +143,16 @@ def load_driver_model(settings, backend: str) -> tuple:
     return loaded, as_loaded(settings, loaded)
 
 
+def warn_if_dense(shape, top: int) -> None:
+    """A `--top` at or beyond the model's number of FFN neurons returns all of them: every neuron is then scored
+    exactly, as slow as dense scoring. Say so rather than run for minutes without a word."""
+    ffn = shape.n_layers * shape.d_ffn
+    if top >= ffn:
+        console.print(Text(f"Warning: --top {top} reaches the model's {ffn:,} FFN neurons ({shape.n_layers} layers "
+                           f"× {shape.d_ffn}); all of them are returned, and scoring every neuron exactly is as slow "
+                           "as dense scoring (minutes rather than a second).", style="bold yellow"))
+
+
 def parse_neurons(text: str) -> list:
     from ..neurons import parse_neuron
 
@@ -177,6 +188,9 @@ def protocols_help() -> str:
 
 
 def print_run_summary(summary, out: Path) -> None:
+    from ..reports.terminal import print_skipped
+
+    print_skipped(console, summary.skipped, listed_in=f"{out}/filter.json")
     kept = ", ".join(f"{kind} {summary.kept[kind]}/{total}" for kind, total in summary.facts.items())
     console.print(f"Kept by the filter (kept/checked; with --limit a type stops once it has enough): {kept}")
     if summary.used != summary.kept:

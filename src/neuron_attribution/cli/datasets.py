@@ -12,7 +12,7 @@ from ..errors import UserError
 from .common import (AddressOption, AllowPickleOption, AnswerTokensOption, BackendOption, DeviceOption, DtypeOption,
                      GpusPerWorkerOption, MaxMemoryOption, ModelOption, QueryTopOption, QueryViaOption, RegistryHelp,
                      WorkersOption, app, check_backend, console, load_driver_model, load_model_spec, make_backend,
-                     print_run_summary, progress_bar, settings_from_flags)
+                     print_run_summary, progress_bar, settings_from_flags, warn_if_dense)
 
 
 @app.command(cls=RegistryHelp)
@@ -120,6 +120,7 @@ def run(
     load_facts(dataset, on_error)  # type: ignore[arg-type]  # a bad dataset fails before the model loads
     check_backend(backend, workers, address, settings, gpus_per_worker)
     loaded, settings = load_driver_model(settings, backend)
+    warn_if_dense(loaded.shape, top)
     with make_backend(backend, loaded, settings, workers, address, gpus_per_worker) as pool, \
             progress_bar() as progress:
         summary = run_dataset(loaded, out, RunArguments(dataset, limit, on_error), settings=settings,

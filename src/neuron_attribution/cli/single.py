@@ -11,7 +11,7 @@ from rich.markup import escape
 from ..errors import UserError
 from .common import (AllowPickleOption, AnswerTokensOption, DeviceOption, DtypeOption, MaxMemoryOption, ModelOption,
                      QueryTopOption, QueryViaOption, app, console, load_model_spec, parse_neurons, progress_bar,
-                     settings_from_flags)
+                     settings_from_flags, warn_if_dense)
 
 
 @app.command()
@@ -49,6 +49,8 @@ def attribute(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt, e.g. \"The capital of France is\".")] = None,
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="Answer text (its first token is "
                                                   "scored). Default: the model's top prediction.")] = None,
+    target_id: Annotated[Optional[int], typer.Option("--target-id", help="A token id to score instead of "
+                                                     "answer text (--target is always read as text).")] = None,
     contrast: Annotated[Optional[str], typer.Option("--contrast", help="Score log p(target) − log p(contrast): "
                                                     "\"Paris rather than London\" (text; its first token).")]
     = None,
@@ -85,6 +87,14 @@ def attribute(
         raise UserError("--show must be a positive number")
     if (prompt is None) == (prompts is None):
         raise UserError("give either a prompt or --prompts FILE")
+    if target_id is not None:
+        if target is not None:
+            raise UserError("give --target (answer text) or --target-id (a token id), not both")
+        if target_id < 0:
+            raise UserError(f"--target-id {target_id}: a token id is 0 or more")
+        if prompts is not None:
+            raise UserError("with --prompts, give each line its own \"target\" (text, or a token id as a number)")
+        target = target_id  # type: ignore[assignment]
     settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle, top=top,
                                    query_top=query_top, max_memory=max_memory, reference=reference,
                                    query_via=query_via, answer_tokens=answer_tokens)
@@ -96,6 +106,8 @@ def attribute(
     if chosen is not None and contrast is not None:
         raise UserError("--contrast applies to a full attribution, not to --neurons")
     loaded = load_model_spec(settings.model)
+    if chosen is None:
+        warn_if_dense(loaded.shape, top)
     if chosen is not None:
         from ..pipelines.score import score_neurons
         from ..reports.terminal import print_neuron_scores

@@ -14,13 +14,13 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
 
 from ..version import __version__
-from ..datasets import dataset_paths, load_facts
+from ..datasets import Skipped, dataset_paths, load_facts
 from ..errors import UserError
 from ..execution import Backend, LocalBackend, settings_for
 from ..files import write_json
@@ -73,6 +73,7 @@ class RunSummary:
     attributed: int  # sentences attributed by this call
     already_done: int  # sentences found complete from an earlier call
     seconds: float
+    skipped: list[Skipped] = field(default_factory=list)  # lines left out before the filter, with their reasons
 
 
 def run_dataset(model: LoadedModel, directory: Path | str, arguments: RunArguments, *,
@@ -156,7 +157,8 @@ def _run(model: LoadedModel, directory: Path, arguments: RunArguments, settings:
     })
     write_json(directory / "run.json", record)
     return RunSummary(directory, dict(facts), {kind: kept.get(kind, 0) for kind in facts}, dict(used), attributed,
-                      len(sentences) - attributed, time.perf_counter() - started)
+                      len(sentences) - attributed, time.perf_counter() - started,
+                      [Skipped(s["source"], s.get("line"), s["reason"], s.get("prompt")) for s in left_out])
 
 
 def _nothing_left(checked: Sequence[Checked], left_out: list[dict]) -> str:

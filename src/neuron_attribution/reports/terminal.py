@@ -58,6 +58,10 @@ def print_attribution(console: Console, result, rows: int = 10) -> None:
                        f"rank {target.rank}.  Top prediction: {result.predictions[0].token!r} "
                        f"({result.predictions[0].prob:.2%})" + ("  [reference convention]" if result.reference
                                                                  else "")))
+    if target.tokens is None and target.n_answer_tokens > 1:
+        console.print(Text(f"Warning: the answer is {target.n_answer_tokens} tokens and only its first, "
+                           f"{target.text!r}, is scored; --answer-tokens all scores every one of them.",
+                           style="bold yellow"))
     if target.tokens is not None:
         console.print(Text("Answer tokens, each scored where it is predicted (teacher forcing); every score below "
                            "is their sum: " + ", ".join(f"{t.text!r} {t.prob:.2%} (rank {t.rank})"
@@ -82,7 +86,9 @@ def print_attribution(console: Console, result, rows: int = 10) -> None:
     for h in result.heads[:rows]:
         sources = result.strongest_sources(h)
         heads.add_row(f"{h.layer}.{h.head}", f"{h.score:+.4f}",
-                      Text(", ".join(f"{p.position}:{p.token!r} {p.score:+.3f}" for p in sources)))
+                      Text(", ".join(f"{p.position}:{p.token!r} {p.score:+.3f}" for p in sources) if sources else
+                           f"(positions are scored for the top {len({(p.layer, p.head) for p in result.head_positions})}"
+                           " heads)", style=None if sources else "dim"))
     console.print(heads)
 
     ffn = Table(title="Top FFN value neurons (layer_neuron)", title_justify="left")
@@ -164,10 +170,11 @@ def print_evaluation(console: Console, evaluation) -> None:
             "heads": f"top {evaluation.top} heads of each type vs {evaluation.top} random heads"}[evaluation.protocol]
     title = Text(f"{evaluation.model}: {evaluation.n_sentences} sentences, {what}")
     table = Table(title=title, title_justify="left",
-                  caption="lower = the neurons switched off mattered more; −ΔMRR and −Δprob are relative decreases, "
-                          "−Δlog p the drop in log probability", caption_justify="left")
+                  caption="a larger decrease = the neurons switched off mattered more; the MRR and prob decreases "
+                          "are relative ((before − after) / before), the log p drop is before − after",
+                  caption_justify="left")
     table.add_column("method", no_wrap=True)
-    for column in ("MRR", "prob", "log p", "−ΔMRR", "−Δprob", "−Δlog p"):
+    for column in ("MRR", "prob", "log p", "MRR decrease", "prob decrease", "log p drop"):
         table.add_column(column, justify="right", no_wrap=True)
     best = min((m.mrr for key, m in evaluation.methods.items() if key not in ("original", "random")), default=None)
     for key, m in evaluation.methods.items():
@@ -186,8 +193,8 @@ def print_evaluation(console: Console, evaluation) -> None:
     print_skipped(console, evaluation.skipped)
 
 
-def print_skipped(console: Console, skipped: list, shown: int = 10) -> None:
-    """Lines left out, with file and line, the first `shown` of them."""
+def print_skipped(console: Console, skipped: list, shown: int = 10, listed_in: str = "--json") -> None:
+    """Lines left out, with file and line, the first `shown` of them (all of them are in `listed_in`)."""
     if not skipped:
         return
     console.print(Text(f"Skipped {len(skipped)}:", style="yellow"))
@@ -195,7 +202,7 @@ def print_skipped(console: Console, skipped: list, shown: int = 10) -> None:
         where = f"{s.source}:{s.line}" if s.line else s.source
         console.print(Text(f"  {where}: {s.reason}"))
     if len(skipped) > shown:
-        console.print(Text(f"  ... and {len(skipped) - shown} more (all listed in --json)"))
+        console.print(Text(f"  ... and {len(skipped) - shown} more (all listed in {listed_in})"))
 
 
 def print_prompt_summary(console: Console, results: list) -> None:
