@@ -174,13 +174,13 @@ def print_evaluation(console: Console, evaluation) -> None:
                           "are relative ((before − after) / before), the log p drop is before − after",
                   caption_justify="left")
     table.add_column("method", no_wrap=True)
-    for column in ("MRR", "prob", "log p", "MRR decrease", "prob decrease", "log p drop"):
+    for column in ("MRR", "prob", "log p", "MRR\ndecrease", "prob\ndecrease", "log p\ndrop"):
         table.add_column(column, justify="right", no_wrap=True)
     best = min((m.mrr for key, m in evaluation.methods.items() if key not in ("original", "random")), default=None)
     for key, m in evaluation.methods.items():
         style = "bold" if key != "original" and m.mrr == best else None
-        changes = ["", "", ""] if key == "original" else [f"{m.mrr_decrease:+.1%}", f"{m.prob_decrease:+.1%}",
-                                                          f"{m.log_prob_drop:+.3f}"]
+        changes = ["", "", ""] if key == "original" else [f"{m.mrr_decrease:.1%}", f"{m.prob_decrease:.1%}",
+                                                          f"{m.log_prob_drop:.3f}"]
         table.add_row(Text(key), f"{m.mrr:.3f}", f"{m.prob:.2%}", f"{m.log_prob:.3f}", *changes, style=style)
     console.print(table)
     if evaluation.filter is not None:
