@@ -15,6 +15,7 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -208,6 +209,21 @@ def test_a_prompt_longer_than_the_context_names_both_lengths(tiny_model):
 
     with pytest.raises(UserError, match=r"^the prompt has 65 tokens; the model's context holds 64$"):
         attribute(tiny_model, [3] * 65, 7, top_k=3)
+
+
+def test_scoring_leaves_the_callers_flush_to_zero_setting_as_it_was(tiny_model, token_batches):
+    """Scoring flushes denormals while it runs (they are slow and contribute nothing); the caller's thread gets
+    its own setting back, whichever it was."""
+    from neuron_attribution.scoring.exact import flushes_denormals
+
+    try:
+        for setting in (False, True):
+            torch.set_flush_denormal(setting)
+            attribute(tiny_model, token_batches[0], top_k=3)
+            assert flushes_denormals() == setting
+            assert (float(torch.tensor(1e-40) * 1.0) == 0.0) == setting
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def test_ray_backend_without_ray_says_how_to_install(monkeypatch):

@@ -208,10 +208,16 @@ def _logsumexp_shifted(x: Tensor, shift: Tensor) -> Tensor:
 def _flushing_denormals():
     """exp() of log-probabilities below about −87 gives float32 denormals, which are very slow on CPUs and
     contribute nothing at this precision."""
-    previous = torch.set_flush_denormal(True)
+    was_flushing = flushes_denormals()
+    torch.set_flush_denormal(True)
     try:
         yield
     finally:
-        if not previous:
-            torch.set_flush_denormal(False)
+        torch.set_flush_denormal(was_flushing)  # the caller's thread is left as it was
+
+
+def flushes_denormals() -> bool:
+    """Whether this thread flushes float32 denormals to zero now. torch has no getter (`set_flush_denormal`
+    returns whether the CPU supports it, not the previous state): a denormal times one tells."""
+    return bool(torch.tensor(1e-40, dtype=torch.float32, device="cpu") * 1.0 == 0)
 
