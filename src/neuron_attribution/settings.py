@@ -105,6 +105,14 @@ def check_positive(name: str, value: object, *, zero_allowed: bool = False) -> N
 _UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
 
 
+def format_size(n: int) -> str:
+    """Bytes as parse_size reads them back: '2GB', '1.5MB', '2.01KB', '512B'."""
+    for unit in ("TB", "GB", "MB", "KB"):
+        if n >= _UNITS[unit]:
+            return f"{n / _UNITS[unit]:.3g}{unit}"
+    return f"{n}B"
+
+
 def parse_size(text: str) -> int:
     """'2GB', '500 MB', '1.5gb', '1048576' -> bytes (binary units)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?B?)\s*", text.upper())

@@ -106,8 +106,6 @@ def attribute(
     if chosen is not None and contrast is not None:
         raise UserError("--contrast applies to a full attribution, not to --neurons")
     loaded = load_model_spec(settings.model)
-    if chosen is None:
-        warn_if_dense(loaded.shape, top)
     if chosen is not None:
         from ..pipelines.score import score_neurons
         from ..reports.terminal import print_neuron_scores
@@ -116,6 +114,7 @@ def attribute(
                                memory_budget=settings.scoring.memory_budget)
         print_neuron_scores(console, result)
     else:
+        warn_if_dense(loaded.shape, top)
         with console.status("Attributing...", spinner="dots"):
             (result,) = attribute_with(loaded, [prompt], None if target is None else [target], settings.scoring,
                                        contrasts=[contrast])

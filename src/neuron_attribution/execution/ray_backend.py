@@ -3,10 +3,11 @@
 A local cluster is started by default (`workers` actors of one CPU each); `address` joins an existing cluster,
 whose nodes need this package and the model. When the settings name a CUDA device (or "auto"), each actor also
 asks Ray for `gpus_per_worker` of a GPU (Ray then makes that GPU visible to it, and only that one), so several
-workers can share a GPU with fractions; the driver itself needs no GPU. Results come back to the driver, which alone writes files, so no
-shared filesystem is needed. An actor that dies is restarted (loading the model again) and its unfinished batch
-is run again; the driver keeps one result per batch, so nothing is lost or counted twice. Each actor uses as
-many torch threads as the driver, so its float32 arithmetic, and hence every number, is the driver's.
+workers can share a GPU with fractions; the driver itself needs no GPU. Results come back to the driver, which
+alone writes files, so no shared filesystem is needed. An actor that dies is restarted (loading the model
+again) and its unfinished batch is run again; the driver keeps one result per batch, so nothing is lost or
+counted twice. Each actor uses as many torch threads as the driver, so its float32 arithmetic, and hence every
+number, is the driver's.
 """
 
 from __future__ import annotations
@@ -174,10 +175,15 @@ def gpu_share(settings: Settings, gpus_per_worker: float | None) -> float:
 
 
 def _cause(error: BaseException) -> str:
-    """One line naming what went wrong on the worker: Ray wraps an actor's own error in several lines of its
-    own, the cause's message last."""
-    text = str(error)
-    if NO_GPU_ON_WORKER in text:
-        return next(line.strip() for line in text.splitlines() if NO_GPU_ON_WORKER in line).split(": ", 1)[-1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    """One line naming what went wrong on the worker. An error the worker's own code raised is named by its own
+    message: a failed batch carries it as `cause`; an actor that died in `__init__` ends Ray's traceback with
+    it ("RuntimeError: ..."). Anything else (a lost node, say) by Ray's own first line."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException) and str(cause).strip():
+        return str(cause).strip().splitlines()[0]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if getattr(error, "actor_init_failed", False):
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0]

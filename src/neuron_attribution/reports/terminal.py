@@ -83,12 +83,12 @@ def print_attribution(console: Console, result, rows: int = 10) -> None:
     heads = Table(title="Top heads", title_justify="left")
     for column in ("head", "score", "strongest source positions"):
         heads.add_column(column)
+    with_positions = len({(p.layer, p.head) for p in result.head_positions})
     for h in result.heads[:rows]:
         sources = result.strongest_sources(h)
-        heads.add_row(f"{h.layer}.{h.head}", f"{h.score:+.4f}",
-                      Text(", ".join(f"{p.position}:{p.token!r} {p.score:+.3f}" for p in sources) if sources else
-                           f"(positions are scored for the top {len({(p.layer, p.head) for p in result.head_positions})}"
-                           " heads)", style=None if sources else "dim"))
+        shown = (", ".join(f"{p.position}:{p.token!r} {p.score:+.3f}" for p in sources) if sources
+                 else f"(positions are scored for the top {with_positions} heads)")
+        heads.add_row(f"{h.layer}.{h.head}", f"{h.score:+.4f}", Text(shown, style=None if sources else "dim"))
     console.print(heads)
 
     ffn = Table(title="Top FFN value neurons (layer_neuron)", title_justify="left")

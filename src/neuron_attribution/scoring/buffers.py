@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
+from ..settings import format_size
 
 
 class Scratch:
@@ -38,12 +39,6 @@ def check_budget(memory_budget: int, vocabulary: int) -> None:
     """A one-line UserError when not even one row of the vocabulary-sized products fits the budget."""
     least = smallest_budget(vocabulary)
     if memory_budget < least:
-        raise UserError(f"--max-memory {_size(memory_budget)} is too small: one row of the vocabulary-sized "
-                        f"products ({vocabulary} tokens) needs {_size(least)}; give at least {_size(least)}")
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n}B"
+        raise UserError(f"--max-memory {format_size(memory_budget)} is too small: one row of the vocabulary-sized "
+                        f"products ({vocabulary} tokens) needs {format_size(least)}; give at least "
+                        f"{format_size(least)}")

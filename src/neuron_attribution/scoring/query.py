@@ -74,9 +74,9 @@ def attention_readings(trace: Trace, weights: list[LayerWeights], shape: ModelSh
     for n in neurons:
         w = weights[n.layer]
         kv_head = shape.kv_head_of(n.head)
+        subkey = _row(w.value_weight[kv_head, n.dim], trace.layer_inputs) * w.attention_norm.weight
         readings.append(SubkeyReading(
-            "value", n.layer, n.position, _row(w.value_weight[kv_head, n.dim], trace) * w.attention_norm.weight,
-            trace.layer_inputs[n.layer, n.position], n.score, False,
+            "value", n.layer, n.position, subkey, trace.layer_inputs[n.layer, n.position], n.score, False,
             f"attention {n.layer}_{n.head}_{n.dim}@{n.position}"))
     return readings
 
@@ -102,7 +102,7 @@ def ffn_readings(trace: Trace, weights: list[LayerWeights], neurons: list[FfnVal
             continue
         for name, subkeys in w.ffn_subkeys.items():
             readings.append(SubkeyReading(
-                name, n.layer, last, _row(subkeys[n.neuron], trace) * w.ffn_norm.weight, middle,
+                name, n.layer, last, _row(subkeys[n.neuron], middle) * w.ffn_norm.weight, middle,
                 n.score * split[name],
                 not parallel, f"ffn {n.layer}_{n.neuron} ({name})"))
     return readings, skipped
@@ -241,7 +241,6 @@ def interpret_through_head(weights: LayerWeights, shape: ModelShape, vector: Ten
     return value @ _row(weights.output_weight[head], normed)  # (d,)
 
 
-def _row(weight: Tensor, like: Tensor | Trace) -> Tensor:
-    """A slice of a weight matrix (as the model holds it) as float32, beside `like` (a tensor, or a trace's)."""
-    device = like.layer_inputs.device if isinstance(like, Trace) else like.device
-    return weight.to(device=device, dtype=torch.float32)
+def _row(weight: Tensor, like: Tensor) -> Tensor:
+    """A slice of a weight matrix (as the model holds it) as float32, on `like`'s device."""
+    return weight.to(device=like.device, dtype=torch.float32)

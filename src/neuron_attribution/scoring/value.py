@@ -38,11 +38,11 @@ def layer_scores(ctx: ValueContext) -> tuple[Tensor, Tensor]:
 def head_outputs(ctx: ValueContext, layer: int, head: int | None, weights: Tensor) -> Tensor:
     """(K, d) vectors Σ_n weights[k, n]·(output vector (head, n) of `layer`) for (K, d_h) weights; with head
     None, Σ_{j,n} weights[k, j, n]·(output vector (j, n)) for (K, H, d_h) weights. Read where the weights live."""
-    if head is not None:
-        spread = weights.new_zeros(len(weights), ctx.shape.n_heads, ctx.shape.head_dim)
-        spread[:, head] = weights
-        weights = spread
-    return ctx.output_weights.combine(layer, weights.reshape(len(weights), -1))
+    if head is None:
+        return ctx.output_weights.combine(layer, weights.reshape(len(weights), -1))
+    first = ctx.shape.head_column(head, 0)
+    rows = torch.arange(first, first + ctx.shape.head_dim, device=ctx.device)
+    return weights @ ctx.output_weights.layers[layer].rows(rows)
 
 
 def head_rows(ctx: ValueContext) -> Rows:
