@@ -124,6 +124,7 @@ def test_default_model_info_json(tmp_path, real_model):
     assert (info["family"], info["layers"], info["heads"], info["kv_heads"]) == ("llama", 30, 9, 3)
     assert (info["hidden_size"], info["ffn_neurons_per_layer"], info["vocab_size"]) == (576, 1536, 49152)
     assert info["attention_neurons_per_token"] == 30 * 9 * 64
+    assert info["long_prompts"].startswith("fast attention (SDPA)")
     assert "SmolLM2" in info["source"]
 
 

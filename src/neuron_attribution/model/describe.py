@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .loading import LoadedModel
+from .forward import attention_path
 
 
 def describe_model(model: LoadedModel) -> dict[str, Any]:
@@ -26,6 +27,7 @@ def describe_model(model: LoadedModel) -> dict[str, Any]:
         "vocab_size": s.vocab_size,
         "max_positions": s.max_positions,
         "attention_neurons_per_token": s.attention_neurons_per_token,
+        "long_prompts": attention_path(model),
         "dtype": model.dtype,
         "device": str(model.device),
         "source": model.source,

@@ -21,7 +21,7 @@ import torch
 
 from ..neurons import AttentionIndex, FfnIndex, HeadIndex
 from .loading import LoadedModel
-from .trace import PaddedBatch
+from .forward import PaddedBatch
 
 
 @dataclass(frozen=True)

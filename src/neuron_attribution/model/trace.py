@@ -1,38 +1,58 @@
 """One forward pass, captured through hooks: everything the scores need, float32, per prompt.
 
-Batches are right-padded, so every real token sees exactly the tokens it would see alone and positions are
-unchanged; each prompt's trace is cut to its own length afterwards.
+What is kept grows linearly with the prompt: value states and the last position's attention row at every
+position (attention neurons sit at every source position), and the other per-position tensors only at the
+positions that are kept — every position for a short prompt, the last one (plus any asked for) for a long one.
+A long prompt runs with the model's fast attention (SDPA) for all but its last token, then the last token alone
+with eager attention over the KV cache, which returns exactly the last query's attention row without a T×T
+matrix per head. Families without a switchable fast attention run eagerly over the whole prompt
+(`attention_path`).
+
+Short prompts traced together are right-padded, so every real token sees exactly the tokens it would see alone
+and positions are unchanged; each prompt's trace is cut to its own length afterwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .forward import FAST_ATTENTION_FROM_TOKENS, PaddedBatch, attention_implementation, has_fast_attention
 from .loading import LoadedModel
+
+# A prompt whose full per-position record (L·(3d + N) float32 per token) would exceed this keeps it at its last
+# position only; query scoring traces again the few source positions it reads (`positions=`).
+FULL_RECORD_BYTES = 128 * 2**20
+
+
+class PositionsNotKept(LookupError):
+    """A trace was asked for per-position data at positions it did not keep."""
 
 
 @dataclass
 class Trace:
-    """Internals of one prompt's forward pass. L layers, T tokens, d hidden, N FFN neurons, H heads."""
+    """Internals of one prompt's forward pass. L layers, T tokens, P kept positions, d hidden, N FFN neurons,
+    H heads. Per-position fields hold the kept positions in ascending order, the last position last, so index -1
+    is always the last token; `slots` maps positions to their index."""
 
     token_ids: Tensor  # (T,)
-    layer_inputs: Tensor  # (L, T, d): h^{l-1}, the residual entering layer l
-    attention_outputs: Tensor  # (L, T, d): A^l (output bias included)
-    ffn_coefficients: Tensor  # (L, T, N): m
-    ffn_outputs: Tensor  # (L, T, d): F^l (output bias included)
+    layer_inputs: Tensor  # (L, P, d): h^{l-1}, the residual entering layer l
+    attention_outputs: Tensor  # (L, P, d): A^l (output bias included)
+    ffn_coefficients: Tensor  # (L, P, N): m
+    ffn_outputs: Tensor  # (L, P, d): F^l (output bias included)
     attention_weights: Tensor  # (L, H, T): last position's attention row, per head
-    value_states: Tensor  # (L, T, H_kv, d_h)
-    final_residual: Tensor  # (T, d): h^L
+    value_states: Tensor  # (L, T, H_kv, d_h): every position
+    final_residual: Tensor  # (P, d): h^L
     logits: Tensor  # (V,): the model's logits at the last position
-    # Behind post-norms (docs/method.md §1): the scale each sublayer's raw output got at each position, (L, T).
+    # Behind post-norms (docs/method.md §1): the scale each sublayer's raw output got at each position, (L, P).
     # A neuron's vector in the residual is its coefficient times this scale times its residual direction.
     attention_output_scales: Tensor | None = None
     ffn_output_scales: Tensor | None = None
+    kept_positions: Tensor | None = None  # (P,) ascending, on the CPU; None: every position is kept
 
     @property
     def n_tokens(self) -> int:
@@ -42,47 +62,101 @@ class Trace:
     def n_layers(self) -> int:
         return int(self.layer_inputs.shape[0])
 
+    def keeps(self, positions: Sequence[int]) -> bool:
+        """Whether the per-position fields hold every one of `positions`."""
+        if self.kept_positions is None:
+            return True
+        return bool(torch.isin(torch.as_tensor(list(positions), dtype=torch.long),
+                               self.kept_positions).all())
+
+    def slots(self, positions: int | Tensor) -> int | Tensor:
+        """Where absolute position(s) sit in the per-position fields (-1 stays the last position)."""
+        if self.kept_positions is None:
+            return positions
+        if isinstance(positions, int) and positions in (-1, self.n_tokens - 1):
+            return -1
+        wanted = torch.as_tensor(positions, dtype=torch.long, device="cpu")
+        found = torch.searchsorted(self.kept_positions, wanted.clamp(min=0))
+        found = found.clamp(max=len(self.kept_positions) - 1)
+        if not bool((self.kept_positions[found] == wanted).all()):
+            missing = sorted(set(wanted.reshape(-1).tolist()) - set(self.kept_positions.tolist()))
+            raise PositionsNotKept(f"this trace keeps per-position data at {len(self.kept_positions)} positions, "
+                                   f"not at {missing}")
+        if isinstance(positions, int):
+            return int(found)
+        device = positions.device if isinstance(positions, Tensor) else "cpu"
+        return found.to(device)
+
     def last_residual_before(self, layer: int) -> Tensor:
         """h_T^{l-1}: base for attention scores of `layer`."""
         return self.layer_inputs[layer, -1]
 
+    def layer_input(self, layer: int, position: int) -> Tensor:
+        """h_p^{l-1}: the residual entering `layer` at `position`."""
+        return self.layer_inputs[layer, self.slots(position)]
+
     def ffn_inputs(self, position: int, parallel: bool) -> Tensor:
         """(L, d): the residual each layer's FFN reads at `position`: h^{l-1} + A^l, or h^{l-1} alone in a
         parallel block."""
-        before = self.layer_inputs[:, position]
-        return before if parallel else before + self.attention_outputs[:, position]
+        slot = self.slots(position)
+        before = self.layer_inputs[:, slot]
+        return before if parallel else before + self.attention_outputs[:, slot]
 
     def ffn_residual_coefficients(self, positions: int | Tensor) -> Tensor:
         """(L, N) at one position or (L, P, N) at several: the FFN coefficients as they weigh the residual
         directions (times the post-norm's scale there, if the block has one)."""
-        coefficients = self.ffn_coefficients[:, positions]
+        slots = self.slots(positions)
+        coefficients = self.ffn_coefficients[:, slots]
         if self.ffn_output_scales is None:
             return coefficients
-        return coefficients * self.ffn_output_scales[:, positions].unsqueeze(-1)
+        return coefficients * self.ffn_output_scales[:, slots].unsqueeze(-1)
 
     def attention_scale_at_last(self) -> Tensor | None:
         """(L,): the attention post-norm's scale at the last position, or None without post-norms."""
         return None if self.attention_output_scales is None else self.attention_output_scales[:, -1]
 
 
-class _Recorder:
-    """Hooks that write one batch's internals into per-layer slots."""
+# Recorded at the kept positions only; the value states and the attention row cover every position.
+_PER_POSITION = ("layer_inputs", "attention_outputs", "ffn_coefficients", "ffn_outputs", "attention_output_scales",
+                 "ffn_output_scales", "final_residual")
 
-    def __init__(self, model: LoadedModel, last_index: Tensor):
+
+class _Recorder:
+    """Hooks that write a forward pass's internals into per-layer slots, one piece per model call (a prompt may
+    run as a prefix and then its last token)."""
+
+    def __init__(self, model: LoadedModel, last_index: Tensor, kept: Tensor | None):
         self.model, self.adapter = model, model.adapter
         self.device = model.adapter.device  # where the scores will be computed
-        self.last_index = last_index
+        self.last_index = last_index  # per batch row, the absolute position of its last token
+        self.kept = kept  # absolute positions to keep, or None for all
+        self.offset = 0  # absolute position of the current call's first token
         n = model.shape.n_layers
         keys = ["layer_inputs", "attention_outputs", "attention_weights", "value_states", "ffn_coefficients",
                 "ffn_outputs"]
         if model.shape.post_norms:
             keys += ["attention_output_scales", "ffn_output_scales"]
-        self.slots: dict[str, list[Tensor | None]] = {key: [None] * n for key in keys}
-        self.final_residual: Tensor | None = None
+        self.slots: dict[str, list[list[Tensor]]] = {key: [[] for _ in range(n)] for key in keys}
+        self.final_residual: list[Tensor] = []
         self.handles: list = []
 
+    def _local_kept(self, tokens: int, device: torch.device) -> Tensor | None:
+        """This call's kept positions, relative to its first token (None: all of them)."""
+        if self.kept is None:
+            return None
+        inside = (self.kept >= self.offset) & (self.kept < self.offset + tokens)
+        return (self.kept[inside] - self.offset).to(device)
+
+    def _float(self, value: Tensor) -> Tensor:
+        return value.detach().to(device=self.device, dtype=torch.float32)
+
     def _store(self, key: str, layer: int, value: Tensor) -> None:
-        self.slots[key][layer] = value.detach().to(device=self.device, dtype=torch.float32)
+        """`value` is (B, t, ...) over this call's t positions; per-position keys keep only the kept ones."""
+        if key in _PER_POSITION:
+            local = self._local_kept(value.shape[1], value.device)
+            if local is not None:
+                value = value[:, local]
+        self.slots[key][layer].append(self._float(value))
 
     def install(self) -> None:
         adapter = self.adapter
@@ -126,13 +200,17 @@ class _Recorder:
     def _attention(self, layer: int, keep_output: bool):
         def hook(module, args, output):
             attention_output, weights = output[0], output[1]
-            if weights is None:
-                raise RuntimeError("attention weights were not returned; the model must use eager attention")
             if keep_output:
                 self._store("attention_outputs", layer, attention_output)
+            tokens = attention_output.shape[1]
+            if not bool((self.last_index < self.offset + tokens).all()):
+                return  # a prefix under fast attention: the last query row comes with the last token
+            if weights is None:
+                raise RuntimeError("attention weights were not returned; the last token must use eager attention")
             rows = torch.arange(weights.shape[0], device=weights.device)
-            # (B, H, Tq, Tk) -> each prompt's own last query row: (B, H, Tk)
-            self._store("attention_weights", layer, weights[rows, :, self.last_index.to(weights.device), :])
+            query = (self.last_index - self.offset).to(weights.device)
+            # (B, H, t, K) -> each prompt's own last query row over the K keys it sees: (B, H, K)
+            self._store("attention_weights", layer, weights[rows, :, query, :])
         return hook
 
     def _values(self, layer: int):
@@ -151,12 +229,30 @@ class _Recorder:
         return hook
 
     def _final(self, module, args):
-        self.final_residual = args[0].detach().to(device=self.device, dtype=torch.float32)
+        local = self._local_kept(args[0].shape[1], args[0].device)
+        hidden = args[0] if local is None else args[0][:, local]
+        self.final_residual.append(self._float(hidden))
+
+    def stacked(self, n_tokens: int) -> dict[str, Tensor]:
+        """(B, L, ...) per key, the pieces of every call joined along positions. An attention row over fewer
+        keys than tokens (a sliding-window layer's cache holds only the window) covers the last positions: the
+        ones before are outside the window, where the weight is zero."""
+        result = {}
+        for key, per_layer in self.slots.items():
+            if key == "attention_weights":
+                rows = [pieces[-1] for pieces in per_layer]
+                rows = [torch.nn.functional.pad(row, (n_tokens - row.shape[-1], 0)) for row in rows]
+                result[key] = torch.stack(rows, dim=1)
+            else:
+                result[key] = torch.stack([torch.cat(pieces, dim=1) for pieces in per_layer], dim=1)
+            per_layer.clear()
+        result["final_residual"] = torch.cat(self.final_residual, dim=1)
+        return result
 
 
 @contextmanager
-def _recording(model: LoadedModel, last_index: Tensor):
-    recorder = _Recorder(model, last_index)
+def _recording(model: LoadedModel, last_index: Tensor, kept: Tensor | None = None) -> Iterator[_Recorder]:
+    recorder = _Recorder(model, last_index, kept)
     recorder.install()
     try:
         yield recorder
@@ -164,51 +260,52 @@ def _recording(model: LoadedModel, last_index: Tensor):
         recorder.remove()
 
 
-@dataclass(frozen=True)
-class PaddedBatch:
-    """Prompts right-padded into one batch, with explicit positions, so each sees only its own tokens."""
-
-    input_ids: Tensor  # (B, W)
-    mask: Tensor  # (B, W)
-    lengths: Tensor  # (B,)
-
-    @classmethod
-    def of(cls, batch: Sequence[Sequence[int]]) -> PaddedBatch:
-        if not batch or any(len(ids) == 0 for ids in batch):
-            raise ValueError("every prompt needs at least one token")
-        # Token ids and lengths are bookkeeping on the host; `run` moves what the model reads to its device.
-        lengths = torch.tensor([len(ids) for ids in batch], device="cpu")
-        input_ids = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long, device="cpu")
-        mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long, device="cpu")
-            mask[row, : len(ids)] = 1
-        return cls(input_ids, mask, lengths)
-
-    def run(self, model: LoadedModel):
-        device = model.device
-        batch, width = self.input_ids.shape
-        positions = torch.arange(width, device=device).unsqueeze(0).expand(batch, -1)
-        return model.hf_model(input_ids=self.input_ids.to(device), attention_mask=self.mask.to(device),
-                              position_ids=positions, use_cache=False)
-
-    def last_logits(self, output) -> Tensor:
-        """(B, V) float32 logits at each prompt's own last token."""
-        rows = torch.arange(self.input_ids.shape[0], device=output.logits.device)
-        return output.logits[rows, (self.lengths - 1).to(output.logits.device)].detach().float().cpu()
+def trace_token_ids(model: LoadedModel, batch: Sequence[Sequence[int]],
+                    positions: Sequence[int] | None = None) -> list[Trace]:
+    """A trace per prompt of `batch` (lists of token ids). Per-position data is kept at every position of a
+    short prompt and at the last position of one whose full record would pass `FULL_RECORD_BYTES`; `positions`
+    adds positions to keep (for every prompt). Short prompts share one padded forward pass."""
+    plans = [_kept_positions(model, len(ids), positions) for ids in batch]
+    traces: list[Trace | None] = [None] * len(batch)
+    together = [i for i, (ids, kept) in enumerate(zip(batch, plans))
+                if kept is None and len(ids) < FAST_ATTENTION_FROM_TOKENS]
+    if together:
+        for i, trace in zip(together, _trace_padded(model, [batch[i] for i in together])):
+            traces[i] = trace
+    for i, ids in enumerate(batch):
+        if traces[i] is None:
+            traces[i] = _trace_alone(model, ids, plans[i])
+    return traces
 
 
-def trace_token_ids(model: LoadedModel, batch: Sequence[Sequence[int]]) -> list[Trace]:
-    """Run one padded forward pass over `batch` (lists of token ids) and return a trace per prompt."""
+def with_positions(model: LoadedModel, trace: Trace, positions: Sequence[int]) -> Trace:
+    """`trace` if it keeps per-position data at `positions`, else its prompt traced again keeping them."""
+    if trace.keeps(positions):
+        return trace
+    return trace_token_ids(model, [trace.token_ids.tolist()], positions=positions)[0]
+
+
+def full_record_bytes(model: LoadedModel, n_tokens: int) -> int:
+    """Bytes of a prompt's per-position record kept at every position."""
+    s = model.shape
+    return 4 * n_tokens * s.n_layers * (3 * s.d_model + s.d_ffn)
+
+
+def _kept_positions(model: LoadedModel, n_tokens: int, extra: Sequence[int] | None) -> Tensor | None:
+    if full_record_bytes(model, n_tokens) <= FULL_RECORD_BYTES:
+        return None
+    wanted = {n_tokens - 1} | {p for p in (extra or ()) if 0 <= p < n_tokens}
+    return torch.tensor(sorted(wanted), dtype=torch.long, device="cpu")
+
+
+def _trace_padded(model: LoadedModel, batch: Sequence[Sequence[int]]) -> list[Trace]:
     padded = PaddedBatch.of(batch)
     lengths, input_ids = padded.lengths, padded.input_ids
     with torch.inference_mode(), _recording(model, padded.lengths - 1) as recorder:
         output = padded.run(model)
-    logits = padded.last_logits(output)  # (B, V): only the last positions are kept, not (B, T, V)
-    del output
-    stacked = {}
-    for key in list(recorder.slots):
-        stacked[key] = torch.stack(recorder.slots.pop(key), dim=1)  # (B, L, ...); the per-layer slots go
+        logits = padded.last_logits(output)
+        del output
+        stacked = recorder.stacked(input_ids.shape[1])
     alone = len(lengths) == 1
 
     def own(t: Tensor) -> Tensor:
@@ -218,17 +315,50 @@ def trace_token_ids(model: LoadedModel, batch: Sequence[Sequence[int]]) -> list[
 
     traces = []
     for row, length in enumerate(lengths.tolist()):
-        traces.append(Trace(
-            token_ids=input_ids[row, :length].clone(),
-            layer_inputs=own(stacked["layer_inputs"][row, :, :length]),
-            attention_outputs=own(stacked["attention_outputs"][row, :, :length]),
-            ffn_coefficients=own(stacked["ffn_coefficients"][row, :, :length]),
-            ffn_outputs=own(stacked["ffn_outputs"][row, :, :length]),
-            attention_weights=own(stacked["attention_weights"][row, :, :, :length]),
-            value_states=own(stacked["value_states"][row, :, :length]),
-            final_residual=own(recorder.final_residual[row, :length]),
-            logits=logits[row].to(recorder.device, copy=True),
-            **{key: own(stacked[key][row, :, :length]) for key in ("attention_output_scales", "ffn_output_scales")
-               if key in stacked},
-        ))
+        traces.append(_trace_of({key: own(_cut(key, value[row], length)) for key, value in stacked.items()},
+                                input_ids[row, :length].clone(), logits[row].to(recorder.device, copy=True)))
     return traces
+
+
+def _cut(key: str, value: Tensor, length: int) -> Tensor:
+    """One prompt's share of a padded batch's tensor: its first `length` positions."""
+    if key == "final_residual":
+        return value[:length]
+    if key == "attention_weights":
+        return value[:, :, :length]
+    return value[:, :length]
+
+
+def _trace_alone(model: LoadedModel, ids: Sequence[int], kept: Tensor | None) -> Trace:
+    token_ids = torch.as_tensor(list(ids), dtype=torch.long, device="cpu")
+    n_tokens = len(token_ids)
+    device = model.device
+    inputs = token_ids.unsqueeze(0).to(device)
+    positions = torch.arange(n_tokens, device=device).unsqueeze(0)
+    last = torch.tensor([n_tokens - 1], device="cpu")
+    with torch.inference_mode(), _recording(model, last, kept) as recorder:
+        if n_tokens > 1 and has_fast_attention(model):
+            with attention_implementation(model, "sdpa"):
+                prefix = model.hf_model(input_ids=inputs[:, :-1], position_ids=positions[:, :-1], use_cache=True,
+                                        logits_to_keep=1)
+            recorder.offset = n_tokens - 1
+            output = model.hf_model(input_ids=inputs[:, -1:], position_ids=positions[:, -1:],
+                                    past_key_values=prefix.past_key_values, use_cache=True)
+            del prefix
+        else:
+            output = model.hf_model(input_ids=inputs, position_ids=positions, use_cache=False, logits_to_keep=1)
+        logits = output.logits[0, -1].detach().to(device=recorder.device, dtype=torch.float32)
+        del output
+        stacked = recorder.stacked(n_tokens)
+    trace = _trace_of({key: value[0] for key, value in stacked.items()}, token_ids, logits)
+    trace.kept_positions = kept
+    return trace
+
+
+def _trace_of(parts: dict[str, Tensor], token_ids: Tensor, logits: Tensor) -> Trace:
+    return Trace(token_ids=token_ids, layer_inputs=parts["layer_inputs"],
+                 attention_outputs=parts["attention_outputs"], ffn_coefficients=parts["ffn_coefficients"],
+                 ffn_outputs=parts["ffn_outputs"], attention_weights=parts["attention_weights"],
+                 value_states=parts["value_states"], final_residual=parts["final_residual"], logits=logits,
+                 attention_output_scales=parts.get("attention_output_scales"),
+                 ffn_output_scales=parts.get("ffn_output_scales"))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..model.loading import LoadedModel
-from ..model.trace import Trace
+from ..model.trace import Trace, with_positions
 from ..neurons import ModelShape
 from ..results.attribution import AttentionNeuron, FfnNeuron, QueryLayer, QueryLayers, QueryNeuron
 from ..scoring import query
@@ -59,6 +59,8 @@ def query_scores(model: LoadedModel, trace: Trace, ffn_neurons: Sequence[FfnNeur
     attention value neurons ("attention", the paper's method), the FFN value neurons ("ffn"), or both."""
     check_choice("query_via", via, QUERY_PATHS)
     shape = model.shape
+    if via != "ffn":
+        trace = with_positions(model, trace, [n.position for n in attention_neurons])
     weights = [model.adapter.layer_weights(layer) for layer in range(shape.n_layers)]
     attention_readings, ffn_readings, skipped = [], [], []
     if via in ("attention", "both"):

@@ -14,6 +14,7 @@ _INFO_LABELS = [("family", "Family"), ("architecture", "Architecture"), ("layers
                 ("hidden_size", "Hidden size"), ("ffn_neurons_per_layer", "FFN neurons per layer"),
                 ("ffn_kind", "FFN type"), ("norm", "Norm"), ("block", "Block"), ("vocab_size", "Vocabulary"),
                 ("max_positions", "Context length"), ("attention_neurons_per_token", "Attention neurons per token"),
+                ("long_prompts", "Long prompts traced with"),
                 ("dtype", "Weights dtype"), ("device", "Device"), ("source", "Weights from")]
 
 

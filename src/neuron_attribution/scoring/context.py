@@ -129,26 +129,72 @@ class ValueContext:
         return logits[:, 0] - logits[:, 1]
 
     @cached_property
-    def weighted_values(self) -> Tensor:
-        """(L, H, T, d_h): α_{T,j,p}·v_{p,kv(j),n}, the coefficient of every attention neuron (times the
-        attention post-norm's scale at the last position, if the block has one)."""
-        values = self.trace.value_states.repeat_interleave(self.shape.heads_per_kv_head, dim=2)  # (L, T, H, d_h)
-        weights = self.trace.attention_weights
-        scale = self.trace.attention_scale_at_last()
-        if scale is not None:
-            weights = weights * scale.reshape(-1, 1, 1)
-        return weights.unsqueeze(-1) * values.permute(0, 2, 1, 3)
-
-    @cached_property
     def ffn_coefficients(self) -> Tensor:
         """(L, N): the FFN coefficients at the last position, weighing the residual directions `ffn_values`."""
         return self.trace.ffn_residual_coefficients(-1)
 
     @cached_property
-    def attention_coefficients(self) -> Tensor:
-        """(L, H, d_h, T): the same coefficients, indexed (layer, head, dim, source position)."""
-        return self.weighted_values.permute(0, 1, 3, 2)
+    def attention_coefficients(self) -> AttentionCoefficients:
+        """The coefficient of every attention neuron, indexed (layer, head, dim, source position)."""
+        weights = self.trace.attention_weights
+        scale = self.trace.attention_scale_at_last()
+        if scale is not None:
+            weights = weights * scale.reshape(-1, 1, 1)
+        return AttentionCoefficients(weights, self.trace.value_states, self.shape)
 
+
+@dataclass(frozen=True)
+class AttentionCoefficients:
+    """α_{T,j,p}·v_{p,kv(j),n} of every attention neuron (l, j, n, p) (times the attention post-norm's scale at
+    the last position, if the block has one), computed where read. Held whole, (L, H, d_h, T) is as large as
+    the prompt's count of attention neurons; only the bounds, which the top-k search needs whole, are."""
+
+    weights: Tensor  # (L, H, T): the last position's attention row, scaled
+    values: Tensor  # (L, T, H_kv, d_h)
+    model_shape: ModelShape
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        n_layers, n_heads, n_tokens = self.weights.shape
+        return n_layers, n_heads, self.values.shape[-1], n_tokens
+
+    def __getitem__(self, index: tuple) -> Tensor:
+        """(layer, head, dim, position) → the coefficient(s), integers or equal-length index tensors;
+        (layer, head, dim) → (T,): that neuron at every source position."""
+        layer, head, dim, *position = index
+        kv_head = self.model_shape.kv_head_of(head)
+        if not position:
+            return self.weights[layer, head] * self.values[layer, :, kv_head, dim]
+        return self.weights[layer, head, position[0]] * self.values[layer, position[0], kv_head, dim]
+
+    def of_head(self, layer: int, head: int) -> Tensor:
+        """(T, d_h): one head's coefficients, by source position."""
+        return self.weights[layer, head].unsqueeze(-1) * self.values[layer, :, self.model_shape.kv_head_of(head)]
+
+    @cached_property
+    def summed(self) -> Tensor:
+        """(L, H, d_h): Σ_p of the coefficients, each head's output vector in its value-dimension basis."""
+        return torch.einsum("lkgt,ltkn->lkgn", self._grouped_weights(), self.values).reshape(self.shape[:3])
+
+    def times(self, factors: Tensor, absolute: bool = False) -> Tensor:
+        """(L, H, d_h, T): coefficient · factors[l, j, n] (|coefficient| with `absolute`), made layer by layer so
+        that nothing but the result is as large as the prompt's attention neurons."""
+        result = torch.empty(self.shape, device=self.weights.device)
+        grouped = self._grouped_weights()
+        n_kv = self.values.shape[2]
+        for layer in range(self.shape[0]):
+            values = self.values[layer].permute(1, 2, 0).unsqueeze(1)  # (H_kv, 1, d_h, T)
+            product = grouped[layer].unsqueeze(2) * values  # (H_kv, g, d_h, T)
+            if absolute:
+                product.abs_()
+            product.mul_(factors[layer].reshape(n_kv, -1, self.shape[2], 1))
+            result[layer] = product.reshape(self.shape[1:])
+        return result
+
+    def _grouped_weights(self) -> Tensor:
+        """(L, H_kv, g, T): the attention rows with the heads that share a KV head side by side."""
+        n_layers, n_heads, n_tokens = self.weights.shape
+        return self.weights.reshape(n_layers, self.values.shape[2], n_heads // self.values.shape[2], n_tokens)
 
 
 def readout_for(model: LoadedModel, trace: Trace, reference: bool = False) -> LinearReadout:

@@ -74,9 +74,10 @@ def attention_readings(trace: Trace, weights: list[LayerWeights], shape: ModelSh
     for n in neurons:
         w = weights[n.layer]
         kv_head = shape.kv_head_of(n.head)
-        subkey = _row(w.value_weight[kv_head, n.dim], trace.layer_inputs) * w.attention_norm.weight
+        source = trace.layer_input(n.layer, n.position)
+        subkey = _row(w.value_weight[kv_head, n.dim], source) * w.attention_norm.weight
         readings.append(SubkeyReading(
-            "value", n.layer, n.position, subkey, trace.layer_inputs[n.layer, n.position], n.score, False,
+            "value", n.layer, n.position, subkey, source, n.score, False,
             f"attention {n.layer}_{n.head}_{n.dim}@{n.position}"))
     return readings
 
@@ -226,9 +227,10 @@ def query_layer_scores(trace: Trace, readings: list[SubkeyReading]) -> dict[str,
     value_layer = stacked.layers.unsqueeze(1)
     own = torch.tensor([r.reads_same_layer_attention for r in readings], device=keys.device).unsqueeze(1)
     attention_mask = (layers < value_layer) | (own & (layers == value_layer))
-    attention = torch.einsum("lrd,rd->rl", trace.attention_outputs[:, positions], keys) * weight * attention_mask
-    ffn = torch.einsum("lrd,rd->rl", trace.ffn_outputs[:, positions], keys) * weight * (layers < value_layer)
-    embedding = (trace.layer_inputs[0, positions] * keys).sum(-1) * weight.squeeze(1)
+    slots = trace.slots(positions)
+    attention = torch.einsum("lrd,rd->rl", trace.attention_outputs[:, slots], keys) * weight * attention_mask
+    ffn = torch.einsum("lrd,rd->rl", trace.ffn_outputs[:, slots], keys) * weight * (layers < value_layer)
+    embedding = (trace.layer_inputs[0, slots] * keys).sum(-1) * weight.squeeze(1)
     return {name: LayerShares(float(embedding[rows].sum()), attention[rows].sum(0), ffn[rows].sum(0))
             for name, rows in _rows_by_name(readings, keys.device).items()}
 

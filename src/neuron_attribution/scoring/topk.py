@@ -10,6 +10,9 @@ from torch import Tensor
 
 # Rounding lets an exact score exceed its analytic bound by ~1e-7; stop only when clear of that.
 BOUND_SLACK = 1e-6
+# `torch.topk` over n items takes about 12·n bytes of scratch on a CPU; a long prompt's attention bounds are
+# searched this many at a time instead.
+TOP_INDICES_CHUNK = 2**20
 
 
 @dataclass
@@ -25,7 +28,7 @@ class TopKSearch:
     order until the k-th best exact score is at least the next bound, so no unevaluated item can enter.
 
     The caller scores `pending()` however it likes (sharing products with other work) and hands the scores
-    back with `record()`, until `pending()` is None. Ties in score go to the lower index."""
+    back with `record()`, until `pending()` is None. Ties in score, and in bound, go to the lower index."""
 
     def __init__(self, bounds: Tensor, k: int):
         self.bounds = bounds.reshape(-1)
@@ -34,7 +37,7 @@ class TopKSearch:
         self.position = 0
         # The bound is tight for all but the largest contributions, so a little over k usually settles it.
         self.batch = self.k + max(self.k // 8, 16)
-        self.order = self.bounds.topk(min(self.total, 2 * self.batch)).indices
+        self.order = top_indices(self.bounds, min(self.total, 2 * self.batch))
         self.done: list[Tensor] = []
         self.scored: list[Tensor] = []
         self.extras: list[Tensor] = []
@@ -46,7 +49,7 @@ class TopKSearch:
         end = min(self.total, self.position + self.batch)
         if end > self.order.numel():
             # Only the next stretch of the bound order is needed: a partial sort, not a sort of every item.
-            self.order = self.bounds.topk(min(self.total, self.position + 2 * self.batch)).indices
+            self.order = top_indices(self.bounds, min(self.total, self.position + 2 * self.batch))
         return self.order[self.position: end]
 
     def record(self, chunk: Tensor, scores: Tensor, extra: Tensor | None = None) -> None:
@@ -61,7 +64,7 @@ class TopKSearch:
         elif self.position >= self.k:
             kth = torch.cat(self.scored).topk(self.k).values[-1]
             if self.position >= self.order.numel():
-                self.order = self.bounds.topk(min(self.total, self.position + 1)).indices
+                self.order = top_indices(self.bounds, min(self.total, self.position + 1))
             self.finished = bool(kth >= self.bounds[self.order[self.position]] + BOUND_SLACK)
 
     def result(self) -> TopK:
@@ -80,6 +83,23 @@ def exact_top_k(bounds: Tensor, evaluate: Callable[[Tensor], tuple[Tensor, Tenso
     while (chunk := search.pending()) is not None:
         search.record(chunk, *evaluate(chunk))
     return search.result()
+
+
+def top_indices(values: Tensor, count: int, chunk: int = TOP_INDICES_CHUNK) -> Tensor:
+    """Indices of the `count` largest of a 1-D tensor, by descending value, ties to the lower index: the same
+    order on every call, so successive prefixes of a growing search agree. Taken a chunk at a time: each chunk's
+    candidates are every item at least its count-th value (all of a tie), so nothing that belongs is lost."""
+    candidates = []
+    for start in range(0, values.numel(), chunk):
+        part = values[start: start + chunk]
+        if part.numel() > count:
+            threshold = part.topk(count).values[-1]
+            kept = torch.nonzero(part >= threshold).squeeze(1)
+        else:
+            kept = torch.arange(part.numel(), device=values.device)
+        candidates.append(kept + start)
+    indices = torch.cat(candidates) if candidates else torch.empty(0, dtype=torch.long, device=values.device)
+    return indices[rank_by_score(values[indices], indices)[:count]]
 
 
 def rank_by_score(scores: Tensor, indices: Tensor | None = None) -> Tensor:

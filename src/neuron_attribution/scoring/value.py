@@ -49,7 +49,8 @@ def head_rows(ctx: ValueContext) -> Rows:
     """Every head's last-position output, each added to its layer's input; rows in (layer, head) order."""
     s = ctx.shape
     eye = torch.eye(s.n_heads, device=ctx.device).unsqueeze(-1)  # head j's output weighs only its own vectors
-    per_head = torch.stack([head_outputs(ctx, l, None, eye * ctx.weighted_values[l].sum(1).unsqueeze(0))
+    summed = ctx.attention_coefficients.summed  # (L, H, d_h)
+    per_head = torch.stack([head_outputs(ctx, l, None, eye * summed[l].unsqueeze(0))
                             for l in range(s.n_layers)])  # (L, H, d)
     return Rows(torch.arange(s.n_layers, device=ctx.device).repeat_interleave(s.n_heads) * 2,
                 per_head.reshape(-1, s.d_model))
@@ -66,7 +67,7 @@ def head_position_rows(ctx: ValueContext, heads: list[tuple[int, int]]) -> Rows:
     n_tokens, d = ctx.trace.n_tokens, ctx.shape.d_model
     if not heads:
         return Rows(torch.empty(0, dtype=torch.long, device=ctx.device), torch.empty(0, d, device=ctx.device))
-    vectors = torch.stack([head_outputs(ctx, l, j, ctx.weighted_values[l, j]) for l, j in heads])  # (K, T, d)
+    vectors = torch.stack([head_outputs(ctx, l, j, ctx.attention_coefficients.of_head(l, j)) for l, j in heads])  # (K, T, d)
     bases = torch.tensor([2 * l for l, _ in heads], device=ctx.device).repeat_interleave(n_tokens)
     return Rows(bases, vectors.reshape(-1, d))
 
@@ -89,9 +90,9 @@ def attention_bounds(ctx: ValueContext) -> Tensor:
     """(L, H, d_h, T) upper bounds of the attention neurons' scores."""
     if ctx.readout.softcap is not None:
         reach = _reach(ctx, ctx.output_weights)
-        return ctx.attention_coefficients.abs() * reach.reshape(ctx.attention_coefficients.shape[:3]).unsqueeze(-1)
+        return ctx.attention_coefficients.times(reach.reshape(ctx.attention_coefficients.shape[:3]), absolute=True)
     slopes = ctx.output_weights.dots(ctx.bound_directions[0::2]).reshape(ctx.attention_coefficients.shape[:3])
-    return ctx.attention_coefficients * slopes.unsqueeze(-1)
+    return ctx.attention_coefficients.times(slopes)
 
 
 def _reach(ctx: ValueContext, vectors: LayerStack) -> Tensor:
@@ -148,7 +149,8 @@ def chosen_rows(ctx: ValueContext, neurons: list[NeuronIndex]) -> tuple[Rows, Te
             continue
         layer, head = index.layer, index.head
         if isinstance(index, HeadIndex):
-            vectors[row] = head_outputs(ctx, layer, head, ctx.weighted_values[layer, head].sum(0, keepdim=True))[0]
+            summed = ctx.attention_coefficients.summed[layer, head]
+            vectors[row] = head_outputs(ctx, layer, head, summed.unsqueeze(0))[0]
             continue
         if index.position is not None and index.position >= n_tokens:
             raise UserError(f"attention neuron {index} reads position {index.position}, but the prompt has "

@@ -1,0 +1,85 @@
+"""How the model is run for a trace or an intervention: right-padded batches of short prompts, and switching a
+long prompt's prefix to the model's fast attention."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .loading import LoadedModel
+
+# From this many tokens a prompt is traced alone, its prefix with the model's fast attention.
+FAST_ATTENTION_FROM_TOKENS = 64
+
+
+def has_fast_attention(model: LoadedModel) -> bool:
+    """Whether the family can run its prompt under SDPA and switch back to eager attention for the last token."""
+    hf_model = model.hf_model
+    try:
+        return bool(getattr(hf_model, "_supports_sdpa", False)) and bool(hf_model._can_set_attn_implementation())
+    except Exception:  # an unusual model class: take the eager path, which every family supports
+        return False
+
+
+def attention_path(model: LoadedModel) -> str:
+    """How a long prompt is traced, in words (`info`)."""
+    if has_fast_attention(model):
+        return (f"fast attention (SDPA) up to the last token, whose attention row comes exactly from eager attention "
+                f"over the KV cache (prompts of {FAST_ATTENTION_FROM_TOKENS}+ tokens)")
+    return "eager attention over the whole prompt (this family has no switchable fast attention)"
+
+
+@contextmanager
+def attention_implementation(model: LoadedModel, name: str) -> Iterator[None]:
+    hf_model = model.hf_model
+    before = hf_model.config._attn_implementation
+    hf_model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        hf_model.set_attn_implementation(before)
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    """Prompts right-padded into one batch, with explicit positions, so each sees only its own tokens."""
+
+    input_ids: Tensor  # (B, W)
+    mask: Tensor  # (B, W)
+    lengths: Tensor  # (B,)
+
+    @classmethod
+    def of(cls, batch: Sequence[Sequence[int]]) -> PaddedBatch:
+        if not batch or any(len(ids) == 0 for ids in batch):
+            raise ValueError("every prompt needs at least one token")
+        # Token ids and lengths are bookkeeping on the host; `run` moves what the model reads to its device.
+        lengths = torch.tensor([len(ids) for ids in batch], device="cpu")
+        input_ids = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long, device="cpu")
+        mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long, device="cpu")
+            mask[row, : len(ids)] = 1
+        return cls(input_ids, mask, lengths)
+
+    @property
+    def _last_positions(self) -> Tensor:
+        return torch.unique(self.lengths - 1)
+
+    def run(self, model: LoadedModel):
+        """The forward pass, its logits computed at the prompts' last positions only (no (B, T, V) tensor)."""
+        device = model.device
+        batch, width = self.input_ids.shape
+        positions = torch.arange(width, device=device).unsqueeze(0).expand(batch, -1)
+        return model.hf_model(input_ids=self.input_ids.to(device), attention_mask=self.mask.to(device),
+                              position_ids=positions, use_cache=False,
+                              logits_to_keep=self._last_positions.to(device))
+
+    def last_logits(self, output) -> Tensor:
+        """(B, V) float32 logits at each prompt's own last token."""
+        rows = torch.arange(self.input_ids.shape[0], device=output.logits.device)
+        columns = torch.searchsorted(self._last_positions, self.lengths - 1).to(output.logits.device)
+        return output.logits[rows, columns].detach().float().cpu()

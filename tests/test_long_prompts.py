@@ -1,0 +1,134 @@
+"""Long prompts (#22): the prefix under fast attention, the last token's row by eager attention over the KV
+cache, per-position data kept at the last position only. The scores must equal the short path's: the whole
+prompt in one eager pass, every position kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import neuron_attribution as na
+from neuron_attribution.model import trace as trace_module
+from neuron_attribution.model.forward import attention_path, has_fast_attention
+from neuron_attribution.model.trace import PositionsNotKept, trace_token_ids, with_positions
+
+from .conftest import TINY_VOCAB, tiny_family, tiny_gpt2, tiny_llama
+from .test_trace import check_attention_neurons, check_ffn_neurons, check_readout, check_residual_sum
+
+LONG = 40  # traced alone (its record forced over the limit), past the tiny Gemma 3's sliding window of 4
+
+
+def _models():
+    yield "llama", tiny_llama()
+    yield "gpt2", tiny_gpt2()
+    for family in ("gemma3_text", "gemma2", "gptj", "phi3", "olmo2"):
+        yield family, tiny_family(family)
+
+
+MODELS = dict(_models())
+
+
+@pytest.fixture
+def long_ids() -> list[int]:
+    return torch.randint(0, TINY_VOCAB, (LONG,), generator=torch.Generator().manual_seed(11)).tolist()
+
+
+def short_path(monkeypatch, model, ids: list[int]):
+    """The reference: one eager pass over the whole prompt, every position kept."""
+    with monkeypatch.context() as patch:
+        patch.setattr(trace_module, "FAST_ATTENTION_FROM_TOKENS", 10**9)
+        patch.setattr(trace_module, "FULL_RECORD_BYTES", 2**62)
+        return trace_token_ids(model, [ids])[0]
+
+
+def long_path(monkeypatch, model, ids: list[int]):
+    with monkeypatch.context() as patch:
+        patch.setattr(trace_module, "FULL_RECORD_BYTES", 0)
+        return trace_token_ids(model, [ids])[0]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tolerance: float = 1e-5) -> bool:
+    return float((a.double() - b.double()).abs().max()) <= tolerance * max(1.0, float(b.double().abs().max()))
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_long_trace_equals_one_eager_pass(monkeypatch, family, long_ids):
+    model = MODELS[family]
+    reference, long = short_path(monkeypatch, model, long_ids), long_path(monkeypatch, model, long_ids)
+    assert reference.kept_positions is None
+    assert long.kept_positions.tolist() == [LONG - 1]
+    assert long.layer_inputs.shape[1] == 1 and long.ffn_coefficients.shape[1] == 1
+    assert _close(long.attention_weights, reference.attention_weights)
+    assert _close(long.value_states, reference.value_states)
+    for name in ("layer_inputs", "attention_outputs", "ffn_outputs", "ffn_coefficients", "final_residual"):
+        assert _close(getattr(long, name)[..., -1:, :], getattr(reference, name)[..., -1:, :]), name
+    assert _close(long.logits, reference.logits, 1e-4)
+    if model.shape.post_norms:
+        return  # behind post-norms the sublayer sums need the norms' scales (test_families covers them)
+    # The decomposition holds on the long trace itself, against float64 loops.
+    check_residual_sum(long)
+    check_ffn_neurons(model, long)
+    check_attention_neurons(model, long)
+    check_readout(model, long)
+
+
+def test_sliding_window_rows_cover_only_the_window(monkeypatch, long_ids):
+    """Gemma 3's local layers cache only the window; the row before it is zero, as in the eager pass."""
+    model = MODELS["gemma3_text"]
+    long = long_path(monkeypatch, model, long_ids)
+    window = model.hf_model.config.sliding_window
+    assert float(long.attention_weights[0, :, : LONG - window].abs().max()) == 0.0
+    assert float(long.attention_weights[0, :, LONG - window:].sum(-1).sub(1).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gemma2"])
+def test_long_prompt_scores_equal_short_path_scores(monkeypatch, family, long_ids):
+    """Value neurons, heads, layers and query neurons (through both paths, so the query step traces its
+    source positions again) agree with the short path's."""
+    model = MODELS[family]
+    options = dict(top_k=15, query_top=8, query_via="both")
+    with monkeypatch.context() as patch:
+        patch.setattr(trace_module, "FAST_ATTENTION_FROM_TOKENS", 10**9)
+        patch.setattr(trace_module, "FULL_RECORD_BYTES", 2**62)
+        reference = na.attribute(model, long_ids, **options)
+    with monkeypatch.context() as patch:
+        patch.setattr(trace_module, "FULL_RECORD_BYTES", 0)
+        long = na.attribute(model, long_ids, **options)
+    assert any(n.position != LONG - 1 for n in long.attention_neurons[:8])  # the query step needed a retrace
+    for kind in ("ffn_neurons", "attention_neurons", "query_neurons"):
+        got, want = getattr(long, kind), getattr(reference, kind)
+        assert [n.score for n in got] == pytest.approx([n.score for n in want], rel=1e-4, abs=1e-6), kind
+    assert [(n.layer, n.neuron) for n in long.ffn_neurons] == [(n.layer, n.neuron) for n in reference.ffn_neurons]
+    assert ([(n.layer, n.head, n.dim, n.position) for n in long.attention_neurons]
+            == [(n.layer, n.head, n.dim, n.position) for n in reference.attention_neurons])
+    assert long.layers.ffn == pytest.approx(reference.layers.ffn, rel=1e-4, abs=1e-6)
+    assert [h.score for h in long.heads] == pytest.approx([h.score for h in reference.heads], rel=1e-4, abs=1e-6)
+
+
+def test_positions_not_kept_are_refused_then_traced_again(monkeypatch, long_ids):
+    model = MODELS["llama"]
+    long = long_path(monkeypatch, model, long_ids)
+    with pytest.raises(PositionsNotKept):
+        long.layer_input(0, 3)
+    with monkeypatch.context() as patch:
+        patch.setattr(trace_module, "FULL_RECORD_BYTES", 0)
+        again = with_positions(model, long, [3, 30])
+    assert again.kept_positions.tolist() == [3, 30, LONG - 1]
+    reference = short_path(monkeypatch, model, long_ids)
+    assert _close(again.layer_input(2, 30), reference.layer_inputs[2, 30])
+    assert _close(again.ffn_residual_coefficients(torch.tensor([3, 30])), reference.ffn_coefficients[:, [3, 30]])
+    assert with_positions(model, again, [30]) is again
+
+
+def test_families_without_switchable_fast_attention_are_named():
+    assert has_fast_attention(MODELS["llama"]) and has_fast_attention(MODELS["gemma3_text"])
+    assert not has_fast_attention(MODELS["gemma2"])  # SDPA cannot soft-cap attention
+    assert not has_fast_attention(MODELS["gptj"])
+    assert "eager attention over the whole prompt" in attention_path(MODELS["gemma2"])
+
+
+def test_short_prompts_keep_every_position(long_ids):
+    model = MODELS["llama"]
+    traces = trace_token_ids(model, [long_ids[:5], long_ids[:9]])
+    assert [t.kept_positions for t in traces] == [None, None]
+    assert traces[1].layer_inputs.shape[1] == 9
