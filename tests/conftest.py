@@ -104,6 +104,15 @@ def tiny_model(request) -> LoadedModel:
     return tiny_gpt2() if request.param == "gpt2" else tiny_llama()
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """A test that loads the real model is slow whether it says so or not: the quick loop (-m "not slow") runs
+    without it. Runs before pytest's own marker selection."""
+    for item in items:
+        if "real_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def real_model() -> LoadedModel:
     return load_model()

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from neuron_attribution import UserError, attribute, score_neurons
-from neuron_attribution.datasets import load_prompt_lines
+from neuron_attribution.datasets import PromptLine, load_prompt_lines
 from neuron_attribution.pipelines.prompts_file import attribute_lines
 from neuron_attribution.results.attribution import Attribution
 from neuron_attribution.settings import ScoringOptions
 
-from .conftest import tiny_family, tiny_gpt2, tiny_llama
+from .conftest import TINY_VOCAB, tiny_family, tiny_gpt2, tiny_llama
 from .test_families import _dense_ranking
 
 IDS = [5, 17, 3, 99, 42, 7, 250]
@@ -109,3 +109,18 @@ def test_contrast_on_the_real_model(real_model, tmp_path):
     sentences, skipped = encode_facts(real_model, [Fact(prompt, "Paris", "capital", "f", 1, "Paris!"),
                                                    Fact(prompt, "Paris", "capital", "f", 2, " London")])
     assert [s.fact.line for s in sentences] == [2] and "contrast" in skipped[0].reason
+
+
+def test_prompts_file_contrast_equal_to_top_prediction_skips_only_that_line():
+    """#23 item 6: a line without a target whose contrast is the model's top prediction is known to be bad
+    only after the forward pass; it is skipped with its reason, the other lines of its batch are attributed."""
+    model = tiny_llama()
+    prompts = [[5, 9, 11], [7, 3, 2, 8], [1, 4]]
+    top = int(attribute(model, prompts[1], top_k=1, query_top=0).target.id)
+    lines = [PromptLine(p, None, "p.jsonl", i + 1, contrast=(top if i == 1 else (top + 1) % TINY_VOCAB))
+             for i, p in enumerate(prompts)]
+    results, skipped = attribute_lines(model, lines, ScoringOptions(top_k=3, query_top=0), batch_size=8)
+    assert [line.line for line, _ in results] == [1, 3]
+    assert [(s.line, s.source) for s in skipped] == [(2, "p.jsonl")] and "contrast" in skipped[0].reason
+    with pytest.raises(UserError, match=r"^p\.jsonl:2: "):
+        attribute_lines(model, lines, ScoringOptions(top_k=3, query_top=0), on_error="stop")

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import matplotlib
 import pytest
 
 from neuron_attribution import UserError, attribute
@@ -133,7 +132,6 @@ def test_figures_have_no_overlapping_titles_legends_and_bars(monkeypatch):
         for i, a in enumerate(boxes):
             for b in boxes[i + 1:]:
                 assert not a.overlaps(b), (figure._suptitle.get_text() if figure._suptitle else "", a, b)
-        matplotlib.pyplot.close(figure)
 
 
 @pytest.mark.slow
@@ -189,20 +187,60 @@ def test_light_commands_do_not_load_torch_or_transformers(args):
 
 
 def test_the_cli_defers_the_collector_until_the_model_is_loaded_then_restores_it():
+    """#23 item 9: the entry point freezes the heap once the model is loaded and leaves the collector as it found
+    it on the way out: thresholds and nothing frozen. A command invoked in-process (not through the entry
+    point) changes nothing."""
     import gc
 
     from neuron_attribution.cli.common import collection_deferred, settle_heap
 
-    before = gc.get_threshold()
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
     try:
         with collection_deferred():
             assert gc.get_threshold()[0] >= 100_000
             settle_heap()
             assert gc.get_threshold() == before
-            assert gc.get_freeze_count() > 0
+            assert gc.get_freeze_count() > frozen
+        assert gc.get_freeze_count() == frozen and gc.get_threshold() == before
         with collection_deferred():
             pass  # a command that loads no model
         assert gc.get_threshold() == before
+        settle_heap()  # in-process, outside the entry point
+        assert gc.get_freeze_count() == frozen and gc.get_threshold() == before
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_no_process_wide_side_effects(tmp_path):
+    """#23 item 8: importing the report module chooses no matplotlib backend (pyplot stays unloaded, also while
+    drawing), and loading a model leaves transformers' progress bars as the caller had them."""
+    script = f"""
+import sys
+from pathlib import Path
+import torch
+from transformers.utils import logging
+import neuron_attribution.reports.html as html
+from neuron_attribution import load_model
+from tests.conftest import tiny_llama
+assert "matplotlib.pyplot" not in sys.modules
+png = html._png(html._new_figure(figsize=(2, 2)))
+assert png[1:4] == b"PNG" and "matplotlib.pyplot" not in sys.modules
+model = tiny_llama()
+model.hf_model.save_pretrained(Path({str(tmp_path)!r}) / "m")
+from transformers import PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models
+PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({{"a": 0, "[UNK]": 1}}, unk_token="[UNK]"))
+                        ).save_pretrained(Path({str(tmp_path)!r}) / "m")
+assert logging.is_progress_bar_enabled()
+load_model(Path({str(tmp_path)!r}) / "m")
+assert logging.is_progress_bar_enabled()
+print("ok")
+"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

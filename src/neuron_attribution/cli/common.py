@@ -89,20 +89,33 @@ _START_UP_GC_THRESHOLD = 200_000
 _DEFAULT_GC_THRESHOLDS = gc.get_threshold()
 
 
+_heap_settling = False  # inside `collection_deferred`: the command owns the process's collector
+
+
 @contextmanager
 def collection_deferred():
-    """Collect cycles rarely until the model is loaded (`settle_heap`); the usual rate again afterwards, so a
-    command run inside another Python process leaves it as it was."""
-    gc.set_threshold(_START_UP_GC_THRESHOLD, *_DEFAULT_GC_THRESHOLDS[1:])
+    """For the process's entry point only: collect cycles rarely until the model is loaded (`settle_heap`),
+    at the usual rate afterwards; on the way out the collector is left as it was found (thresholds, nothing
+    frozen), so a caller that runs `main` inside its own process keeps its own collector."""
+    global _heap_settling
+    thresholds, frozen = gc.get_threshold(), gc.get_freeze_count()
+    gc.set_threshold(_START_UP_GC_THRESHOLD, *thresholds[1:])
+    _heap_settling = True
     try:
         yield
     finally:
-        gc.set_threshold(*_DEFAULT_GC_THRESHOLDS)
+        _heap_settling = False
+        if gc.get_freeze_count() > frozen:
+            gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 def settle_heap() -> None:
-    """Move everything made so far out of the collector's sight (the modules and the model live as long as the
-    process, and exit then skips scanning them) and collect at the usual rate from here on."""
+    """Under `collection_deferred`: move everything made so far out of the collector's sight (the modules and
+    the model live as long as the command, and exit then skips scanning them) and collect at the usual rate from
+    here on. Elsewhere (a command invoked in-process, as tests do) nothing changes."""
+    if not _heap_settling:
+        return
     gc.freeze()
     gc.set_threshold(*_DEFAULT_GC_THRESHOLDS)
 

@@ -15,6 +15,8 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,13 +206,12 @@ def _load_directory(directory: Path, dtype: torch.dtype, allow_pickle: bool, tru
             raise UserError(f"{directory} has no model weights (*.safetensors)")
         _refuse_pickle_unless(allow_pickle, pickles[0])
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()  # a per-tensor bar for a sub-second load is noise
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=dtype, attn_implementation="eager", use_safetensors=has_safetensors,
-            trust_remote_code=trust_remote_code, local_files_only=True, **(placement or {}))
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(
+                directory, dtype=dtype, attn_implementation="eager", use_safetensors=has_safetensors,
+                trust_remote_code=trust_remote_code, local_files_only=True, **(placement or {}))
     except UserError:
         raise
     except Exception as error:  # transformers raises many types for unreadable or truncated weights
@@ -222,6 +223,21 @@ def _load_directory(directory: Path, dtype: torch.dtype, allow_pickle: bool, tru
     except Exception as error:
         raise UserError(f"cannot load the tokenizer from {directory}: {_first_line(error)}") from None
     return model, tokenizer
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers' per-tensor progress bar off for this load only (for a sub-second load it is noise); the
+    caller's setting is restored afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def _load_from_hub(name: str, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool,

@@ -113,6 +113,9 @@ class LayerStack:
 
     layers: list[Matrix]
     device: torch.device
+    # Results that later layers derive from these weights and keep between calls (scoring's buffers and
+    # caches): they live and die with the stack, which the adapter makes anew when the weights change.
+    derived: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_layers(self) -> int:

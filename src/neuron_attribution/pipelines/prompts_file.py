@@ -33,17 +33,34 @@ def attribute_lines(model: LoadedModel, lines: Sequence[PromptLine], options: Sc
             if line.contrast is not None:
                 encode_contrast(model, ids, line.prompt, line.contrast, None if target is None else target.id)
         except UserError as error:
-            if on_error == "stop":
-                raise UserError(f"{line.source}:{line.line}: {error}") from None
-            skipped.append(Skipped(line.source, line.line, str(error), line.prompt))
+            skipped.append(_skip(line, error, on_error))
             continue
         usable.append(line)
     results: list[tuple[PromptLine, Attribution]] = []
     report("attributing prompts", 0, len(usable))
     for start in range(0, len(usable), batch_size):
         chunk = usable[start: start + batch_size]
-        attributed = attribute_with(model, [l.prompt for l in chunk], [l.target for l in chunk], options,
-                                    batch_size=batch_size, contrasts=[l.contrast for l in chunk])
-        results.extend(zip(chunk, attributed))
-        report("attributing prompts", len(results), len(usable))
-    return results, skipped
+        try:
+            results.extend(zip(chunk, _attribute(model, chunk, options, batch_size)))
+        except UserError:
+            # Some problems show only after the forward pass (a contrast equal to the top prediction): the
+            # chunk's lines run one at a time, so only the bad ones are skipped.
+            for line in chunk:
+                try:
+                    results.append((line, _attribute(model, [line], options, 1)[0]))
+                except UserError as error:
+                    skipped.append(_skip(line, error, on_error))
+        report("attributing prompts", start + len(chunk), len(usable))
+    return results, sorted(skipped, key=lambda s: (s.source, s.line or 0))
+
+
+def _attribute(model: LoadedModel, lines: Sequence[PromptLine], options: ScoringOptions,
+               batch_size: int) -> list[Attribution]:
+    return attribute_with(model, [l.prompt for l in lines], [l.target for l in lines], options,
+                          batch_size=batch_size, contrasts=[l.contrast for l in lines])
+
+
+def _skip(line: PromptLine, error: UserError, on_error: OnError) -> Skipped:
+    if on_error == "stop":
+        raise UserError(f"{line.source}:{line.line}: {error}") from None
+    return Skipped(line.source, line.line, str(error), line.prompt)

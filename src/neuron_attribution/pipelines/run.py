@@ -30,7 +30,7 @@ from ..scoring.exact import device_budget
 from ..settings import ScoringOptions, Settings, check_positive
 from .attribute import attribute_with
 from .filter import Checked, filter_facts
-from .run_store import claim, completed_ids, merge_parts, prepare_directory, remove_run, write_part
+from .run_store import claim, completed_ids, merge_parts, prepare_directory, remove_run, run_lock, write_part
 
 DEFAULT_TOP = 300  # value and query neurons stored per sentence
 
@@ -96,12 +96,13 @@ def run_dataset(model: LoadedModel, directory: Path | str, arguments: RunArgumen
     directory = Path(directory)
     created = not directory.exists() or not any(directory.iterdir())
     prepare_directory(directory)
-    try:
-        return _run(model, directory, arguments, settings, batch_size, report, backend, overwrite, started)
-    except BaseException:
-        if created and not completed_ids(directory / "parts"):
-            remove_run(directory)  # nothing worth keeping: leave no half-made directory behind
-        raise
+    with run_lock(directory):
+        try:
+            return _run(model, directory, arguments, settings, batch_size, report, backend, overwrite, started)
+        except BaseException:
+            if created and not completed_ids(directory / "parts"):
+                remove_run(directory, including_lock=True)  # nothing worth keeping: leave no half-made directory behind
+            raise
 
 
 def _run(model: LoadedModel, directory: Path, arguments: RunArguments, settings: Settings, batch_size: int,

@@ -6,12 +6,17 @@ Layout of DIR:
     parts/part-000123/*.parquet one batch of sentences, all six tables; written to a temporary directory and
                                 renamed into place, so a part is either complete or absent
     <table>.parquet             the parts merged, once every sentence is done
+    .lock                       held (flock) by the process running in DIR; the kernel releases it when that
+                                process ends, however it ends, so a killed run leaves no lock behind
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 import platform
 import shutil
 import time
@@ -27,6 +32,7 @@ from ..files import write_json
 from ..results.tables import TABLES
 
 # What a run writes into its directory (and `--overwrite` removes): nothing else there is touched.
+LOCK_FILE = ".lock"
 RUN_FILES = ("run.json", "filter.json", "parts", "analysis", *(f"{t}.parquet" for t in TABLES))
 
 
@@ -58,7 +64,8 @@ def claim(directory: Path, identity: dict, overwrite: bool = False) -> dict:
             raise UserError(f"{directory} holds a different run ({'; '.join(differences)}); "
                             "use another --out directory, or --overwrite to replace it")
         return record
-    if any(p for p in directory.iterdir() if p.name != "parts") or any((directory / "parts").iterdir()):
+    if (any(p for p in directory.iterdir() if p.name not in ("parts", LOCK_FILE))
+            or any((directory / "parts").iterdir())):
         raise UserError(f"{directory} is not empty and holds no run; use an empty or new --out directory")
     record = {"identity": identity, "complete": False, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "versions": _versions(), "timings": {}}
@@ -66,9 +73,39 @@ def claim(directory: Path, identity: dict, overwrite: bool = False) -> dict:
     return record
 
 
-def remove_run(directory: Path) -> None:
-    """Remove what a run wrote into `directory` (and the directory, if nothing else is left)."""
-    for name in RUN_FILES:
+@contextmanager
+def run_lock(directory: Path) -> Iterator[None]:
+    """Hold DIR/.lock for the duration: a second run on the same directory is refused at once, naming the
+    process that holds it. An exclusive flock, so a lock whose process died (even by SIGKILL) is free again."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: runs are not guarded against each other
+        yield
+        return
+    path = directory / LOCK_FILE
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{directory} is in use by a running run ({holder}); wait for it to finish or "
+                            "use another --out directory") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        yield
+        path.unlink(missing_ok=True)  # done with the directory: a finished run leaves no lock file
+    finally:
+        handle.close()
+
+
+def remove_run(directory: Path, including_lock: bool = False) -> None:
+    """Remove what a run wrote into `directory` (and the directory, if nothing else is left). The lock file
+    stays unless `including_lock` (its holder is done with the directory)."""
+    for name in RUN_FILES + ((LOCK_FILE,) if including_lock else ()):
         path = directory / name
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

@@ -11,16 +11,16 @@ import html
 import io
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+# Figures drawn straight onto an Agg canvas: no pyplot, so no process-wide backend is chosen and no window or
+# figure registry is involved (a notebook importing this module keeps its own backend).
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ..errors import UserError  # noqa: E402
-from ..files import write_bytes_atomic, write_json  # noqa: E402
-from ..pipelines.analyze import GEOGRAPHIC, TOP_HEADS, TOP_LAYERS, Analysis  # noqa: E402
-from ..pipelines.protocols import HEAD_FRACTION, QueryNeurons, ValueNeurons  # noqa: E402
+from ..errors import UserError
+from ..files import write_bytes_atomic, write_json
+from ..pipelines.analyze import GEOGRAPHIC, TOP_HEADS, TOP_LAYERS, Analysis
+from ..pipelines.protocols import HEAD_FRACTION, QueryNeurons, ValueNeurons
 
 
 def write_report(analysis: Analysis, directory: Path | str) -> Path:
@@ -42,10 +42,15 @@ def write_report(analysis: Analysis, directory: Path | str) -> Path:
 
 # --- figures --------------------------------------------------------------------------------------------------
 
-def _png(figure) -> bytes:
+def _new_figure(**options) -> Figure:
+    figure = Figure(**options)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
     return buffer.getvalue()
 
 
@@ -53,8 +58,8 @@ def _grid(n: int):
     columns = min(3, n)
     rows = -(-n // columns)
     # Constrained layout keeps titles, labels and the figure legend from overlapping one another.
-    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows + 0.6), squeeze=False, sharex=True,
-                                layout="constrained")
+    figure = _new_figure(figsize=(5 * columns, 3.2 * rows + 0.6), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False, sharex=True)
     for extra in axes.flat[n:]:
         extra.set_visible(False)
     return figure, list(axes.flat)
@@ -116,7 +121,8 @@ def query_histogram_figure(analysis: Analysis) -> bytes:
 def head_overlap_figure(analysis: Analysis) -> bytes:
     kinds = analysis.types
     matrix = np.array([[analysis.head_overlap[a][b] for b in kinds] for a in kinds])
-    figure, axis = plt.subplots(figsize=(0.7 * len(kinds) + 2.5, 0.6 * len(kinds) + 1.5), layout="constrained")
+    figure = _new_figure(figsize=(0.7 * len(kinds) + 2.5, 0.6 * len(kinds) + 1.5), layout="constrained")
+    axis = figure.subplots()
     image = axis.imshow(matrix, cmap="Blues", vmin=0)
     axis.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
     axis.set_yticks(range(len(kinds)), kinds)
@@ -133,7 +139,8 @@ def sharing_figure(analysis: Analysis) -> bytes:
     kinds = analysis.types
     names = [("ffn_value", "FFN value"), ("attention_value", "attention value"), ("query", "query")]
     x = np.arange(len(kinds))
-    figure, axis = plt.subplots(figsize=(1.4 * len(kinds) + 3, 3.9), layout="constrained")
+    figure = _new_figure(figsize=(1.4 * len(kinds) + 3, 3.9), layout="constrained")
+    axis = figure.subplots()
     for i, (key, label) in enumerate(names):
         axis.bar(x + (i - 1) * 0.27, [analysis.sharing[k][key] for k in kinds], width=0.27, label=label)
     axis.set_xticks(x, kinds)
@@ -150,7 +157,8 @@ def interventions_figure(analysis: Analysis) -> bytes | None:
     kinds = list(analysis.interventions)
     rows = ["value", "random (value)", "query", "random (query)"]
     x = np.arange(len(kinds))
-    figure, axis = plt.subplots(figsize=(1.4 * len(kinds) + 3, 3.9), layout="constrained")
+    figure = _new_figure(figsize=(1.4 * len(kinds) + 3, 3.9), layout="constrained")
+    axis = figure.subplots()
     for i, row in enumerate(rows):
         axis.bar(x + (i - 1.5) * 0.2, [analysis.interventions[k][row]["mrr_decrease"] for k in kinds], width=0.2,
                  label=row)

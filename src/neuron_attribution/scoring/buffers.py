@@ -1,19 +1,25 @@
-"""Reused vocabulary-sized buffers for exact scoring."""
+"""What scoring keeps between calls, owned by the model it was computed for: reused vocabulary-sized buffers and
+bounded caches of weight-derived results. Held by the model's FFN weight stack (`LayerStack.derived`), so they
+are released with the model (or when its weights are replaced: `forget_weights` makes a new stack) and one
+model's entries can never reach another."""
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
 
 from ..errors import UserError
+from ..model.weights import LayerStack
 from ..settings import format_size
 
 
 class Scratch:
     """Reused vocabulary-sized buffers. A fresh 100 MB tensor per batch costs more in page faults than the
-    exp() over it; these are allocated once per thread and grown when a larger batch needs it."""
+    exp() over it; these are allocated once per thread and grown when a larger batch needs it: never beyond the
+    largest batch a call's memory budget allowed, and released with the model that owns them."""
 
     def __init__(self):
         self._local = threading.local()
@@ -23,11 +29,57 @@ class Scratch:
         key = (name, device)
         held = store.get(key)
         if held is None or held.shape[1] != columns or held.shape[0] < rows:
+            store.pop(key, None)  # the old buffer goes before the new one is made
             held = store[key] = torch.empty(rows, columns, device=device)
         return held[:rows]
 
+    def held_bytes(self) -> int:
+        """Bytes this thread's buffers hold."""
+        return sum(t.numel() * t.element_size() for t in self._local.__dict__.get("buffers", {}).values())
 
-scratch = Scratch()
+
+class BoundedCache:
+    """A mapping that forgets its least recently used entries beyond `capacity`."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: OrderedDict = OrderedDict()
+
+    def get(self, key):
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key, value) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# Vocabulary projections kept per model: (2k,) ids each, so 65,536 of them are a few MB.
+PROJECTION_ENTRIES = 65_536
+
+
+class ModelCaches:
+    """Everything scoring keeps for one model between calls."""
+
+    def __init__(self):
+        self.scratch = Scratch()
+        self.projections = BoundedCache(PROJECTION_ENTRIES)
+        self.ranks = None  # VocabularyRanks, made on first use by `scoring/ranks.py`
+
+
+def caches_for(stack: LayerStack) -> ModelCaches:
+    """The caches of the model whose FFN weight stack (`adapter.ffn_value_stack`) is `stack`."""
+    caches = stack.derived.get("scoring")
+    if caches is None:
+        caches = stack.derived["scoring"] = ModelCaches()
+    return caches
 
 
 def smallest_budget(vocabulary: int) -> int:

@@ -18,7 +18,7 @@ from ..model.weights import LayerStack
 from ..model.trace import Trace
 from ..neurons import ModelShape
 from ..settings import DEFAULT_MEMORY_BUDGET
-from .buffers import check_budget, scratch
+from .buffers import ModelCaches, caches_for, check_budget
 
 @dataclass
 class ValueContext:
@@ -64,6 +64,7 @@ class ValueContext:
         wanted = slice(None) if only_states is None else torch.tensor(sorted(set(only_states)), dtype=torch.long,
                                                                      device=states.device)
         picked = normalised[wanted]
+        scratch = caches_for(ffn_values).scratch
         logits = readout.logits_of_normalised(picked, out=scratch.buffer("logits", len(picked), vocabulary,
                                                                           states.device))
         log_sum_exp = torch.logsumexp(logits, dim=-1)
@@ -84,9 +85,15 @@ class ValueContext:
             # it is the exact score, not only a bound.
             difference = unembedding.row(self.target) - unembedding.row(self.contrast)
             return self.readout.pullback(difference).expand(len(self.normalised_states), -1)
-        probs = torch.exp(self.base_log_probs, out=scratch.buffer("bases", *self.base_log_probs.shape, self.device))
+        probs = torch.exp(self.base_log_probs,
+                          out=self.caches.scratch.buffer("bases", *self.base_log_probs.shape, self.device))
         expected_row = unembedding.transposed_times(probs)  # p(x)·U per state
         return self.readout.pullback(unembedding.row(self.target) - expected_row)
+
+    @property
+    def caches(self) -> ModelCaches:
+        """What scoring keeps between calls for this model (buffers, projections, ranks)."""
+        return caches_for(self.ffn_values)
 
     @property
     def device(self) -> torch.device:

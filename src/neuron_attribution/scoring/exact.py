@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .buffers import scratch, smallest_budget
+from .buffers import smallest_budget
 from .context import ValueContext
 
 EXACT_BATCH = 512  # most rows per vocabulary-sized product: (512, V) float32 is 100 MB for V = 49k
@@ -73,7 +72,7 @@ def score_rows(ctx: ValueContext, groups: list[Rows]) -> list[Scored]:
         for rows in _balanced_batches(len(bases), rows_per_product(vocabulary, budget)):
             size = rows.stop - rows.start
             moved = ctx.normalised_states[bases[rows]] + readout.normalise(scaled[rows])
-            logits = readout.logits_of_normalised(moved, out=scratch.buffer("logits", size, vocabulary, device))
+            logits = readout.logits_of_normalised(moved, out=ctx.caches.scratch.buffer("logits", size, vocabulary, device))
             wanted = (keep[rows] > 0).nonzero().squeeze(-1)
             if width and wanted.numel():
                 changes = _logit_changes(ctx, logits, bases[rows], wanted, scaled[rows])
@@ -97,32 +96,21 @@ def _split(groups: list[Rows], scores: Tensor, projection: Tensor) -> list[Score
 
 
 # Vocabulary projections of FFN neurons are properties of the weights: top(δ(u)) and bottom(δ(u)) do not depend
-# on the prompt, the coefficient's sign or the norm's frozen scale. Kept per model (its residual directions).
-_PROJECTIONS: dict[int, tuple[weakref.ref, dict]] = {}
-
-
-def _projection_cache(values: Tensor) -> dict:
-    """The cache of one model's residual directions (tensors compare element-wise, so keyed by identity, with a
-    weak reference that tells a freed tensor from a new one at the same address)."""
-    held = _PROJECTIONS.get(id(values))
-    if held is None or held[0]() is not values:
-        for key in [k for k, (ref, _) in _PROJECTIONS.items() if ref() is None]:
-            del _PROJECTIONS[key]
-        held = _PROJECTIONS[id(values)] = (weakref.ref(values), {})
-    return held[1]
+# on the prompt, the coefficient's sign or the norm's frozen scale. Kept per model (`ctx.caches.projections`).
 
 
 def _cached_projection_ids(ctx: ValueContext, bases: Tensor, wanted: Tensor, scaled: Tensor, signs: Tensor,
                            keys: Tensor, width: int) -> Tensor:
     """Projection ids of the wanted rows, computed once per (model, neuron): the contrastive path has no fused
     logits to read them from, and one vocabulary product per returned neuron is most of its cost."""
-    cache = _projection_cache(ctx.ffn_values)
+    cache = ctx.caches.projections
     ids = torch.empty(len(wanted), 2 * width, dtype=torch.long, device=ctx.device)
     wanted_keys = keys[wanted].tolist()
     missing = []
     for i, key in enumerate(wanted_keys):
-        if (key, width) in cache:
-            ids[i] = cache[(key, width)]
+        held = cache.get((key, width))
+        if held is not None:
+            ids[i] = held
         else:
             missing.append(i)
     if missing:
@@ -130,7 +118,7 @@ def _cached_projection_ids(ctx: ValueContext, bases: Tensor, wanted: Tensor, sca
         ids[missing] = _projection_ids(_logit_changes(ctx, None, bases, rows, scaled), width, signs[rows])
         for i in missing:
             if wanted_keys[i] >= 0:  # rows without a neuron key are not cached
-                cache[(wanted_keys[i], width)] = ids[i].clone()
+                cache.put((wanted_keys[i], width), ids[i].clone())
     return ids
 
 
@@ -149,7 +137,7 @@ def _logit_changes(ctx: ValueContext, logits: Tensor | None, bases: Tensor, want
     if ctx.readout.softcap is not None or logits is None:
         return ctx.readout.unembedding.times_transposed(ctx.readout.normalise(scaled[wanted]))
     base = torch.index_select(ctx.base_log_probs, 0, bases[wanted],
-                              out=scratch.buffer("bases", wanted.numel(), logits.shape[1], logits.device))
+                              out=ctx.caches.scratch.buffer("bases", wanted.numel(), logits.shape[1], logits.device))
     return base.neg_().add_(logits[wanted])
 
 

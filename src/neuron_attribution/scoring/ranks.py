@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -12,6 +11,10 @@ from ..model.adapters import NormParams
 from ..model.loading import LoadedModel
 from ..model.readout import project_to_vocabulary
 from ..model.weights import LayerStack, Matrix
+from .buffers import BoundedCache, caches_for
+
+# Targets whose every-neuron exact ranks are kept (two (L, N) integer tensors each).
+FULL_RANK_TARGETS = 16
 
 
 class VocabularyRanks:
@@ -31,7 +34,7 @@ class VocabularyRanks:
         self.norm, self.unembedding = norm, unembedding
         self.depth, self.batch = min(depth, unembedding.shape[0]), batch
         self._extremes: dict[str, tuple[Tensor, Tensor]] | None = None  # "top"/"bottom" -> (ids, values)
-        self._full: dict[int, tuple[Tensor, Tensor]] = {}
+        self._full = BoundedCache(FULL_RANK_TARGETS)
 
     def _project(self, rows: Tensor, out: Tensor | None = None) -> Tensor:
         return project_to_vocabulary(self.norm, self.unembedding, rows, out=out)
@@ -90,19 +93,18 @@ class VocabularyRanks:
 
     def full(self, target: int) -> tuple[Tensor, Tensor]:
         """(from_top, from_bottom), each (L, N): every neuron's exact ranks (a pass over the weights; kept)."""
-        if target not in self._full:
+        held = self._full.get(target)
+        if held is None:
             from_top, from_bottom = self.exact(torch.arange(self.total, device=self.values.device), target)
-            self._full[target] = (from_top.reshape(self.shape), from_bottom.reshape(self.shape))
-        return self._full[target]
-
-
-# Per model adapter, so the weight pass is done once per process; weak, so a dropped model takes its ranks
-# along and a later model can never be handed them.
-_RANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+            held = (from_top.reshape(self.shape), from_bottom.reshape(self.shape))
+            self._full.put(target, held)
+        return held
 
 
 def ranks_for(model: LoadedModel) -> VocabularyRanks:
+    """The model's ranks, made once (the weight pass) and released with the model (`buffers.caches_for`)."""
     adapter = model.adapter
-    if adapter not in _RANKS:
-        _RANKS[adapter] = VocabularyRanks(adapter.ffn_value_stack, adapter.final_norm(), adapter.unembedding_matrix)
-    return _RANKS[adapter]
+    caches = caches_for(adapter.ffn_value_stack)
+    if caches.ranks is None:
+        caches.ranks = VocabularyRanks(adapter.ffn_value_stack, adapter.final_norm(), adapter.unembedding_matrix)
+    return caches.ranks

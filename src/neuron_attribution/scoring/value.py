@@ -81,7 +81,7 @@ def ffn_coefficients(ctx: ValueContext) -> Tensor:
 def ffn_bounds(ctx: ValueContext) -> Tensor:
     """(L, N) upper bounds of the FFN neurons' scores."""
     if ctx.readout.softcap is not None:
-        return ffn_coefficients(ctx).abs() * _reach(ctx, ctx.ffn_values)
+        return ffn_coefficients(ctx).abs() * soft_capped_reach(ctx, ctx.ffn_values)
     slopes = ctx.ffn_values.dots(ctx.bound_directions[1::2])
     return ffn_coefficients(ctx) * slopes
 
@@ -89,13 +89,13 @@ def ffn_bounds(ctx: ValueContext) -> Tensor:
 def attention_bounds(ctx: ValueContext) -> Tensor:
     """(L, H, d_h, T) upper bounds of the attention neurons' scores."""
     if ctx.readout.softcap is not None:
-        reach = _reach(ctx, ctx.output_weights)
+        reach = soft_capped_reach(ctx, ctx.output_weights)
         return ctx.attention_coefficients.times(reach.reshape(ctx.attention_coefficients.shape[:3]), absolute=True)
     slopes = ctx.output_weights.dots(ctx.bound_directions[0::2]).reshape(ctx.attention_coefficients.shape[:3])
     return ctx.attention_coefficients.times(slopes)
 
 
-def _reach(ctx: ValueContext, vectors: LayerStack) -> Tensor:
+def soft_capped_reach(ctx: ValueContext, vectors: LayerStack) -> Tensor:
     """(L, R): a proved bound on |Imp(u | x)| / |c| under soft-capped logits, where the tangent bound does not
     hold: tanh is 1-Lipschitz, so no capped logit moves more than max_v |δ_v(u)| ≤ ‖normalise(u)‖·max_v ‖U_v‖,
     and the target's log-probability moves at most twice that (its own logit, and the log-sum-exp)."""

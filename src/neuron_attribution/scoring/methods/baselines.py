@@ -20,7 +20,8 @@ from ..context import ValueContext
 from ..exact import score_rows
 from ..ranks import VocabularyRanks
 from ..topk import BOUND_SLACK, exact_top_k, rank_by_score
-from ..value import dense_ffn_scores, evaluate_ffn, ffn_bounds, ffn_coefficients, ffn_rows, top_ffn
+from ..value import (dense_ffn_scores, evaluate_ffn, ffn_bounds, ffn_coefficients, ffn_rows, soft_capped_reach,
+                     top_ffn)
 from .base import FfnScorer, MethodResources
 
 
@@ -42,7 +43,9 @@ class LogProbIncrease(FfnScorer):
 class LogProbability(FfnScorer):
     """log p(w | v): the neuron's vector read alone, as if it were the whole residual.
 
-    log p(w | c·u) is concave in c (log-sum-exp is convex), so it lies below its tangent at c = 0, and below 0."""
+    log p(w | c·u) is concave in c (log-sum-exp is convex), so it lies below its tangent at c = 0, and below 0.
+    Soft-capped logits (Gemma 2) are not linear in c and the tangent is no bound there; the proved reach of
+    |c|·u on the target's log-probability is (`soft_capped_reach`)."""
 
     key = "log_probability"
     description = "log p(w | v): the neuron alone, no context"
@@ -53,9 +56,11 @@ class LogProbability(FfnScorer):
         return scored.scores + ctx.target_log_probs[ctx.zero_state]
 
     def _bounds(self, ctx: ValueContext) -> Tensor:
-        slopes = ctx.ffn_values.dots(ctx.alone_direction.expand(ctx.shape.n_layers, -1))
-        tangent = ctx.target_log_probs[ctx.zero_state] + ffn_coefficients(ctx) * slopes
-        return tangent.clamp(max=0.0)
+        if ctx.readout.softcap is not None:
+            increase = ffn_coefficients(ctx).abs() * soft_capped_reach(ctx, ctx.ffn_values)
+        else:
+            increase = ffn_coefficients(ctx) * ctx.ffn_values.dots(ctx.alone_direction.expand(ctx.shape.n_layers, -1))
+        return (ctx.target_log_probs[ctx.zero_state] + increase).clamp(max=0.0)
 
     def scores(self, ctx: ValueContext) -> Tensor:
         flat = torch.arange(ctx.shape.n_layers * ctx.shape.d_ffn, device=ctx.device)
