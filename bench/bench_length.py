@@ -84,7 +84,9 @@ def main() -> None:
         print(f"{row['tokens']:>7} {row['forward_s']:>8.2f}s {row['trace_s']:>7.2f}s {row['attribute_s']:>9.2f}s "
               f"{row['attribute_s'] / row['forward_s']:>6.1f} {row['peak_mb_above_model']:>20.0f}", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"benchmark": "length", "model": "smollm2-135m", "rows": rows}, indent=1))
+        figures = {"bench": "length", "model": "SmolLM2-135M-Instruct", "device": "CPU", "max_memory": args.max_memory,
+                   "rows": rows}
+        args.json.write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":
