@@ -37,7 +37,7 @@ def test_attribute_json_fields(tmp_path, real_model):
     assert len(queries) == 12
     # The default path is the paper's: through the attention value neurons only.
     assert data["query_via"] == "attention"
-    assert set(queries[0]) == {"layer", "neuron", "score", "attention_score"}
+    assert set(queries[0]) == {"layer", "neuron", "score", "attention_score", "position", "token", "coefficient"}
     assert all(q["score"] == q["attention_score"] for q in queries)
     assert data["query_layers"]["for_ffn"] == []
     rows = data["query_layers"]["for_attention"]

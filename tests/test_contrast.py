@@ -124,3 +124,16 @@ def test_prompts_file_contrast_equal_to_top_prediction_skips_only_that_line():
     assert [(s.line, s.source) for s in skipped] == [(2, "p.jsonl")] and "contrast" in skipped[0].reason
     with pytest.raises(UserError, match=r"^p\.jsonl:2: "):
         attribute_lines(model, lines, ScoringOptions(top_k=3, query_top=0), on_error="stop")
+
+
+def test_score_neurons_takes_a_contrast():
+    """#26 item 9: score_neurons scores log p(target) − log p(contrast) for chosen neurons, as attribute does:
+    the difference of the two targets' own scores, the log-normaliser cancelling."""
+    model = tiny_llama()
+    chosen = ["1_3", "2_17", "0_1_2@3", "2_0_5"]
+    target, rival = (score_neurons(model, IDS, t, chosen).as_array()[0] for t in (11, 40))
+    both = score_neurons(model, IDS, 11, chosen, contrast=40)
+    assert both.as_array()[0].tolist() == pytest.approx((target - rival).tolist(), abs=1e-5)
+    many = score_neurons(model, [IDS, IDS[:4]], [11, 12], chosen, contrast=[40, 41])
+    alone = score_neurons(model, IDS[:4], 12, chosen, contrast=41)
+    assert many.as_array()[1].tolist() == pytest.approx(alone.as_array()[0].tolist(), abs=1e-6)

@@ -91,3 +91,17 @@ def test_last_logits_under_ablation_equal_single_runs(tiny_model, token_batches)
             alone = tiny_model.hf_model(torch.tensor([ids])).logits[0, -1]
         assert torch.allclose(together[row], alone, atol=1e-5)
     assert not torch.allclose(together, plain, atol=1e-4)
+
+
+def test_ablation_logits_take_text_from_the_package(real_model):
+    """#26 item 9: the README's ablation logits need no internal import and take text as well as token ids."""
+    import neuron_attribution as na
+
+    prompt = "The capital of France is"
+    ids = real_model.tokenizer(prompt)["input_ids"]
+    ablation = na.Ablation(ffn=[(27, 846)])
+    by_text = na.last_logits(real_model, [prompt], ablation)
+    assert torch.equal(by_text, na.last_logits(real_model, [ids], ablation))
+    assert not torch.equal(by_text, na.last_logits(real_model, [prompt]))  # the neuron is switched off
+    each = na.last_logits_each(real_model, [prompt, ids], [ablation, na.Ablation()])
+    assert torch.allclose(each[0], by_text[0], atol=1e-4)

@@ -216,3 +216,32 @@ def _vectorised_reference(model, trace, attention, ffn):
             values = model.adapter.layer_weights(i).ffn_values.double()
             total[i] += trace.ffn_coefficients[i, position].double() * (values @ key) / float(h @ key) * score
     return parts
+
+
+def test_query_neurons_carry_where_they_act_and_their_sign(tiny_model, token_batches):
+    """#26 item 6: each query neuron names the position that holds the largest part of its score (an attention
+    value neuron's source position, or the last one for the FFN path) and its coefficient there; with that
+    coefficient, interpret_query_neuron reads the end of the projection the neuron actually writes."""
+    ids, k = token_batches[1], 6
+    result = attribute(tiny_model, ids, 11, top_k=10_000, query_top=k, query_via="both")
+    trace = trace_token_ids(tiny_model, [ids])[0]
+    attention, ffn = _as_tuples(result, k)
+    last = trace.n_tokens - 1
+    by_position = {}  # the reference loops, one source position at a time
+    for position in sorted({a[3] for a in attention} | {last}):
+        parts = ref.query_ffn(tiny_model, trace, [a for a in attention if a[3] == position],
+                              ffn if position == last else [])
+        by_position[position] = sum(parts.values())
+    tokens = result.tokens
+    for q in result.query_neurons[:40]:
+        shares = {p: abs(float(t[q.layer, q.neuron])) for p, t in by_position.items()}
+        best = max(shares.values())
+        assert shares[q.position] == pytest.approx(best, abs=1e-6)
+        assert q.token == tokens[q.position]
+        assert q.coefficient == pytest.approx(float(trace.ffn_coefficients[q.layer, q.position, q.neuron]), abs=1e-6)
+    assert len({q.position for q in result.query_neurons}) > 1  # the tiny prompt spreads them over positions
+    assert "position" in result.to_dict()["query_neurons"][0]
+    q = next(q for q in result.query_neurons if q.coefficient < 0 and q.layer < tiny_model.shape.n_layers - 1)
+    plain = interpret_query_neuron(tiny_model, q.layer, q.neuron, q.layer + 1, 0, k=3)
+    signed = interpret_query_neuron(tiny_model, q.layer, q.neuron, q.layer + 1, 0, k=3, coefficient=q.coefficient)
+    assert signed.top_ids == plain.bottom_ids and signed.bottom_ids == plain.top_ids

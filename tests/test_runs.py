@@ -83,7 +83,8 @@ def test_run_tables_hold_what_attribute_gives(real_model, finished_run):
     assert set(tables["attention_neurons"]) >= {"sentence_id", "type", "layer", "head", "dim", "position", "token",
                                                  "score", "coefficient"}
     assert set(tables["query_neurons"]) >= {"sentence_id", "type", "layer", "neuron", "score", "attention_score",
-                                             "ffn_score", "gate_score", "up_score"}
+                                             "ffn_score", "gate_score", "up_score", "position", "token", "coefficient"}
+    assert all(p is not None for p in tables["query_neurons"]["position"])
     assert len(tables["layers"]["layer"]) == 6 * real_model.shape.n_layers
 
 
@@ -115,6 +116,32 @@ def test_lost_and_truncated_parts_are_recomputed(real_model, finished_run, facts
 
 
 @pytest.mark.slow
+def test_ctrl_c_says_what_is_saved_and_how_to_resume(real_model, facts_file, finished_run, tmp_path):
+    """#26 item 9: Ctrl-C (SIGINT) during `run` ends with exit 130 and one line naming the saved sentences and
+    the way to resume; the same command then finishes with the numbers of an uninterrupted run."""
+    directory = tmp_path / "stopped"
+    command = [sys.executable, "-m", "neuron_attribution.cli", "run", "--dataset", str(facts_file), "--out",
+               str(directory), "--top", "20", "--batch-size", "4"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((directory / "parts").glob("part-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    if process.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert process.returncode == 130, stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("run stopped: ") and "sentences are saved in" in line and "run the same command" in line
+    assert "Traceback" not in stderr
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    reference = _tables(finished_run)
+    tables = _tables(directory)
+    for name in TABLES:
+        assert tables[name] == reference[name], name
+
+
 def test_kill_9_at_random_points_then_resume(real_model, facts_file, finished_run, tmp_path):
     """The CLI killed with SIGKILL at random moments, then run to the end: every sentence exactly once and the
     same numbers as an uninterrupted run."""

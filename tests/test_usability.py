@@ -244,3 +244,49 @@ print("ok")
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_filter_progress_counts_what_its_summary_counts(real_model):
+    """#26 item 9: with `run --limit` the filter stops checking a type once it has enough; its progress bar
+    counted every fact run through the model (48/48) while the summary counted those checked (30)."""
+    from neuron_attribution.datasets import load_facts
+    from neuron_attribution.pipelines.filter import filter_facts
+
+    facts, _ = load_facts("sample")
+    calls: list[tuple[int, int]] = []
+    checked, _ = filter_facts(real_model, facts, enough=1, batch_size=4,
+                              progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (len(checked), len(checked))
+    assert all(done <= total for done, total in calls)
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+    assert len(checked) < len(facts)  # `enough` did cut the checking short
+
+
+def test_report_says_how_many_sentences_it_shows_and_draws_emoji_type_names_without_warnings(tmp_path):
+    """#26 item 8: the sentence list per type says how many of how many it shows; type names with emoji are drawn
+    without the characters the font lacks, and without a warning; the page keeps the full name."""
+    import dataclasses
+    import warnings
+
+    from .test_report import EVIL
+
+    fancy = "capital 🏙️"
+
+    def renamed(value):
+        if isinstance(value, dict):
+            return {fancy if key == EVIL else key: renamed(item) for key, item in value.items()}
+        return value
+
+    analysis = _hand_made_analysis()
+    analysis = dataclasses.replace(analysis, **{f.name: renamed(getattr(analysis, f.name))
+                                                 for f in dataclasses.fields(analysis)
+                                                 if isinstance(getattr(analysis, f.name), dict)})
+    analysis.counts[fancy] = 5
+    analysis.interventions[fancy].update({row: dict(analysis.interventions[fancy]["original"], mrr_decrease=0.5)
+                                          for row in ("value", "random (value)", "query", "random (query)")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        page = html.write_report(analysis, tmp_path).read_text(encoding="utf-8")
+    assert "the first 1 of 5 sentences of this type" in page
+    assert fancy in page
+    assert html._drawable(fancy) == "capital"

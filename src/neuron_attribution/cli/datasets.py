@@ -121,11 +121,27 @@ def run(
     check_backend(backend, workers, address, settings, gpus_per_worker)
     loaded, settings = load_driver_model(settings, backend)
     warn_if_dense(loaded.shape, top)
-    with make_backend(backend, loaded, settings, workers, address, gpus_per_worker) as pool, \
-            progress_bar() as progress:
-        summary = run_dataset(loaded, out, RunArguments(dataset, limit, on_error), settings=settings,
-                              batch_size=batch_size, progress=progress, backend=pool, overwrite=overwrite)
+    try:
+        with make_backend(backend, loaded, settings, workers, address, gpus_per_worker) as pool, \
+                progress_bar() as progress:
+            summary = run_dataset(loaded, out, RunArguments(dataset, limit, on_error), settings=settings,
+                                  batch_size=batch_size, progress=progress, backend=pool, overwrite=overwrite)
+    except KeyboardInterrupt:
+        _say_how_to_resume(out)
+        raise typer.Exit(130) from None
     print_run_summary(summary, out)
+
+
+def _say_how_to_resume(out: Path) -> None:
+    """After Ctrl-C: what is kept, and that the same command picks up from there."""
+    from rich.console import Console
+
+    from ..pipelines.run_store import completed_ids
+
+    parts = out / "parts"
+    saved = len(completed_ids(parts)) if parts.is_dir() else 0
+    Console(stderr=True).print(f"run stopped: {saved} sentences are saved in {escape(str(out))}; run the same "
+                               "command again to resume from there", highlight=False, soft_wrap=True)
 
 
 @app.command()

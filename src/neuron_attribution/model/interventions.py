@@ -22,6 +22,7 @@ import torch
 from ..neurons import AttentionIndex, FfnIndex, HeadIndex
 from .loading import LoadedModel
 from .forward import PaddedBatch
+from .prompts import Prompt, encode_prompt
 
 
 @dataclass(frozen=True)
@@ -173,9 +174,11 @@ def ablated_rows(model: LoadedModel, ablations: Sequence[Ablation]) -> Iterator[
             handle.remove()
 
 
-def last_logits(model: LoadedModel, batch: Sequence[Sequence[int]], ablation: Ablation | None = None,
+def last_logits(model: LoadedModel, batch: Sequence[Prompt], ablation: Ablation | None = None,
                 batch_size: int = 16) -> torch.Tensor:
-    """(n, V) float32 next-token logits for token-id prompts, with `ablation` switched off if given."""
+    """(n, V) float32 next-token logits for prompts (texts or lists of token ids), with `ablation` switched off
+    if given."""
+    batch = [encode_prompt(model, prompt) for prompt in batch]
     chunks = []
     with ablated(model, ablation or Ablation()), torch.inference_mode():
         for start in range(0, len(batch), batch_size):
@@ -184,9 +187,11 @@ def last_logits(model: LoadedModel, batch: Sequence[Sequence[int]], ablation: Ab
     return torch.cat(chunks) if chunks else torch.empty(0, model.shape.vocab_size, device="cpu")
 
 
-def last_logits_each(model: LoadedModel, batch: Sequence[Sequence[int]], ablations: Sequence[Ablation],
+def last_logits_each(model: LoadedModel, batch: Sequence[Prompt], ablations: Sequence[Ablation],
                      batch_size: int = 16) -> torch.Tensor:
-    """(n, V) float32 next-token logits, prompt i run with ablations[i] switched off."""
+    """(n, V) float32 next-token logits, prompt i (a text or a list of token ids) run with ablations[i]
+    switched off."""
+    batch = [encode_prompt(model, prompt) for prompt in batch]
     if len(batch) != len(ablations):
         raise ValueError(f"{len(batch)} prompts but {len(ablations)} ablations")
     chunks = []

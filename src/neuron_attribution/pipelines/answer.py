@@ -53,7 +53,7 @@ def attribute_answer(model: LoadedModel, prompt: Prompt, answer: str | int | lis
                           for n in attention_neurons[: options.query_top] if n.position < c.trace.n_tokens],
                          options.query_via)
             for i, c in enumerate(contexts)])
-        query_neurons, query_layers, skipped = queries.top(options.top_k), queries.layers, queries.skipped
+        query_neurons, query_layers, skipped = queries.top(options.top_k, tokens), queries.layers, queries.skipped
     return Attribution(
         prompt=prompt_text(model, prompt, ids), model=model.name, tokens=tokens, target=target,
         predictions=top_predictions(model, traces[0].logits, 10),

@@ -102,7 +102,7 @@ def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: 
     if options.query_top:
         queries = query_scores(model, trace, ffn_neurons[: options.query_top],
                                attention_neurons[: options.query_top], options.query_via)
-        query_neurons, query_layers, query_skipped = queries.top(top_k), queries.layers, queries.skipped
+        query_neurons, query_layers, query_skipped = queries.top(top_k, tokens), queries.layers, queries.skipped
     else:
         query_neurons, query_layers, query_skipped = [], QueryLayers([], []), []
     return Attribution(

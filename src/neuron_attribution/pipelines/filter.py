@@ -41,7 +41,6 @@ def filter_facts(model: LoadedModel, facts: Sequence[Fact], *, on_error: OnError
     rivals = _RivalTokens(model, candidates)
     kept: dict[str | None, int] = {}
     pending = list(encoded)
-    done = 0
     while pending:
         if enough is not None:
             pending = [e for e in pending if kept.get(e[0].type, 0) < enough]
@@ -54,11 +53,11 @@ def filter_facts(model: LoadedModel, facts: Sequence[Fact], *, on_error: OnError
             if enough is None or kept.get(fact.type, 0) < enough:
                 checked.append(verdict)
                 kept[fact.type] = kept.get(fact.type, 0) + verdict.kept
-        done += len(chunk)
-        if progress is not None:
-            progress(done, done + len(pending))
+        if progress is not None:  # counts what the summary counts: facts checked, of those still to check
+            still = [e for e in pending if enough is None or kept.get(e[0].type, 0) < enough]
+            progress(len(checked), len(checked) + len(still))
     if progress is not None:
-        progress(done, done)
+        progress(len(checked), len(checked))
     position = {id(fact): i for i, (fact, _, _) in enumerate(encoded)}
     checked.sort(key=lambda c: position[id(c.fact)])  # file order, whatever order the types were checked in
     return checked, skipped

@@ -44,12 +44,18 @@ def neuron_vector(model: LoadedModel, neuron) -> torch.Tensor:
 
 
 def interpret_query_neuron(model: LoadedModel, ffn_layer: int, neuron: int, layer: int, head: int,
-                           k: int = 10) -> Projection:
+                           k: int = 10, coefficient: float | None = None) -> Projection:
     """A query FFN neuron as one head carries it (docs/method.md §3): its value vector through `layer`'s input
-    norm, `head`'s value and output projections, then projected to the vocabulary like any neuron."""
+    norm, `head`'s value and output projections, then projected to the vocabulary like any neuron.
+
+    `coefficient`: the neuron's coefficient where it acts (`QueryNeuron.coefficient`). Given, the vector is
+    taken with that sign, so the top tokens are the ones it promotes there (a negative coefficient writes the
+    opposite of the value vector); without it, the top tokens are those of a positive coefficient."""
     s = model.shape
     for index in (FfnIndex(ffn_layer, neuron), HeadIndex(layer, head)):
         s.check(index)
     vector = model.adapter.ffn_value_stack.layers[ffn_layer].row(neuron)
+    if coefficient is not None and coefficient < 0:
+        vector = -vector
     carried = query.interpret_through_head(model.adapter.layer_weights(layer), s, vector, head)
     return projection_of(model, carried, k)

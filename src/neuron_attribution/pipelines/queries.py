@@ -27,6 +27,10 @@ class QueryScores:
     skipped: list[str]
     shape: ModelShape
     via: str = "both"
+    # The chosen path's scores split by the position where they were read (an attention value neuron's source
+    # position, or the last position for FFN value neurons), and the traces that hold the coefficients there.
+    by_position: dict[int, Tensor] | None = None
+    traces: list[Trace] | None = None
 
     @property
     def total(self) -> Tensor:
@@ -35,13 +39,27 @@ class QueryScores:
         parts += list((self.ffn_parts or {}).values())
         return torch.stack(parts).sum(0)
 
-    def top(self, k: int) -> list[QueryNeuron]:
+    def top(self, k: int, tokens: Sequence[str] | None = None) -> list[QueryNeuron]:
         total = self.total.reshape(-1)
         ranked = rank_by_score(total)[:k]
         result = []
         for flat, (layer, neuron) in zip(ranked.tolist(), self.shape.ffn_indices(ranked)):
-            result.append(QueryNeuron(layer, neuron, float(total[flat]), *self._paths(layer, neuron)))
+            position, coefficient = self._where(layer, neuron)
+            token = tokens[position] if tokens is not None and position is not None else None
+            result.append(QueryNeuron(layer, neuron, float(total[flat]), *self._paths(layer, neuron),
+                                      position=position, token=token, coefficient=coefficient))
         return result
+
+    def _where(self, layer: int, neuron: int) -> tuple[int | None, float | None]:
+        """The position that holds the largest part (by magnitude) of the neuron's score, and its coefficient
+        there (the sign says which end of `interpret_query_neuron`'s projection it writes)."""
+        if not self.by_position:
+            return None, None
+        positions = sorted(self.by_position)
+        parts = torch.stack([self.by_position[p][layer, neuron] for p in positions])
+        position = positions[int(parts.abs().argmax())]
+        trace = next(t for t in self.traces or [] if position < t.n_tokens)
+        return position, float(trace.ffn_residual_coefficients(position)[layer, neuron])
 
     def _paths(self, layer: int, neuron: int) -> tuple[float | None, float | None, float | None, float | None]:
         """attention_score, ffn_score, gate_score, up_score: None for a path not taken (and gate/up for GELU)."""
@@ -73,14 +91,16 @@ def query_scores(model: LoadedModel, trace: Trace, ffn_neurons: Sequence[FfnNeur
             model.adapter.ffn_activation)
         ffn_readings, ffn_skipped = query.usable(readings)
         skipped += split_skipped + ffn_skipped
-    parts = query.query_ffn_scores(trace, model.adapter.ffn_value_stack, attention_readings + ffn_readings)
+    by_position: dict[int, Tensor] = {}
+    parts = query.query_ffn_scores(trace, model.adapter.ffn_value_stack, attention_readings + ffn_readings,
+                                   by_position)
     zeros = torch.zeros(shape.n_layers, shape.d_ffn, device=model.adapter.device)
     attention = parts.pop("value", zeros) if via != "ffn" else None
     ffn_parts = {name: parts.get(name, zeros) for name in weights[0].ffn_subkeys} if via != "attention" else None
     layers = QueryLayers(
         _query_layer_rows(query.query_layer_scores(trace, ffn_readings), shape.n_layers) if via != "attention" else [],
         _query_layer_rows(query.query_layer_scores(trace, attention_readings), shape.n_layers) if via != "ffn" else [])
-    return QueryScores(attention, ffn_parts, layers, skipped, shape, via)
+    return QueryScores(attention, ffn_parts, layers, skipped, shape, via, by_position, [trace])
 
 
 def summed_query_scores(parts: list[QueryScores]) -> QueryScores:
@@ -101,7 +121,12 @@ def summed_query_scores(parts: list[QueryScores]) -> QueryScores:
     layers = QueryLayers(add_rows([p.layers.for_ffn for p in parts]),
                          add_rows([p.layers.for_attention for p in parts]))
     skipped = list(dict.fromkeys(label for p in parts for label in p.skipped))
-    return QueryScores(add([p.attention for p in parts]), ffn_parts, layers, skipped, first.shape, first.via)
+    by_position: dict[int, Tensor] = {}
+    for part in parts:
+        for position, shares in (part.by_position or {}).items():
+            by_position[position] = by_position[position] + shares if position in by_position else shares
+    return QueryScores(add([p.attention for p in parts]), ffn_parts, layers, skipped, first.shape, first.via,
+                       by_position, [t for p in parts for t in p.traces or []])
 
 
 def _query_layer_rows(shares: dict[str, query.LayerShares], n_layers: int) -> list[QueryLayer]:

@@ -25,14 +25,16 @@ NeuronLike = NeuronIndex | tuple | str
 
 def score_neurons(model: LoadedModel, prompts: Prompt | Sequence[Prompt], targets: Target | Sequence[Target] = None,
                   neurons: Sequence[NeuronLike] = (), *, reference: bool = False,
-                  memory_budget: int = DEFAULT_MEMORY_BUDGET, batch_size: int = 8) -> NeuronScores:
+                  memory_budget: int = DEFAULT_MEMORY_BUDGET, batch_size: int = 8,
+                  contrast: Target | Sequence[Target] = None) -> NeuronScores:
     """Exact scores of the given neurons for each prompt and target.
 
     `prompts`: one prompt (text or a list of token ids) or a list of them; `targets`: one target per prompt
     (answer text, token id, or None for the model's top prediction), or one for all. `neurons`: `FfnIndex`,
     `AttentionIndex` (with a source position, or None for every position), `HeadIndex`, the tuples
     ("ffn", layer, neuron), ("attention", layer, head, dim[, position]), ("head", layer, head), or text such as
-    "24_177", "23_4_38@3", "21.19"."""
+    "24_177", "23_4_38@3", "21.19". `contrast` (answer text or token id; one for all prompts or one per prompt):
+    score log p(target) − log p(contrast) instead, as `attribute(contrast=...)` does."""
     check_positive("batch_size", batch_size)
     indices = [parse_neuron(n) if isinstance(n, str) else as_index(n) for n in neurons]
     if not indices:
@@ -42,15 +44,17 @@ def score_neurons(model: LoadedModel, prompts: Prompt | Sequence[Prompt], target
     single = _is_one_prompt(prompts)
     prompt_list = [prompts] if single else _as_prompt_list(prompts)
     target_list = [targets] if single else _as_target_list(targets, len(prompt_list))
+    contrast_list = [contrast] if single else _as_target_list(contrast, len(prompt_list))
     encoded = [encode_prompt(model, p) for p in prompt_list]
     infos, scores, coefficients = [], [], []
     for start in range(0, len(encoded), batch_size):
         traces = trace_token_ids(model, encoded[start: start + batch_size])
         for offset, trace in enumerate(traces):
             i = start + offset
-            info = target_info(model, prompt_list[i], encoded[i], trace, target_list[i])
+            info = target_info(model, prompt_list[i], encoded[i], trace, target_list[i], contrast_list[i])
             ctx = value_context(model, trace, info.id, reference=reference, memory_budget=memory_budget,
-                                only_states=value.chosen_states(indices))
+                                only_states=value.chosen_states(indices),
+                                contrast=None if info.contrast is None else info.contrast.id)
             rows, chosen_coefficients = value.chosen_rows(ctx, indices)
             (scored,) = score_rows(ctx, [rows])
             infos.append(info)

@@ -7,15 +7,19 @@ html.escape: vocabulary tokens contain markup.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 # Figures drawn straight onto an Agg canvas: no pyplot, so no process-wide backend is chosen and no window or
 # figure registry is involved (a notebook importing this module keeps its own backend).
+from matplotlib import font_manager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ft2font import FT2Font
 
 from ..errors import UserError
 from ..files import write_bytes_atomic, write_json
@@ -46,6 +50,21 @@ def _new_figure(**options) -> Figure:
     figure = Figure(**options)
     FigureCanvasAgg(figure)
     return figure
+
+
+@functools.cache
+def _font_characters() -> frozenset[int]:
+    """Code points the figures' font can draw."""
+    font = FT2Font(font_manager.findfont(font_manager.FontProperties()))
+    return frozenset(font.get_charmap())
+
+
+def _drawable(text: str) -> str:
+    """`text` without the characters the figures' font has no glyph for (emoji in a type name would be empty
+    boxes and a warning); the page's tables keep the full text."""
+    kept = "".join(c for c in text if c.isspace() or (ord(c) in _font_characters()
+                                                        and unicodedata.category(c) not in ("Cf", "Mn")))
+    return " ".join(kept.split()) or "?"
 
 
 def _png(figure: Figure) -> bytes:
@@ -79,7 +98,7 @@ def layer_scores_figure(analysis: Analysis) -> bytes:
         axis.plot(layers, summary.attention, marker=".", label="attention layer")
         axis.plot(layers, summary.ffn, marker=".", label="FFN layer")
         axis.axhline(0, color="grey", linewidth=0.5)
-        axis.set_title(f"{kind} ({analysis.counts[kind]} sentences)")
+        axis.set_title(f"{_drawable(kind)} ({analysis.counts[kind]} sentences)")
         axis.set_xlabel("layer")
         axis.set_ylabel("mean log-prob increase")
     figure.suptitle("Layer scores: how much each layer raises log p(answer)")
@@ -97,7 +116,7 @@ def _stacked_by_layer(analysis: Analysis, histograms: dict[str, dict[str, list[f
         counts = histograms[kind]
         axis.bar(layers, counts[lower], label=lower_label)
         axis.bar(layers, counts[upper], bottom=counts[lower], label=upper_label)
-        axis.set_title(kind)
+        axis.set_title(_drawable(kind))
         axis.set_xlabel("layer")
         axis.set_ylabel("neurons per sentence")
     figure.suptitle(title)
@@ -124,8 +143,8 @@ def head_overlap_figure(analysis: Analysis) -> bytes:
     figure = _new_figure(figsize=(0.7 * len(kinds) + 2.5, 0.6 * len(kinds) + 1.5), layout="constrained")
     axis = figure.subplots()
     image = axis.imshow(matrix, cmap="Blues", vmin=0)
-    axis.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
-    axis.set_yticks(range(len(kinds)), kinds)
+    axis.set_xticks(range(len(kinds)), [_drawable(k) for k in kinds], rotation=45, ha="right")
+    axis.set_yticks(range(len(kinds)), [_drawable(k) for k in kinds])
     for i in range(len(kinds)):
         for j in range(len(kinds)):
             axis.text(j, i, str(matrix[i, j]), ha="center", va="center",
@@ -143,7 +162,7 @@ def sharing_figure(analysis: Analysis) -> bytes:
     axis = figure.subplots()
     for i, (key, label) in enumerate(names):
         axis.bar(x + (i - 1) * 0.27, [analysis.sharing[k][key] for k in kinds], width=0.27, label=label)
-    axis.set_xticks(x, kinds)
+    axis.set_xticks(x, [_drawable(k) for k in kinds])
     axis.set_ylim(0, 1)
     axis.set_ylabel("share of a sentence's top neurons")
     figure.suptitle("Neurons common to more than half of a type's sentences")
@@ -162,7 +181,7 @@ def interventions_figure(analysis: Analysis) -> bytes | None:
     for i, row in enumerate(rows):
         axis.bar(x + (i - 1.5) * 0.2, [analysis.interventions[k][row]["mrr_decrease"] for k in kinds], width=0.2,
                  label=row)
-    axis.set_xticks(x, kinds)
+    axis.set_xticks(x, [_drawable(k) for k in kinds])
     axis.set_ylabel("relative MRR decrease")
     figure.suptitle("Switching off value and query neurons vs random ones")
     _legend_below(figure, axis)
@@ -300,7 +319,10 @@ def _intervention_caption() -> str:
 def _examples_html(a: Analysis) -> str:
     parts = ["<h2>Sentences and their top neurons</h2>"]
     for kind, examples in a.examples.items():
-        parts.append(f"<h3>{_e(kind)}</h3>")
+        total = a.counts.get(kind, len(examples))
+        shown = f"the first {len(examples)} of {total} sentences" if len(examples) < total else \
+            f"all {total} sentences"
+        parts.append(f"<h3>{_e(kind)}</h3><p class=note>{shown} of this type, in dataset order</p>")
         for ex in examples:
             rather = "" if ex.get("contrast") is None else f" rather than <b>{_e(repr(ex['contrast']))}</b>"
             parts.append(f"<p class=sentence><q>{_e(ex['prompt'])}</q> → <b>{_e(repr(ex['target']))}</b>{rather} "

@@ -135,10 +135,13 @@ def print_queries(console: Console, result, rows: int = 10) -> None:
     if via == "both":
         parts = [("via attention", lambda q: q.attention_score), ("via FFN", lambda q: q.ffn_score), *parts]
     paths = [(name, pick) for name, pick in parts if any(pick(q) is not None for q in result.query_neurons)]
-    for column in ["neuron", "score"] + [name for name, _ in paths]:
-        queries.add_column(column, justify="left" if column == "neuron" else "right")
+    located = any(q.position is not None for q in result.query_neurons)
+    for column in ["neuron", "score"] + [name for name, _ in paths] + (["acts at", "coefficient"] if located else []):
+        queries.add_column(column, justify="left" if column in ("neuron", "acts at") else "right")
     for q in result.query_neurons[:rows]:
-        queries.add_row(f"{q.layer}_{q.neuron}", f"{q.score:+.4f}", *(f"{pick(q):+.4f}" for _, pick in paths))
+        where = [Text(f"{q.position} {q.token!r}"), f"{q.coefficient:+.3f}"] if q.position is not None else \
+            (["", ""] if located else [])
+        queries.add_row(f"{q.layer}_{q.neuron}", f"{q.score:+.4f}", *(f"{pick(q):+.4f}" for _, pick in paths), *where)
     console.print(queries)
     layers = Table(title="Top query layers", title_justify="left")
     kinds = [(name, rows_) for name, rows_ in (("for FFN value neurons", result.query_layers.for_ffn),

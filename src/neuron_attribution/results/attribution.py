@@ -124,7 +124,11 @@ class QueryNeuron:
     """An FFN neuron scored for activating the top value neurons, through the path the attribution chose
     (`Attribution.query_via`): attention_score through the attention value neurons' value-projection rows,
     ffn_score through the FFN value neurons' subkeys (for SwiGLU ffn_score = gate_score + up_score; the two are
-    None for GELU models). score is the chosen path's score (their sum for "both"); a path not taken is None."""
+    None for GELU models). score is the chosen path's score (their sum for "both"); a path not taken is None.
+    position: where the largest part of the score was read (an attention value neuron's source position, or the
+    last position for the FFN path), token the prompt's token there, coefficient the neuron's coefficient
+    there: positive, it writes its value vector (the top of `interpret_query_neuron`'s projection); negative,
+    its opposite (the bottom)."""
 
     layer: int
     neuron: int
@@ -133,6 +137,9 @@ class QueryNeuron:
     ffn_score: float | None = None
     gate_score: float | None = None
     up_score: float | None = None
+    position: int | None = None
+    token: str | None = None
+    coefficient: float | None = None
 
 
 @dataclass

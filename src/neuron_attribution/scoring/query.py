@@ -180,10 +180,12 @@ def _rows_by_name(readings: list[SubkeyReading], device: torch.device) -> dict[s
             for name in dict.fromkeys(names)}
 
 
-def query_ffn_scores(trace: Trace, ffn_values: LayerStack, readings: list[SubkeyReading]) -> dict[str, Tensor]:
+def query_ffn_scores(trace: Trace, ffn_values: LayerStack, readings: list[SubkeyReading],
+                     by_position: dict[int, Tensor] | None = None) -> dict[str, Tensor]:
     """(L, N) query scores of every FFN neuron, per subkey name: Σ over readings of
     (m_{p,k}^i · fc2_k^i) · K' / (h·K') · I, over the layers i below the value neuron's layer. `ffn_values` are
-    the residual directions and the coefficients are taken as they weigh them (post-norm gain and scale)."""
+    the residual directions and the coefficients are taken as they weigh them (post-norm gain and scale).
+    `by_position`, if given, receives the same scores split by the position p where they were read."""
     n_layers, n_neurons = ffn_values.n_layers, ffn_values.n_rows
     totals: dict[str, Tensor] = {}
     if not readings:
@@ -202,8 +204,10 @@ def query_ffn_scores(trace: Trace, ffn_values: LayerStack, readings: list[Subkey
     slopes = ffn_values.dots(merged_keys.permute(1, 0, 2)).permute(1, 0, 2)  # (G, L, N)
     positions = torch.tensor([position for _, position in groups], device=device)
     shares = trace.ffn_residual_coefficients(positions).permute(1, 0, 2) * slopes  # (G, L, N)
-    for index, (name, _) in enumerate(groups):
+    for index, (name, position) in enumerate(groups):
         totals.setdefault(name, shares.new_zeros(n_layers, n_neurons)).add_(shares[index])
+        if by_position is not None:
+            by_position.setdefault(position, shares.new_zeros(n_layers, n_neurons)).add_(shares[index])
     return totals
 
 
