@@ -147,3 +147,20 @@ def test_a_top_that_reaches_every_ffn_neuron_is_announced_as_dense_scoring():
     text = " ".join(captured.get().split())
     assert "Warning: --top 100000000 reaches the model's 120 FFN neurons (3 layers × 40)" in text
     assert "as slow as dense scoring" in text
+
+
+def test_chosen_neurons_with_a_contrast(tmp_path, real_model):
+    """#26 item 9: `--neurons` takes `--contrast` as attribute does: each score is the change of
+    log p(target) − log p(contrast), the numbers of score_neurons(contrast=...)."""
+    from neuron_attribution import score_neurons
+
+    out = tmp_path / "chosen.json"
+    result = run("attribute", "The capital of France is", "-t", " Paris", "--contrast", " London", "--neurons",
+                 "27_846,23_4_38@3", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "rather than ' London'" in result.stdout
+    expected = score_neurons(real_model, "The capital of France is", " Paris", ["27_846", "23_4_38@3"],
+                             contrast=" London").scores[0]
+    assert json.loads(out.read_text())["scores"][0] == pytest.approx(expected, abs=1e-6)
+    plain = score_neurons(real_model, "The capital of France is", " Paris", ["27_846", "23_4_38@3"]).scores[0]
+    assert abs(expected[0] - plain[0]) > 0.1  # the contrast changes the numbers

@@ -103,15 +103,13 @@ def attribute(
             raise UserError("with --prompts, give each line its own \"contrast\"; --contrast takes one prompt")
         return _attribute_file(prompts, json_dir, on_error, batch_size, settings, neurons, json_file)
     chosen = parse_neurons(neurons) if neurons is not None else None
-    if chosen is not None and contrast is not None:
-        raise UserError("--contrast applies to a full attribution, not to --neurons")
     loaded = load_model_spec(settings.model)
     if chosen is not None:
         from ..pipelines.score import score_neurons
         from ..reports.terminal import print_neuron_scores
 
         result = score_neurons(loaded, prompt, target, chosen, reference=reference,
-                               memory_budget=settings.scoring.memory_budget)
+                               memory_budget=settings.scoring.memory_budget, contrast=contrast)
         print_neuron_scores(console, result)
     else:
         warn_if_dense(loaded.shape, top)

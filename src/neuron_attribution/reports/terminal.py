@@ -115,10 +115,14 @@ def print_attribution(console: Console, result, rows: int = 10) -> None:
 def print_neuron_scores(console: Console, scores) -> None:
     """One table per prompt: each chosen neuron's exact score and coefficient."""
     for prompt, target, row, coefficients in zip(scores.prompts, scores.targets, scores.scores, scores.coefficients):
-        console.rule(Text(f"{prompt!r} → {target.text!r}"))
+        contrast = getattr(target, "contrast", None)
+        rather = "" if contrast is None else f" rather than {contrast.text!r}"
+        console.rule(Text(f"{prompt!r} → {target.text!r}{rather}"))
         console.print(Text(f"Target {target.text!r} id {target.id}: probability {target.prob:.2%}, "
                            f"rank {target.rank}."))
-        table = Table(title="Chosen neurons: log-prob increase", title_justify="left")
+        measure = "log-prob increase" if contrast is None else \
+            f"increase of log p({target.text!r}) − log p({contrast.text!r})"
+        table = Table(title=Text(f"Chosen neurons: {measure}"), title_justify="left")
         for column in ("neuron", "score", "coef"):
             table.add_column(column, justify="left" if column == "neuron" else "right")
         for neuron, score, coefficient in zip(scores.neurons, row, coefficients):
