@@ -118,7 +118,7 @@ class Trace:
 
 # Recorded at the kept positions only; the value states and the attention row cover every position.
 _PER_POSITION = ("layer_inputs", "attention_outputs", "ffn_coefficients", "ffn_outputs", "attention_output_scales",
-                 "ffn_output_scales", "final_residual")
+                 "ffn_output_scales")
 
 
 class _Recorder:

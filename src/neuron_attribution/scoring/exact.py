@@ -69,10 +69,11 @@ def score_rows(ctx: ValueContext, groups: list[Rows]) -> list[Scored]:
     vocabulary = readout.unembedding.shape[0]
     with _flushing_denormals():
         budget = ctx.memory_budget if ctx.budget_fixed else device_budget(ctx.memory_budget, device)
+        scratch = ctx.caches.scratch
         for rows in _balanced_batches(len(bases), rows_per_product(vocabulary, budget)):
             size = rows.stop - rows.start
             moved = ctx.normalised_states[bases[rows]] + readout.normalise(scaled[rows])
-            logits = readout.logits_of_normalised(moved, out=ctx.caches.scratch.buffer("logits", size, vocabulary, device))
+            logits = readout.logits_of_normalised(moved, out=scratch.buffer("logits", size, vocabulary, device))
             wanted = (keep[rows] > 0).nonzero().squeeze(-1)
             if width and wanted.numel():
                 changes = _logit_changes(ctx, logits, bases[rows], wanted, scaled[rows])

@@ -67,7 +67,8 @@ def head_position_rows(ctx: ValueContext, heads: list[tuple[int, int]]) -> Rows:
     n_tokens, d = ctx.trace.n_tokens, ctx.shape.d_model
     if not heads:
         return Rows(torch.empty(0, dtype=torch.long, device=ctx.device), torch.empty(0, d, device=ctx.device))
-    vectors = torch.stack([head_outputs(ctx, l, j, ctx.attention_coefficients.of_head(l, j)) for l, j in heads])  # (K, T, d)
+    coefficients = ctx.attention_coefficients
+    vectors = torch.stack([head_outputs(ctx, l, j, coefficients.of_head(l, j)) for l, j in heads])  # (K, T, d)
     bases = torch.tensor([2 * l for l, _ in heads], device=ctx.device).repeat_interleave(n_tokens)
     return Rows(bases, vectors.reshape(-1, d))
 
