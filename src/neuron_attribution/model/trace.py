@@ -140,12 +140,12 @@ class _Recorder:
         self.final_residual: list[Tensor] = []
         self.handles: list = []
 
-    def _local_kept(self, tokens: int, device: torch.device) -> Tensor | None:
-        """This call's kept positions, relative to its first token (None: all of them)."""
+    def _kept_part(self, value: Tensor) -> Tensor:
+        """`value` (B, t, ...) over this call's t positions, cut to the kept ones among them."""
         if self.kept is None:
-            return None
-        inside = (self.kept >= self.offset) & (self.kept < self.offset + tokens)
-        return (self.kept[inside] - self.offset).to(device)
+            return value
+        inside = (self.kept >= self.offset) & (self.kept < self.offset + value.shape[1])
+        return value[:, (self.kept[inside] - self.offset).to(value.device)]
 
     def _float(self, value: Tensor) -> Tensor:
         return value.detach().to(device=self.device, dtype=torch.float32)
@@ -153,9 +153,7 @@ class _Recorder:
     def _store(self, key: str, layer: int, value: Tensor) -> None:
         """`value` is (B, t, ...) over this call's t positions; per-position keys keep only the kept ones."""
         if key in _PER_POSITION:
-            local = self._local_kept(value.shape[1], value.device)
-            if local is not None:
-                value = value[:, local]
+            value = self._kept_part(value)
         self.slots[key][layer].append(self._float(value))
 
     def install(self) -> None:
@@ -229,9 +227,7 @@ class _Recorder:
         return hook
 
     def _final(self, module, args):
-        local = self._local_kept(args[0].shape[1], args[0].device)
-        hidden = args[0] if local is None else args[0][:, local]
-        self.final_residual.append(self._float(hidden))
+        self.final_residual.append(self._float(self._kept_part(args[0])))
 
     def stacked(self, n_tokens: int) -> dict[str, Tensor]:
         """(B, L, ...) per key, the pieces of every call joined along positions. An attention row over fewer
