@@ -75,8 +75,9 @@ def _unembedding64(model) -> torch.Tensor:
     return _UNEMBEDDING64[0][1]
 
 
-def final_logits(model, trace, residual: torch.Tensor, reference: bool = False) -> torch.Tensor:
-    """Logits of a residual vector with the final norm's scale frozen at the true final residual."""
+def final_logits(model, trace, residual: torch.Tensor, reference: bool = False, capped: bool = True) -> torch.Tensor:
+    """Logits of a residual vector with the final norm's scale frozen at the true final residual (before the
+    final soft-capping with capped=False)."""
     norm = model.adapter.final_norm()
     _, bias = model.adapter.unembedding
     unembedding = _unembedding64(model)
@@ -94,7 +95,7 @@ def final_logits(model, trace, residual: torch.Tensor, reference: bool = False) 
     logits = unembedding.double() @ normed
     logits = logits if bias is None else logits + bias.double()
     cap = getattr(model.hf_model.config, "final_logit_softcapping", None)
-    return logits if cap is None else cap * torch.tanh(logits / cap)
+    return logits if cap is None or not capped else cap * torch.tanh(logits / cap)
 
 
 def log_prob(model, trace, residual, target, reference=False) -> float:

@@ -46,7 +46,8 @@ def test_html_has_every_table_and_is_escaped():
     text = "".join(parsed.text)
     assert EVIL in text or repr(EVIL) in text
     for caption in ("Layer scores", "Top heads", "Top FFN value neurons", "Top attention value neurons",
-                    "Top query FFN neurons (via both value neurons)", "contrast"):
+                    "Top query FFN neurons (activate the top attention and FFN value neurons)", "contrast",
+                    "suppresses", "direct"):
         assert caption in text, caption
     n = result.ffn_neurons[1]
     assert f"{n.layer}_{n.neuron}" in text and f"{n.score:+.4f}" in text

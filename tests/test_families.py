@@ -217,7 +217,7 @@ def test_gemma_matches_definition_and_certifies_its_top_k(gemma):
     # scores (exactly) no higher than it.
     ctx = value_context(gemma, trace, target)
     for bounds, returned, evaluate in (
-            (value.ffn_bounds(ctx), result.ffn_neurons, lambda flat: value.evaluate_ffn(ctx, flat)[0]),
+            (value.ffn_bounds(ctx), result.ffn_neurons, lambda flat: value.evaluate_ffn(ctx, flat)),
             (value.attention_bounds(ctx), result.attention_neurons, lambda flat: value.evaluate_attention(ctx, flat))):
         kth = returned[-1].score
         flat = bounds.reshape(-1).clone()

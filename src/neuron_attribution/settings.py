@@ -22,6 +22,9 @@ QUERY_PATHS = ("attention", "ffn", "both")
 DEFAULT_QUERY_VIA = "attention"
 # Which answer tokens are scored: the first (the paper's) or all of them by teacher forcing (docs/method.md §2).
 ANSWER_TOKENS = ("first", "all")
+# What value neurons are ranked by: the whole score, or its direct part (the push on the target's own logit,
+# without the change of the log-normaliser; docs/method.md §2).
+RANK_BY = ("score", "direct")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class ScoringOptions:
     reference: bool = False  # drop the final LayerNorm bias, as the authors' GPT-2 code does
     query_via: str = DEFAULT_QUERY_VIA  # one of QUERY_PATHS
     answer_tokens: str = "first"  # one of ANSWER_TOKENS
+    rank_by: str = "score"  # one of RANK_BY
     # False: on a GPU the budget is capped at half the memory free there when each prompt is scored. True: used as
     # it is (a run fixes it when it starts, so that a resumed run batches, and rounds, exactly as before).
     budget_fixed: bool = False
@@ -61,6 +65,9 @@ class ScoringOptions:
         check_positive("query_top", self.query_top, zero_allowed=True)
         check_choice("query_via", self.query_via, QUERY_PATHS)
         check_choice("answer_tokens", self.answer_tokens, ANSWER_TOKENS)
+        check_choice("rank_by", self.rank_by, RANK_BY)
+        if self.rank_by == "direct" and self.answer_tokens == "all":
+            raise UserError("rank_by='direct' applies to the first answer token; use answer_tokens='first' with it")
 
 
 @dataclass(frozen=True)

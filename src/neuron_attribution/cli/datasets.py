@@ -10,8 +10,8 @@ from rich.markup import escape
 
 from ..errors import UserError
 from .common import (AddressOption, AllowPickleOption, AnswerTokensOption, BackendOption, DeviceOption, DtypeOption,
-                     GpusPerWorkerOption, MaxMemoryOption, ModelOption, QueryTopOption, QueryViaOption, RegistryHelp,
-                     WorkersOption, app, check_backend, console, load_driver_model, load_model_spec, make_backend,
+                     GpusPerWorkerOption, MaxMemoryOption, ModelOption, QueryTopOption, QueryViaOption, RankByOption,
+                     RegistryHelp, WorkersOption, app, check_backend, console, load_driver_model, load_model_spec, make_backend,
                      print_run_summary, progress_bar, settings_from_flags, warn_if_dense)
 
 
@@ -95,6 +95,7 @@ def run(
     query_top: QueryTopOption = 30,
     query_via: QueryViaOption = "attention",
     answer_tokens: AnswerTokensOption = "first",
+    rank_by: RankByOption = "score",
     on_error: Annotated[str, typer.Option("--on-error", help="Malformed lines: skip them or stop.")] = "skip",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different run already in --out "
                                             "(only the run's own files are removed).")] = False,
@@ -116,7 +117,7 @@ def run(
             raise UserError(f"{name} must be a positive number")
     settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle, top=top,
                                    query_top=query_top, max_memory=max_memory, query_via=query_via,
-                                   answer_tokens=answer_tokens)
+                                   answer_tokens=answer_tokens, rank_by=rank_by)
     load_facts(dataset, on_error)  # type: ignore[arg-type]  # a bad dataset fails before the model loads
     check_backend(backend, workers, address, settings, gpus_per_worker)
     loaded, settings = load_driver_model(settings, backend)

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from ..errors import UserError
 from .common import (AllowPickleOption, AnswerTokensOption, DeviceOption, DtypeOption, MaxMemoryOption, ModelOption,
-                     QueryTopOption, QueryViaOption, app, console, load_model_spec, parse_neurons, progress_bar,
+                     QueryTopOption, QueryViaOption, RankByOption, app, console, load_model_spec, parse_neurons, progress_bar,
                      settings_from_flags, warn_if_dense)
 
 
@@ -63,6 +63,7 @@ def attribute(
     query_top: QueryTopOption = 30,
     query_via: QueryViaOption = "attention",
     answer_tokens: AnswerTokensOption = "first",
+    rank_by: RankByOption = "score",
     neurons: Annotated[Optional[str], typer.Option("--neurons", help="Score only these neurons, exactly and fast, "
                                                    "e.g. 24_177,23_4_38@3,21.19 (FFN layer_neuron, attention "
                                                    "layer_head_dim@position, head layer.head).")] = None,
@@ -97,7 +98,7 @@ def attribute(
         target = target_id  # type: ignore[assignment]
     settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle, top=top,
                                    query_top=query_top, max_memory=max_memory, reference=reference,
-                                   query_via=query_via, answer_tokens=answer_tokens)
+                                   query_via=query_via, answer_tokens=answer_tokens, rank_by=rank_by)
     if prompts is not None:
         if contrast is not None:
             raise UserError("with --prompts, give each line its own \"contrast\"; --contrast takes one prompt")

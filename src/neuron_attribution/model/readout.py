@@ -66,6 +66,10 @@ class LinearReadout:
             logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
 
+    def capped(self, logits: Tensor) -> Tensor:
+        """The model's final soft-capping, c·tanh(z/c), where it has one; otherwise the logits as they are."""
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
+
     def pullback(self, covectors: Tensor) -> Tensor:
         """For r in vocabulary-dual space ((..., d) rows already multiplied by U), the vector k with
         k·u = r·normalise(u) for every u: the adjoint of `normalise`."""

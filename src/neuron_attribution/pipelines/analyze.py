@@ -32,6 +32,7 @@ TOP_LAYERS = 10
 TOP_HEADS = 10
 EXAMPLES_PER_TYPE = 5
 EXAMPLE_NEURONS = 5
+SUPPRESSION_TOP = 10  # a sentence's top value neurons of each kind whose score parts are summarised
 GEOGRAPHIC = ("language", "capital", "country")
 
 Progress = Callable[[str, int, int], None]
@@ -69,6 +70,11 @@ class Analysis:
     head_interventions: dict[str, dict[str, dict]] | None = None  # heads off (type) -> measured type -> metrics
     intervention_sentences: dict[str, int] = field(default_factory=dict)
     query_via: str = "attention"  # the value neurons the run scored query neurons through
+    # type -> "ffn" | "attention" -> {"suppressing": share of each sentence's top-10 value neurons that win by
+    # suppressing (a positive score though they raise the answer less than most tokens), "median_push_rank": the
+    # answer's median rank among the tokens they raise}; empty for runs stored before value neurons had score
+    # parts (docs/method.md §2)
+    suppression: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
 
     @property
     def types(self) -> list[str]:
@@ -88,13 +94,14 @@ class RunContract:
     n_layers: int
     n_heads: int
     settings: Settings
+    vocab_size: int | None = None  # runs stored before it was recorded: None
 
     @classmethod
     def of(cls, record: dict) -> RunContract:
         identity = record["identity"]
         shape = record["shape"]
         return cls(identity["model"], identity["dataset"], int(record["top"]), int(shape["n_layers"]),
-                   int(shape["n_heads"]), Settings.from_dict(record["settings"]))
+                   int(shape["n_heads"]), Settings.from_dict(record["settings"]), shape.get("vocab_size"))
 
 
 def analyze_run(directory: Path | str, *, interventions: bool = True, per_type: int = 20,
@@ -125,6 +132,7 @@ def analyze_run(directory: Path | str, *, interventions: bool = True, per_type: 
         geographic_heads=_shared_heads(top_heads, GEOGRAPHIC),
         sharing=_sharing(tables, types_of, order, top),
         examples=_examples(tables, order),
+        suppression=_suppression(tables, types_of, order, contract.vocab_size),
     )
     report("analysing the tables", 1, 1)
     if interventions:
@@ -252,9 +260,36 @@ def _sharing(tables: dict, types_of: dict, order: list[str], top: int) -> dict[s
     return result
 
 
+def _suppression(tables: dict, types_of: dict, order: list[str], vocab_size: int | None
+                 ) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per type and kind of value neuron: how the top neurons raise the answer (see `Analysis.suppression`)."""
+    if vocab_size is None or any("target_push_rank" not in tables[name] for name in ("ffn_neurons",
+                                                                                   "attention_neurons")):
+        return {}
+    result: dict[str, dict[str, dict[str, float | None]]] = {kind: {} for kind in order}
+    for name, table in (("ffn", tables["ffn_neurons"]), ("attention", tables["attention_neurons"])):
+        winners: dict[str, list[bool]] = defaultdict(list)
+        ranks: dict[str, list[int]] = defaultdict(list)
+        for sentence, rank, score, push_rank in _rows(table, "sentence_id", "rank", "score", "target_push_rank"):
+            if rank > SUPPRESSION_TOP or push_rank is None:  # no rank with a contrast
+                continue
+            kind = types_of[sentence]
+            winners[kind].append(score > 0 and push_rank > vocab_size / 2)  # as ScoreParts.wins_by_suppressing
+            ranks[kind].append(push_rank)
+        for kind in order:
+            result[kind][name] = {"suppressing": float(np.mean(winners[kind])) if winners[kind] else None,
+                                  "median_push_rank": float(np.median(ranks[kind])) if ranks[kind] else None}
+    return result
+
+
 def _examples(tables: dict, order: list[str]) -> dict[str, list[dict]]:
     sentences = tables["sentences"]
-    ffn = _by_sentence(tables["ffn_neurons"], "rank", "layer", "neuron", "score", "promoted_tokens")
+    ffn_table = tables["ffn_neurons"]
+    missing = [None] * len(ffn_table["sentence_id"])  # runs stored before the score parts
+    ffn_table = {**ffn_table, "direct_score": ffn_table.get("direct_score", missing),
+                 "target_push_rank": ffn_table.get("target_push_rank", missing)}
+    ffn = _by_sentence(ffn_table, "rank", "layer", "neuron", "score", "promoted_tokens", "direct_score",
+                       "target_push_rank")
     attention = _by_sentence(tables["attention_neurons"], "rank", "layer", "head", "dim", "position", "token",
                              "score")
     examples: dict[str, list[dict]] = {kind: [] for kind in order}
@@ -265,8 +300,9 @@ def _examples(tables: dict, order: list[str]) -> dict[str, list[dict]]:
             continue
         examples[kind].append({
             "sentence_id": sentence, "prompt": prompt, "target": target, "prob": prob, "contrast": contrast,
-            "ffn_neurons": [{"layer": l, "neuron": n, "score": s, "tokens": promoted[:6]}
-                            for _, l, n, s, promoted in sorted(ffn[sentence])[:EXAMPLE_NEURONS]],
+            "ffn_neurons": [{"layer": l, "neuron": n, "score": s, "tokens": promoted[:6], "direct": direct,
+                             "push_rank": push_rank}
+                            for _, l, n, s, promoted, direct, push_rank in sorted(ffn[sentence])[:EXAMPLE_NEURONS]],
             "attention_neurons": [{"layer": l, "head": h, "dim": d, "position": p, "token": t, "score": s}
                                   for _, l, h, d, p, t, s in sorted(attention[sentence])[:EXAMPLE_NEURONS]],
         })

@@ -10,12 +10,13 @@ from ..errors import UserError
 from ..model.loading import LoadedModel
 from ..model.prompts import Prompt, encode_answer, encode_prompt, token_texts
 from ..model.trace import trace_token_ids
-from ..results.attribution import (AttentionNeuron, Attribution, FfnNeuron, HeadPositionScore,
-                                   LayerScores, QueryLayers)
+from ..neurons import AttentionIndex
+from ..results.attribution import Attribution, HeadPositionScore, LayerScores, QueryLayers
 from ..scoring import query
-from ..scoring.answer import AnswerScores, answer_scores
-from ..scoring.context import value_context
+from ..scoring.answer import answer_scores
+from ..scoring.context import ValueContext, value_context
 from ..settings import ScoringOptions
+from . import value_neurons
 from .targets import PROJECTION_TOKENS, TOP_HEADS_WITH_POSITIONS, prompt_text, ranked_heads, target_info, token_info
 from .predict import top_predictions
 from .queries import query_scores, summed_query_scores
@@ -42,8 +43,9 @@ def attribute_answer(model: LoadedModel, prompt: Prompt, answer: str | int | lis
                      for trace, token in zip(traces, answer_ids)]
     target.n_answer_tokens = len(answer_ids)
     heads = ranked_heads(shape, scores.heads)
-    ffn_neurons = _ffn_neurons(model, contexts, scores)
-    attention_neurons = _attention_neurons(contexts, scores, tokens)
+    ffn_neurons = value_neurons.ffn_neurons(model, scores.ffn, contexts[0].ffn_coefficients)
+    attention_neurons = value_neurons.attention_neurons(model, scores.attention, len(tokens), tokens,
+                                                        lambda index: _first_coefficient(contexts, index))
     query_neurons, query_layers, skipped = [], QueryLayers([], []), []
     if options.query_top:
         queries = summed_query_scores([
@@ -63,26 +65,11 @@ def attribute_answer(model: LoadedModel, prompt: Prompt, answer: str | int | lis
                         for row, (l, h) in enumerate(scores.position_heads) for p in range(len(tokens))],
         query_neurons=query_neurons, query_layers=query_layers, query_skipped=skipped, reference=options.reference,
         query_via=options.query_via,
-        evaluated={"ffn": scores.ffn.n_evaluated, "attention": scores.attention.n_evaluated})
+        evaluated={"ffn": scores.ffn.n_evaluated, "attention": scores.attention.n_evaluated},
+        vocab_size=contexts[0].readout.unembedding.shape[0])
 
 
-def _ffn_neurons(model: LoadedModel, contexts, scores: AnswerScores) -> list[FfnNeuron]:
-    """Coefficients and vocabulary projections are the first predicting position's (the prompt's last token)."""
-    coefficients = contexts[0].ffn_coefficients
-    return [FfnNeuron(i.layer, i.neuron, score, float(coefficients[i]),
-                      token_texts(model, ids[:PROJECTION_TOKENS]), token_texts(model, ids[PROJECTION_TOKENS:]),
-                      token_scores=per_token)
-            for i, score, ids, per_token in zip(model.shape.ffn_indices(scores.ffn.indices), scores.ffn.scores.tolist(),
-                                                scores.ffn_projection.tolist(), scores.ffn.extra.tolist())]
-
-
-def _attention_neurons(contexts, scores: AnswerScores, tokens: list[str]) -> list[AttentionNeuron]:
-    """The coefficient is the one at the first predicting position that sees the source position."""
-    shape = contexts[0].shape
-    neurons = []
-    for index, score, per_token in zip(shape.attention_indices(scores.attention.indices, len(tokens)),
-                                       scores.attention.scores.tolist(), scores.attention.extra.tolist()):
-        first = next(c for c in contexts if index.position < c.trace.n_tokens)
-        neurons.append(AttentionNeuron(*index, tokens[index.position], score,
-                                       float(first.attention_coefficients[index]), token_scores=per_token))
-    return neurons
+def _first_coefficient(contexts: list[ValueContext], index: AttentionIndex) -> float:
+    """An attention neuron's coefficient at the first predicting position that sees its source position."""
+    first = next(c for c in contexts if index.position < c.trace.n_tokens)
+    return float(first.attention_coefficients[index])

@@ -9,12 +9,12 @@ from ..errors import UserError
 from ..model.loading import LoadedModel
 from ..model.prompts import Prompt, encode_prompt, token_texts
 from ..model.trace import Trace, trace_token_ids
-from ..results.attribution import (AttentionNeuron, Attribution, DenseScores, FfnNeuron, HeadPositionScore,
-                                   LayerScores, QueryLayers)
+from ..results.attribution import Attribution, DenseScores, HeadPositionScore, LayerScores, QueryLayers
 from ..scoring import value
 from ..scoring.context import ValueContext, value_context
 from ..settings import (DEFAULT_MEMORY_BUDGET, DEFAULT_QUERY_TOP, DEFAULT_QUERY_VIA, DEFAULT_TOP_K, ScoringOptions,
                         check_positive)
+from . import value_neurons
 from .answer import attribute_answer
 from .predict import top_predictions
 from .queries import query_scores
@@ -25,7 +25,8 @@ from .targets import PROJECTION_TOKENS, TOP_HEADS_WITH_POSITIONS, Target, prompt
 def attribute(model: LoadedModel, prompt: Prompt, target: str | int | None = None, *, top_k: int = DEFAULT_TOP_K,
               dense: bool = False, reference: bool = False, query_top: int = DEFAULT_QUERY_TOP,
               memory_budget: int = DEFAULT_MEMORY_BUDGET, query_via: str = DEFAULT_QUERY_VIA,
-              contrast: str | int | None = None, answer_tokens: str = "first") -> Attribution:
+              contrast: str | int | None = None, answer_tokens: str = "first", rank_by: str = "score"
+              ) -> Attribution:
     """Value neurons for one prompt: which FFN and attention neurons raise log p(target), and the query
     neurons and layers that activate the top `query_top` value neurons of each kind (0: no query scoring),
     scored through `query_via`: "attention" value neurons (the paper's method), "ffn" ones, or "both".
@@ -34,23 +35,24 @@ def attribute(model: LoadedModel, prompt: Prompt, target: str | int | None = Non
     bytes the vocabulary-sized buffers of exact scoring may take. `contrast` (answer text or token id): score
     log p(target) − log p(contrast) instead, "Paris rather than London" (docs/method.md §2). `answer_tokens`:
     "first" (the paper's), or "all": every token of the answer (text or a list of token ids) by teacher forcing,
-    scores summed over them, per-token scores kept."""
+    scores summed over them, per-token scores kept. `rank_by`: "score", or "direct" to rank value neurons by
+    the direct part of their score, the push on the target's own logit (every neuron carries both parts)."""
     return attribute_batch(model, [prompt], None if target is None else [target], top_k=top_k, dense=dense,
                            reference=reference, query_top=query_top, memory_budget=memory_budget,
                            query_via=query_via, contrasts=None if contrast is None else [contrast],
-                           answer_tokens=answer_tokens)[0]
+                           answer_tokens=answer_tokens, rank_by=rank_by)[0]
 
 
 def attribute_batch(model: LoadedModel, prompts: Sequence[Prompt], targets: Sequence[str | int | None] | None = None,
                     *, top_k: int = DEFAULT_TOP_K, dense: bool = False, reference: bool = False,
                     query_top: int = DEFAULT_QUERY_TOP, memory_budget: int = DEFAULT_MEMORY_BUDGET,
                     batch_size: int = 8, query_via: str = DEFAULT_QUERY_VIA,
-                    contrasts: Sequence[str | int | None] | None = None, answer_tokens: str = "first"
-                    ) -> list[Attribution]:
+                    contrasts: Sequence[str | int | None] | None = None, answer_tokens: str = "first",
+                    rank_by: str = "score") -> list[Attribution]:
     """`attribute` for many prompts, sharing forward passes (right-padded batches of `batch_size`); `contrasts`:
     one per prompt (None where a prompt has none)."""
     options = ScoringOptions(top_k=top_k, query_top=query_top, memory_budget=memory_budget, reference=reference,
-                             query_via=query_via, answer_tokens=answer_tokens)
+                             query_via=query_via, answer_tokens=answer_tokens, rank_by=rank_by)
     return attribute_with(model, prompts, targets, options, dense=dense, batch_size=batch_size, contrasts=contrasts)
 
 
@@ -93,12 +95,14 @@ def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: 
     tokens = token_texts(model, ids)
 
     attention_layers, ffn_layers = value.layer_scores(ctx)
-    scores = value.value_scores(ctx, max(top_k, options.query_top), TOP_HEADS_WITH_POSITIONS, PROJECTION_TOKENS)
+    scores = value.value_scores(ctx, max(top_k, options.query_top), TOP_HEADS_WITH_POSITIONS, PROJECTION_TOKENS,
+                                options.rank_by)
     head_list = ranked_heads(model.shape, scores.heads)
     head_positions = [HeadPositionScore(l, h, p, tokens[p], float(scores.positions[i, p]))
                       for i, (l, h) in enumerate(scores.position_heads) for p in range(scores.positions.shape[1])]
-    ffn_neurons = _ffn_neurons(model, ctx, scores.ffn)
-    attention_neurons = _attention_neurons(ctx, scores.attention, tokens)
+    ffn_neurons = value_neurons.ffn_neurons(model, scores.ffn, ctx.ffn_coefficients)
+    attention_neurons = value_neurons.attention_neurons(model, scores.attention, ctx.trace.n_tokens, tokens,
+                                                        lambda index: float(ctx.attention_coefficients[index]))
     if options.query_top:
         queries = query_scores(model, trace, ffn_neurons[: options.query_top],
                                attention_neurons[: options.query_top], options.query_via)
@@ -122,24 +126,10 @@ def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: 
         reference=options.reference,
         query_via=options.query_via,
         evaluated={"ffn": scores.ffn.n_evaluated, "attention": scores.attention.n_evaluated},
+        rank_by=options.rank_by,
+        vocab_size=ctx.readout.unembedding.shape[0],
         dense=_dense(ctx) if dense else None,
     )
-
-
-def _ffn_neurons(model: LoadedModel, ctx: ValueContext, top: value.TopK) -> list[FfnNeuron]:
-    coefficients = value.ffn_coefficients(ctx)
-    return [FfnNeuron(index.layer, index.neuron, score, float(coefficients[index]),
-                      token_texts(model, projection[:PROJECTION_TOKENS]),
-                      token_texts(model, projection[PROJECTION_TOKENS:]))
-            for index, score, projection in zip(ctx.shape.ffn_indices(top.indices), top.scores.tolist(),
-                                                top.extra.tolist())]
-
-
-def _attention_neurons(ctx: ValueContext, top: value.TopK, tokens: list[str]) -> list[AttentionNeuron]:
-    coefficients = ctx.attention_coefficients
-    return [AttentionNeuron(*index, tokens[index.position], score, float(coefficients[index]))
-            for index, score in zip(ctx.shape.attention_indices(top.indices, ctx.trace.n_tokens),
-                                    top.scores.tolist())]
 
 
 def _dense(ctx: ValueContext) -> DenseScores:

@@ -23,7 +23,7 @@ from matplotlib.ft2font import FT2Font
 
 from ..errors import UserError
 from ..files import write_bytes_atomic, write_json
-from ..pipelines.analyze import GEOGRAPHIC, TOP_HEADS, TOP_LAYERS, Analysis
+from ..pipelines.analyze import GEOGRAPHIC, SUPPRESSION_TOP, TOP_HEADS, TOP_LAYERS, Analysis
 from ..pipelines.protocols import HEAD_FRACTION, QueryNeurons, ValueNeurons
 
 
@@ -263,9 +263,29 @@ def render_html(analysis: Analysis, figures: dict[str, bytes]) -> str:
         "sentences (attention neurons counted by layer, head and dimension)"))
     sections.append(_figure(figures, "sharing", "sharing"))
 
+    sections.append(_suppression_html(a))
     sections.append(_interventions_html(a, figures))
     sections.append(_examples_html(a))
     return _PAGE.format(title=_e(f"neuron-attribution report: {a.model}"), body="\n".join(s for s in sections if s))
+
+
+def _suppression_html(a: Analysis) -> str:
+    """How the top value neurons raise the answer: by their push on its logit, or by pushing the others down."""
+    if not a.suppression:
+        return ""
+
+    def cells(part: dict) -> list[str]:
+        share, rank = part.get("suppressing"), part.get("median_push_rank")
+        return ["" if share is None else _pct(share), "" if rank is None else f"{rank:,.0f}"]
+
+    rows = [[k, *cells(a.suppression[k]["ffn"]), *cells(a.suppression[k]["attention"])] for k in a.types]
+    return "<h2>Pushing the answer up, or the others down</h2>" + _table(
+        ["type", "FFN: win by suppressing", "FFN: median rank of the answer", "attention: win by suppressing",
+         "attention: median rank of the answer"], rows,
+        f"over each sentence's top {SUPPRESSION_TOP} value neurons of each kind. Rank: where the answer stands among "
+        "the tokens a neuron's contribution raises (1 = the most). A neuron wins by suppressing when it raises the "
+        "answer's log-probability although it raises the answer less than it raises most tokens (a rank in the "
+        "lower half of the vocabulary): the gain comes from pushing the probable competitors down")
 
 
 def _shared_heads_html(a: Analysis) -> str:
@@ -327,13 +347,18 @@ def _examples_html(a: Analysis) -> str:
             rather = "" if ex.get("contrast") is None else f" rather than <b>{_e(repr(ex['contrast']))}</b>"
             parts.append(f"<p class=sentence><q>{_e(ex['prompt'])}</q> → <b>{_e(repr(ex['target']))}</b>{rather} "
                          f"(p = {ex['prob']:.2%})</p>")
-            parts.append(_table(["FFN neuron", "score", "promotes"],
-                                [[f"{n['layer']}_{n['neuron']}", f"{n['score']:.3f}",
-                                  " ".join(repr(t) for t in n["tokens"])] for n in ex["ffn_neurons"]]))
+            parts.append(_table(["FFN neuron", "score", "direct", "rank of the answer", "promotes"],
+                                [[f"{n['layer']}_{n['neuron']}", f"{n['score']:.3f}", _optional(n.get("direct"), ".3f"),
+                                  _optional(n.get("push_rank"), ",d"), " ".join(repr(t) for t in n["tokens"])]
+                                 for n in ex["ffn_neurons"]]))
             parts.append(_table(["attention neuron (layer_head_dim@position)", "source token", "score"],
                                 [[f"{n['layer']}_{n['head']}_{n['dim']}@{n['position']}", repr(n["token"]),
                                   f"{n['score']:.3f}"] for n in ex["attention_neurons"]]))
     return "\n".join(parts)
+
+
+def _optional(value, form: str) -> str:
+    return "" if value is None else format(value, form)
 
 
 _PAGE = """<!DOCTYPE html>

@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..results.layout import Bar, Cell, TableLayout, Tokens, attribution_tables
+
 
 _INFO_LABELS = [("family", "Family"), ("architecture", "Architecture"), ("layers", "Layers"),
                 ("heads", "Attention heads"), ("kv_heads", "KV heads"), ("head_dim", "Head size"),
@@ -71,45 +73,28 @@ def print_attribution(console: Console, result, rows: int = 10) -> None:
         console.print(Text(f"Contrast {contrast.text!r} id {contrast.id}: probability {contrast.prob:.2%}, rank "
                            f"{contrast.rank}. Every score below is the increase of log p(target) − "
                            f"log p(contrast)."))
-    measure = "log-probability increase" if contrast is None else "increase of the log-probability difference"
-    layers = Table(title=f"Layer scores ({measure})", title_justify="left")
-    for column in ("layer", "attention", "", "FFN", ""):
-        layers.add_column(column, justify="right" if column else "left")
-    scale = max(max(map(abs, result.layers.attention)), max(map(abs, result.layers.ffn)), 1e-9)
-    for layer, (a, f) in enumerate(zip(result.layers.attention, result.layers.ffn)):
-        layers.add_row(str(layer), f"{a:+.3f}", _bar(a, scale, 12), f"{f:+.3f}", _bar(f, scale, 12))
-    layers.add_row("sum", f"{sum(result.layers.attention):+.3f}", "", f"{sum(result.layers.ffn):+.3f}", "")
-    console.print(layers)
+    for layout in attribution_tables(result, rows):
+        _print_layout(console, layout)
 
-    heads = Table(title="Top heads", title_justify="left")
-    for column in ("head", "score", "strongest source positions"):
-        heads.add_column(column)
-    with_positions = len({(p.layer, p.head) for p in result.head_positions})
-    for h in result.heads[:rows]:
-        sources = result.strongest_sources(h)
-        shown = (", ".join(f"{p.position}:{p.token!r} {p.score:+.3f}" for p in sources) if sources
-                 else f"(positions are scored for the top {with_positions} heads)")
-        heads.add_row(f"{h.layer}.{h.head}", f"{h.score:+.4f}", Text(shown, style=None if sources else "dim"))
-    console.print(heads)
 
-    ffn = Table(title="Top FFN value neurons (layer_neuron)", title_justify="left")
-    for column in ("neuron", "score", "coef", "promotes (coefficient × value vector)"):
-        ffn.add_column(column)
-    for n in result.ffn_neurons[:rows]:
-        ffn.add_row(f"{n.layer}_{n.neuron}", f"{n.score:+.4f}", f"{n.coefficient:+.3f}",
-                    Text(" ".join(repr(t) for t in n.promoted_tokens[:6])))
-    console.print(ffn)
+def _print_layout(console: Console, layout: TableLayout) -> None:
+    table = Table(title=Text(layout.title), title_justify="left", caption=Text(layout.caption) if layout.caption
+                  else None, caption_justify="left")
+    for column in layout.columns:
+        table.add_column(Text(column.name), justify="left" if column.text else "right")
+    for row in layout.rows:
+        table.add_row(*(_cell(cell) for cell in row))
+    console.print(table)
+    for note in layout.notes:
+        console.print(Text(note, style="yellow"))
 
-    attention = Table(title="Top attention value neurons (layer_head_dim @ source position)", title_justify="left")
-    for column in ("neuron", "score", "coef", "source token"):
-        attention.add_column(column)
-    for n in result.attention_neurons[:rows]:
-        attention.add_row(f"{n.layer}_{n.head}_{n.dim} @ {n.position}", f"{n.score:+.4f}", f"{n.coefficient:+.3f}",
-                          Text(repr(n.token)))
-    console.print(attention)
 
-    if result.query_neurons or result.query_layers.for_ffn or result.query_layers.for_attention:
-        print_queries(console, result, rows)
+def _cell(cell: Cell) -> Text:
+    if isinstance(cell, Bar):
+        return _bar(cell.value, cell.scale, 12)
+    if isinstance(cell, Tokens):
+        return Text(" ".join(repr(t) for t in cell.texts))
+    return Text(cell)
 
 
 def print_neuron_scores(console: Console, scores) -> None:
@@ -128,46 +113,6 @@ def print_neuron_scores(console: Console, scores) -> None:
         for neuron, score, coefficient in zip(scores.neurons, row, coefficients):
             table.add_row(str(neuron), f"{score:+.4f}", "" if coefficient is None else f"{coefficient:+.3f}")
         console.print(table)
-
-
-def print_queries(console: Console, result, rows: int = 10) -> None:
-    via = result.query_via
-    queries = Table(title=f"Top query FFN neurons (activate the top {_PATH_NAMES[via]} value neurons)",
-                    title_justify="left")
-    # The two paths' parts beside the score only where both were taken; gate/up wherever they exist.
-    parts = [("gate", lambda q: q.gate_score), ("up", lambda q: q.up_score)]
-    if via == "both":
-        parts = [("via attention", lambda q: q.attention_score), ("via FFN", lambda q: q.ffn_score), *parts]
-    paths = [(name, pick) for name, pick in parts if any(pick(q) is not None for q in result.query_neurons)]
-    located = any(q.position is not None for q in result.query_neurons)
-    for column in ["neuron", "score"] + [name for name, _ in paths] + (["acts at", "coefficient"] if located else []):
-        queries.add_column(column, justify="left" if column in ("neuron", "acts at") else "right")
-    for q in result.query_neurons[:rows]:
-        where = [Text(f"{q.position} {q.token!r}"), f"{q.coefficient:+.3f}"] if q.position is not None else \
-            (["", ""] if located else [])
-        queries.add_row(f"{q.layer}_{q.neuron}", f"{q.score:+.4f}", *(f"{pick(q):+.4f}" for _, pick in paths), *where)
-    console.print(queries)
-    layers = Table(title="Top query layers", title_justify="left")
-    kinds = [(name, rows_) for name, rows_ in (("for FFN value neurons", result.query_layers.for_ffn),
-                                               ("for attention value neurons", result.query_layers.for_attention))
-             if rows_]
-    for name, _ in kinds:
-        layers.add_column(name, justify="left")
-        layers.add_column("score" + " " * len(layers.columns), justify="right")
-    by_score = [sorted(rows_, key=lambda r: -r.score)[:min(rows, 8)] for _, rows_ in kinds]
-    for row_group in zip(*by_score):
-        layers.add_row(*(cell for row in row_group for cell in (_component(row), f"{row.score:+.3f}")))
-    console.print(layers)
-    if result.query_skipped:
-        console.print(Text(f"Skipped (input·subkey ≈ 0, or gate/up elasticities cancel): "
-                           f"{', '.join(result.query_skipped)}", style="yellow"))
-
-
-_PATH_NAMES = {"attention": "attention", "ffn": "FFN", "both": "attention and FFN"}
-
-
-def _component(row) -> str:
-    return "embedding" if row.layer is None else f"{row.component} {row.layer}"
 
 
 def print_evaluation(console: Console, evaluation) -> None:

@@ -82,8 +82,29 @@ class HeadPositionScore:
     score: float
 
 
+class ScoreParts:
+    """The two parts of a value neuron's score, Imp = c·δ_w − ΔLSE (docs/method.md §2): `direct_score`, the push
+    on the target's own logit, and `normaliser_change`, the change of the log-normaliser, so that score =
+    direct_score − normaliser_change. Both move alike with any shift the neuron gives every logit, so their sizes
+    alone do not say how it wins; `target_push_rank` does: the target's rank among the tokens the neuron's
+    contribution raises (1 = the most). `suppressed_tokens` are the ones it lowers most. With a contrast the
+    normaliser cancels (direct = score, change 0) and the rank is not computed. Results written before these
+    fields existed read back as None."""
+
+    score: float
+    target_push_rank: int | None
+
+    def wins_by_suppressing(self, vocab_size: int | None) -> bool | None:
+        """Whether the neuron raises log p(target) although its contribution raises the target less than it
+        raises most tokens (the lower half of `vocab_size`): then the gain comes from pushing the probable
+        competitors down. None where the rank or the vocabulary size is unknown."""
+        if self.target_push_rank is None or vocab_size is None:
+            return None
+        return self.score > 0 and self.target_push_rank > vocab_size / 2
+
+
 @dataclass
-class FfnNeuron:
+class FfnNeuron(ScoreParts):
     layer: int
     neuron: int
     score: float
@@ -93,10 +114,17 @@ class FfnNeuron:
     # What the neuron's contribution m·fc2 pushes up: the top tokens when m ≥ 0, the bottom ones when m < 0.
     promoted_tokens: list[str] = field(default_factory=list)
     token_scores: list[float] | None = None  # answer_tokens="all": the score for each answer token
+    # What the contribution pushes down most, the most lowered first: the other end from promoted_tokens.
+    suppressed_tokens: list[str] = field(default_factory=list)
+    direct_score: float | None = None  # see ScoreParts
+    normaliser_change: float | None = None
+    target_push_rank: int | None = None
 
     def __post_init__(self) -> None:
         if not self.promoted_tokens:
             self.promoted_tokens = list(self.top_tokens if self.coefficient >= 0 else self.bottom_tokens)
+        if not self.suppressed_tokens:
+            self.suppressed_tokens = list(self.bottom_tokens if self.coefficient >= 0 else self.top_tokens)
 
     @property
     def index(self) -> FfnIndex:
@@ -104,7 +132,7 @@ class FfnNeuron:
 
 
 @dataclass
-class AttentionNeuron:
+class AttentionNeuron(ScoreParts):
     layer: int
     head: int
     dim: int
@@ -113,6 +141,12 @@ class AttentionNeuron:
     score: float
     coefficient: float
     token_scores: list[float] | None = None  # answer_tokens="all": the score for each answer token
+    # The ends of the contribution c·W_O[head, dim] read in the vocabulary: what it raises and lowers most.
+    promoted_tokens: list[str] = field(default_factory=list)
+    suppressed_tokens: list[str] = field(default_factory=list)
+    direct_score: float | None = None  # see ScoreParts
+    normaliser_change: float | None = None
+    target_push_rank: int | None = None
 
     @property
     def index(self) -> AttentionIndex:
@@ -181,6 +215,9 @@ class Attribution:
     reference: bool = False
     query_via: str = "attention"  # the value neurons query neurons were scored through: attention, ffn, both
     evaluated: dict[str, int] = field(default_factory=dict)  # neurons scored exactly, per kind
+    # What the value neurons are ranked by: "score", or "direct" (its direct part, docs/method.md §2).
+    rank_by: str = "score"
+    vocab_size: int | None = None  # the tokens a neuron's push on the target is ranked among
     dense: DenseScores | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,6 +238,10 @@ class Attribution:
         """The head's n highest-scoring source positions (only the top heads have position scores)."""
         own = [p for p in self.head_positions if (p.layer, p.head) == (head.layer, head.head)]
         return sorted(own, key=lambda p: -p.score)[:n]
+
+    def suppressing_neurons(self) -> list[FfnNeuron | AttentionNeuron]:
+        """The value neurons, FFN first, that win by suppressing (`ScoreParts.wins_by_suppressing`)."""
+        return [n for n in [*self.ffn_neurons, *self.attention_neurons] if n.wins_by_suppressing(self.vocab_size)]
 
     def _repr_html_(self) -> str:
         """Jupyter's display: the terminal report's tables, compact and escaped."""
@@ -223,6 +264,7 @@ class Attribution:
                                        for kind in ("for_ffn", "for_attention"))),
             query_skipped=data.get("query_skipped", []),
             reference=data.get("reference", False), evaluated=data.get("evaluated", {}),
+            rank_by=data.get("rank_by", "score"), vocab_size=data.get("vocab_size"),
             # Files written before query_via existed ranked query neurons by both paths.
             query_via=data.get("query_via", "both"))
 

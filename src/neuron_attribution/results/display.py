@@ -7,6 +7,8 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING
 
+from .layout import Bar, Cell, TableLayout, Tokens, attribution_tables
+
 if TYPE_CHECKING:
     from .attribution import Attribution
 
@@ -21,10 +23,8 @@ _STYLE = ("<style>.na-attr{font:12px/1.35 system-ui,sans-serif;max-width:980px}"
 
 
 def attribution_html(result: Attribution, rows: int = ROWS) -> str:
-    parts = ['<div class="na-attr">', _STYLE, _header(result), _layers(result), _heads(result, rows),
-             _ffn(result, rows), _attention(result, rows)]
-    if result.query_neurons:
-        parts.append(_queries(result, rows))
+    parts = ['<div class="na-attr">', _STYLE, _header(result)]
+    parts += [_layout_html(layout) for layout in attribution_tables(result, rows)]
     parts.append("</div>")
     return "".join(parts)
 
@@ -62,38 +62,18 @@ def _bar(value: float, scale: float) -> str:
     return f'<span class="bar {"pos" if value >= 0 else "neg"}" style="width:{width}px"></span>'
 
 
-def _layers(result: Attribution) -> str:
-    attention, ffn = result.layers.attention, result.layers.ffn
-    scale = max(max(map(abs, attention), default=0.0), max(map(abs, ffn), default=0.0), 1e-9)
-    body = [[str(layer), f"{a:+.3f}", _bar(a, scale), f"{f:+.3f}", _bar(f, scale)]
-            for layer, (a, f) in enumerate(zip(attention, ffn))]
-    body.append(["sum", f"{sum(attention):+.3f}", "", f"{sum(ffn):+.3f}", ""])
-    what = ("log-probability increase" if result.target.contrast is None
-            else "increase of log p(target) − log p(contrast)")
-    return _table(f"Layer scores ({what})", ["layer", "attention", "", "FFN", ""], body, {2, 4})
+def _cell(cell: Cell) -> str:
+    if isinstance(cell, Bar):
+        return _bar(cell.value, cell.scale)
+    if isinstance(cell, Tokens):
+        return " ".join(_token(t) for t in cell.texts)
+    return _text(cell)
 
 
-def _heads(result: Attribution, rows: int) -> str:
-    body = []
-    for h in result.heads[:rows]:
-        sources = result.strongest_sources(h)
-        body.append([f"{h.layer}.{h.head}", f"{h.score:+.4f}",
-                     ", ".join(f"{p.position}:{_token(p.token)} {p.score:+.3f}" for p in sources)])
-    return _table("Top heads", ["head", "score", "strongest source positions"], body, {2})
-
-
-def _ffn(result: Attribution, rows: int) -> str:
-    body = [[f"{n.layer}_{n.neuron}", f"{n.score:+.4f}", f"{n.coefficient:+.3f}",
-             " ".join(_token(t) for t in n.promoted_tokens[:6])] for n in result.ffn_neurons[:rows]]
-    return _table("Top FFN value neurons", ["neuron", "score", "coef", "promotes"], body, {3})
-
-
-def _attention(result: Attribution, rows: int) -> str:
-    body = [[f"{n.layer}_{n.head}_{n.dim}@{n.position}", f"{n.score:+.4f}", f"{n.coefficient:+.3f}", _token(n.token)]
-            for n in result.attention_neurons[:rows]]
-    return _table("Top attention value neurons", ["neuron", "score", "coef", "source token"], body, {3})
-
-
-def _queries(result: Attribution, rows: int) -> str:
-    body = [[f"{q.layer}_{q.neuron}", f"{q.score:+.4f}"] for q in result.query_neurons[:rows]]
-    return _table(f"Top query FFN neurons (via {result.query_via} value neurons)", ["neuron", "score"], body)
+def _layout_html(layout: TableLayout) -> str:
+    text_columns = {i for i, column in enumerate(layout.columns) if column.text}
+    table = _table(layout.title, [c.name for c in layout.columns], [[_cell(c) for c in row] for row in layout.rows],
+                   text_columns)
+    notes = "".join(f"<p><small>{_text(note)}</small></p>" for note in layout.notes)
+    caption = f"<p><small>{_text(layout.caption)}</small></p>" if layout.caption else ""
+    return table + caption + notes

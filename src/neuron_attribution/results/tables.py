@@ -23,8 +23,10 @@ _OPTIONAL_FLOATS = ("gate_score", "up_score", "attention_score", "ffn_score")
 _OPTIONAL_TYPED = {"contrast_text": pa.string(), "contrast_id": pa.int64(), "token_scores": pa.list_(pa.float64()),
                    "answer_ids": pa.list_(pa.int64()),
                    # a query neuron's position, token and coefficient: null where no reading placed it
-                   "position": pa.int64(), "token": pa.string(), "coefficient": pa.float64()}
-_TOKEN_LISTS = ("top_tokens", "bottom_tokens", "promoted_tokens", "tokens")
+                   "position": pa.int64(), "token": pa.string(), "coefficient": pa.float64(),
+                   # a value neuron's score parts; null push rank with a contrast
+                   "direct_score": pa.float64(), "normaliser_change": pa.float64(), "target_push_rank": pa.int64()}
+_TOKEN_LISTS = ("top_tokens", "bottom_tokens", "promoted_tokens", "suppressed_tokens", "tokens")
 
 
 class SentenceSource(Protocol):

@@ -26,9 +26,9 @@ class AnswerScores:
     heads: Tensor  # (L, H), summed
     position_heads: list[tuple[int, int]]
     positions: Tensor  # (len(position_heads), T_max), summed
-    ffn: TopK  # extra: (k, m) per-token scores
-    attention: TopK  # flat indices into (L, H, d_h, T_max); extra: (k, m) per-token scores
-    ffn_projection: Tensor  # (k, 2·projection) vocabulary ids of the returned FFN neurons (first token's sign)
+    ffn: TopK  # extra: "per_token" (k, m) scores, "direct" parts (summed), and the first token's "projection"
+    # ids and "target_push_rank" (docs/method.md §2)
+    attention: TopK  # flat indices into (L, H, d_h, T_max); extra: the same, at the first position that sees it
 
 
 def _padded(t: Tensor, width: int) -> Tensor:
@@ -45,29 +45,60 @@ def answer_scores(contexts: list[ValueContext], k: int, n_position_heads: int, p
     position_heads = shape.head_indices(flat[:n_position_heads])
     positions = torch.stack([_padded(_position_scores(c, position_heads), width) for c in contexts]).sum(0)
 
-    def ffn_scores(chunk: Tensor) -> tuple[Tensor, Tensor]:
-        per_token = torch.stack([value.evaluate_ffn(c, chunk)[0] for c in contexts], dim=-1)  # (n, m)
-        return per_token.sum(-1), per_token
+    def ffn_scores(chunk: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        scored = [score_rows(c, [value.ffn_rows(c, chunk)])[0] for c in contexts]
+        per_token = torch.stack([s.scores for s in scored], dim=-1)  # (n, m)
+        return per_token.sum(-1), {"per_token": per_token, "direct": sum(s.direct for s in scored)}
 
     ffn = exact_top_k(sum(value.ffn_bounds(c) for c in contexts), ffn_scores, k)
     grid = shape.attention_grid(width)
 
-    def attention_scores(chunk: Tensor) -> tuple[Tensor, Tensor]:
-        layer, head, dim, position = torch.unravel_index(chunk, grid)
+    def attention_scores(chunk: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         per_token = torch.zeros(len(chunk), len(contexts), device=chunk.device)
+        direct = torch.zeros(len(chunk), device=chunk.device)
         for i, c in enumerate(contexts):
-            seen = position < c.trace.n_tokens
-            own = shape.attention_grid(c.trace.n_tokens)
-            local = ((layer[seen] * own[1] + head[seen]) * own[2] + dim[seen]) * own[3] + position[seen]
-            per_token[seen, i] = value.evaluate_attention(c, local)
-        return per_token.sum(-1), per_token
+            seen, local = _seen_by(c, chunk, grid)
+            (scored,) = score_rows(c, [value.attention_rows(c, local)])
+            per_token[seen, i] = scored.scores
+            direct[seen] += scored.direct
+        return per_token.sum(-1), {"per_token": per_token, "direct": direct}
 
     attention_bounds = sum(_padded(value.attention_bounds(c), width) for c in contexts)
     attention = exact_top_k(attention_bounds, attention_scores, k)
     (projected,) = score_rows(contexts[0], [value.ffn_rows(contexts[0], ffn.indices, projection)])
-    return AnswerScores(layers, heads, position_heads, positions, ffn, attention,
-                        projected.projection if projected.projection is not None
-                        else torch.empty(0, 0, dtype=torch.long, device=heads.device))
+    _add(ffn, {"projection": projected.projection, "target_push_rank": projected.target_push_rank})
+    _add(attention, _first_seen_details(contexts, attention.indices, grid, projection))
+    return AnswerScores(layers, heads, position_heads, positions, ffn, attention)
+
+
+def _seen_by(ctx: ValueContext, flat: Tensor, grid: tuple[int, int, int, int]) -> tuple[Tensor, Tensor]:
+    """Which of the attention neurons (flat over the longest prefix's `grid`) this prefix sees, and their flat
+    indices in its own (shorter) grid."""
+    layer, head, dim, position = torch.unravel_index(flat, grid)
+    seen = position < ctx.trace.n_tokens
+    own = ctx.shape.attention_grid(ctx.trace.n_tokens)
+    return seen, ((layer[seen] * own[1] + head[seen]) * own[2] + dim[seen]) * own[3] + position[seen]
+
+
+def _first_seen_details(contexts: list[ValueContext], flat: Tensor, grid: tuple[int, int, int, int],
+                        projection: int) -> dict[str, Tensor]:
+    """Projection ids and the target's push rank of each attention neuron at the first predicting position that
+    sees its source position (where its coefficient is read)."""
+    ids = torch.zeros(len(flat), 2 * projection, dtype=torch.long, device=flat.device)
+    ranks = torch.zeros(len(flat), dtype=torch.long, device=flat.device)
+    done = torch.zeros(len(flat), dtype=torch.bool, device=flat.device)
+    for c in contexts:
+        seen, local = _seen_by(c, flat, grid)
+        new = seen & ~done
+        if new.any():
+            (scored,) = score_rows(c, [value.attention_rows(c, local[new[seen]], projection)])
+            ids[new], ranks[new] = scored.projection, scored.target_push_rank
+            done |= new
+    return {"projection": ids, "target_push_rank": ranks}
+
+
+def _add(top: TopK, details: dict[str, Tensor]) -> None:
+    top.extra = {**(top.extra or {}), **details}
 
 
 def _position_scores(ctx: ValueContext, heads: list[tuple[int, int]]) -> Tensor:

@@ -123,6 +123,19 @@ class ValueContext:
         """(2L+2,): log p(target) at each state; with a contrast, log p(target) − log p(contrast)."""
         return self.base_log_probs[:, self.target].clone()
 
+    @cached_property
+    def base_target_logits(self) -> Tensor:
+        """(2L+2,): the target's logit at each state (soft-capped where the model caps), from which the direct
+        part of a score, the change of that logit, is measured."""
+        return self.readout.capped(self.uncapped_base_target_logits)
+
+    @cached_property
+    def uncapped_base_target_logits(self) -> Tensor:
+        """(2L+2,): the target's logit at each state before any soft-capping (linear in an added vector)."""
+        readout = self.readout
+        logits = self.normalised_states @ readout.unembedding.row(self.target)
+        return logits + readout.constant_logits[self.target] if readout.has_constant else logits
+
     def pair_logit_difference(self, normalised: Tensor) -> Tensor:
         """z_target − z_contrast (soft-capped where the model caps) for rows already through the readout's
         linear part: log p(target) − log p(contrast), the log-sum-exp cancelling."""
@@ -131,8 +144,7 @@ class ValueContext:
         logits = normalised @ readout.unembedding.rows(pair).T
         if readout.has_constant:
             logits = logits + readout.constant_logits[pair]
-        if readout.softcap is not None:
-            logits = torch.tanh(logits / readout.softcap) * readout.softcap
+        logits = readout.capped(logits)
         return logits[:, 0] - logits[:, 1]
 
     @cached_property

@@ -12,6 +12,8 @@ from .buffers import smallest_budget
 from .context import ValueContext
 
 EXACT_BATCH = 512  # most rows per vocabulary-sized product: (512, V) float32 is 100 MB for V = 49k
+# Rows whose logit changes c·δ are read at once (projection ids, the target's push rank): a (rows, V) buffer.
+PROJECTED_ROWS = 64
 # Below this bound on |c·δ_v| the log-sum-exp can skip its max pass (float32 exp is finite and normal there).
 _SAFE_EXPONENT = 80.0
 
@@ -38,6 +40,12 @@ class Rows:
 class Scored:
     scores: Tensor  # (n,)
     projection: Tensor | None  # (n, 2k) ids, top then bottom (signed by the coefficient), or None
+    # The score's first part, the change of the target's own logit c·δ_w (docs/method.md §2); the second part, the
+    # change of the log-normaliser, is direct − scores. With a contrast the normaliser cancels: direct = scores.
+    direct: Tensor | None = None  # (n,)
+    # Where the row has a projection: the target's rank among the tokens its contribution c·δ pushes, 1 = the
+    # token it raises most (None with a contrast, which needs no vocabulary-sized product).
+    target_push_rank: Tensor | None = None  # (n,)
 
 
 def score_rows(ctx: ValueContext, groups: list[Rows]) -> list[Scored]:
@@ -56,6 +64,7 @@ def score_rows(ctx: ValueContext, groups: list[Rows]) -> list[Scored]:
     keep = torch.cat([torch.full((len(g),), g.projection, dtype=torch.long, device=device) for g in groups])
     width = max(g.projection for g in groups)
     scores = torch.empty(len(bases), device=device)
+    direct = torch.empty(len(bases), device=device)
     projection = torch.zeros(len(bases), 2 * width, dtype=torch.long, device=device)
     readout = ctx.readout
     if ctx.contrast is not None:
@@ -65,8 +74,9 @@ def score_rows(ctx: ValueContext, groups: list[Rows]) -> list[Scored]:
                               for g in groups])
             wanted = (keep > 0).nonzero().squeeze(-1)
             projection[wanted] = _cached_projection_ids(ctx, bases, wanted, scaled, signs, keys, width)
-        return _split(groups, scores, projection)
+        return _split(groups, scores, projection, scores, None)
     vocabulary = readout.unembedding.shape[0]
+    push_rank = torch.zeros(len(bases), dtype=torch.long, device=device)
     with _flushing_denormals():
         budget = ctx.memory_budget if ctx.budget_fixed else device_budget(ctx.memory_budget, device)
         scratch = ctx.caches.scratch
@@ -75,25 +85,35 @@ def score_rows(ctx: ValueContext, groups: list[Rows]) -> list[Scored]:
             moved = ctx.normalised_states[bases[rows]] + readout.normalise(scaled[rows])
             logits = readout.logits_of_normalised(moved, out=scratch.buffer("logits", size, vocabulary, device))
             wanted = (keep[rows] > 0).nonzero().squeeze(-1)
-            if width and wanted.numel():
-                changes = _logit_changes(ctx, logits, bases[rows], wanted, scaled[rows])
-                projection[rows][wanted] = _projection_ids(changes, width, signs[rows][wanted])
+            for part in wanted.split(PROJECTED_ROWS) if width else ():
+                changes = _logit_changes(ctx, logits, bases[rows], part, scaled[rows])
+                projection[rows][part] = _projection_ids(changes, width, signs[rows][part])
+                push_rank[rows][part] = _rank_of(changes, ctx.target)
             target_logit = logits[:, ctx.target].clone()
+            direct[rows] = target_logit - ctx.base_target_logits[bases[rows]]
             reach = readout.max_logit_change(scaled[rows])
             shift = ctx.base_log_sum_exp[bases[rows]]
             log_sum_exp = _logsumexp_shifted(logits, shift) if bool((reach < _SAFE_EXPONENT).all()) \
                 else _logsumexp_inplace(logits)
             scores[rows] = target_logit - log_sum_exp - ctx.target_log_probs[bases[rows]]
-    return _split(groups, scores, projection)
+    return _split(groups, scores, projection, direct, push_rank)
 
 
-def _split(groups: list[Rows], scores: Tensor, projection: Tensor) -> list[Scored]:
+def _split(groups: list[Rows], scores: Tensor, projection: Tensor, direct: Tensor, push_rank: Tensor | None
+           ) -> list[Scored]:
     result, start = [], 0
     for g in groups:
         part = slice(start, start + len(g))
-        result.append(Scored(scores[part], projection[part, : 2 * g.projection] if g.projection else None))
+        projected = bool(g.projection)
+        result.append(Scored(scores[part], projection[part, : 2 * g.projection] if projected else None,
+                             direct[part], push_rank[part] if projected and push_rank is not None else None))
         start += len(g)
     return result
+
+
+def _rank_of(changes: Tensor, token: int) -> Tensor:
+    """Per row, 1 + how many tokens the row's contribution raises more than `token` (ties count in its favour)."""
+    return (changes > changes[:, token: token + 1]).sum(dim=-1) + 1
 
 
 # Vocabulary projections of FFN neurons are properties of the weights: top(δ(u)) and bottom(δ(u)) do not depend

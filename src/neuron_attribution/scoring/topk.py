@@ -20,7 +20,8 @@ class TopK:
     indices: Tensor  # flat indices into the neuron set, best first
     scores: Tensor
     n_evaluated: int  # how many neurons were scored exactly
-    extra: Tensor | None = None  # per returned neuron, whatever the evaluator kept (vocabulary ids)
+    # Per returned neuron, whatever the evaluator kept, by name (vocabulary ids, parts of the score, ...).
+    extra: dict[str, Tensor] | None = None
 
 
 class TopKSearch:
@@ -40,7 +41,7 @@ class TopKSearch:
         self.order = top_indices(self.bounds, min(self.total, 2 * self.batch))
         self.done: list[Tensor] = []
         self.scored: list[Tensor] = []
-        self.extras: list[Tensor] = []
+        self.extras: dict[str, list[Tensor]] = {}
         self.finished = self.k == 0
 
     def pending(self) -> Tensor | None:
@@ -52,11 +53,11 @@ class TopKSearch:
             self.order = top_indices(self.bounds, min(self.total, self.position + 2 * self.batch))
         return self.order[self.position: end]
 
-    def record(self, chunk: Tensor, scores: Tensor, extra: Tensor | None = None) -> None:
+    def record(self, chunk: Tensor, scores: Tensor, extra: dict[str, Tensor] | None = None) -> None:
         self.done.append(chunk)
         self.scored.append(scores)
-        if extra is not None:
-            self.extras.append(extra)
+        for name, values in (extra or {}).items():
+            self.extras.setdefault(name, []).append(values)
         self.position += chunk.numel()
         self.batch = max(self.k // 4, 32)
         if self.position >= self.total:
@@ -73,11 +74,12 @@ class TopKSearch:
             return TopK(torch.empty(0, dtype=torch.long, device=device), torch.empty(0, device=device), 0, None)
         indices, scores = torch.cat(self.done), torch.cat(self.scored)
         ranking = rank_by_score(scores, indices)[: self.k]
-        return TopK(indices[ranking], scores[ranking], self.position,
-                    torch.cat(self.extras)[ranking] if self.extras else None)
+        extra = {name: torch.cat(parts)[ranking] for name, parts in self.extras.items()}
+        return TopK(indices[ranking], scores[ranking], self.position, extra or None)
 
 
-def exact_top_k(bounds: Tensor, evaluate: Callable[[Tensor], tuple[Tensor, Tensor | None]], k: int) -> TopK:
+def exact_top_k(bounds: Tensor, evaluate: Callable[[Tensor], tuple[Tensor, dict[str, Tensor] | None]], k: int
+                ) -> TopK:
     """`TopKSearch` run to the end with one evaluator."""
     search = TopKSearch(bounds, k)
     while (chunk := search.pending()) is not None:

@@ -18,8 +18,8 @@ from ..errors import UserError
 from ..neurons import FfnIndex, HeadIndex, NeuronIndex
 from ..model.weights import LayerStack
 from .context import ValueContext
-from .exact import Rows, score_rows
-from .topk import TopK, TopKSearch, exact_top_k, rank_by_score
+from .exact import Rows, Scored, score_rows
+from .topk import TopK, TopKSearch, exact_top_k, rank_by_score, top_indices
 
 
 def layer_scores(ctx: ValueContext) -> tuple[Tensor, Tensor]:
@@ -111,16 +111,24 @@ def ffn_rows(ctx: ValueContext, flat: Tensor, keep_projection: int = 0) -> Rows:
                 keep_projection, keys=flat)
 
 
-def attention_rows(ctx: ValueContext, flat: Tensor) -> Rows:
-    """Attention neurons by flat index into (L, H, d_h, T), each added to its layer's input."""
+def attention_rows(ctx: ValueContext, flat: Tensor, keep_projection: int = 0) -> Rows:
+    """Attention neurons by flat index into (L, H, d_h, T), each added to its layer's input. Their projection
+    keys follow the FFN neurons' (a vector depends on (layer, head, dim), not on the source position)."""
     layer, head, dim, position = ctx.shape.attention_unflat(flat, ctx.trace.n_tokens)
-    return Rows(2 * layer, ctx.output_weights.rows(layer, ctx.shape.head_column(head, dim)),
-                ctx.attention_coefficients[layer, head, dim, position])
+    columns = ctx.shape.head_column(head, dim)
+    return Rows(2 * layer, ctx.output_weights.rows(layer, columns),
+                ctx.attention_coefficients[layer, head, dim, position], keep_projection,
+                keys=_attention_keys(ctx, layer, columns))
 
 
-def evaluate_ffn(ctx: ValueContext, flat: Tensor, keep_projection: int = 0) -> tuple[Tensor, Tensor | None]:
-    (scored,) = score_rows(ctx, [ffn_rows(ctx, flat, keep_projection)])
-    return scored.scores, scored.projection
+def _attention_keys(ctx: ValueContext, layer: Tensor, columns: Tensor) -> Tensor:
+    s = ctx.shape
+    return s.n_layers * s.d_ffn + layer * (s.n_heads * s.head_dim) + columns
+
+
+def evaluate_ffn(ctx: ValueContext, flat: Tensor) -> Tensor:
+    (scored,) = score_rows(ctx, [ffn_rows(ctx, flat)])
+    return scored.scores
 
 
 def evaluate_attention(ctx: ValueContext, flat: Tensor) -> Tensor:
@@ -165,7 +173,7 @@ def chosen_rows(ctx: ValueContext, neurons: list[NeuronIndex]) -> tuple[Rows, Te
 
 def top_ffn(ctx: ValueContext, k: int) -> TopK:
     """The exact top-k FFN value neurons (scores only, no vocabulary projection)."""
-    return exact_top_k(ffn_bounds(ctx), lambda flat: evaluate_ffn(ctx, flat), k)
+    return exact_top_k(ffn_bounds(ctx), lambda flat: (evaluate_ffn(ctx, flat), None), k)
 
 
 def top_attention(ctx: ValueContext, k: int) -> TopK:
@@ -173,20 +181,61 @@ def top_attention(ctx: ValueContext, k: int) -> TopK:
     return exact_top_k(attention_bounds(ctx), lambda flat: (evaluate_attention(ctx, flat), None), k)
 
 
+# --- ranking by the direct part -----------------------------------------------------------------------------
+
+def ffn_direct_parts(ctx: ValueContext) -> Tensor:
+    """(L, N): every FFN neuron's direct part, the change of the target's logit (docs/method.md §2)."""
+    slopes = ctx.ffn_values.dots(_target_pullback(ctx).expand(ctx.shape.n_layers, -1))
+    return _capped_change(ctx, ffn_coefficients(ctx) * slopes, 2 * torch.arange(ctx.shape.n_layers) + 1)
+
+
+def attention_direct_parts(ctx: ValueContext) -> Tensor:
+    """(L, H, d_h, T): every attention neuron's direct part."""
+    slopes = ctx.output_weights.dots(_target_pullback(ctx).expand(ctx.shape.n_layers, -1))
+    changes = ctx.attention_coefficients.times(slopes.reshape(ctx.attention_coefficients.shape[:3]))
+    return _capped_change(ctx, changes, 2 * torch.arange(ctx.shape.n_layers))
+
+
+def _target_pullback(ctx: ValueContext) -> Tensor:
+    """(d,): g with u·g = δ_w(u), the change of the target's (uncapped) logit per unit of an added vector."""
+    return ctx.readout.pullback(ctx.readout.unembedding.row(ctx.target).unsqueeze(0))
+
+
+def _capped_change(ctx: ValueContext, changes: Tensor, states: Tensor) -> Tensor:
+    """Uncapped changes of the target's logit, (L, ...) from the given base state of each layer, made into changes
+    of the capped logit where the model soft-caps (then they depend on the base, not only on the vector)."""
+    if ctx.readout.softcap is None:
+        return changes
+    base = ctx.uncapped_base_target_logits[states.to(ctx.device)].reshape(-1, *[1] * (changes.dim() - 1))
+    return ctx.readout.capped(base + changes) - ctx.readout.capped(base)
+
+
 @dataclass
 class ValueScores:
     heads: Tensor  # (L, H)
     position_heads: list[tuple[int, int]]  # the top heads, best first
     positions: Tensor  # (len(position_heads), T)
-    ffn: TopK  # extra: projection ids
-    attention: TopK
+    ffn: TopK  # extra: "projection" ids, "direct" parts, "target_push_rank"
+    attention: TopK  # the same
 
 
-def value_scores(ctx: ValueContext, k: int, n_position_heads: int, projection: int) -> ValueScores:
+def _details(scored: Scored) -> dict[str, Tensor]:
+    """What a returned neuron shows besides its score."""
+    details = {"projection": scored.projection, "direct": scored.direct, "target_push_rank": scored.target_push_rank}
+    return {name: values for name, values in details.items() if values is not None}
+
+
+def value_scores(ctx: ValueContext, k: int, n_position_heads: int, projection: int, rank_by: str = "score"
+                 ) -> ValueScores:
     """Every head's score, position scores inside the top heads, and the exact top-k FFN and attention value
-    neurons, with all the exact scoring of a round in shared vocabulary-sized products."""
-    ffn = TopKSearch(ffn_bounds(ctx), k)
-    attention = TopKSearch(attention_bounds(ctx), k)
+    neurons, with all the exact scoring of a round in shared vocabulary-sized products. `rank_by="direct"`:
+    the neurons with the largest direct parts instead (docs/method.md §2), found exactly from every neuron's
+    direct part, which costs one d-sized product per neuron."""
+    if rank_by == "direct" and ctx.contrast is None:
+        ffn: TopKSearch | _Chosen = _Chosen(ffn_direct_parts(ctx), k)
+        attention: TopKSearch | _Chosen = _Chosen(attention_direct_parts(ctx), k)
+    else:
+        ffn, attention = TopKSearch(ffn_bounds(ctx), k), TopKSearch(attention_bounds(ctx), k)
     heads = head_rows(ctx)
     extra_groups: list[Rows] = [heads]
     head_scores_, position_heads, positions = None, [], None
@@ -196,16 +245,16 @@ def value_scores(ctx: ValueContext, k: int, n_position_heads: int, projection: i
         if ffn_chunk is not None:
             groups.append(ffn_rows(ctx, ffn_chunk, projection))
         if attention_chunk is not None:
-            groups.append(attention_rows(ctx, attention_chunk))
+            groups.append(attention_rows(ctx, attention_chunk, projection))
         if not groups:
             break
         scored = score_rows(ctx, groups)
         extra_scored, rest = scored[: len(extra_groups)], scored[len(extra_groups):]
         if ffn_chunk is not None:
-            ffn.record(ffn_chunk, rest[0].scores, rest[0].projection)
+            ffn.record(ffn_chunk, rest[0].scores, _details(rest[0]))
             rest = rest[1:]
         if attention_chunk is not None:
-            attention.record(attention_chunk, rest[0].scores)
+            attention.record(attention_chunk, rest[0].scores, _details(rest[0]))
         extra_groups = []
         if head_scores_ is None:
             head_scores_ = extra_scored[0].scores.reshape(ctx.shape.n_layers, ctx.shape.n_heads)
@@ -217,10 +266,30 @@ def value_scores(ctx: ValueContext, k: int, n_position_heads: int, projection: i
     return ValueScores(head_scores_, position_heads, positions, ffn.result(), attention.result())
 
 
+class _Chosen:
+    """The `TopKSearch` protocol for neurons chosen in advance by a key (their direct parts): one round scores
+    them, and the result keeps their order by that key."""
+
+    def __init__(self, keys: Tensor, k: int):
+        self.chosen = top_indices(keys.reshape(-1), min(k, keys.numel()))
+        self.recorded: TopK | None = None
+
+    def pending(self) -> Tensor | None:
+        return self.chosen if self.recorded is None and self.chosen.numel() else None
+
+    def record(self, chunk: Tensor, scores: Tensor, extra: dict[str, Tensor] | None = None) -> None:
+        self.recorded = TopK(chunk, scores, chunk.numel(), extra)
+
+    def result(self) -> TopK:
+        if self.recorded is None:
+            return TopK(self.chosen, torch.empty(0, device=self.chosen.device), 0, None)
+        return self.recorded
+
+
 def dense_ffn_scores(ctx: ValueContext) -> Tensor:
     """(L, N): every FFN neuron scored exactly."""
     total = ctx.shape.n_layers * ctx.shape.d_ffn
-    return evaluate_ffn(ctx, torch.arange(total, device=ctx.device))[0].reshape(ctx.shape.n_layers, ctx.shape.d_ffn)
+    return evaluate_ffn(ctx, torch.arange(total, device=ctx.device)).reshape(ctx.shape.n_layers, ctx.shape.d_ffn)
 
 
 def dense_attention_scores(ctx: ValueContext) -> Tensor:

@@ -1,0 +1,66 @@
+"""The returned value neurons as results: one place that turns a top-k search's indices, scores and details
+(projection ids, direct parts, the target's push rank, per-token scores) into `FfnNeuron`s and
+`AttentionNeuron`s, for single-token and multi-token answers alike."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+from ..model.loading import LoadedModel
+from ..model.prompts import token_texts
+from ..neurons import AttentionIndex, FfnIndex
+from ..results.attribution import AttentionNeuron, FfnNeuron
+from ..scoring.topk import TopK
+from .targets import PROJECTION_TOKENS
+
+
+def ffn_neurons(model: LoadedModel, top: TopK, coefficients: Tensor) -> list[FfnNeuron]:
+    """`coefficients`: (L, N) at the (first) predicting position."""
+    details = _details(top)
+    neurons = []
+    for row, index in enumerate(model.shape.ffn_indices(top.indices)):
+        ids = details["projection"][row]
+        neurons.append(FfnNeuron(index.layer, index.neuron, details["score"][row], float(coefficients[index]),
+                                 token_texts(model, ids[:PROJECTION_TOKENS]),
+                                 token_texts(model, ids[PROJECTION_TOKENS:]),
+                                 token_scores=details["per_token"][row], **_parts(details, row)))
+    return neurons
+
+
+def attention_neurons(model: LoadedModel, top: TopK, n_tokens: int, tokens: list[str],
+                      coefficient_of: Callable[[AttentionIndex], float]) -> list[AttentionNeuron]:
+    """`n_tokens`: the positions the flat indices run over; `coefficient_of`: where each neuron's coefficient is
+    read (the predicting position that first sees its source position)."""
+    details = _details(top)
+    neurons = []
+    for row, index in enumerate(model.shape.attention_indices(top.indices, n_tokens)):
+        coefficient = coefficient_of(index)
+        top_ids, bottom_ids = _ends(details["projection"][row])
+        promoted, suppressed = (top_ids, bottom_ids) if coefficient >= 0 else (bottom_ids, top_ids)
+        neurons.append(AttentionNeuron(*index, tokens[index.position], details["score"][row], coefficient,
+                                       token_scores=details["per_token"][row],
+                                       promoted_tokens=token_texts(model, promoted),
+                                       suppressed_tokens=token_texts(model, suppressed), **_parts(details, row)))
+    return neurons
+
+
+def _details(top: TopK) -> dict[str, list]:
+    """Python lists of everything kept per returned neuron (absent details as None per row)."""
+    extra = {name: values.tolist() for name, values in (top.extra or {}).items()}
+    n = len(top.indices)
+    return {"score": top.scores.tolist(), "projection": extra.get("projection", [[]] * n),
+            "direct": extra.get("direct", [None] * n), "target_push_rank": extra.get("target_push_rank", [None] * n),
+            "per_token": extra.get("per_token", [None] * n)}
+
+
+def _ends(ids: list[int]) -> tuple[list[int], list[int]]:
+    return ids[:PROJECTION_TOKENS], ids[PROJECTION_TOKENS:]
+
+
+def _parts(details: dict[str, list], row: int) -> dict:
+    """direct_score, normaliser_change (= direct − score) and target_push_rank of one row."""
+    direct, score = details["direct"][row], details["score"][row]
+    return {"direct_score": direct, "normaliser_change": None if direct is None else direct - score,
+            "target_push_rank": details["target_push_rank"][row]}

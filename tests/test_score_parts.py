@@ -1,0 +1,131 @@
+"""The two parts of a value neuron's score (docs/method.md §2, Imp = c·δ_w − ΔLSE), the target's rank among the
+tokens a neuron pushes, the tokens it suppresses, and ranking by the direct part: against float64 loops over
+the definitions (tests/reference.py), on a LayerNorm model, a SwiGLU one, a soft-capped one and a parallel one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from neuron_attribution import UserError, attribute
+from neuron_attribution.model.prompts import token_texts
+from neuron_attribution.model.trace import trace_token_ids
+from neuron_attribution.results.attribution import Attribution
+
+from . import reference as ref
+from .conftest import tiny_family, tiny_gpt2, tiny_llama
+
+IDS = [5, 17, 3, 99, 42, 7, 250]
+TARGET = 11
+MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "gemma2": lambda: tiny_family("gemma2"),
+          "phi-parallel": lambda: tiny_family("phi")}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model(request):
+    return MODELS[request.param]()
+
+
+def _reference_parts(model, trace, base, vector, target):
+    """(direct, normaliser change, push rank, the 5 most suppressed ids) by the definitions, in float64. The
+    rank and the suppressed tokens are read in the contribution c·δ itself, before any soft-capping."""
+    before = ref.final_logits(model, trace, base.double())
+    after = ref.final_logits(model, trace, base.double() + vector)
+    direct = float(after[target] - before[target])
+    normaliser = float(torch.logsumexp(after, -1) - torch.logsumexp(before, -1))
+    changes = ref.final_logits(model, trace, vector, capped=False) - ref.final_logits(model, trace, 0 * vector,
+                                                                                       capped=False)
+    rank = 1 + sum(int(changes[v] > changes[target]) for v in range(len(changes)))
+    near = sum(int(abs(changes[v] - changes[target]) < 1e-4) for v in range(len(changes)))  # rounding may swap these
+    return direct, normaliser, rank, near, torch.argsort(changes)[:5].tolist()
+
+
+def test_parts_rank_and_suppressed_tokens(model):
+    result = attribute(model, IDS, TARGET, top_k=6, query_top=0)
+    trace = trace_token_ids(model, [IDS])[0]
+    last = trace.n_tokens - 1
+    checked = [(n, ref.ffn_base(model, trace, n.layer), ref.ffn_vector(model, trace, n.layer, n.neuron, last))
+               for n in result.ffn_neurons]
+    checked += [(n, trace.layer_inputs[n.layer, -1],
+                 ref.attention_neuron_vector(model, trace, n.layer, n.head, n.dim, n.position))
+                for n in result.attention_neurons]
+    for neuron, base, vector in checked:
+        direct, normaliser, rank, near, suppressed = _reference_parts(model, trace, base, vector, TARGET)
+        assert neuron.direct_score == pytest.approx(direct, abs=1e-5)
+        assert neuron.normaliser_change == pytest.approx(normaliser, abs=1e-5)
+        assert neuron.direct_score - neuron.normaliser_change == pytest.approx(neuron.score, abs=1e-6)
+        assert abs(neuron.target_push_rank - rank) < near
+        assert neuron.suppressed_tokens[:5] == token_texts(model, suppressed)
+        vocabulary = model.adapter.unembedding[0].shape[0]
+        assert result.vocab_size == vocabulary
+        assert neuron.wins_by_suppressing(vocabulary) == (neuron.score > 0 and rank > vocabulary / 2)
+    assert result.suppressing_neurons() == [n for n, _, _ in checked if n.score > 0 and
+                                            n.target_push_rank > result.vocab_size / 2]
+
+
+def test_ranking_by_the_direct_part_is_the_dense_ranking(model):
+    s = model.shape
+    result = attribute(model, IDS, TARGET, top_k=8, query_top=0, rank_by="direct")
+    trace = trace_token_ids(model, [IDS])[0]
+    last = trace.n_tokens - 1
+
+    def direct(base, vector):
+        return float(ref.final_logits(model, trace, base.double() + vector)[TARGET]
+                     - ref.final_logits(model, trace, base.double())[TARGET])
+
+    ffn = {(l, k): direct(ref.ffn_base(model, trace, l), ref.ffn_vector(model, trace, l, k, last))
+           for l in range(s.n_layers) for k in range(s.d_ffn)}
+    attention = {(l, j, n, p): direct(trace.layer_inputs[l, -1], ref.attention_neuron_vector(model, trace, l, j, n, p))
+                 for l in range(s.n_layers) for j in range(s.n_heads) for n in range(s.head_dim)
+                 for p in range(trace.n_tokens)}
+    for found, dense, key in ((result.ffn_neurons, ffn, lambda n: (n.layer, n.neuron)),
+                              (result.attention_neurons, attention, lambda n: (n.layer, n.head, n.dim, n.position))):
+        best = sorted(dense.values(), reverse=True)[: len(found)]
+        assert [n.direct_score for n in found] == pytest.approx(best, abs=1e-5)
+        assert [dense[key(n)] for n in found] == pytest.approx(best, abs=1e-5)
+    assert result.rank_by == "direct"
+    by_score = attribute(model, IDS, TARGET, top_k=8, query_top=0)
+    assert [n.score for n in by_score.ffn_neurons] == sorted(n.score for n in by_score.ffn_neurons)[::-1]
+
+
+def test_contrast_has_no_normaliser_and_the_parts_survive_json(tmp_path):
+    model = tiny_llama()
+    result = attribute(model, IDS, TARGET, contrast=40, top_k=5, query_top=0)
+    for n in [*result.ffn_neurons, *result.attention_neurons]:
+        assert n.direct_score == pytest.approx(n.score) and n.normaliser_change == 0 and n.target_push_rank is None
+        assert n.suppressed_tokens
+    plain = attribute(model, IDS, TARGET, top_k=5, query_top=0, rank_by="direct")
+    plain.save(tmp_path / "a.json")
+    back = Attribution.load(tmp_path / "a.json")
+    assert back.ffn_neurons == plain.ffn_neurons and back.attention_neurons == plain.attention_neurons
+    assert back.rank_by == "direct"
+    old = plain.to_dict()
+    for n in old["ffn_neurons"] + old["attention_neurons"]:
+        for key in ("direct_score", "normaliser_change", "target_push_rank", "suppressed_tokens"):
+            n.pop(key)
+        n.pop("promoted_tokens", None) if "head" in n else None
+    older = Attribution.from_dict(old)  # written before the parts existed
+    assert older.ffn_neurons[0].direct_score is None and older.ffn_neurons[0].wins_by_suppressing(1000) is None
+    assert older.ffn_neurons[0].suppressed_tokens == plain.ffn_neurons[0].suppressed_tokens
+
+
+def test_multi_token_parts_are_sums_of_the_single_token_parts():
+    model = tiny_llama()
+    prompt, answer = IDS[:5], [11, 40, 7]
+    s = model.shape
+    everything = s.n_layers * s.d_ffn
+    result = attribute(model, prompt, answer, top_k=6, answer_tokens="all", query_top=0)
+    singles = [attribute(model, prompt + answer[:i], token, top_k=everything, query_top=0)
+               for i, token in enumerate(answer)]
+    for n in result.ffn_neurons:
+        parts = [next(m for m in single.ffn_neurons if m.index == n.index) for single in singles]
+        assert n.direct_score == pytest.approx(sum(p.direct_score for p in parts), abs=1e-5)
+        assert n.target_push_rank == parts[0].target_push_rank
+        assert n.suppressed_tokens == parts[0].suppressed_tokens
+    for n in result.attention_neurons:
+        assert n.direct_score is not None and n.target_push_rank >= 1 and len(n.suppressed_tokens) == 10
+    with pytest.raises(UserError, match="rank_by='direct' applies to the first answer token"):
+        attribute(model, prompt, answer, answer_tokens="all", rank_by="direct")
+    with pytest.raises(UserError, match="rank_by must be one of score, direct"):
+        attribute(model, prompt, answer[0], rank_by="logit")
