@@ -26,17 +26,20 @@ def test_attribute_json_fields(tmp_path, real_model):
     assert set(data["target"]) >= {"text", "id", "prob", "rank"} and data["target"]["text"] == " Paris"
     assert len(data["layers"]["attention"]) == len(data["layers"]["ffn"]) == 30
     assert len(data["heads"]) == 30 * 9 and set(data["heads"][0]) == {"layer", "head", "score"}
+    parts = {"direct_score", "normaliser_change", "target_push_rank", "suppressed_tokens", "promoted_tokens"}
     for key, fields in (("ffn_neurons", {"layer", "neuron", "score", "coefficient", "top_tokens", "bottom_tokens",
-                                         "promoted_tokens"}),
+                                         *parts}),
                         ("attention_neurons", {"layer", "head", "dim", "position", "token", "score",
-                                               "coefficient"})):
+                                               "coefficient", *parts})):
         rows = data[key]
         assert len(rows) == 12 and set(rows[0]) == fields
         assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
     queries = data["query_neurons"]
     assert len(queries) == 12
     # The default path is the paper's: through the attention value neurons only.
-    assert data["query_via"] == "attention"
+    assert data["query_via"] == "attention" and data["rank_by"] == "score" and data["vocab_size"] == 49152
+    first = data["ffn_neurons"][0]
+    assert first["direct_score"] - first["normaliser_change"] == pytest.approx(first["score"], abs=1e-6)
     assert set(queries[0]) == {"layer", "neuron", "score", "attention_score", "position", "token", "coefficient"}
     assert all(q["score"] == q["attention_score"] for q in queries)
     assert data["query_layers"]["for_ffn"] == []
@@ -54,6 +57,7 @@ def test_attribute_json_fields(tmp_path, real_model):
     (["attribute", "Hello", "--query-via", "heads"], "error: query_via must be one of attention, ffn, both, got "
                                                      "'heads'"),
     (["attribute", "Hello", "--answer-tokens", "some"], "error: answer_tokens must be one of first, all, got 'some'"),
+    (["attribute", "Hello", "--rank-by", "logit"], "error: rank_by must be one of score, direct, got 'logit'"),
     (["attribute", "The capital of France is", "--target", " Paris", "--contrast", "Paris"],
      "error: the contrast ' Paris' is the target's own first token; a contrast must differ"),
     (["attribute", "The capital of France is", "--answer-tokens", "all"],
@@ -64,6 +68,15 @@ def test_bad_input_exits_2_in_one_line(args, message, real_model):
     assert result.returncode == 2
     assert result.stderr.strip() == message
     assert "Traceback" not in result.stderr
+
+
+def test_an_unwritable_run_directory_is_refused_before_the_model_loads(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run("run", "--dataset", "sample", "--out", str(blocker / "run"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: cannot write to {blocker / 'run'}: {blocker} is not a directory"
+    assert "filtering" not in result.stdout and not (blocker.parent / "run").exists()
 
 
 def test_unknown_flag_exits_2():

@@ -111,6 +111,7 @@ def run(
     """Attribute every sentence of a dataset the model knows (the paper's filter) into Parquet tables."""
     from ..datasets import load_facts
     from ..pipelines.run import RunArguments, run_dataset
+    from ..pipelines.run_store import check_can_write
 
     for name, number in (("--limit", limit), ("--batch-size", batch_size)):
         if number is not None and number <= 0:
@@ -119,6 +120,7 @@ def run(
                                    query_top=query_top, max_memory=max_memory, query_via=query_via,
                                    answer_tokens=answer_tokens, rank_by=rank_by)
     load_facts(dataset, on_error)  # type: ignore[arg-type]  # a bad dataset fails before the model loads
+    check_can_write(out)
     check_backend(backend, workers, address, settings, gpus_per_worker)
     loaded, settings = load_driver_model(settings, backend)
     warn_if_dense(loaded.shape, top)

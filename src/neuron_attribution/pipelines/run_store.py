@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 import platform
 import shutil
+import socket
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -34,6 +35,19 @@ from ..results.tables import TABLES
 # What a run writes into its directory (and `--overwrite` removes): nothing else there is touched.
 LOCK_FILE = ".lock"
 RUN_FILES = ("run.json", "filter.json", "parts", "analysis", *(f"{t}.parquet" for t in TABLES))
+
+
+def check_can_write(directory: Path) -> None:
+    """A UserError now, before anything slow, if `directory` could not be made or written; nothing is created."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write to {directory}: {existing} is not a directory")
+    try:  # a real probe: permission bits do not tell for root, read-only mounts or /proc
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=existing))
+    except OSError as error:
+        raise UserError(f"cannot write to {directory}: {error.strerror or error}") from None
 
 
 def prepare_directory(directory: Path) -> None:

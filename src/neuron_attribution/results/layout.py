@@ -112,7 +112,7 @@ def ffn_table(result: Attribution, rows: int) -> TableLayout:
     neurons = result.ffn_neurons[:rows]
     parts, with_rank = _part_columns(neurons)
     body = [[f"{n.layer}_{n.neuron}", f"{n.score:+.4f}", *(_parts(n, with_rank, result.vocab_size) if parts else []),
-             f"{n.coefficient:+.3f}", Tokens(tuple(n.promoted_tokens[:5])), Tokens(tuple(n.suppressed_tokens[:3]))]
+             f"{n.coefficient:+.3f}", Tokens(tuple(n.promoted_tokens[:6])), Tokens(tuple(n.suppressed_tokens[:3]))]
             for n in neurons]
     ranked = " (ranked by the direct part)" if result.rank_by == "direct" else ""
     return TableLayout(f"Top FFN value neurons (layer_neuron){ranked}",
