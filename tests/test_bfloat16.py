@@ -11,7 +11,7 @@ import torch
 
 from neuron_attribution import attribute, score_neurons
 from neuron_attribution.model import weights
-from neuron_attribution.model.loading import LoadedModel
+from neuron_attribution.model.loaded import LoadedModel
 
 from .conftest import tiny_family, tiny_gpt2, tiny_llama
 from .test_families import _dense_ranking, check_every_neuron_and_head

@@ -11,7 +11,7 @@ import torch
 
 from neuron_attribution import UserError, attribute
 from neuron_attribution.model.interventions import Ablation, ablated
-from neuron_attribution.model.loading import LoadedModel
+from neuron_attribution.model.loaded import LoadedModel
 from neuron_attribution.model.trace import trace_token_ids
 from neuron_attribution.scoring import value
 from neuron_attribution.scoring.context import value_context

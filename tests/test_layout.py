@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "neuron_attribution"
 
 # Lower layers first. A module may import from a lower layer or from its own package, never from above.
 LAYERS = {
-    "errors": 0, "version": 0,
+    "errors": 0, "version": 0, "registry": 0,
     "settings": 1, "neurons": 1, "files": 1, "datasets": 1,
     "model": 2, "results": 2,
     "scoring": 3,
@@ -110,3 +110,30 @@ def test_registries_are_filled_by_defining_classes():
                              "coefficient_x_norm", "coefficient_x_rank", "random", "integrated_gradients"]
     assert "integrated_gradients" not in default_methods()
     assert {"gpt2", "llama", "mistral", "qwen2", "qwen3"} <= set(supported_model_types())
+
+
+@pytest.mark.parametrize("registry_of", [
+    lambda: __import__("neuron_attribution.model.adapters", fromlist=["ADAPTERS"]).ADAPTERS,
+    lambda: __import__("neuron_attribution.scoring.methods", fromlist=["METHODS"]).METHODS,
+    lambda: __import__("neuron_attribution.pipelines.protocols", fromlist=["PROTOCOLS"]).PROTOCOLS,
+    lambda: __import__("neuron_attribution.model.sources", fromlist=["_OFFLINE"])._OFFLINE,
+], ids=["adapters", "methods", "protocols", "offline models"])
+def test_every_registry_refuses_a_second_thing_under_a_taken_name(registry_of):
+    registry = registry_of()
+    name, held = next(iter(registry.items()))
+    registry.register(name, held)  # the same thing again (a module imported twice) is harmless
+    with pytest.raises(TypeError, match=f"two {registry.what} are registered as {name!r}"):
+        registry.register(name, object())
+    assert registry[name] is held
+
+
+def test_model_sources_claim_names_in_order():
+    from neuron_attribution.model.sources import offline_model_names, source_for
+
+    assert offline_model_names() == ["gemma-3-270m"]
+    assert source_for(None).description == "the offline default model"
+    assert source_for("gemma-3-270m").description == "the second offline model"
+    assert "gguf" in source_for("x/model.gguf").description
+    assert "pickle" in source_for("weights.bin").description
+    assert "directory" in source_for(str(PACKAGE)).description
+    assert "hub id" in source_for("org/name").description

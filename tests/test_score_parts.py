@@ -4,7 +4,6 @@ the definitions (tests/reference.py), on a LayerNorm model, a SwiGLU one, a soft
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -16,7 +16,7 @@ from .version import __version__
 _EXPORTS = {
     "Settings": "settings", "ModelSpec": "settings", "ScoringOptions": "settings",
     "FfnIndex": "neurons", "AttentionIndex": "neurons", "HeadIndex": "neurons", "parse_neuron": "neurons",
-    "LoadedModel": "model.loading", "load_model": "model.loading",
+    "LoadedModel": "model.loaded", "load_model": "model.loading",
     "Trace": "model.trace", "trace_token_ids": "model.trace",
     "Ablation": "model.interventions", "ablated": "model.interventions", "last_logits": "model.interventions",
     "last_logits_each": "model.interventions",
@@ -54,7 +54,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .datasets import load_facts
     from .model.interventions import Ablation, ablated
-    from .model.loading import LoadedModel, load_model
+    from .model.loaded import LoadedModel
+    from .model.loading import load_model
     from .model.trace import Trace, trace_token_ids
     from .neurons import AttentionIndex, FfnIndex, HeadIndex, parse_neuron
     from .pipelines.analyze import analyze_run

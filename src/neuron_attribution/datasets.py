@@ -19,6 +19,9 @@ OnError = Literal["skip", "stop"]
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
+UNTYPED = "-"  # the type name of facts whose line gives none
+
+
 @dataclass(frozen=True)
 class Fact:
     prompt: str
@@ -27,6 +30,11 @@ class Fact:
     source: str  # file it came from
     line: int  # 1-based line in that file
     contrast: str | int | None = None  # score log p(answer) − log p(contrast) in `run` (docs/method.md §2)
+
+    @property
+    def type_name(self) -> str:
+        """The knowledge type as every table, count and report names it; UNTYPED for a fact without one."""
+        return self.type or UNTYPED
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,7 @@ def describe_datasets() -> list[dict]:
         facts, _ = load_facts(name)
         counts: dict[str, int] = {}
         for fact in facts:
-            counts[fact.type or "-"] = counts.get(fact.type or "-", 0) + 1
+            counts[fact.type_name] = counts.get(fact.type_name, 0) + 1
         rows.append({"name": name, "facts": len(facts), "types": counts})
     return rows
 

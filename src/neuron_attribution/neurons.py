@@ -130,6 +130,10 @@ class ModelShape:
 
         return torch.unravel_index(flat, self.attention_grid(n_tokens))
 
+    def attention_flat(self, layer, head, dim, position, n_tokens: int):
+        """The flat index of attention neurons over (L, H, d_h, n_tokens); ints or tensors."""
+        return ((layer * self.n_heads + head) * self.head_dim + dim) * n_tokens + position
+
     def attention_indices(self, flat: Tensor, n_tokens: int) -> list[AttentionIndex]:
         parts = self.attention_unflat(flat.reshape(-1), n_tokens)
         return [AttentionIndex(*row) for row in zip(*(part.tolist() for part in parts))]

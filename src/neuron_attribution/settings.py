@@ -25,6 +25,7 @@ ANSWER_TOKENS = ("first", "all")
 # What value neurons are ranked by: the whole score, or its direct part (the push on the target's own logit,
 # without the change of the log-normaliser; docs/method.md §2).
 RANK_BY = ("score", "direct")
+DEFAULT_IG_STEPS = 20  # integrated gradients' steps from zero to the real activation (the baseline method)
 
 
 @dataclass(frozen=True)

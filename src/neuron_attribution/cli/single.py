@@ -1,4 +1,4 @@
-"""Commands about one prompt or one model: info, predict, attribute."""
+"""Commands about one prompt or one model: info, cache, predict, attribute."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from rich.markup import escape
 
 from ..errors import UserError
 from .common import (AllowPickleOption, AnswerTokensOption, DeviceOption, DtypeOption, MaxMemoryOption, ModelOption,
-                     QueryTopOption, QueryViaOption, RankByOption, app, console, load_model_spec, parse_neurons, progress_bar,
-                     settings_from_flags, warn_if_dense)
+                     QueryTopOption, QueryViaOption, RankByOption, app, console, load_model_spec, parse_neurons,
+                     progress_bar, settings_from_flags, warn_if_dense)
 
 
 @app.command()
@@ -28,6 +28,28 @@ def info(model: ModelOption = None, json_file: Annotated[Optional[Path], typer.O
     print_model_info(console, description)
     if json_file:
         write_json(json_file, description)
+
+
+@app.command()
+def cache(remove: Annotated[Optional[list[str]], typer.Option("--remove", help="Remove this entry (repeatable; "
+                                                              "names as listed).")] = None,
+          stale: Annotated[bool, typer.Option("--stale", help="Remove the entries nothing will use again (old "
+                                              "format, unfinished).")] = False,
+          clear: Annotated[bool, typer.Option("--clear", help="Remove every entry.")] = False) -> None:
+    """List the converted-model cache (dequantised GGUF models, joined files) with sizes; remove entries."""
+    from ..model.model_cache import cache_entries, cache_root, remove_entry
+    from ..reports.terminal import print_cache
+    from ..settings import format_size
+
+    if sum((bool(remove), stale, clear)) > 1:
+        raise UserError("give one of --remove NAME, --stale or --clear")
+    names = [e.name for e in cache_entries() if clear or (stale and e.stale)] if clear or stale else (remove or [])
+    if remove or stale or clear:
+        removed = [remove_entry(name) for name in names]
+        console.print(f"Removed {len(removed)} entries, {format_size(sum(e.size for e in removed))}, from "
+                      f"{escape(str(cache_root()))}")
+        return
+    print_cache(console, cache_root(), cache_entries())
 
 
 @app.command()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
-from ..model.loading import LoadedModel
+from ..model.loaded import LoadedModel
 from ..settings import ModelSpec, Settings
 
 WorkFunction = Callable[[LoadedModel, Settings, Any], Any]

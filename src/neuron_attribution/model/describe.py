@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .loading import LoadedModel
+from .loaded import LoadedModel
 from .forward import attention_path
 
 

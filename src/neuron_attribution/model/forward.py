@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .loading import LoadedModel
+from .loaded import LoadedModel
 
 # From this many tokens a prompt is traced alone, its prefix with the model's fast attention.
 FAST_ATTENTION_FROM_TOKENS = 64

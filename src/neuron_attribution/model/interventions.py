@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..neurons import AttentionIndex, FfnIndex, HeadIndex
-from .loading import LoadedModel
+from .loaded import LoadedModel
 from .forward import PaddedBatch
 from .prompts import Prompt, encode_prompt
 

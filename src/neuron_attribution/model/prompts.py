@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ..datasets import Fact, OnError, Skipped
 from ..errors import UserError
-from .loading import LoadedModel
+from .loaded import LoadedModel
 
 Prompt = str | Sequence[int]
 
@@ -133,7 +133,7 @@ class Sentence:
 
     @property
     def type(self) -> str:
-        return self.fact.type or "all"
+        return self.fact.type_name
 
 
 def encode_facts(model: LoadedModel, facts: Sequence[Fact], on_error: OnError = "skip"

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .forward import FAST_ATTENTION_FROM_TOKENS, PaddedBatch, attention_implementation, has_fast_attention
-from .loading import LoadedModel
+from .loaded import LoadedModel
 
 # A prompt whose full per-position record (L·(3d + N) float32 per token) would exceed this keeps it at its last
 # position only; query scoring traces again the few source positions it reads (`positions=`).

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..datasets import Fact
 from ..errors import UserError
-from ..model.loading import LoadedModel
+from ..model.loaded import LoadedModel
 from ..model.prompts import Sentence, encode_prompt
 from ..results.evaluation import Evaluation
 from ..results.tables import TABLES, read_table
@@ -220,7 +220,7 @@ def _top_heads(heads: dict, order: list[str], n_layers: int, n_heads: int):
     for kind in order:
         mean = sums[kind] / max(1, len(sentences[kind]))
         flat = sorted(range(mean.size), key=lambda i: (-mean.flat[i], i))[:TOP_HEADS]
-        result[kind] = [(i // n_heads, i % n_heads, float(mean.flat[i])) for i in flat]
+        result[kind] = [(*map(int, np.unravel_index(i, mean.shape)), float(mean.flat[i])) for i in flat]
     return result
 
 

@@ -6,19 +6,18 @@ from collections.abc import Sequence
 
 
 from ..errors import UserError
-from ..model.loading import LoadedModel
+from ..model.loaded import LoadedModel
 from ..model.prompts import Prompt, encode_prompt, token_texts
 from ..model.trace import Trace, trace_token_ids
-from ..results.attribution import Attribution, DenseScores, HeadPositionScore, LayerScores, QueryLayers
+from ..results.attribution import Attribution, DenseScores
 from ..scoring import value
 from ..scoring.context import ValueContext, value_context
 from ..settings import (DEFAULT_MEMORY_BUDGET, DEFAULT_QUERY_TOP, DEFAULT_QUERY_VIA, DEFAULT_TOP_K, ScoringOptions,
                         check_positive)
-from . import value_neurons
+from . import assemble
 from .answer import attribute_answer
-from .predict import top_predictions
 from .queries import query_scores
-from .targets import PROJECTION_TOKENS, TOP_HEADS_WITH_POSITIONS, Target, prompt_text, ranked_heads, target_info
+from .targets import PROJECTION_TOKENS, TOP_HEADS_WITH_POSITIONS, Target, target_info
 
 
 
@@ -87,49 +86,24 @@ def attribute_with(model: LoadedModel, prompts: Sequence[Prompt], targets: Seque
 
 def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: Trace, target: Target,
                      options: ScoringOptions, dense: bool, contrast: Target = None) -> Attribution:
-    top_k = options.top_k
     target = target_info(model, prompt, ids, trace, target, contrast)
     ctx = value_context(model, trace, target.id, reference=options.reference, memory_budget=options.memory_budget,
                         contrast=None if target.contrast is None else target.contrast.id,
                         budget_fixed=options.budget_fixed)
     tokens = token_texts(model, ids)
-
-    attention_layers, ffn_layers = value.layer_scores(ctx)
-    scores = value.value_scores(ctx, max(top_k, options.query_top), TOP_HEADS_WITH_POSITIONS, PROJECTION_TOKENS,
-                                options.rank_by)
-    head_list = ranked_heads(model.shape, scores.heads)
-    head_positions = [HeadPositionScore(l, h, p, tokens[p], float(scores.positions[i, p]))
-                      for i, (l, h) in enumerate(scores.position_heads) for p in range(scores.positions.shape[1])]
-    ffn_neurons = value_neurons.ffn_neurons(model, scores.ffn, ctx.ffn_coefficients)
-    attention_neurons = value_neurons.attention_neurons(model, scores.attention, ctx.trace.n_tokens, tokens,
-                                                        lambda index: float(ctx.attention_coefficients[index]))
-    if options.query_top:
-        queries = query_scores(model, trace, ffn_neurons[: options.query_top],
-                               attention_neurons[: options.query_top], options.query_via)
-        query_neurons, query_layers, query_skipped = queries.top(top_k, tokens), queries.layers, queries.skipped
-    else:
-        query_neurons, query_layers, query_skipped = [], QueryLayers([], []), []
-    return Attribution(
-        prompt=prompt_text(model, prompt, ids),
-        model=model.name,
-        tokens=tokens,
-        target=target,
-        predictions=top_predictions(model, trace.logits, 10),
-        layers=LayerScores(attention_layers.tolist(), ffn_layers.tolist()),
-        heads=head_list,
-        ffn_neurons=ffn_neurons[:top_k],
-        attention_neurons=attention_neurons[:top_k],
-        head_positions=head_positions,
-        query_neurons=query_neurons,
-        query_layers=query_layers,
-        query_skipped=query_skipped,
-        reference=options.reference,
-        query_via=options.query_via,
-        evaluated={"ffn": scores.ffn.n_evaluated, "attention": scores.attention.n_evaluated},
-        rank_by=options.rank_by,
-        vocab_size=ctx.readout.unembedding.shape[0],
-        dense=_dense(ctx) if dense else None,
-    )
+    layers = value.layer_scores(ctx)
+    scores = value.value_scores(ctx, max(options.top_k, options.query_top), TOP_HEADS_WITH_POSITIONS,
+                                PROJECTION_TOKENS, options.rank_by)
+    ffn_neurons = assemble.ffn_neurons(model, scores.ffn, ctx.ffn_coefficients)
+    attention_neurons = assemble.attention_neurons(model, scores.attention, ctx.trace.n_tokens, tokens,
+                                                   lambda index: float(ctx.attention_coefficients[index]))
+    queries = query_scores(model, trace, ffn_neurons[: options.query_top], attention_neurons[: options.query_top],
+                           options.query_via) if options.query_top else None
+    return assemble.attribution_of(
+        model, prompt, ids, tokens, target, trace.logits, layers,
+        assemble.HeadScores(scores.heads, scores.position_heads, scores.positions), ffn_neurons, attention_neurons,
+        queries, options, {"ffn": scores.ffn.n_evaluated, "attention": scores.attention.n_evaluated},
+        ctx.readout.unembedding.shape[0], _dense(ctx) if dense else None)
 
 
 def _dense(ctx: ValueContext) -> DenseScores:

@@ -9,15 +9,14 @@ from collections.abc import Sequence
 from ..datasets import Fact, OnError, Skipped
 from ..errors import UserError
 from ..execution import Backend, LocalBackend
-from ..model.loading import LoadedModel
+from ..model.loaded import LoadedModel
 from ..model.prompts import Sentence, encode_facts
 from ..results.evaluation import Evaluation
 from ..scoring.methods import resolve_methods
-from ..settings import Settings, check_positive
+from ..settings import DEFAULT_IG_STEPS, Settings, check_positive
 from .filter import Checked, filter_facts
 from .protocols import PROTOCOLS, Progress, Request
 
-DEFAULT_IG_STEPS = 20
 
 
 def evaluate(model: LoadedModel, facts: Sequence[Fact], *, protocol: str = "compare",
@@ -53,7 +52,7 @@ def evaluate(model: LoadedModel, facts: Sequence[Fact], *, protocol: str = "comp
 def _filter_counts(checked: Sequence[Checked]) -> dict:
     by_type: dict[str, dict[str, int]] = {}
     for c in checked:
-        counts = by_type.setdefault(c.fact.type or "-", {"checked": 0, "kept": 0})
+        counts = by_type.setdefault(c.fact.type_name, {"checked": 0, "kept": 0})
         counts["checked"] += 1
         counts["kept"] += int(c.kept)
     return {"checked": len(checked), "kept": sum(int(c.kept) for c in checked), "by_type": by_type}

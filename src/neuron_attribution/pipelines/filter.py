@@ -10,7 +10,7 @@ import torch
 
 from ..datasets import Fact, OnError, Skipped, candidate_answers
 from ..model.interventions import last_logits
-from ..model.loading import LoadedModel
+from ..model.loaded import LoadedModel
 from ..model.prompts import encode_facts, encode_prompt, encode_target
 
 TOP_RANK = 10

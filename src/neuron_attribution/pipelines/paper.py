@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..model.loading import LoadedModel
+from ..model.loaded import LoadedModel
 from ..model.prompts import Prompt
 from ..results.attribution import Attribution, QueryValueSplit
 from ..settings import DEFAULT_QUERY_TOP

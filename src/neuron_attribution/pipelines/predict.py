@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.loading import LoadedModel
+from ..model.loaded import LoadedModel
 from ..model.prompts import Prompt, encode_prompt, token_text
 from ..results.attribution import Prediction
 from ..settings import check_positive

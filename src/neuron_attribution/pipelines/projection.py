@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from ..model.loading import LoadedModel
+from ..model.loaded import LoadedModel
 from ..model.prompts import token_texts
 from ..model.readout import project_to_vocabulary
 from ..neurons import AttentionIndex, FfnIndex, HeadIndex, as_index

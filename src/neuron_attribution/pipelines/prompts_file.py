@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from ..datasets import OnError, PromptLine, Skipped
 from ..errors import UserError
-from ..model.loading import LoadedModel
+from ..model.loaded import LoadedModel
 from ..model.prompts import encode_contrast, encode_prompt, encode_target
 from ..results.attribution import Attribution
 from ..settings import ScoringOptions, check_positive

@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from ..execution import Backend
+from ..registry import Registry
 from ..model.interventions import Ablation, last_logits_each
-from ..model.loading import LoadedModel
+from ..model.loaded import LoadedModel
 from ..model.prompts import Sentence
 from ..model.trace import trace_token_ids
 from ..neurons import HeadIndex
@@ -36,14 +37,14 @@ from ..scoring.methods import METHODS, FfnScorer, MethodResources, create_scorer
 from ..scoring.methods.baselines import sentence_seed
 from ..scoring.ranks import ranks_for
 from ..scoring.topk import rank_by_score
-from ..settings import Settings
+from ..settings import DEFAULT_IG_STEPS, Settings
 from .queries import query_scores
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 HEAD_FRACTION = 0.01  # heads protocol: the top 1% of heads of a type
 
 # key -> protocol class, in the order defined
-PROTOCOLS: dict[str, type[EvaluationProtocol]] = {}
+PROTOCOLS: Registry[type[EvaluationProtocol]] = Registry("evaluation protocols")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Request:
     top: int | None  # None: the protocol's default
     methods: tuple[str, ...] = ()
     seed: int = 0
-    ig_steps: int = 20
+    ig_steps: int = DEFAULT_IG_STEPS
 
 
 class EvaluationProtocol(ABC):
@@ -65,7 +66,7 @@ class EvaluationProtocol(ABC):
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if "key" in cls.__dict__:
-            PROTOCOLS[cls.key] = cls
+            PROTOCOLS.register(cls.key, cls)
 
     @abstractmethod
     def evaluate(self, model: LoadedModel, backend: Backend, sentences: list[Sentence],

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..model.loading import LoadedModel
+from ..model.loaded import LoadedModel
 from ..model.trace import Trace, with_positions
 from ..neurons import ModelShape
 from ..results.attribution import AttentionNeuron, FfnNeuron, QueryLayer, QueryLayers, QueryNeuron

@@ -24,7 +24,7 @@ from ..datasets import Skipped, dataset_paths, load_facts
 from ..errors import UserError
 from ..execution import Backend, LocalBackend, settings_for
 from ..files import write_json
-from ..model.loading import LoadedModel
+from ..model.loaded import LoadedModel
 from ..results.tables import tables_of
 from ..scoring.exact import device_budget
 from ..settings import ScoringOptions, Settings, check_positive
@@ -132,9 +132,9 @@ def _run(model: LoadedModel, directory: Path, arguments: RunArguments, settings:
     attribution_seconds = time.perf_counter() - attribution_started
     attributed = sum(len(batch) for batch in todo)
     merge_parts(directory)
-    used = Counter(s.fact.type or "-" for s in sentences)
-    kept = Counter(c.fact.type or "-" for c in checked if c.kept)
-    facts = Counter(c.fact.type or "-" for c in checked)
+    used = Counter(s.fact.type_name for s in sentences)
+    kept = Counter(c.fact.type_name for c in checked if c.kept)
+    facts = Counter(c.fact.type_name for c in checked)
     record.update({
         "complete": True,
         "settings": settings.to_dict(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..errors import UserError
-from ..model.loading import LoadedModel
+from ..model.loaded import LoadedModel
 from ..model.prompts import Prompt, encode_prompt
 from ..model.trace import trace_token_ids
 from ..neurons import NeuronIndex, as_index, parse_neuron
@@ -18,7 +18,7 @@ from ..scoring import value
 from ..scoring.context import value_context
 from ..scoring.exact import score_rows
 from ..settings import DEFAULT_MEMORY_BUDGET, check_positive
-from .attribute import Target, prompt_text, target_info
+from .targets import Target, prompt_text, target_info
 
 NeuronLike = NeuronIndex | tuple | str
 

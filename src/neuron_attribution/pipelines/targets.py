@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..model.loading import LoadedModel
+from ..model.loaded import LoadedModel
 from ..model.prompts import Prompt, encode_contrast, encode_target, token_texts
 from ..model.trace import Trace
 from ..neurons import ModelShape

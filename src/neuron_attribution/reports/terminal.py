@@ -29,6 +29,21 @@ def print_model_info(console: Console, description: dict[str, Any]) -> None:
     console.print(table)
 
 
+def print_cache(console: Console, root, entries: list) -> None:
+    from ..settings import format_size
+
+    table = Table(title=Text(f"Cache {root}"), title_justify="left",
+                  caption=f"{len(entries)} entries, {format_size(sum(e.size for e in entries))}; "
+                          "neuron-attribution cache --remove NAME (--stale, --clear) frees them; "
+                          "NEURON_ATTRIBUTION_CACHE moves the cache", caption_justify="left")
+    for column in ("entry", "holds", "size", "from"):
+        table.add_column(column, justify="right" if column == "size" else "left", overflow="fold",
+                         no_wrap=column == "size")
+    for e in entries:
+        table.add_row(Text(e.name), Text(e.kind), format_size(e.size), Text(e.detail))
+    console.print(table)
+
+
 def print_predictions(console: Console, prompt: str, predictions: list) -> None:
     console.print(Text(f"Next token after {prompt!r}", style="bold"))
     table = Table()

@@ -47,7 +47,7 @@ def tables_of(rows: list[tuple[int, SentenceSource, Attribution]]) -> dict[str, 
             columns[table].setdefault(key, []).append(value)
 
     for sentence_id, fact, result in rows:
-        common = {"sentence_id": sentence_id, "type": fact.type or "-"}
+        common = {"sentence_id": sentence_id, "type": fact.type_name}
         add("sentences", **common, prompt=result.prompt, answer=fact.answer, tokens=result.tokens,
             target_text=result.target.text, target_id=result.target.id, target_prob=result.target.prob,
             target_rank=result.target.rank, source=fact.source, line=fact.line,

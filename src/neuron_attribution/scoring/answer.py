@@ -76,8 +76,7 @@ def _seen_by(ctx: ValueContext, flat: Tensor, grid: tuple[int, int, int, int]) -
     indices in its own (shorter) grid."""
     layer, head, dim, position = torch.unravel_index(flat, grid)
     seen = position < ctx.trace.n_tokens
-    own = ctx.shape.attention_grid(ctx.trace.n_tokens)
-    return seen, ((layer[seen] * own[1] + head[seen]) * own[2] + dim[seen]) * own[3] + position[seen]
+    return seen, ctx.shape.attention_flat(layer[seen], head[seen], dim[seen], position[seen], ctx.trace.n_tokens)
 
 
 def _first_seen_details(contexts: list[ValueContext], flat: Tensor, grid: tuple[int, int, int, int],

@@ -12,7 +12,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from ..model.loading import LoadedModel
+from ..model.loaded import LoadedModel
 from ..model.readout import LinearReadout
 from ..model.weights import LayerStack
 from ..model.trace import Trace

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..model.adapters import NormParams
-from ..model.loading import LoadedModel
+from ..model.loaded import LoadedModel
 from ..model.readout import project_to_vocabulary
 from ..model.weights import LayerStack, Matrix
 from .buffers import BoundedCache, caches_for

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ...neurons import ModelShape, NormKind
+from ...registry import Registry
 from ..weights import LayerStack, Matrix
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def moved(value, device: torch.device):
 
 
 # config.model_type -> the adapter that covers it; filled by FamilyAdapter subclasses as they are defined.
-ADAPTERS: dict[str, type[FamilyAdapter]] = {}
+ADAPTERS: Registry[type[FamilyAdapter]] = Registry("adapters")
 
 
 class FamilyAdapter(ABC):
@@ -140,9 +141,7 @@ class FamilyAdapter(ABC):
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         for model_type in getattr(cls, "model_types", ()):
-            if model_type in ADAPTERS and ADAPTERS[model_type] is not cls:
-                raise TypeError(f"two adapters claim model_type {model_type!r}")
-            ADAPTERS[model_type] = cls
+            ADAPTERS.register(model_type, cls)
 
     def __init__(self, hf_model: nn.Module):
         self.hf_model = hf_model

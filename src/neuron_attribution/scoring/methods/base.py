@@ -12,15 +12,17 @@ from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor
 
+from ...registry import Registry
+from ...settings import DEFAULT_IG_STEPS
 from ..context import ValueContext
 from ..ranks import VocabularyRanks, ranks_for
 from ..topk import rank_by_score
 
 if TYPE_CHECKING:
-    from ...model.loading import LoadedModel
+    from ...model.loaded import LoadedModel
 
 # key -> method class, in the order the classes were defined (the order of `all` and of result tables).
-METHODS: dict[str, type[FfnScorer]] = {}
+METHODS: Registry[type[FfnScorer]] = Registry("methods")
 
 
 @dataclass
@@ -30,7 +32,7 @@ class MethodResources:
 
     model: LoadedModel
     seed: int = 0
-    ig_steps: int = 20
+    ig_steps: int = DEFAULT_IG_STEPS
 
     def ranks(self) -> VocabularyRanks:
         return ranks_for(self.model)
@@ -49,9 +51,7 @@ class FfnScorer(ABC):
         super().__init_subclass__(**kwargs)
         key = cls.__dict__.get("key")
         if key is not None:
-            if key in METHODS:
-                raise TypeError(f"two methods are called {key!r}")
-            METHODS[key] = cls
+            METHODS.register(key, cls)
 
     @classmethod
     def create(cls, resources: MethodResources) -> FfnScorer:

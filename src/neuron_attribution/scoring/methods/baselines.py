@@ -86,9 +86,9 @@ class ProbIncrease(FfnScorer):
 
     def top(self, ctx: ValueContext, k: int) -> Tensor:
         base = self._base_probs(ctx)
-        n = ctx.shape.d_ffn
         bounds = base * torch.expm1(ffn_bounds(ctx) + BOUND_SLACK)
-        return _exact_top(bounds, lambda flat: base[flat // n, 0] * torch.expm1(evaluate_ffn(ctx, flat)), k)
+        return _exact_top(bounds, lambda flat: base[ctx.shape.ffn_unflat(flat)[0], 0]
+                          * torch.expm1(evaluate_ffn(ctx, flat)), k)
 
 
 def value_norms(ctx: ValueContext) -> Tensor:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...model.loading import LoadedModel
+from ...model.loaded import LoadedModel
 from ...model.trace import PaddedBatch
+from ...settings import DEFAULT_IG_STEPS
 from ..context import ValueContext
 from .base import FfnScorer, MethodResources
 
-DEFAULT_STEPS = 20
 
 
 class IntegratedGradients(FfnScorer):
@@ -27,7 +27,7 @@ class IntegratedGradients(FfnScorer):
     static = False
     in_all = False
 
-    def __init__(self, model: LoadedModel, steps: int = DEFAULT_STEPS):
+    def __init__(self, model: LoadedModel, steps: int = DEFAULT_IG_STEPS):
         if steps <= 0:
             raise ValueError("steps must be positive")
         self.model, self.steps = model, steps

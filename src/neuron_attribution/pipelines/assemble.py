@@ -1,19 +1,25 @@
-"""The returned value neurons as results: one place that turns a top-k search's indices, scores and details
-(projection ids, direct parts, the target's push rank, per-token scores) into `FfnNeuron`s and
-`AttentionNeuron`s, for single-token and multi-token answers alike."""
+"""Scores into results, in one place for single-token and multi-token answers alike: the returned value neurons
+(a top-k search's indices, scores and details: projection ids, direct parts, the target's push rank, per-token
+scores) as `FfnNeuron`s and `AttentionNeuron`s, and the whole `Attribution`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..model.loading import LoadedModel
+from ..model.loaded import LoadedModel
 from ..model.prompts import token_texts
-from ..neurons import AttentionIndex, FfnIndex
-from ..results.attribution import AttentionNeuron, FfnNeuron
+from ..neurons import AttentionIndex
+from ..model.prompts import Prompt
+from ..results.attribution import (AttentionNeuron, Attribution, DenseScores, FfnNeuron, HeadPositionScore,
+                                   LayerScores, QueryLayers, TargetInfo)
 from ..scoring.topk import TopK
-from .targets import PROJECTION_TOKENS
+from ..settings import ScoringOptions
+from .predict import top_predictions
+from .queries import QueryScores
+from .targets import PROJECTION_TOKENS, prompt_text, ranked_heads
 
 
 def ffn_neurons(model: LoadedModel, top: TopK, coefficients: Tensor) -> list[FfnNeuron]:
@@ -64,3 +70,34 @@ def _parts(details: dict[str, list], row: int) -> dict:
     direct, score = details["direct"][row], details["score"][row]
     return {"direct_score": direct, "normaliser_change": None if direct is None else direct - score,
             "target_push_rank": details["target_push_rank"][row]}
+
+
+@dataclass
+class HeadScores:
+    """Every head's score (L, H), and position scores (len(position_heads), T) inside the top heads."""
+
+    heads: Tensor
+    position_heads: list[tuple[int, int]]
+    positions: Tensor
+
+
+def attribution_of(model: LoadedModel, prompt: Prompt, ids: list[int], tokens: list[str], target: TargetInfo,
+                   logits: Tensor, layers: tuple[Tensor, Tensor], heads: HeadScores, ffn: list[FfnNeuron],
+                   attention: list[AttentionNeuron], queries: QueryScores | None, options: ScoringOptions,
+                   evaluated: dict[str, int], vocab_size: int, dense: DenseScores | None = None) -> Attribution:
+    """The `Attribution` of one prompt. `tokens`: the positions neurons are indexed over; `logits`: the
+    prompt's last-position logits (its predictions)."""
+    top_k = options.top_k
+    return Attribution(
+        prompt=prompt_text(model, prompt, ids), model=model.name, tokens=tokens, target=target,
+        predictions=top_predictions(model, logits, 10),
+        layers=LayerScores(layers[0].tolist(), layers[1].tolist()),
+        heads=ranked_heads(model.shape, heads.heads),
+        ffn_neurons=ffn[:top_k], attention_neurons=attention[:top_k],
+        head_positions=[HeadPositionScore(l, h, p, tokens[p], float(heads.positions[row, p]))
+                        for row, (l, h) in enumerate(heads.position_heads) for p in range(heads.positions.shape[1])],
+        query_neurons=[] if queries is None else queries.top(top_k, tokens),
+        query_layers=QueryLayers([], []) if queries is None else queries.layers,
+        query_skipped=[] if queries is None else queries.skipped,
+        reference=options.reference, query_via=options.query_via, evaluated=evaluated, rank_by=options.rank_by,
+        vocab_size=vocab_size, dense=dense)
