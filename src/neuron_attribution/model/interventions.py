@@ -1,13 +1,16 @@
-"""Switching neurons off through hooks (docs/method.md §5). The model's weights are never touched: hooks are
-installed for the duration of a `with` block and removed on the way out, exceptions included.
+"""Switching neurons off, or scaling what they contribute, through hooks (docs/method.md §5). The model's
+weights are never touched: hooks are installed for the duration of a `with` block and removed on the way out,
+exceptions included. An `Ablation`'s `scale` k multiplies the chosen neurons' contributions: 0 (the default)
+switches them off, 2 doubles them, −1 reverses them, 1 changes nothing.
 
-* FFN neuron (layer, neuron): its coefficient is zeroed at every position (input of the FFN output projection).
-* Attention neuron (layer, head, dim): its column of the heads' concatenated output is zeroed at every
-  position (input of the attention output projection); a whole head zeroes its d_h columns.
-* Position-specific attention neuron (layer, head, dim, source position): its contribution
+* FFN neuron (layer, neuron): its coefficient is multiplied by k at every position (input of the FFN output
+  projection).
+* Attention neuron (layer, head, dim): its column of the heads' concatenated output is multiplied by k at every
+  position (input of the attention output projection); a whole head its d_h columns.
+* Position-specific attention neuron (layer, head, dim, source position): (1 − k) times its contribution
   α_{t,head,p}·v_{p,kv(head),dim}·W_O[head, dim] is subtracted from the attention output at every query
-  position t. This is exact for grouped-query models too, where zeroing the shared value state itself would
-  also silence the other query heads that read the same KV head.
+  position t. This is exact for grouped-query models too, where scaling the shared value state itself would
+  also change the other query heads that read the same KV head.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import UserError
 from ..neurons import AttentionIndex, FfnIndex, HeadIndex
 from .loaded import LoadedModel
 from .forward import PaddedBatch
@@ -27,20 +31,28 @@ from .prompts import Prompt, encode_prompt
 
 @dataclass(frozen=True)
 class Ablation:
-    """What to switch off: index types (`FfnIndex`, `AttentionIndex`, `HeadIndex`) or plain tuples."""
+    """What to switch off (or, with `scale`, amplify): index types (`FfnIndex`, `AttentionIndex`, `HeadIndex`)
+    or plain tuples."""
 
     ffn: Sequence[tuple[int, int]] = ()  # (layer, neuron)
     attention: Sequence[tuple[int, int, int]] = ()  # (layer, head, dim), every source position
     attention_at: Sequence[tuple[int, int, int, int]] = ()  # (layer, head, dim, source position)
     heads: Sequence[tuple[int, int]] = ()  # (layer, head)
+    # What the neurons' contributions are multiplied by: 0 switches them off, k amplifies them k-fold.
+    scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or self.scale != self.scale \
+                or abs(self.scale) == float("inf"):
+            raise UserError(f"an intervention's scale must be a finite number, got {self.scale!r}")
 
     def __len__(self) -> int:
         return len(self.ffn) + len(self.attention) + len(self.attention_at) + len(self.heads)
 
     @classmethod
-    def of(cls, neurons) -> Ablation:
-        """Switch off the given index types, sorted by kind (an AttentionIndex without a position: every
-        position)."""
+    def of(cls, neurons, scale: float = 0.0) -> Ablation:
+        """Switch off (scale 0) or scale the given index types, sorted by kind (an AttentionIndex without a
+        position: every position)."""
         ffn, attention, attention_at, heads = [], [], [], []
         for n in neurons:
             if isinstance(n, FfnIndex):
@@ -51,7 +63,7 @@ class Ablation:
                 heads.append(n)
             else:
                 raise TypeError(f"not a neuron index: {n!r}")
-        return cls(ffn, [a[:3] for a in attention], attention_at, heads)
+        return cls(ffn, [a[:3] for a in attention], attention_at, heads, scale)
 
 
 def _check(model: LoadedModel, ablation: Ablation) -> None:
@@ -68,12 +80,14 @@ def _check(model: LoadedModel, ablation: Ablation) -> None:
 
 @dataclass
 class _Plan:
-    """Ablations of R rows (R = 1: the same for every row of a batch), grouped by layer as 0/1 masks."""
+    """Ablations of R rows (R = 1: the same for every row of a batch), grouped by layer as masks of factors
+    (1 where nothing changes)."""
 
     rows: int
     ffn_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (R, N)
     column_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (R, H·d_h)
-    positioned: dict[int, list[tuple[int, int, int, int]]] = field(default_factory=lambda: defaultdict(list))
+    # layer -> (row, head, dim, source position, the factor its contribution is multiplied by)
+    positioned: dict[int, list[tuple[int, int, int, int, float]]] = field(default_factory=lambda: defaultdict(list))
 
 
 def _plan(model: LoadedModel, ablations: Sequence[Ablation]) -> _Plan:
@@ -87,20 +101,21 @@ def _plan(model: LoadedModel, ablations: Sequence[Ablation]) -> _Plan:
 
     for row, ablation in enumerate(ablations):
         _check(model, ablation)
+        k = float(ablation.scale)
         for layer, neuron in ablation.ffn:
-            mask(plan.ffn_masks, layer, s.d_ffn)[row, neuron] = 0
+            mask(plan.ffn_masks, layer, s.d_ffn)[row, neuron] = k
         for layer, head, dim in ablation.attention:
-            mask(plan.column_masks, layer, s.n_heads * s.head_dim)[row, s.head_column(head, dim)] = 0
+            mask(plan.column_masks, layer, s.n_heads * s.head_dim)[row, s.head_column(head, dim)] = k
         for layer, head in ablation.heads:
             first = s.head_column(head, 0)
-            mask(plan.column_masks, layer, s.n_heads * s.head_dim)[row, first: first + s.head_dim] = 0
+            mask(plan.column_masks, layer, s.n_heads * s.head_dim)[row, first: first + s.head_dim] = k
         for layer, head, dim, position in ablation.attention_at:
-            plan.positioned[layer].append((row, head, dim, position))
+            plan.positioned[layer].append((row, head, dim, position, k))
     return plan
 
 
 def _masking(mask: torch.Tensor):
-    """Pre-hook multiplying the module's input by a (R, width) 0/1 mask, row by row (R = 1 broadcasts).
+    """Pre-hook multiplying the module's input by a (R, width) mask of factors, row by row (R = 1 broadcasts).
     Multiplying by 1 leaves a value bit-identical."""
 
     def hook(module, args):
@@ -110,11 +125,13 @@ def _masking(mask: torch.Tensor):
 
 
 class _PositionedAttention:
-    """Subtracts chosen (row, head, dim, source position) contributions from one layer's attention output."""
+    """Scales chosen (row, head, dim, source position) contributions in one layer's attention output by
+    subtracting (1 − k) times each."""
 
-    def __init__(self, model: LoadedModel, layer: int, neurons: list[tuple[int, int, int, int]], rows: int):
+    def __init__(self, model: LoadedModel, layer: int, neurons: list[tuple[int, int, int, int, float]], rows: int):
         self.adapter, self.layer, self.shape, self.rows = model.adapter, layer, model.shape, rows
-        self.index = torch.tensor(neurons, dtype=torch.long, device="cpu").reshape(-1, 4)
+        self.index = torch.tensor([n[:4] for n in neurons], dtype=torch.long, device="cpu").reshape(-1, 4)
+        self.removed = torch.tensor([1.0 - n[4] for n in neurons], dtype=torch.float64, device="cpu")
         self.values: torch.Tensor | None = None
 
     def capture_values(self, module, args, output) -> None:
@@ -126,17 +143,19 @@ class _PositionedAttention:
             raise RuntimeError("position-specific ablation needs eager attention weights and value states")
         batch, tokens = attention_output.shape[:2]
         row, head, dim, position = self.index.unbind(-1)
+        removed = self.removed
         if self.rows == 1:  # the same neurons in every row of the batch
             count = row.numel()
             row = torch.arange(batch, device=row.device).repeat_interleave(count)
             head, dim, position = head.repeat(batch), dim.repeat(batch), position.repeat(batch)
+            removed = removed.repeat(batch)
         inside = position < tokens  # a shorter prompt has nothing at this source position
-        row, head, dim, position = row[inside], head[inside], dim[inside], position[inside]
+        row, head, dim, position, removed = row[inside], head[inside], dim[inside], position[inside], removed[inside]
         device = attention_output.device
         direction = self.adapter.layer_weights(self.layer).output_weight[head, dim].to(device)  # (M, d)
         row, head, dim, position = (t.to(device) for t in (row, head, dim, position))
         kv_head = self.shape.kv_head_of(head)
-        value = self.values[row, position, kv_head, dim]  # (M,)
+        value = self.values[row, position, kv_head, dim] * removed.to(device=device, dtype=weights.dtype)  # (M,)
         alpha = weights[row, head, :, position]  # (M, T): every query position's weight on its source
         contribution = (alpha * value.unsqueeze(-1)).unsqueeze(-1) * direction.to(alpha.dtype).unsqueeze(1)
         correction = torch.zeros_like(attention_output).index_add_(0, row, contribution.to(attention_output.dtype))
@@ -145,7 +164,8 @@ class _PositionedAttention:
 
 @contextmanager
 def ablated(model: LoadedModel, ablation: Ablation) -> Iterator[LoadedModel]:
-    """Run the model with the given neurons switched off, inside the `with` block only."""
+    """Run the model with the given neurons switched off (or scaled by `ablation.scale`), inside the `with`
+    block only."""
     with ablated_rows(model, [ablation]):
         yield model
 
