@@ -245,3 +245,28 @@ def test_query_neurons_carry_where_they_act_and_their_sign(tiny_model, token_bat
     plain = interpret_query_neuron(tiny_model, q.layer, q.neuron, q.layer + 1, 0, k=3)
     signed = interpret_query_neuron(tiny_model, q.layer, q.neuron, q.layer + 1, 0, k=3, coefficient=q.coefficient)
     assert signed.top_ids == plain.bottom_ids and signed.bottom_ids == plain.top_ids
+
+
+@pytest.mark.parametrize("via", ["attention", "ffn", "both"])
+def test_query_links_are_each_value_neurons_share(via):
+    """Every link (query neuron → value neuron) against the reference loop run on that value neuron alone; a
+    query neuron's links add up to its score."""
+    from .conftest import tiny_llama
+
+    model, ids, target, k = tiny_llama(), [5, 17, 3, 99, 42, 7], 11, 4
+    result = attribute(model, ids, target, top_k=6, query_top=k, query_via=via)
+    trace = trace_token_ids(model, [ids])[0]
+    attention, ffn = _as_tuples(result, k)
+    links = {(link.query, link.value): link.share for link in result.query_links}
+    assert links and len(result.query_links) == len(links)
+    expected = {}
+    for neuron in (attention if via != "ffn" else []):
+        shares = sum(ref.query_ffn(model, trace, [neuron], []).values())
+        expected[f"{neuron[0]}_{neuron[1]}_{neuron[2]}@{neuron[3]}"] = shares
+    for neuron in (ffn if via != "attention" else []):
+        expected[f"{neuron[0]}_{neuron[1]}"] = sum(ref.query_ffn(model, trace, [], [neuron]).values())
+    for q in result.query_neurons:
+        name = f"{q.layer}_{q.neuron}"
+        for value, shares in expected.items():
+            assert links.get((name, value), 0.0) == pytest.approx(float(shares[q.layer, q.neuron]), abs=1e-5)
+        assert sum(s for (query, _), s in links.items() if query == name) == pytest.approx(q.score, abs=1e-5)

@@ -128,3 +128,31 @@ def test_multi_token_parts_are_sums_of_the_single_token_parts():
         attribute(model, prompt, answer, answer_tokens="all", rank_by="direct")
     with pytest.raises(UserError, match="rank_by must be one of score, direct"):
         attribute(model, prompt, answer[0], rank_by="logit")
+
+
+def test_the_graph_holds_the_chosen_circuit(tmp_path):
+    model = tiny_llama()
+    result = attribute(model, IDS, TARGET, top_k=10, query_via="both")
+    graph = result.graph(top=6)
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    values = sorted([*result.ffn_neurons, *result.attention_neurons], key=lambda n: -abs(n.score))[:6]
+    value_ids = {f"ffn:{n.layer}_{n.neuron}" if hasattr(n, "neuron") else
+                 f"attention:{n.layer}_{n.head}_{n.dim}@{n.position}" for n in values}
+    assert {i for i, n in nodes.items() if n["kind"] in ("ffn", "attention")} == value_ids
+    assert sum(n["kind"] == "token" for n in nodes.values()) == len(IDS) and nodes["answer"]["token_id"] == TARGET
+    for link in graph["links"]:
+        assert link["source"] in nodes and link["target"] in nodes
+        if link["kind"] == "value":
+            assert link["target"] == "answer" and link["weight"] == nodes[link["source"]]["score"]
+        elif link["kind"] == "source":
+            assert nodes[link["target"]]["position"] == nodes[link["source"]]["position"]
+        else:  # a query neuron's share, as the attribution's links hold it
+            query, value = nodes[link["source"]]["name"], nodes[link["target"]]["name"]
+            assert link["weight"] == next(l.share for l in result.query_links if (l.query, l.value) == (query, value))
+    assert any(link["kind"] == "query" for link in graph["links"])
+    by_share = result.graph(share=0.5)
+    chosen = [n for n in by_share["nodes"] if n["kind"] in ("ffn", "attention")]
+    total = sum(abs(n.score) for n in [*result.ffn_neurons, *result.attention_neurons])
+    assert sum(abs(n["score"]) for n in chosen) >= 0.5 * total > sum(abs(n["score"]) for n in chosen[:-1])
+    with pytest.raises(UserError, match="share must be in"):
+        result.graph(share=1.5)

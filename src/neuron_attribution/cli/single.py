@@ -79,6 +79,9 @@ def attribute(
     model: ModelOption = None,
     top: Annotated[int, typer.Option("--top", "-k", help="How many FFN and attention neurons to return.")] = 100,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the full result as JSON.")] = None,
+    graph_file: Annotated[Optional[Path], typer.Option("--graph", help="Write the attribution graph (nodes and "
+                                                       "links of the circuit, README schema) as JSON.")] = None,
+    graph_top: Annotated[int, typer.Option("--graph-top", help="Value neurons in the graph (by |score|).")] = 20,
     reference: Annotated[bool, typer.Option("--reference", help="Drop the final LayerNorm bias, as the "
                                             "authors' GPT-2 code does.")] = False,
     show: Annotated[int, typer.Option("--show", help="Rows per table in the terminal report.")] = 10,
@@ -108,6 +111,10 @@ def attribute(
 
     if show <= 0:
         raise UserError("--show must be a positive number")
+    if graph_top <= 0:
+        raise UserError("--graph-top must be a positive number")
+    if graph_file is not None and (neurons is not None or prompts is not None):
+        raise UserError("--graph takes one prompt's attribution, not --neurons or --prompts")
     if (prompt is None) == (prompts is None):
         raise UserError("give either a prompt or --prompts FILE")
     if target_id is not None:
@@ -143,6 +150,11 @@ def attribute(
     if json_file:
         result.save(json_file)
         console.print(f"Wrote {escape(str(json_file))}")
+    if graph_file:
+        from ..files import write_json
+
+        write_json(graph_file, result.graph(top=graph_top))
+        console.print(f"Wrote {escape(str(graph_file))}")
 
 
 

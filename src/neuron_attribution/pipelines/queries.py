@@ -11,7 +11,8 @@ from torch import Tensor
 from ..model.loaded import LoadedModel
 from ..model.trace import Trace, with_positions
 from ..neurons import ModelShape
-from ..results.attribution import AttentionNeuron, FfnNeuron, QueryLayer, QueryLayers, QueryNeuron
+from ..model.weights import LayerStack
+from ..results.attribution import AttentionNeuron, FfnNeuron, QueryLayer, QueryLayers, QueryLink, QueryNeuron
 from ..scoring import query
 from ..scoring.topk import rank_by_score
 from ..settings import QUERY_PATHS, check_choice
@@ -31,6 +32,10 @@ class QueryScores:
     # position, or the last position for FFN value neurons), and the traces that hold the coefficients there.
     by_position: dict[int, Tensor] | None = None
     traces: list[Trace] | None = None
+    # The chosen path's readings, one list per trace (the links of query to value neurons are made from them),
+    # and the FFN neurons' residual directions.
+    readings: list[list[query.SubkeyReading]] | None = None
+    ffn_values: LayerStack | None = None
 
     @property
     def total(self) -> Tensor:
@@ -49,6 +54,25 @@ class QueryScores:
             result.append(QueryNeuron(layer, neuron, float(total[flat]), *self._paths(layer, neuron),
                                       position=position, token=token, coefficient=coefficient))
         return result
+
+    def links(self, neurons: Sequence[QueryNeuron]) -> list[QueryLink]:
+        """Each given query neuron's share in each value neuron it helps activate (docs/method.md §3), summed over
+        subkeys and predicting positions; a query neuron's shares add up to its score."""
+        if not neurons or not self.readings or self.ffn_values is None:
+            return []
+        device = self.ffn_values.device
+        layers = torch.tensor([n.layer for n in neurons], device=device)
+        rows = torch.tensor([n.neuron for n in neurons], device=device)
+        totals: dict[tuple[int, str], float] = {}
+        for trace, readings in zip(self.traces or [], self.readings):
+            shares = query.query_links(trace, self.ffn_values, readings, layers, rows).tolist()
+            for q, row in enumerate(shares):
+                for reading, share in zip(readings, row):
+                    key = (q, reading.value_neuron)
+                    totals[key] = totals.get(key, 0.0) + share
+        links = [QueryLink(f"{neurons[q].layer}_{neurons[q].neuron}", value, share)
+                 for (q, value), share in totals.items() if share != 0.0]
+        return sorted(links, key=lambda link: -abs(link.share))
 
     def _where(self, layer: int, neuron: int) -> tuple[int | None, float | None]:
         """The position that holds the largest part (by magnitude) of the neuron's score, and its coefficient
@@ -100,7 +124,8 @@ def query_scores(model: LoadedModel, trace: Trace, ffn_neurons: Sequence[FfnNeur
     layers = QueryLayers(
         _query_layer_rows(query.query_layer_scores(trace, ffn_readings), shape.n_layers) if via != "attention" else [],
         _query_layer_rows(query.query_layer_scores(trace, attention_readings), shape.n_layers) if via != "ffn" else [])
-    return QueryScores(attention, ffn_parts, layers, skipped, shape, via, by_position, [trace])
+    return QueryScores(attention, ffn_parts, layers, skipped, shape, via, by_position, [trace],
+                       [attention_readings + ffn_readings], model.adapter.ffn_value_stack)
 
 
 def summed_query_scores(parts: list[QueryScores]) -> QueryScores:
@@ -126,7 +151,8 @@ def summed_query_scores(parts: list[QueryScores]) -> QueryScores:
         for position, shares in (part.by_position or {}).items():
             by_position[position] = by_position[position] + shares if position in by_position else shares
     return QueryScores(add([p.attention for p in parts]), ffn_parts, layers, skipped, first.shape, first.via,
-                       by_position, [t for p in parts for t in p.traces or []])
+                       by_position, [t for p in parts for t in p.traces or []],
+                       [r for p in parts for r in p.readings or []], first.ffn_values)
 
 
 def _query_layer_rows(shares: dict[str, query.LayerShares], n_layers: int) -> list[QueryLayer]:

@@ -177,6 +177,17 @@ class QueryNeuron:
 
 
 @dataclass
+class QueryLink:
+    """A query FFN neuron's share in one value neuron's score (docs/method.md §3): `query` "layer_neuron",
+    `value` the value neuron as text ("23_4_38@3" attention, "27_846" FFN). A query neuron's shares over the
+    value neurons of the chosen path add up to its score."""
+
+    query: str
+    value: str
+    share: float
+
+
+@dataclass
 class QueryLayer:
     component: str  # "embedding", "attention" or "ffn"
     layer: int | None  # None for the embedding
@@ -212,6 +223,8 @@ class Attribution:
     query_neurons: list[QueryNeuron] = field(default_factory=list)
     query_layers: QueryLayers = field(default_factory=lambda: QueryLayers([], []))
     query_skipped: list[str] = field(default_factory=list)  # value neurons whose subkey input h·K' ≈ 0
+    # The top QUERY_LINKED query neurons' shares in each value neuron, largest magnitude first.
+    query_links: list[QueryLink] = field(default_factory=list)
     reference: bool = False
     query_via: str = "attention"  # the value neurons query neurons were scored through: attention, ffn, both
     evaluated: dict[str, int] = field(default_factory=dict)  # neurons scored exactly, per kind
@@ -239,6 +252,13 @@ class Attribution:
         own = [p for p in self.head_positions if (p.layer, p.head) == (head.layer, head.head)]
         return sorted(own, key=lambda p: -p.score)[:n]
 
+    def graph(self, top: int | None = 20, share: float | None = None) -> dict[str, Any]:
+        """The circuit as nodes and links (README, "The attribution graph"): the `top` value neurons by |score|,
+        or those making up `share` of their |scores|, the query neurons linked to them, tokens and answer."""
+        from .graph import attribution_graph
+
+        return attribution_graph(self, None if share is not None else top, share)
+
     def suppressing_neurons(self) -> list[FfnNeuron | AttentionNeuron]:
         """The value neurons, FFN first, that win by suppressing (`ScoreParts.wins_by_suppressing`)."""
         return [n for n in [*self.ffn_neurons, *self.attention_neurons] if n.wins_by_suppressing(self.vocab_size)]
@@ -263,6 +283,7 @@ class Attribution:
             query_layers=QueryLayers(*([QueryLayer(**q) for q in data.get("query_layers", {}).get(kind, [])]
                                        for kind in ("for_ffn", "for_attention"))),
             query_skipped=data.get("query_skipped", []),
+            query_links=[QueryLink(**link) for link in data.get("query_links", [])],
             reference=data.get("reference", False), evaluated=data.get("evaluated", {}),
             rank_by=data.get("rank_by", "score"), vocab_size=data.get("vocab_size"),
             # Files written before query_via existed ranked query neurons by both paths.

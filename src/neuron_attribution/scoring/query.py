@@ -58,6 +58,7 @@ class SubkeyReading:
     score: float  # I, the value neuron's score
     reads_same_layer_attention: bool  # FFN value neurons also see their own layer's attention output
     label: str  # for reporting skipped pairs
+    value_neuron: str = ""  # the value neuron as text ("23_4_38@3", "27_846"): the query links' target
 
     @cached_property
     def denominator(self) -> float:
@@ -78,7 +79,7 @@ def attention_readings(trace: Trace, weights: list[LayerWeights], shape: ModelSh
         subkey = _row(w.value_weight[kv_head, n.dim], source) * w.attention_norm.weight
         readings.append(SubkeyReading(
             "value", n.layer, n.position, subkey, source, n.score, False,
-            f"attention {n.layer}_{n.head}_{n.dim}@{n.position}"))
+            f"attention {n.layer}_{n.head}_{n.dim}@{n.position}", f"{n.layer}_{n.head}_{n.dim}@{n.position}"))
     return readings
 
 
@@ -105,7 +106,7 @@ def ffn_readings(trace: Trace, weights: list[LayerWeights], neurons: list[FfnVal
             readings.append(SubkeyReading(
                 name, n.layer, last, _row(subkeys[n.neuron], middle) * w.ffn_norm.weight, middle,
                 n.score * split[name],
-                not parallel, f"ffn {n.layer}_{n.neuron} ({name})"))
+                not parallel, f"ffn {n.layer}_{n.neuron} ({name})", f"{n.layer}_{n.neuron}"))
     return readings, skipped
 
 
@@ -209,6 +210,23 @@ def query_ffn_scores(trace: Trace, ffn_values: LayerStack, readings: list[Subkey
         if by_position is not None:
             by_position.setdefault(position, shares.new_zeros(n_layers, n_neurons)).add_(shares[index])
     return totals
+
+
+def query_links(trace: Trace, ffn_values: LayerStack, readings: list[SubkeyReading], layers: Tensor,
+                neurons: Tensor) -> Tensor:
+    """(Q, R): the share of query FFN neuron q = (layers[q], neurons[q]) in each reading's value neuron, the
+    terms `query_ffn_scores` sums over readings: m_{p_r, q} · (fc2_q · K'_r) · I_r / (h_r · K'_r), zero where
+    the query neuron is not below the value neuron."""
+    if not readings or not len(layers):
+        return torch.zeros(len(layers), len(readings), device=ffn_values.device)
+    stacked = _Stacked.of(readings)
+    vectors = ffn_values.rows(layers, neurons)  # (Q, d)
+    slopes = vectors @ stacked.keys.T  # (Q, R)
+    coefficients = trace.ffn_residual_coefficients(stacked.positions)  # (L, R, N)
+    reading = torch.arange(len(readings), device=coefficients.device)
+    at = coefficients[layers.unsqueeze(1), reading.unsqueeze(0), neurons.unsqueeze(1)]  # (Q, R)
+    below = layers.unsqueeze(1) < stacked.layers.unsqueeze(0)
+    return at * slopes * stacked.weights.unsqueeze(0) * below
 
 
 @dataclass
