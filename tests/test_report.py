@@ -44,14 +44,30 @@ def _hand_made_analysis(top: int = 300) -> Analysis:
         top_heads={EVIL: [(1, 0, 0.5)]}, head_overlap={EVIL: {EVIL: 1}}, geographic_heads=[],
         sharing={EVIL: {"ffn_value": 0.5, "attention_value": 0.2, "query": 0.1}},
         examples={EVIL: [{"sentence_id": 0, "prompt": EVIL, "target": EVIL, "prob": 0.5,
-                          "ffn_neurons": [{"layer": 1, "neuron": 2, "score": 0.3, "tokens": [EVIL, "<b>"]}],
+                          "ffn_neurons": [{"layer": 1, "neuron": 2, "score": 0.3, "tokens": [EVIL, "<b>"],
+                                           "direct": -0.1, "push_rank": 40692}],
                           "attention_neurons": [{"layer": 1, "head": 0, "dim": 3, "position": 0, "token": EVIL,
                                                  "score": 0.2}]}]},
         interventions={EVIL: {"original": {"mrr": 1.0, "prob": 0.5, "log_prob": -0.7, "mrr_decrease": 0.0,
                                            "prob_decrease": 0.0, "log_prob_drop": 0.0}}},
         head_interventions={EVIL: {EVIL: {"mrr": 1.0, "prob": 0.5, "log_prob": -0.7, "mrr_decrease": 0.1,
                                           "prob_decrease": 0.0, "log_prob_drop": 0.0}}},
-        intervention_sentences={EVIL: 1})
+        intervention_sentences={EVIL: 1},
+        suppression={EVIL: {"ffn": {"suppressing": 0.24, "median_push_rank": 4323.5},
+                            "attention": {"suppressing": 0.08, "median_push_rank": None}}})
+
+
+def test_the_suppression_summary_counts_each_sentences_top_neurons():
+    from neuron_attribution.pipelines.analyze import _suppression
+
+    rows = {"sentence_id": [0, 0, 1, 1], "rank": [1, 2, 1, 11], "score": [1.0, 0.5, -0.2, 3.0],
+            "direct_score": [0.1, 0.4, 0.1, 0.2], "target_push_rank": [900, 10, 950, 999]}
+    tables = {"ffn_neurons": rows, "attention_neurons": {**rows, "target_push_rank": [None] * 4}}
+    found = _suppression(tables, {0: "t", 1: "t"}, ["t"], vocab_size=1000)
+    # ranked 11th is outside the top 10; a negative score never wins; rank 900 of 1000 with a positive score does
+    assert found["t"]["ffn"] == {"suppressing": pytest.approx(1 / 3), "median_push_rank": 900.0}
+    assert found["t"]["attention"] == {"suppressing": None, "median_push_rank": None}  # a contrastive run
+    assert _suppression(tables, {0: "t", 1: "t"}, ["t"], vocab_size=None) == {}
 
 
 def test_every_label_follows_the_runs_top_k(monkeypatch):
@@ -62,6 +78,8 @@ def test_every_label_follows_the_runs_top_k(monkeypatch):
     page = render_html(analysis, {})
     assert "top-100 value neurons" in page and "top-100 query" in page and "top-100 of more than half" in page
     assert "top-300" not in page  # no leftover of the old fixed k
+    assert "Pushing the answer up, or the others down" in page and "24.0%" in page and "4,324" in page
+    assert "40,692" in page and "-0.100" in page
     titles = []
     monkeypatch.setattr(html, "_png", lambda figure: titles.append(figure._suptitle.get_text()) or b"")
     html.value_histogram_figure(analysis)

@@ -78,6 +78,14 @@ def test_run_tables_hold_what_attribute_gives(real_model, finished_run):
                                           tables["ffn_neurons"]["neuron"], tables["ffn_neurons"]["score"]) if i == 2]
     assert [(l, n) for l, n, _ in ffn] == [(x.layer, x.neuron) for x in expected.ffn_neurons]
     assert [s for *_, s in ffn] == pytest.approx([x.score for x in expected.ffn_neurons], abs=1e-5)
+    for kind, rows in (("ffn_neurons", expected.ffn_neurons), ("attention_neurons", expected.attention_neurons)):
+        table = tables[kind]
+        mine = [i == 2 for i in table["sentence_id"]]
+        for column in ("direct_score", "normaliser_change"):
+            stored = [v for v, m in zip(table[column], mine) if m]
+            assert stored == pytest.approx([getattr(x, column) for x in rows], abs=1e-5), (kind, column)
+        for column in ("target_push_rank", "suppressed_tokens", "promoted_tokens"):
+            assert [v for v, m in zip(table[column], mine) if m] == [getattr(x, column) for x in rows], (kind, column)
     heads = [s for i, s in zip(tables["heads"]["sentence_id"], tables["heads"]["score"]) if i == 2]
     assert heads == pytest.approx([h.score for h in expected.heads], abs=1e-5)
     assert set(tables["attention_neurons"]) >= {"sentence_id", "type", "layer", "head", "dim", "position", "token",
@@ -199,7 +207,7 @@ TWO_FACTS = FACTS[:2]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [("--query-top", "0"), ("--query-via", "ffn"), ("--query-via", "both"),
-                                   ("--answer-tokens", "all"), ("--on-error", "stop")],
+                                   ("--answer-tokens", "all"), ("--on-error", "stop"), ("--rank-by", "direct")],
                          ids=lambda f: " ".join(f))
 def test_every_documented_option_value_works_through_run_and_analyze(tmp_path, flags):
     """Each value `run --help` offers (beyond the defaults, which the other tests use) gives a run that

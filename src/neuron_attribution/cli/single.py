@@ -82,6 +82,8 @@ def attribute(
     graph_file: Annotated[Optional[Path], typer.Option("--graph", help="Write the attribution graph (nodes and "
                                                        "links of the circuit, README schema) as JSON.")] = None,
     graph_top: Annotated[int, typer.Option("--graph-top", help="Value neurons in the graph (by |score|).")] = 20,
+    html_file: Annotated[Optional[Path], typer.Option("--html", help="Write one self-contained interactive page of "
+                                                      "the attribution graph (works offline).")] = None,
     reference: Annotated[bool, typer.Option("--reference", help="Drop the final LayerNorm bias, as the "
                                             "authors' GPT-2 code does.")] = False,
     show: Annotated[int, typer.Option("--show", help="Rows per table in the terminal report.")] = 10,
@@ -113,8 +115,8 @@ def attribute(
         raise UserError("--show must be a positive number")
     if graph_top <= 0:
         raise UserError("--graph-top must be a positive number")
-    if graph_file is not None and (neurons is not None or prompts is not None):
-        raise UserError("--graph takes one prompt's attribution, not --neurons or --prompts")
+    if (graph_file is not None or html_file is not None) and (neurons is not None or prompts is not None):
+        raise UserError("--graph and --html take one prompt's attribution, not --neurons or --prompts")
     if (prompt is None) == (prompts is None):
         raise UserError("give either a prompt or --prompts FILE")
     if target_id is not None:
@@ -155,6 +157,13 @@ def attribute(
 
         write_json(graph_file, result.graph(top=graph_top))
         console.print(f"Wrote {escape(str(graph_file))}")
+    if html_file:
+        from ..files import write_bytes_atomic
+        from ..reports.graph_page import graph_page
+
+        everything = len(result.ffn_neurons) + len(result.attention_neurons)  # the page's control picks among them
+        write_bytes_atomic(html_file, graph_page(result.graph(top=max(1, everything))).encode("utf-8"))
+        console.print(f"Wrote {escape(str(html_file))} (self-contained; open it in a browser)")
 
 
 

@@ -1,0 +1,52 @@
+"""`attribute --html`: one self-contained page of the attribution graph, drawn by the vendored Cytoscape.js in a
+real (headless) Chromium, offline, with markup from the prompt and the tokens kept as text."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from neuron_attribution import attribute
+from neuron_attribution.reports.graph_page import graph_page
+
+from .conftest import tiny_llama
+from .test_report import _chromium, _headless
+
+EVIL = '</script><img src=x onerror="document.title=\'owned\'"><!--'
+
+
+def _page(tmp_path, top: int):
+    result = attribute(tiny_llama(), [5, 17, 3, 99, 42, 7], 11, top_k=top, query_via="both")
+    result.prompt = EVIL
+    result.tokens = [EVIL + str(i) for i in range(len(result.tokens))]
+    graph = result.graph(top=2 * top)
+    path = tmp_path / "graph.html"
+    path.write_text(graph_page(graph), encoding="utf-8")
+    return graph, path
+
+
+def test_the_page_is_self_contained_and_inert(tmp_path):
+    graph, path = _page(tmp_path, 8)
+    page = path.read_text(encoding="utf-8")
+    assert "<img" not in page and EVIL not in page  # the markup is JSON-escaped, never raw
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing fetched from anywhere
+    assert "Cytoscape Consortium" in page and "default-src 'none'" in page
+
+
+def test_the_page_draws_the_chosen_circuit_in_chromium(tmp_path):
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("Chromium is not installed here (CI installs it)")
+    graph, path = _page(tmp_path, 8)
+    dom = _headless(chromium, "--virtual-time-budget=10000", "--dump-dom", path.as_uri())
+    assert dom.returncode == 0, dom.stderr
+    # the default view: the top 20 value neurons (here all 16), their query neurons, every token and the answer
+    values = [n for n in graph["nodes"] if n["kind"] in ("ffn", "attention")]
+    shown = {n["id"] for n in sorted(values, key=lambda n: -abs(n["score"]))[:20]}
+    links = [l for l in graph["links"] if (l["kind"] == "value" and l["source"] in shown) or
+             (l["kind"] != "value" and l["target"] in shown)]
+    queries = {l["source"] for l in links if l["kind"] == "query"}
+    nodes = len(graph["tokens"]) + 1 + len(shown) + len(queries)
+    assert f"drawn {nodes} nodes, {len(links)} links" in dom.stdout, dom.stdout[-2000:]
+    assert "<img" not in dom.stdout and "owned" not in dom.stdout.split("<title>")[1].split("</title>")[0]
