@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..model.loaded import LoadedModel
-from ..model.prompts import token_texts
+from ..model.prompts import Prompt, token_texts
 from ..neurons import AttentionIndex
-from ..model.prompts import Prompt
 from ..results.attribution import (AttentionNeuron, Attribution, DenseScores, FfnNeuron, HeadPositionScore,
                                    LayerScores, QueryLayers, TargetInfo)
 from ..scoring.topk import TopK
