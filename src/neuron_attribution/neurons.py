@@ -134,6 +134,11 @@ class ModelShape:
         """The flat index of attention neurons over (L, H, d_h, n_tokens); ints or tensors."""
         return ((layer * self.n_heads + head) * self.head_dim + dim) * n_tokens + position
 
+    def output_vector_key(self, layer, column):
+        """An id of attention output vector (layer, column of W_O's input) that no flat FFN index takes: keys
+        the weight-only caches that FFN and attention neurons share. Ints or tensors."""
+        return self.n_layers * self.d_ffn + layer * (self.n_heads * self.head_dim) + column
+
     def attention_indices(self, flat: Tensor, n_tokens: int) -> list[AttentionIndex]:
         parts = self.attention_unflat(flat.reshape(-1), n_tokens)
         return [AttentionIndex(*row) for row in zip(*(part.tolist() for part in parts))]

@@ -11,8 +11,8 @@ from rich.markup import escape
 from ..errors import UserError
 from .common import (AddressOption, AllowPickleOption, AnswerTokensOption, BackendOption, DeviceOption, DtypeOption,
                      GpusPerWorkerOption, MaxMemoryOption, ModelOption, QueryTopOption, QueryViaOption, RankByOption,
-                     RegistryHelp, WorkersOption, app, check_backend, console, load_driver_model, load_model_spec, make_backend,
-                     print_run_summary, progress_bar, settings_from_flags, warn_if_dense)
+                     RegistryHelp, WorkersOption, app, check_backend, console, load_driver_model, load_model_spec,
+                     make_backend, print_run_summary, progress_bar, settings_from_flags, warn_if_dense)
 
 
 @app.command(cls=RegistryHelp)

@@ -22,6 +22,7 @@ from ..datasets import Fact
 from ..errors import UserError
 from ..model.loaded import LoadedModel
 from ..model.prompts import Sentence, encode_prompt
+from ..results.attribution import wins_by_suppressing
 from ..results.evaluation import Evaluation
 from ..results.tables import TABLES, read_table
 from ..settings import ModelSpec, Settings
@@ -274,7 +275,7 @@ def _suppression(tables: dict, types_of: dict, order: list[str], vocab_size: int
             if rank > SUPPRESSION_TOP or push_rank is None:  # no rank with a contrast
                 continue
             kind = types_of[sentence]
-            winners[kind].append(score > 0 and push_rank > vocab_size / 2)  # as ScoreParts.wins_by_suppressing
+            winners[kind].append(wins_by_suppressing(score, push_rank, vocab_size))
             ranks[kind].append(push_rank)
         for kind in order:
             result[kind][name] = {"suppressing": float(np.mean(winners[kind])) if winners[kind] else None,

@@ -101,6 +101,6 @@ def attribution_of(model: LoadedModel, prompt: Prompt, ids: list[int], tokens: l
         query_neurons=[] if queries is None else queries.top(top_k, tokens),
         query_layers=QueryLayers([], []) if queries is None else queries.layers,
         query_skipped=[] if queries is None else queries.skipped,
-        query_links=[] if queries is None else queries.links(queries.top(QUERY_LINKED)),
+        query_links=[] if queries is None else queries.links(QUERY_LINKED),
         reference=options.reference, query_via=options.query_via, evaluated=evaluated, rank_by=options.rank_by,
         vocab_size=vocab_size, dense=dense)

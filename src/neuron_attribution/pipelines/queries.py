@@ -55,23 +55,22 @@ class QueryScores:
                                       position=position, token=token, coefficient=coefficient))
         return result
 
-    def links(self, neurons: Sequence[QueryNeuron]) -> list[QueryLink]:
-        """Each given query neuron's share in each value neuron it helps activate (docs/method.md §3), summed over
-        subkeys and predicting positions; a query neuron's shares add up to its score."""
-        if not neurons or not self.readings or self.ffn_values is None:
+    def links(self, n: int) -> list[QueryLink]:
+        """The top `n` query neurons' shares in each value neuron they help activate (docs/method.md §3), summed
+        over subkeys and predicting positions, largest magnitude first; a query neuron's shares add up to its
+        score."""
+        if not n or not self.readings or self.ffn_values is None:
             return []
-        device = self.ffn_values.device
-        layers = torch.tensor([n.layer for n in neurons], device=device)
-        rows = torch.tensor([n.neuron for n in neurons], device=device)
-        totals: dict[tuple[int, str], float] = {}
+        layers, rows = self.shape.ffn_unflat(rank_by_score(self.total.reshape(-1))[:n].to(self.ffn_values.device))
+        names = list(dict.fromkeys(r.value_neuron for readings in self.readings for r in readings))
+        column = {name: i for i, name in enumerate(names)}
+        totals = torch.zeros(len(layers), len(names), device=self.ffn_values.device)
         for trace, readings in zip(self.traces or [], self.readings):
-            shares = query.query_links(trace, self.ffn_values, readings, layers, rows).tolist()
-            for q, row in enumerate(shares):
-                for reading, share in zip(readings, row):
-                    key = (q, reading.value_neuron)
-                    totals[key] = totals.get(key, 0.0) + share
-        links = [QueryLink(f"{neurons[q].layer}_{neurons[q].neuron}", value, share)
-                 for (q, value), share in totals.items() if share != 0.0]
+            target = torch.tensor([column[r.value_neuron] for r in readings], dtype=torch.long, device=totals.device)
+            totals.index_add_(1, target, query.query_links(trace, self.ffn_values, readings, layers, rows))
+        queries = [f"{layer}_{neuron}" for layer, neuron in zip(layers.tolist(), rows.tolist())]
+        links = [QueryLink(queries[q], names[v], share) for q, shares in enumerate(totals.tolist())
+                 for v, share in enumerate(shares) if share != 0.0]
         return sorted(links, key=lambda link: -abs(link.share))
 
     def _where(self, layer: int, neuron: int) -> tuple[int | None, float | None]:

@@ -120,10 +120,14 @@ function draw() {
 const hover = document.getElementById("hover");
 cy.on("mouseover", "node, edge", e => {
   const d = e.target.data();
-  hover.textContent = d.kind === undefined ? "" : (e.target.isNode() ? d.id : d.kind + " " + d.source + " → " + d.target + ": " + d.weight.toFixed(4));
+  hover.textContent = e.target.isNode() ? d.id
+                    : d.kind + " " + d.source + " → " + d.target + ": " + d.weight.toFixed(4);
   hover.style.display = "block";
 });
-cy.on("mousemove", e => { hover.style.left = (e.originalEvent.clientX + 12) + "px"; hover.style.top = (e.originalEvent.clientY + 12) + "px"; });
+cy.on("mousemove", e => {
+  hover.style.left = (e.originalEvent.clientX + 12) + "px";
+  hover.style.top = (e.originalEvent.clientY + 12) + "px";
+});
 cy.on("mouseout", "node, edge", () => { hover.style.display = "none"; });
 cy.on("tap", "node", e => { document.getElementById("side").textContent = describe(e.target.id()); });
 document.getElementById("mode").addEventListener("change", e => {

@@ -82,6 +82,13 @@ class HeadPositionScore:
     score: float
 
 
+def wins_by_suppressing(score: float, target_push_rank: int, vocab_size: int) -> bool:
+    """A positive score although the neuron's contribution raises the target less than it raises most tokens
+    (a push rank in the lower half of the vocabulary): the gain comes from pushing the probable competitors
+    down (docs/method.md §2)."""
+    return score > 0 and target_push_rank > vocab_size / 2
+
+
 class ScoreParts:
     """The two parts of a value neuron's score, Imp = c·δ_w − ΔLSE (docs/method.md §2): `direct_score`, the push
     on the target's own logit, and `normaliser_change`, the change of the log-normaliser, so that score =
@@ -100,7 +107,7 @@ class ScoreParts:
         competitors down. None where the rank or the vocabulary size is unknown."""
         if self.target_push_rank is None or vocab_size is None:
             return None
-        return self.score > 0 and self.target_push_rank > vocab_size / 2
+        return wins_by_suppressing(self.score, self.target_push_rank, vocab_size)
 
 
 @dataclass

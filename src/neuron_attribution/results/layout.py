@@ -84,8 +84,8 @@ def _parts_caption(result: Attribution) -> str:
     of = "" if result.vocab_size is None else f" of {result.vocab_size:,}"
     return ("score = direct + (−ΔLSE): direct is the push on the answer's own logit, −ΔLSE the change of the "
             f"log-normaliser, negated; rank: the answer's rank{of} among the tokens the neuron's contribution raises "
-            "(1 = the most); ↓: wins by suppressing (raises the answer less than most tokens, so its score comes from "
-            "pushing the probable competitors down)")
+            "(1 = the most); ↓: wins by suppressing (raises the answer less than most tokens, so its score comes "
+            "from pushing the probable competitors down)")
 
 
 def _has_parts(neurons) -> bool:

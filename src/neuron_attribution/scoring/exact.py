@@ -42,7 +42,7 @@ class Scored:
     projection: Tensor | None  # (n, 2k) ids, top then bottom (signed by the coefficient), or None
     # The score's first part, the change of the target's own logit c·δ_w (docs/method.md §2); the second part, the
     # change of the log-normaliser, is direct − scores. With a contrast the normaliser cancels: direct = scores.
-    direct: Tensor | None = None  # (n,)
+    direct: Tensor  # (n,)
     # Where the row has a projection: the target's rank among the tokens its contribution c·δ pushes, 1 = the
     # token it raises most (None with a contrast, which needs no vocabulary-sized product).
     target_push_rank: Tensor | None = None  # (n,)
@@ -64,7 +64,6 @@ def score_rows(ctx: ValueContext, groups: list[Rows]) -> list[Scored]:
     keep = torch.cat([torch.full((len(g),), g.projection, dtype=torch.long, device=device) for g in groups])
     width = max(g.projection for g in groups)
     scores = torch.empty(len(bases), device=device)
-    direct = torch.empty(len(bases), device=device)
     projection = torch.zeros(len(bases), 2 * width, dtype=torch.long, device=device)
     readout = ctx.readout
     if ctx.contrast is not None:
@@ -76,6 +75,7 @@ def score_rows(ctx: ValueContext, groups: list[Rows]) -> list[Scored]:
             projection[wanted] = _cached_projection_ids(ctx, bases, wanted, scaled, signs, keys, width)
         return _split(groups, scores, projection, scores, None)
     vocabulary = readout.unembedding.shape[0]
+    direct = torch.empty(len(bases), device=device)
     push_rank = torch.zeros(len(bases), dtype=torch.long, device=device)
     with _flushing_denormals():
         budget = ctx.memory_budget if ctx.budget_fixed else device_budget(ctx.memory_budget, device)

@@ -118,12 +118,7 @@ def attention_rows(ctx: ValueContext, flat: Tensor, keep_projection: int = 0) ->
     columns = ctx.shape.head_column(head, dim)
     return Rows(2 * layer, ctx.output_weights.rows(layer, columns),
                 ctx.attention_coefficients[layer, head, dim, position], keep_projection,
-                keys=_attention_keys(ctx, layer, columns))
-
-
-def _attention_keys(ctx: ValueContext, layer: Tensor, columns: Tensor) -> Tensor:
-    s = ctx.shape
-    return s.n_layers * s.d_ffn + layer * (s.n_heads * s.head_dim) + columns
+                keys=ctx.shape.output_vector_key(layer, columns))
 
 
 def evaluate_ffn(ctx: ValueContext, flat: Tensor) -> Tensor:
@@ -186,14 +181,15 @@ def top_attention(ctx: ValueContext, k: int) -> TopK:
 def ffn_direct_parts(ctx: ValueContext) -> Tensor:
     """(L, N): every FFN neuron's direct part, the change of the target's logit (docs/method.md §2)."""
     slopes = ctx.ffn_values.dots(_target_pullback(ctx).expand(ctx.shape.n_layers, -1))
-    return _capped_change(ctx, ffn_coefficients(ctx) * slopes, 2 * torch.arange(ctx.shape.n_layers) + 1)
+    layers = torch.arange(ctx.shape.n_layers, device=ctx.device)
+    return _capped_change(ctx, ffn_coefficients(ctx) * slopes, 2 * layers + 1)
 
 
 def attention_direct_parts(ctx: ValueContext) -> Tensor:
     """(L, H, d_h, T): every attention neuron's direct part."""
     slopes = ctx.output_weights.dots(_target_pullback(ctx).expand(ctx.shape.n_layers, -1))
     changes = ctx.attention_coefficients.times(slopes.reshape(ctx.attention_coefficients.shape[:3]))
-    return _capped_change(ctx, changes, 2 * torch.arange(ctx.shape.n_layers))
+    return _capped_change(ctx, changes, 2 * torch.arange(ctx.shape.n_layers, device=ctx.device))
 
 
 def _target_pullback(ctx: ValueContext) -> Tensor:
@@ -206,7 +202,7 @@ def _capped_change(ctx: ValueContext, changes: Tensor, states: Tensor) -> Tensor
     of the capped logit where the model soft-caps (then they depend on the base, not only on the vector)."""
     if ctx.readout.softcap is None:
         return changes
-    base = ctx.uncapped_base_target_logits[states.to(ctx.device)].reshape(-1, *[1] * (changes.dim() - 1))
+    base = ctx.uncapped_base_target_logits[states].reshape(-1, *[1] * (changes.dim() - 1))
     return ctx.readout.capped(base + changes) - ctx.readout.capped(base)
 
 
@@ -221,7 +217,7 @@ class ValueScores:
 
 def _details(scored: Scored) -> dict[str, Tensor]:
     """What a returned neuron shows besides its score."""
-    details = {"projection": scored.projection, "direct": scored.direct, "target_push_rank": scored.target_push_rank}
+    details = {"direct": scored.direct, "projection": scored.projection, "target_push_rank": scored.target_push_rank}
     return {name: values for name, values in details.items() if values is not None}
 
 
