@@ -79,6 +79,7 @@ def test_every_label_follows_the_runs_top_k(monkeypatch):
     assert "top-100 value neurons" in page and "top-100 query" in page and "top-100 of more than half" in page
     assert "top-300" not in page  # no leftover of the old fixed k
     assert "Pushing the answer up, or the others down" in page and "24.0%" in page and "4,324" in page
+    assert "+24.0%" not in page  # a share, not a change
     assert "40,692" in page and "-0.100" in page
     titles = []
     monkeypatch.setattr(html, "_png", lambda figure: titles.append(figure._suptitle.get_text()) or b"")

@@ -276,7 +276,7 @@ def _suppression_html(a: Analysis) -> str:
 
     def cells(part: dict) -> list[str]:
         share, rank = part.get("suppressing"), part.get("median_push_rank")
-        return ["" if share is None else _pct(share), "" if rank is None else f"{rank:,.0f}"]
+        return ["" if share is None else f"{share:.1%}", "" if rank is None else f"{rank:,.0f}"]
 
     rows = [[k, *cells(a.suppression[k]["ffn"]), *cells(a.suppression[k]["attention"])] for k in a.types]
     return "<h2>Pushing the answer up, or the others down</h2>" + _table(
