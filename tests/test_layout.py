@@ -19,7 +19,8 @@ LAYERS = {
     "execution": 4,
     "pipelines": 5,
     "reports": 6,
-    "cli": 7, "__init__": 8, "__main__": 8,
+    "explorer": 7,
+    "cli": 8, "__init__": 9, "__main__": 9,
 }
 
 

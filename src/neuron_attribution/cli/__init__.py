@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import UserError
-from . import datasets, single  # noqa: F401  (importing them defines and so registers the commands)
+from . import datasets, explorer, single  # noqa: F401  (importing them defines and so registers the commands)
 from .common import app, collection_deferred
 
 

@@ -77,6 +77,8 @@ def _value_node(neuron: FfnNeuron | AttentionNeuron, last: int) -> dict[str, Any
     common = {"layer": neuron.layer, "score": neuron.score, "coefficient": neuron.coefficient,
               "direct_score": neuron.direct_score, "target_push_rank": neuron.target_push_rank,
               "promoted_tokens": neuron.promoted_tokens[:10], "suppressed_tokens": neuron.suppressed_tokens[:10]}
+    if neuron.token_scores is not None:
+        common["token_scores"] = neuron.token_scores
     if hasattr(neuron, "neuron"):
         name = f"{neuron.layer}_{neuron.neuron}"
         return {"id": f"ffn:{name}", "kind": "ffn", "name": name, "neuron": neuron.neuron, "x": last, **common}

@@ -1,0 +1,58 @@
+"""`serve`: the explorer, a local web app over one model and any finished runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.text import Text
+
+from .common import (AllowPickleOption, DeviceOption, DtypeOption, MaxMemoryOption, ModelOption, QueryTopOption,
+                     app, console, load_model_spec, settings_from_flags)
+
+
+@app.command()
+def serve(model: ModelOption = None,
+          run: Annotated[Optional[list[Path]], typer.Option("--run", help="A finished run directory to explore "
+                                                            "(repeatable): neuron pages across its sentences, its "
+                                                            "run view.")] = None,
+          host: Annotated[str, typer.Option("--host", help="Address to listen on. Other than loopback, anyone who "
+                                            "can reach it can use the model.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option("--port", help="Port (0: any free one).")] = 8000,
+          query_top: QueryTopOption = 30,
+          max_memory: MaxMemoryOption = "2GB",
+          dtype: DtypeOption = None,
+          device: DeviceOption = None,
+          allow_pickle: AllowPickleOption = False) -> None:
+    """The explorer: attribution graphs you can click, switch off and amplify neurons from the page, neuron
+    pages across runs. Serves until Ctrl+C."""
+    from ..errors import UserError
+    from ..explorer.server import allowed_hosts, is_loopback, open_socket, require_explorer, serve_forever, url_of
+
+    require_explorer()
+    from ..explorer.run_index import RunIndex, check_runs, check_shape
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: a port is 0 to 65535")
+    settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                                   query_top=query_top, max_memory=max_memory)
+    runs = check_runs(run or [])
+    sock = open_socket(host, port)
+    if not is_loopback(host):
+        console.print(Text(f"Warning: serving on {host}, not loopback: anyone who can reach this address can run "
+                           "the model and read the loaded runs. There is no authentication.", style="bold yellow"))
+    loaded = load_model_spec(settings.model)
+    check_shape(runs, loaded.shape.to_dict())
+    from ..explorer.app import create_app
+    from ..explorer.views import Views
+
+    with console.status("Indexing runs...", spinner="dots"):
+        index = RunIndex(runs)
+    application = create_app(Views(loaded, settings.scoring), index, allowed_hosts=allowed_hosts(host))
+    loaded_runs = "".join(f"\n  run {r.index}: {escape(str(r.path))} ({r.record.get('sentences')} sentences)"
+                          for r in runs)
+    console.print(f"Explorer for {escape(loaded.name)} at {url_of(sock)}{loaded_runs}\n(Ctrl+C stops it)",
+                  highlight=False)
+    serve_forever(application, sock)

@@ -1,0 +1,140 @@
+"use strict";
+// Draws an attribution graph (the README's "neuron-attribution graph 1" JSON) with Cytoscape.js: the prompt's
+// tokens along the bottom (x = position), neurons at their layer (y), the answer on top; node size by |score|,
+// link width by |weight|, colour by sign. Shared by `attribute --html` pages and the explorer. Texts only ever
+// become Cytoscape labels or textContent, never markup.
+function NeuronGraph(container, graph, onTap) {
+  const valueKinds = new Set(["ffn", "attention"]);
+  const values = graph.nodes.filter(n => valueKinds.has(n.kind))
+                            .sort((a, b) => Math.abs(b.score) - Math.abs(a.score));
+  const totalScore = values.reduce((s, n) => s + Math.abs(n.score), 0);
+  const maxWeight = Math.max(1e-9, ...graph.links.map(l => Math.abs(l.weight)));
+  const maxScore = Math.max(1e-9, ...values.map(n => Math.abs(n.score)));
+  const byId = new Map(graph.nodes.map(n => [n.id, n]));
+
+  function chosenValues(mode, amount) {
+    if (mode === "top") return new Set(values.slice(0, Math.max(1, Math.floor(amount))).map(n => n.id));
+    const wanted = Math.min(100, Math.max(1, amount)) / 100 * totalScore;
+    const chosen = new Set(); let running = 0;
+    for (const n of values) {
+      if (chosen.size && running >= wanted) break;
+      chosen.add(n.id); running += Math.abs(n.score);
+    }
+    return chosen;
+  }
+  function colour(x) { return x >= 0 ? "#2f7d32" : "#c0392b"; }
+
+  function elements(mode, amount) {
+    const shown = chosenValues(mode, amount);
+    const links = graph.links.filter(l => (l.kind === "value" && shown.has(l.source)) ||
+                                          (l.kind !== "value" && shown.has(l.target)));
+    const queries = new Set(links.filter(l => l.kind === "query").map(l => l.source));
+    const nodes = graph.nodes.filter(n => n.kind === "token" || n.kind === "answer" || shown.has(n.id) ||
+                                          queries.has(n.id));
+    // Columns are positions, rows are layers, in a frame about the size of the drawing area so labels stay
+    // readable; neurons sharing a cell spread across the cell (and over two rows when they are many).
+    const xStep = 1000 / Math.max(1, graph.tokens.length), yStep = Math.max(560, 28 * (graph.n_layers + 2)) / (graph.n_layers + 2);
+    const cells = {};
+    for (const n of nodes) (cells[n.x + ":" + n.layer] = cells[n.x + ":" + n.layer] || []).push(n);
+    const where = new Map();
+    for (const cell of Object.values(cells)) {
+      const count = cell.length, rows = count * 16 > 0.85 * xStep ? 2 : 1, perRow = Math.ceil(count / rows);
+      cell.forEach((n, i) => {
+        const column = i % perRow, row = Math.floor(i / perRow);
+        const dx = perRow > 1 ? (column / (perRow - 1) - 0.5) * 0.85 * xStep : 0;
+        where.set(n.id, {x: xStep * n.x + dx, y: -yStep * n.layer + (rows > 1 ? (row - 0.5) * 0.4 * yStep : 0)});
+      });
+    }
+    const placed = nodes.map(n => {
+      const size = valueKinds.has(n.kind) || n.kind === "query" ? 7 + 13 * Math.min(1, Math.abs(n.score) / maxScore) : 14;
+      const label = n.kind === "token" ? n.text : n.kind === "answer" ? "→ " + n.text : (n.name || n.id);
+      return {group: "nodes", data: {id: n.id, label: label, kind: n.kind, size: size,
+                                     colour: n.kind === "token" ? "#777" : n.kind === "answer" ? "#1f4e99" :
+                                             n.kind === "query" ? "#8e44ad" : colour(n.score)},
+              position: where.get(n.id)};
+    });
+    const edges = links.map((l, i) => ({group: "edges", data: {id: "l" + i, source: l.source, target: l.target,
+      width: 0.5 + 7 * Math.abs(l.weight) / maxWeight, colour: colour(l.weight), weight: l.weight, kind: l.kind}}));
+    return {items: placed.concat(edges), counts: [placed.length, edges.length]};
+  }
+
+  const cy = cytoscape({container: container, layout: {name: "preset"}, elements: [],
+    style: [
+      {selector: "node", style: {"background-color": "data(colour)", width: "data(size)", height: "data(size)",
+                                 label: "data(label)", "font-size": 8, "text-valign": "bottom", "text-halign": "center"}},
+      {selector: "node.picked", style: {"border-width": 4, "border-color": "#f39c12"}},
+      {selector: "node.focused", style: {"overlay-opacity": 0.15, "overlay-color": "#1f4e99"}},
+      {selector: "edge", style: {width: "data(width)", "line-color": "data(colour)", "curve-style": "bezier",
+                                 opacity: 0.6, "target-arrow-shape": "triangle", "target-arrow-color": "data(colour)"}}]});
+
+  const hover = document.createElement("div");
+  hover.className = "graph-hover";
+  hover.style.cssText = "position:fixed;pointer-events:none;background:#fffbe6;border:1px solid #ccb;" +
+                        "padding:2px 5px;display:none;font:12px monospace;z-index:10";
+  document.body.appendChild(hover);
+  function hoverText(target) {
+    const d = target.data();
+    if (!target.isNode()) return d.kind + " " + d.source + " → " + d.target + ": " + d.weight.toFixed(4);
+    const n = byId.get(d.id);
+    const parts = [n.kind === "token" ? "token " + JSON.stringify(n.text) + " @" + n.position : d.id];
+    if (typeof n.score === "number") parts.push("score " + n.score.toFixed(4));
+    if (typeof n.coefficient === "number") parts.push("coefficient " + n.coefficient.toFixed(3));
+    if (n.kind === "answer") parts.push("p " + n.prob.toFixed(4));
+    return parts.join(" · ");
+  }
+  cy.on("mouseover", "node, edge", e => { hover.textContent = hoverText(e.target); hover.style.display = "block"; });
+  cy.on("mousemove", e => {
+    hover.style.left = (e.originalEvent.clientX + 12) + "px";
+    hover.style.top = (e.originalEvent.clientY + 12) + "px";
+  });
+  cy.on("mouseout", "node, edge", () => { hover.style.display = "none"; });
+  cy.on("tap", "node", e => {
+    cy.nodes().removeClass("focused"); e.target.addClass("focused");
+    if (onTap) onTap(byId.get(e.target.id()));
+  });
+
+  function describe(id) {
+    const node = byId.get(id);
+    const incoming = graph.links.filter(l => l.target === id).sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight));
+    const outgoing = graph.links.filter(l => l.source === id);
+    const lines = Object.entries(node).map(([k, v]) => k + ": " + (Array.isArray(v) ? v.map(t => JSON.stringify(t)).join(" ") : v));
+    if (incoming.length) lines.push("", "in:", ...incoming.slice(0, 30).map(l => "  " + l.source + "  " + l.weight.toFixed(4)));
+    if (outgoing.length) lines.push("", "out:", ...outgoing.map(l => "  " + l.target + "  " + l.weight.toFixed(4)));
+    return lines.join("\n");
+  }
+
+  return {
+    cy: cy, node: id => byId.get(id), describe: describe,
+    incoming: id => graph.links.filter(l => l.target === id).sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)),
+    // Draws the top `amount` value neurons by |score| (mode "top") or those making up `amount` percent of their
+    // |scores| (mode "share"); returns [nodes, links] drawn.
+    draw: function (mode, amount) {
+      const {items, counts} = elements(mode, amount);
+      cy.resize(); cy.elements().remove(); cy.add(items); cy.fit(undefined, 30);
+      return counts;
+    },
+    setPicked: function (ids) {
+      cy.nodes().removeClass("picked");
+      for (const id of ids) cy.getElementById(id).addClass("picked");
+    },
+  };
+}
+
+// The controls beside a graph: #mode (top / share), #amount, #unit, and #graph-status, which reports what was drawn.
+// `afterDraw` runs after each drawing (the explorer marks its selected neurons again).
+function bindGraphControls(view, afterDraw) {
+  const mode = document.getElementById("mode"), amount = document.getElementById("amount");
+  function draw() {
+    const counts = view.draw(mode.value, Number(amount.value));
+    if (afterDraw) afterDraw();
+    document.getElementById("graph-status").textContent = "drawn " + counts[0] + " nodes, " + counts[1] + " links";
+  }
+  mode.addEventListener("change", () => {
+    const share = mode.value === "share";
+    amount.value = share ? 80 : 20;
+    document.getElementById("unit").textContent = share ? "% of the value neurons' |scores|" : "value neurons by |score|";
+    draw();
+  });
+  amount.addEventListener("change", draw);
+  draw();
+}

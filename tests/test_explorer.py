@@ -1,0 +1,386 @@
+"""The explorer (`neuron-attribution serve`), served for real (uvicorn on a loopback port) over the default model
+and a small run, and driven in Chromium by selenium with Debian's chromium-driver: the graph shows the
+attribution's top items, a clicked node's panel, interventions equal to the library's, neuron pages equal to
+loops over the run's rows, inert markup, 4xx for bad requests, and 50 requests from 10 clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+pytest.importorskip("starlette")
+pytest.importorskip("duckdb")
+
+from neuron_attribution import Ablation, FfnIndex, last_logits, parse_neuron, project  # noqa: E402
+from neuron_attribution.explorer.app import create_app  # noqa: E402
+from neuron_attribution.explorer.run_index import RunIndex, check_runs  # noqa: E402
+from neuron_attribution.explorer.server import BackgroundServer, open_socket  # noqa: E402
+from neuron_attribution.explorer.views import Views  # noqa: E402
+from neuron_attribution.pipelines.attribute import attribute  # noqa: E402
+from neuron_attribution.pipelines.run import RunArguments, run_dataset, run_settings  # noqa: E402
+from neuron_attribution.settings import ScoringOptions  # noqa: E402
+
+PROMPT = "The capital of France is"
+FACTS = [{"prompt": "The capital of France is", "answer": "Paris", "type": "capital"},
+         {"prompt": "The capital of Italy is", "answer": "Rome", "type": "capital"},
+         {"prompt": "The official language of France is", "answer": "French", "type": "language"},
+         {"prompt": "The official language of Spain is", "answer": "Spanish", "type": "language"},
+         {"prompt": "Berlin is a city in the country of", "answer": "Germany", "type": "country"}]
+RUN_TOP = 40
+
+
+@pytest.fixture(scope="module")
+def run_dir(real_model, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("explorer")
+    facts = directory / "facts.jsonl"
+    facts.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
+    run_dataset(real_model, directory / "run", RunArguments(str(facts)), settings=run_settings(real_model, RUN_TOP),
+                batch_size=5)
+    return directory / "run"
+
+
+@pytest.fixture(scope="module")
+def views(real_model) -> Views:
+    return Views(real_model, ScoringOptions())
+
+
+@pytest.fixture(scope="module")
+def server(views, run_dir):
+    app = create_app(views, RunIndex(check_runs([run_dir])))
+    with BackgroundServer(app) as url:
+        yield url
+
+
+def _get(url: str, headers: dict | None = None) -> tuple[int, dict]:
+    return _send(urllib.request.Request(url, headers=headers or {}))
+
+
+def _post(url: str, body, content_type: str = "application/json") -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return _send(urllib.request.Request(url, data=data, headers={"content-type": content_type}, method="POST"))
+
+
+def _send(request) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        body = error.read()
+        try:
+            return error.code, json.loads(body)
+        except json.JSONDecodeError:
+            return error.code, {"text": body.decode(errors="replace")}
+
+
+def _probability(model, prompt: str, token_id: int, ablation: Ablation | None = None) -> float:
+    return float(torch.softmax(last_logits(model, [prompt], ablation)[0].double(), -1)[token_id])
+
+
+# -- the API, against the library and loops over the run's rows ------------------------------------------------
+
+
+def test_interventions_over_http_equal_the_librarys(server, real_model):
+    neurons = ["27_846", "28_1078", "23_4_38@3", "24.7"]
+    target = attribute(real_model, PROMPT, top_k=5, query_top=0).target
+    for scale in (0.0, 3.0, -1.0):
+        status, data = _post(server + "api/intervene", {"prompt": PROMPT, "neurons": neurons, "scale": scale})
+        assert status == 200, data
+        expected = _probability(real_model, PROMPT, target.id, Ablation.of([parse_neuron(n) for n in neurons], scale))
+        assert data["after"]["prob"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        assert data["before"]["prob"] == pytest.approx(target.prob, rel=1e-5)
+        assert data["target"]["id"] == target.id
+    assert data["after"]["prob"] != pytest.approx(data["before"]["prob"], abs=1e-4)  # the neurons matter
+
+
+def test_bad_requests_get_a_4xx_with_a_message(server):
+    cases = [
+        (_get(server + "api/neuron/99_1"), 404, "not a neuron of this model"),
+        (_get(server + "api/neuron/abc"), 400, "not a neuron"),
+        (_post(server + "api/attribute", b"{not json"), 400, "not valid JSON"),
+        (_post(server + "api/attribute", {"prompt": PROMPT}, "text/plain"), 415, "application/json"),
+        (_post(server + "api/attribute", ["a list"]), 400, "JSON object"),
+        (_post(server + "api/attribute", {"prompt": "word " * 9000}), 400, "context holds 8192"),
+        (_post(server + "api/attribute", {"prompt": PROMPT, "target": "   "}), 400, "target is empty"),
+        (_post(server + "api/attribute", {"prompt": PROMPT, "top": 0}), 400, "top must be"),
+        (_post(server + "api/intervene", {"prompt": PROMPT, "neurons": ["27_99999"]}), 400, "not a neuron of"),
+        (_post(server + "api/intervene", {"prompt": PROMPT, "neurons": "27_846"}), 400, "neurons must be"),
+        (_post(server + "api/intervene", {"prompt": PROMPT, "neurons": ["27_846"], "scale": "x"}), 400, "scale"),
+        (_get(server + "api/search?q=" + urllib.parse.quote(" Parisian")), 400, "2 tokens"),
+        (_get(server + "api/runs/7"), 404, "no run 7"),
+        (_post(server + "api/attribute", b"x" * (70 * 1024)), 413, "over 64 KB"),
+    ]
+    for (status, body), expected_status, message in cases:
+        assert status == expected_status, (body, message)
+        assert message in body.get("error", ""), body
+        assert "Traceback" not in json.dumps(body)
+    # Nothing outside the package's assets and the loaded runs can be named.
+    for path in ("assets/..%2F..%2Fapp.py", "assets/explorer.js/../../app.py", "../../etc/passwd", "api/runs/-1"):
+        status, body = _get(server + path)
+        assert status == 404, (path, body)
+    assert _get(server + "api/info", {"Host": "attacker.example"})[0] == 400  # DNS rebinding
+
+
+def test_neuron_page_data_equals_a_loop_over_the_runs_rows(server, run_dir, real_model):
+    ffn = pq.read_table(run_dir / "ffn_neurons.parquet").to_pylist()
+    sentences = {row["sentence_id"]: row for row in pq.read_table(run_dir / "sentences.parquet").to_pylist()}
+    counts = defaultdict(int)
+    for row in ffn:
+        counts[(row["layer"], row["neuron"])] += 1
+    (layer, neuron), _ = max(counts.items(), key=lambda item: (item[1], item[0]))
+    mine = [row for row in ffn if (row["layer"], row["neuron"]) == (layer, neuron)]
+    status, data = _get(server + f"api/neuron/{layer}_{neuron}")
+    assert status == 200, data
+    (run,) = data["runs"]
+    assert run["hits"] == len(mine) and run["top_k"] == RUN_TOP
+    assert [(s["sentence_id"], s["rank"]) for s in run["sentences_with"]] == \
+        [(r["sentence_id"], r["rank"]) for r in sorted(mine, key=lambda r: -r["score"])]
+    assert run["sentences_with"][0]["prompt"] == sentences[run["sentences_with"][0]["sentence_id"]]["prompt"]
+    for row in run["per_type"]:
+        scores = [r["score"] for r in mine if r["type"] == row["type"]]
+        assert row["hits"] == len(scores)
+        assert row["sentences"] == sum(s["type"] == row["type"] for s in sentences.values())
+        if scores:
+            assert row["mean"] == pytest.approx(float(np.mean(scores)))
+            assert row["median"] == pytest.approx(float(np.median(scores)))
+    assert sum(b["count"] for b in run["histogram"]) == len(mine)
+    # Its vocabulary projection is the library's.
+    assert data["projection"]["top_tokens"] == project(real_model, FfnIndex(layer, neuron), 20).top_tokens
+
+
+def test_run_view_equals_a_loop_over_the_runs_rows(server, run_dir):
+    status, data = _get(server + "api/runs/0")
+    assert status == 200, data
+    sentences = pq.read_table(run_dir / "sentences.parquet").to_pylist()
+    assert [s["prompt"] for s in data["sentences"]] == [s["prompt"] for s in sentences]
+    assert {t["type"]: t["sentences"] for t in data["types"]} == \
+        {t: sum(s["type"] == t for s in sentences) for t in {s["type"] for s in sentences}}
+    heads = pq.read_table(run_dir / "heads.parquet").to_pylist()
+    for kind in {h["type"] for h in heads}:
+        totals = defaultdict(list)
+        for h in heads:
+            if h["type"] == kind:
+                totals[f"{h['layer']}.{h['head']}"].append(h["score"])
+        best = sorted(totals, key=lambda name: -np.mean(totals[name]))[:10]
+        assert [h["name"] for h in data["heads"] if h["type"] == kind] == best
+    layers = pq.read_table(run_dir / "layers.parquet").to_pylist()
+    capital_23 = [r["attention"] for r in layers if r["type"] == "capital" and r["layer"] == 23]
+    (row,) = [r for r in data["layers"] if r["type"] == "capital" and r["layer"] == 23]
+    assert row["attention"] == pytest.approx(float(np.mean(capital_23)))
+
+
+def test_token_search_equals_the_definition(server, real_model):
+    """z of a neuron for ' Paris': its projection logit less the vocabulary's mean, over the projection's
+    standard deviation, computed here in float64 from the weights for a whole layer."""
+    status, data = _get(server + "api/search?q=" + urllib.parse.quote("' Paris'"))
+    assert status == 200, data
+    token = data["token_id"]
+    hf = real_model.hf_model
+    unembedding = hf.lm_head.weight.detach().double()
+    gain = hf.model.norm.weight.detach().double()
+    layer = data["ffn"]["promote"][0]["layer"]
+    values = hf.model.layers[layer].mlp.down_proj.weight.detach().double().T  # (N, d)
+    logits = (values * gain) @ unembedding.T  # (N, V)
+    z = (logits[:, token] - logits.mean(-1)) / logits.std(-1, unbiased=False)
+    found = [r for r in data["ffn"]["promote"] if r["layer"] == layer]
+    for row in found:
+        assert row["z"] == pytest.approx(float(z[int(row["name"].split("_")[1])]), rel=1e-3)
+    cutoff = min(r["z"] for r in data["ffn"]["promote"])
+    assert {f"{layer}_{n}" for n in (z > cutoff + 1e-3).nonzero().flatten().tolist()} <= {r["name"] for r in found}
+    assert data["ffn"]["suppress"][0]["z"] < 0 < data["ffn"]["promote"][0]["z"]
+
+
+def test_fifty_requests_from_ten_clients_while_the_server_stays_responsive(server):
+    bodies = [{"prompt": f"The capital of {country} is", "neurons": ["27_846", "23_4_38@3"], "scale": 0}
+              for country in ("France", "Italy", "Spain", "Germany", "Japan")]
+    seen_waiting: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            status, queue = _get(server + "api/queue")
+            assert status == 200
+            seen_waiting.append(queue["pending"])
+
+    def request(i: int) -> int:
+        if i % 5 == 4:
+            return _get(server + "api/neuron/27_846")[0]
+        return _post(server + "api/intervene", bodies[i % len(bodies)])[0]
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(10) as pool:
+            statuses = list(pool.map(request, range(50)))
+    finally:
+        done.set()
+        watcher.join()
+    assert statuses == [200] * 50
+    # The event loop answered while model work was queued behind other requests.
+    assert max(seen_waiting) >= 2
+
+
+# -- the command line ------------------------------------------------------------------------------------------
+
+
+def _serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "neuron_attribution", "serve", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_serve_refuses_what_is_no_run_and_a_port_in_use(tmp_path):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "run.json").write_text(json.dumps({"complete": False}))
+    for args, message in ((["--run", str(tmp_path / "nothing")], "no such directory"),
+                          (["--run", str(tmp_path)], "no readable run.json"),
+                          (["--run", str(tmp_path / "half")], "is not finished"),
+                          (["--port", "70000"], "a port is 0 to 65535")):
+        result = _serve(*args)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    taken = open_socket("127.0.0.1", 0)
+    try:
+        port = taken.getsockname()[1]
+        result = _serve("--port", str(port))
+        assert result.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in result.stderr, result.stderr
+    finally:
+        taken.close()
+
+
+# -- in the browser --------------------------------------------------------------------------------------------
+
+
+def _driver():
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or chromedriver is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium or chromium-driver is missing: .ci/run installs them")
+        pytest.skip("Chromium and chromium-driver are not installed here (CI installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1400",
+                     "--disable-dev-shm-usage", "--no-first-run", "--disable-background-networking"):
+        options.add_argument(argument)
+    options.binary_location = chromium
+    return webdriver.Chrome(service=Service(chromedriver), options=options)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = _driver()
+    yield driver
+    driver.quit()
+
+
+def _wait_for(driver, condition, seconds: float = 120):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, seconds).until(condition)
+
+
+def _text(driver, element_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, element_id).text
+
+
+def test_the_prompt_view_in_a_browser(server, browser, real_model):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    browser.get(server + "?" + urllib.parse.urlencode({"prompt": PROMPT}))
+    _wait_for(browser, lambda d: _text(d, "graph-status").startswith("drawn") or "Error" in _text(d, "status"))
+    assert _text(browser, "graph-status").startswith("drawn"), _text(browser, "status")
+    # The graph's value neurons are the attribution's top 20 by |score|.
+    result = attribute(real_model, PROMPT)
+    expected = {n["id"] for n in result.graph(top=20)["nodes"] if n["kind"] in ("ffn", "attention")}
+    drawn = set(browser.execute_script(
+        "return explorer.graph.cy.nodes().filter(n => ['ffn', 'attention'].includes(n.data('kind'))).map(n => n.id())"))
+    assert drawn == expected
+    assert _text(browser, "target-prob") == f"{result.target.prob:.6f}"
+
+    # A real click on the strongest FFN neuron opens its panel.
+    top_ffn = f"ffn:{result.ffn_neurons[0].layer}_{result.ffn_neurons[0].neuron}"
+    x, y = browser.execute_script(
+        "const p = explorer.graph.cy.getElementById(arguments[0]).renderedPosition(); return [p.x, p.y];", top_ffn)
+    graph = browser.find_element(By.ID, "graph")
+    ActionChains(browser).move_to_element_with_offset(graph, x - graph.size["width"] / 2,
+                                                      y - graph.size["height"] / 2).click().perform()
+    _wait_for(browser, lambda d: top_ffn.split(":")[1] in _text(d, "side-title"), 10)
+    assert f"score: {result.ffn_neurons[0].score:.4f}" in _text(browser, "side-numbers")
+    # Select two neurons and switch them off: the page shows the library's probability.
+    browser.find_element(By.CSS_SELECTOR, "#side button.pick").click()
+    second = f"{result.ffn_neurons[1].layer}_{result.ffn_neurons[1].neuron}"
+    browser.find_element(By.CSS_SELECTOR, f'#ffn-table button.pick[data-neuron="{second}"]').click()
+    browser.find_element(By.ID, "switch-off").click()
+    _wait_for(browser, lambda d: d.find_elements(By.ID, "after-prob"), 60)
+    names = [top_ffn.split(":")[1], second]
+    expected_off = _probability(real_model, PROMPT, result.target.id, Ablation.of([parse_neuron(n) for n in names]))
+    shown = browser.find_element(By.ID, "after-prob")
+    assert shown.text == f"{expected_off:.6f}"
+    assert float(shown.get_attribute("data-prob")) == pytest.approx(expected_off, rel=1e-9)
+    # Amplify ×3.
+    scale = browser.find_element(By.ID, "scale")
+    scale.clear()
+    scale.send_keys("3")
+    browser.find_element(By.ID, "amplify").click()
+    expected_up = _probability(real_model, PROMPT, result.target.id,
+                               Ablation.of([parse_neuron(n) for n in names], scale=3))
+    _wait_for(browser, lambda d: "×3" in _text(d, "intervention") and d.find_elements(By.ID, "after-prob"), 60)
+    assert _text(browser, "after-prob") == f"{expected_up:.6f}", _text(browser, "intervention")
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+
+
+def test_markup_in_a_prompt_stays_inert_text(server, browser):
+    from selenium.webdriver.common.by import By
+
+    evil = 'Hi <img src=x onerror="window.pwned=1"><script>window.pwned=2</script> is'
+    browser.get(server + "?" + urllib.parse.urlencode({"prompt": evil}))
+    _wait_for(browser, lambda d: _text(d, "graph-status").startswith("drawn") or "Error" in _text(d, "status"))
+    assert browser.execute_script("return window.pwned === undefined")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#view img, #view script")
+    tokens = "".join(span.text for span in browser.find_elements(By.CSS_SELECTOR, "#summary .tokens span"))
+    assert "<img" in tokens.replace(" ", "") and "<script>" in tokens.replace(" ", "")
+
+
+def test_a_neuron_page_of_a_loaded_run_in_a_browser(server, browser, run_dir):
+    from selenium.webdriver.common.by import By
+
+    ffn = pq.read_table(run_dir / "ffn_neurons.parquet").to_pylist()
+    hits = sum((row["layer"], row["neuron"]) == (27, 846) for row in ffn)
+    browser.get(server + "neuron/27_846")
+    _wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".run-section .hits"))
+    assert _text(browser, "neuron-title").startswith("FFN neuron 27_846")
+    assert browser.find_element(By.CSS_SELECTOR, ".run-section .hits").text == str(hits)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#sentences-0 tbody tr")
+    assert len(rows) == hits
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#top-tokens tbody tr")) == 20
+    # A sentence links to its prompt view.
+    link = rows[0].find_element(By.TAG_NAME, "a")
+    assert "/?prompt=" in link.get_attribute("href")
+    # The run view lists every sentence and opens a head page.
+    browser.get(server + "run/0")
+    _wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#run-sentences tbody tr"))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#run-sentences tbody tr")) == \
+        pq.read_metadata(run_dir / "sentences.parquet").num_rows
+    browser.get(server + "search?q=" + urllib.parse.quote("' Paris'"))
+    _wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#ffn-promote tbody tr"))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#ffn-promote tbody tr")) == 30
