@@ -336,13 +336,14 @@ def test_the_prompt_view_in_a_browser(server, browser, real_model):
     shown = browser.find_element(By.ID, "after-prob")
     assert shown.text == f"{expected_off:.6f}"
     assert float(shown.get_attribute("data-prob")) == pytest.approx(expected_off, rel=1e-9)
-    # Amplify ×3.
+    # Amplify ×3. (The expectation first: hooks are installed on the shared model, so this thread must not run
+    # it while the server's model thread does.)
+    expected_up = _probability(real_model, PROMPT, result.target.id,
+                               Ablation.of([parse_neuron(n) for n in names], scale=3))
     scale = browser.find_element(By.ID, "scale")
     scale.clear()
     scale.send_keys("3")
     browser.find_element(By.ID, "amplify").click()
-    expected_up = _probability(real_model, PROMPT, result.target.id,
-                               Ablation.of([parse_neuron(n) for n in names], scale=3))
     _wait_for(browser, lambda d: "×3" in _text(d, "intervention") and d.find_elements(By.ID, "after-prob"), 60)
     assert _text(browser, "after-prob") == f"{expected_up:.6f}", _text(browser, "intervention")
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
