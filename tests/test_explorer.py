@@ -305,9 +305,15 @@ def test_the_prompt_view_in_a_browser(server, browser, real_model):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    browser.get(server + "?" + urllib.parse.urlencode({"prompt": PROMPT}))
-    _wait_for(browser, lambda d: _text(d, "graph-status").startswith("drawn") or "Error" in _text(d, "status"))
+    browser.get(server)
+    box = _wait_for(browser, lambda d: d.find_element(By.ID, "prompt"))
+    box.clear()
+    box.send_keys(PROMPT)
+    browser.find_element(By.ID, "go").click()
+    _wait_for(browser, lambda d: d.find_elements(By.ID, "graph-status") and (
+        _text(d, "graph-status").startswith("drawn") or "Error" in _text(d, "status")))
     assert _text(browser, "graph-status").startswith("drawn"), _text(browser, "status")
+    assert browser.current_url.endswith("?" + urllib.parse.urlencode({"prompt": PROMPT}))  # a link to this view
     # The graph's value neurons are the attribution's top 20 by |score|.
     result = attribute(real_model, PROMPT)
     expected = {n["id"] for n in result.graph(top=20)["nodes"] if n["kind"] in ("ffn", "attention")}

@@ -141,6 +141,7 @@ class Views:
         after = last_logits(self.model, [query.prompt], Ablation.of(neurons, scale=scale))[0]
         return {"neurons": [str(n) for n in neurons], "scale": scale,
                 "target": {"text": target.text, "id": target.id},
+                "answer_tokens": len(target.tokens) if target.tokens else 1,  # the first one is measured
                 "before": before, "after": self._outcome(after, target.id)}
 
     def _outcome(self, logits: torch.Tensor, target_id: int) -> dict[str, Any]:

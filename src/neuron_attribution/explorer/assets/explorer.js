@@ -207,7 +207,8 @@ function showIntervention(box, data) {
        ", rank " + before.rank + " → ", el("b", {id: "after-rank"}, String(after.rank))),
     el("div", {id: "after-predictions"}, "Top predictions now: ",
        after.predictions.map(p => el("span", {class: "tok"}, quoted(p.token) + " " + fmt(p.prob, 4) + "  "))),
-    el("div", {class: "muted"}, "model work " + data.seconds.toFixed(2) + " s"));
+    el("div", {class: "muted"}, (data.answer_tokens > 1 ? "the first of the answer's " + data.answer_tokens + " tokens · " : "") +
+                                "model work " + data.seconds.toFixed(2) + " s"));
 }
 
 function showNode(side, node, graph) {
@@ -325,7 +326,7 @@ function runSection(data, run) {
         el("td", {class: "num"}, (100 * t.hits / t.sentences).toFixed(0) + "%"), num(t.mean), num(t.median), num(t.min), num(t.max),
         el("td", {}, histogram(histograms[t.type] || []))))
     , "per-type-" + run.run),
-    el("h3", {}, "Sentences (best scores first)"),
+    el("h3", {}, "Sentences (best scores first" + (run.sentences_with.length < run.hits ? "; the best " + run.sentences_with.length + " of " + run.hits : "") + ")"),
     table(["sentence", "answer", "type", "#rank", "#score", data.kind === "attention" ? "source" : ""],
       run.sentences_with.map(s => el("tr", {}, el("td", {}, promptLink(s.prompt, s.target_text)),
         el("td", {class: "tok"}, quoted(s.target_text)), el("td", {}, s.type), el("td", {class: "num"}, s.rank),
