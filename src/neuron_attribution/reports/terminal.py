@@ -168,7 +168,7 @@ def print_skipped(console: Console, skipped: list, shown: int = 10, listed_in: s
     console.print(Text(f"Skipped {len(skipped)}:", style="yellow"))
     for s in skipped[:shown]:
         where = f"{s.source}:{s.line}" if s.line else s.source
-        console.print(Text(f"  {where}: {s.reason}"))
+        console.print(Text(f"  {where}: {s.reason}"), soft_wrap=True)  # a path stays whole, for copying
     if len(skipped) > shown:
         console.print(Text(f"  ... and {len(skipped) - shown} more (all listed in {listed_in})"))
 
