@@ -9,7 +9,8 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 from neuron_attribution import LoadedModel, load_model
 
-TINY_VOCAB = 257
+from .tiny_families import FAMILIES, OTHER_FAMILIES, TINY_VOCAB  # noqa: F401  (re-exported to the tests)
+
 
 
 def _randomise(model: torch.nn.Module, seed: int) -> None:
@@ -50,46 +51,16 @@ def tiny_llama_like(family: str, n_layers: int = 2, seed: int = 4) -> LoadedMode
     return LoadedModel.from_hf(model, name=f"tiny-{family}")
 
 
-def _tiny_config(family: str, parallel: bool = True):
-    """Configs of the other families, small enough for loops over every neuron, with grouped-query attention
-    where the family has it."""
-    import transformers as tf
-    common = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                  vocab_size=TINY_VOCAB, max_position_embeddings=64, tie_word_embeddings=False)
-    gqa = dict(num_key_value_heads=2, head_dim=8)
-    if family == "gemma":
-        return tf.GemmaConfig(**common, **gqa)
-    if family == "gemma2":
-        # A low cap, so that soft-capping changes the scores and the certified top-k is exercised.
-        return tf.Gemma2Config(**common, **gqa, final_logit_softcapping=3.0, attn_logit_softcapping=5.0,
-                               query_pre_attn_scalar=8, sliding_window=4)
-    if family == "gemma3_text":
-        return tf.Gemma3TextConfig(**common, **gqa, query_pre_attn_scalar=8, sliding_window=4)
-    if family == "olmo2":
-        return tf.Olmo2Config(**common, num_key_value_heads=2)
-    if family == "phi3":
-        return tf.Phi3Config(**common, num_key_value_heads=2, pad_token_id=0)
-    if family == "phi":
-        return tf.PhiConfig(**common, num_key_value_heads=2, partial_rotary_factor=0.5, qk_layernorm=True,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
-    if family == "gpt_neox":
-        return tf.GPTNeoXConfig(**common, use_parallel_residual=parallel, rotary_pct=0.5, attention_bias=True,
-                                hidden_dropout=0.0, attention_dropout=0.0)
-    if family == "gptj":
-        return tf.GPTJConfig(n_embd=32, n_inner=40, n_layer=2, n_head=4, vocab_size=TINY_VOCAB, n_positions=64,
-                             rotary_dim=4, tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0,
-                             attn_pdrop=0.0)
-    raise ValueError(family)
-
-
-OTHER_FAMILIES = ["gemma", "gemma2", "gemma3_text", "olmo2", "phi3", "phi", "gpt_neox", "gptj"]
 
 
 def tiny_family(family: str, parallel: bool = True, seed: int = 6) -> LoadedModel:
-    """A tiny random model of one of OTHER_FAMILIES (gpt_neox with `parallel=False`: its sequential block)."""
+    """A tiny random model of one of the registry's families (tests/tiny_families.py; gpt_neox with
+    `parallel=False`: its sequential block)."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_tiny_config(family, parallel))
+    if family == "gpt_neox" and not parallel:
+        family = "gpt_neox_sequential"
+    model = AutoModelForCausalLM.from_config(FAMILIES[family].config())
     _randomise(model, seed)
     model.eval()
     return LoadedModel.from_hf(model, name=f"tiny-{family}")

@@ -5,33 +5,60 @@ from __future__ import annotations
 
 import torch
 
-# Block shapes, read off the families' Hugging Face modules (docs/method.md §1), independently of the adapters.
-GEMMA_GAIN = {"gemma", "gemma2", "gemma3_text"}  # RMSNorm multiplies by 1 + weight
-POST_NORMS = {"gemma2", "gemma3_text", "olmo2"}  # (post_attention_layernorm, post_feedforward_layernorm)
+from operator import attrgetter
+
+from .tiny_families import block_of
 
 
 def model_type(model) -> str:
     return model.hf_model.config.model_type
 
 
+def block(model):
+    """The family's block facts (tests/tiny_families.py), read off its Hugging Face modules."""
+    return block_of(model_type(model), model.hf_model.config)
+
+
 def is_parallel(model) -> bool:
-    config = model.hf_model.config
-    return config.model_type in ("gptj", "phi") or (config.model_type == "gpt_neox" and config.use_parallel_residual)
+    return bool(block(model).parallel(model.hf_model.config))
+
+
+def has_post_norms(model) -> bool:
+    return block(model).post_norms is not None
+
+
+def _layer(model, layer):
+    return attrgetter(block(model).layers)(model.hf_model)[layer]
+
+
+def _module(model, layer, name):
+    return None if name is None else attrgetter(name)(_layer(model, layer))
 
 
 def gain(model, module) -> torch.Tensor:
-    return module.weight.detach().double() + (1.0 if model_type(model) in GEMMA_GAIN else 0.0)
+    weight = getattr(module, "weight", None)
+    if weight is None:  # a norm without parameters (OLMo)
+        return torch.ones(model.shape.d_model, dtype=torch.float64)
+    return weight.detach().double() + block(model).gain_offset
+
+
+def _eps(module) -> float:
+    for name in ("eps", "variance_epsilon", "variance_eps"):
+        value = getattr(module, name, None)
+        if value is not None:
+            return float(value)
+    if not list(module.parameters()):
+        return 1e-5  # OlmoLayerNorm: F.layer_norm(..., eps=1e-5) in its forward
+    raise AttributeError(f"{type(module).__name__} names no epsilon")
 
 
 def post_norm_factor(model, layer, kind, raw_output) -> torch.Tensor | None:
     """γ / rms(o) for the post-norm after the layer's "attention" or "ffn" output o, or None without one."""
-    if model_type(model) not in POST_NORMS:
+    if not has_post_norms(model):
         return None
-    block = model.hf_model.model.layers[layer]
-    module = block.post_attention_layernorm if kind == "attention" else block.post_feedforward_layernorm
-    eps = getattr(module, "eps", None) or module.variance_epsilon
+    module = _module(model, layer, block(model).post_norms[0 if kind == "attention" else 1])
     raw = raw_output.double()
-    return gain(model, module) / (raw.pow(2).mean() + eps).sqrt()
+    return gain(model, module) / (raw.pow(2).mean() + _eps(module)).sqrt()
 
 
 def raw_ffn_output(model, trace, layer, position) -> torch.Tensor:
@@ -83,17 +110,19 @@ def final_logits(model, trace, residual: torch.Tensor, reference: bool = False, 
     unembedding = _unembedding64(model)
     h = trace.final_residual[-1].double()
     y = residual.double()
-    gamma = gain(model, model.adapter.final_norm_module())
+    final = attrgetter(block(model).final_norm)(model.hf_model)
+    gamma = gain(model, final)
     if norm.kind == "layernorm":
-        scale = ((h - h.mean()).pow(2).mean() + norm.eps).sqrt()
+        scale = ((h - h.mean()).pow(2).mean() + _eps(final)).sqrt()
         normed = (y - y.mean()) / scale * gamma
-        if not reference:
-            normed = normed + norm.bias.double()
+        if not reference and getattr(final, "bias", None) is not None:
+            normed = normed + final.bias.detach().double()
     else:
-        scale = (h.pow(2).mean() + norm.eps).sqrt()
+        scale = (h.pow(2).mean() + _eps(final)).sqrt()
         normed = y / scale * gamma
     logits = unembedding.double() @ normed
     logits = logits if bias is None else logits + bias.double()
+    logits = logits * block(model).logit_multiplier(model.hf_model.config)
     cap = getattr(model.hf_model.config, "final_logit_softcapping", None)
     return logits if cap is None or not capped else cap * torch.tanh(logits / cap)
 
@@ -148,27 +177,15 @@ def layer_scores(model, trace, target) -> tuple[list[float], list[float]]:
 
 # --- query neurons and layers (docs/method.md §3), loops over the definitions -----------------------------------
 
+def _input_norm_module(model, layer, kind):
+    facts = block(model)
+    return _module(model, layer, facts.attention_norm if kind == "attention" else facts.ffn_norm)
+
+
 def _input_gain(model, layer, kind) -> torch.Tensor:
     """γ of the norm in front of the layer's attention or FFN (ones where there is none: OLMo 2)."""
-    kind_type = model_type(model)
-    hf = model.hf_model
-    if kind_type == "olmo2":
-        return torch.ones(model.shape.d_model, dtype=torch.float64)
-    if kind_type in ("gpt2", "gptj"):
-        block = hf.transformer.h[layer]
-        module = block.ln_1 if kind == "attention" or kind_type == "gptj" else block.ln_2
-    elif kind_type == "gpt_neox":
-        block = hf.gpt_neox.layers[layer]
-        module = block.input_layernorm if kind == "attention" else block.post_attention_layernorm
-    else:
-        block = hf.model.layers[layer]
-        if kind == "attention" or kind_type == "phi":
-            module = block.input_layernorm
-        elif kind_type in POST_NORMS:
-            module = block.pre_feedforward_layernorm
-        else:
-            module = block.post_attention_layernorm
-    return gain(model, module)
+    module = _input_norm_module(model, layer, kind)
+    return torch.ones(model.shape.d_model, dtype=torch.float64) if module is None else gain(model, module)
 
 
 def attention_subkey(model, layer, head, dim, kv_head=None):
@@ -184,19 +201,19 @@ def ffn_subkeys(model, layer, neuron):
 
 
 def _input_norm(model, layer, vector) -> torch.Tensor:
-    """The FFN's input norm applied to a residual vector (RMSNorm with its own scale; none for OLMo 2)."""
+    """The FFN's input norm applied to a residual vector, with its own scale (none for OLMo 2)."""
     v = vector.double()
-    if model_type(model) == "olmo2":
+    module = _input_norm_module(model, layer, "ffn")
+    if module is None:
         return v
-    block = model.hf_model.model.layers[layer]
-    module = block.pre_feedforward_layernorm if model_type(model) in POST_NORMS else block.post_attention_layernorm
-    eps = getattr(module, "eps", None) or module.variance_epsilon
-    return v / (v.pow(2).mean() + eps).sqrt() * gain(model, module)
+    if model.shape.norm_kind == "layernorm":
+        v = v - v.mean()
+    return v / (v.pow(2).mean() + _eps(module)).sqrt() * gain(model, module)
 
 
 def gate_activation(model, g: float) -> float:
     config = model.hf_model.config
-    name = getattr(config, "hidden_activation", None) or config.hidden_act
+    name = block(model).gate_activation or getattr(config, "hidden_activation", None) or config.hidden_act
     x = torch.tensor(g, dtype=torch.float64)
     if name == "silu":
         return float(x * torch.sigmoid(x))

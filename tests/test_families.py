@@ -17,17 +17,15 @@ from neuron_attribution.scoring import value
 from neuron_attribution.scoring.context import value_context
 
 from . import reference as ref
-from .conftest import OTHER_FAMILIES, tiny_family
+from .conftest import tiny_family
+from .tiny_families import ALL_VARIANTS
 from .test_query import _check_against_reference
 
 ATOL = 1e-5
-VARIANTS = OTHER_FAMILIES + ["gpt_neox_sequential"]
 
 
-@pytest.fixture(scope="module", params=VARIANTS)
+@pytest.fixture(scope="module", params=ALL_VARIANTS)
 def family_model(request) -> LoadedModel:
-    if request.param == "gpt_neox_sequential":
-        return tiny_family("gpt_neox", parallel=False)
     return tiny_family(request.param)
 
 
@@ -42,7 +40,7 @@ def _close(a, b, tol=1e-5) -> bool:
 def test_declared_shape(family_model):
     shape, kind = family_model.shape, ref.model_type(family_model)
     assert shape.parallel == ref.is_parallel(family_model)
-    assert shape.post_norms == (kind in ref.POST_NORMS)
+    assert shape.post_norms == ref.has_post_norms(family_model)
     assert shape.logit_softcap == (3.0 if kind == "gemma2" else None)
 
 

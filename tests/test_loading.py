@@ -90,15 +90,15 @@ def test_truncated_gguf_leaves_cache_untouched(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
-    config = GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, vocab_size=100,
-                          attention_types=[[["global", "local"], 1]])
-    GPTNeoForCausalLM(config).save_pretrained(tmp_path)
+    """A state-space model: no attention and FFN blocks to read."""
+    from transformers import MambaConfig, MambaForCausalLM
+    config = MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=100, state_size=4)
+    MambaForCausalLM(config).save_pretrained(tmp_path)
     from neuron_attribution.model.adapters import ADAPTERS
 
     supported = ", ".join(sorted(ADAPTERS))  # the registry: adding a family touches no list here
-    assert "gpt_neo" not in ADAPTERS and {"llama", "gpt2", "gemma3_text"} <= set(ADAPTERS)
-    with pytest.raises(UserError, match=f"unsupported architecture 'gpt_neo'; supported: {supported}$"):
+    assert "mamba" not in ADAPTERS and {"llama", "gpt2", "gemma3_text", "falcon"} <= set(ADAPTERS)
+    with pytest.raises(UserError, match=f"unsupported architecture 'mamba'; supported: {supported}$"):
         load_model(tmp_path)
 
 

@@ -58,7 +58,9 @@ def _check_against_reference(model, ids, target, k, atol, via="both", layers=Tru
         rows = getattr(result.query_layers, kind)
         assert len(rows) == (1 + 2 * model.shape.n_layers if taken else 0)
         for row in rows:
-            assert row.score == pytest.approx(expected_layers.get((kind, row.component, row.layer), 0.0), abs=atol)
+            # a ratio of sums of float32 dot products: a relative error where the parts are large (OLMo)
+            assert row.score == pytest.approx(expected_layers.get((kind, row.component, row.layer), 0.0), abs=atol,
+                                              rel=2e-5)
     return result
 
 

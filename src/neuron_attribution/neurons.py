@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 NormKind = Literal["layernorm", "rmsnorm", "identity"]  # identity: a sublayer that reads the raw residual
-FfnKind = Literal["gelu", "swiglu"]
+FfnKind = Literal["gelu", "swiglu", "relu", "relu2"]  # one key per neuron, except SwiGLU's gate and up
 
 
 class FfnIndex(NamedTuple):

@@ -120,7 +120,11 @@ def _masking(mask: torch.Tensor):
 
     def hook(module, args):
         hidden = args[0]
-        return (hidden * mask.to(device=hidden.device, dtype=hidden.dtype).unsqueeze(1), *args[1:])
+        factors = mask.to(device=hidden.device, dtype=hidden.dtype)
+        shaped = hidden
+        if hidden.dim() == 2:  # tokens flattened to (B·t, width) (OPT's FFN), the batch's rows in order
+            shaped = hidden.reshape(factors.shape[0], -1, hidden.shape[-1])
+        return ((shaped * factors.unsqueeze(1)).reshape(hidden.shape), *args[1:])
     return hook
 
 

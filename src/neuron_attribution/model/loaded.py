@@ -34,6 +34,9 @@ class LoadedModel:
         adapter = adapter_for(hf_model)
         if getattr(hf_model.config, "_attn_implementation", None) != "eager":
             hf_model.set_attn_implementation("eager")
+        if getattr(hf_model.config, "_attn_implementation", None) != "eager":
+            # Families that cannot switch (Falcon) read the choice from their config at every call.
+            hf_model.config._attn_implementation = "eager"
         hf_model.eval()
         return cls(hf_model=hf_model, tokenizer=tokenizer, adapter=adapter, name=name, source=source, spec=spec)
 

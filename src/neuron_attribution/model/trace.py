@@ -139,6 +139,7 @@ class _Recorder:
         self.slots: dict[str, list[list[Tensor]]] = {key: [[] for _ in range(n)] for key in keys}
         self.final_residual: list[Tensor] = []
         self.handles: list = []
+        self.call_shape: tuple[int, ...] = ()  # (B, t) of the current call, for tensors a family flattened
 
     def _kept_part(self, value: Tensor) -> Tensor:
         """`value` (B, t, ...) over this call's t positions, cut to the kept ones among them."""
@@ -148,7 +149,9 @@ class _Recorder:
         return value[:, (self.kept[inside] - self.offset).to(value.device)]
 
     def _float(self, value: Tensor) -> Tensor:
-        return value.detach().to(device=self.device, dtype=torch.float32)
+        # A copy even where dtype and device already match: some blocks add into a sublayer's output in place
+        # after it is returned (Falcon's `mlp_output += attention_output`).
+        return value.detach().to(device=self.device, dtype=torch.float32, copy=True)
 
     def _store(self, key: str, layer: int, value: Tensor) -> None:
         """`value` is (B, t, ...) over this call's t positions; per-position keys keep only the kept ones."""
@@ -182,8 +185,13 @@ class _Recorder:
     def _layer_input(self, layer: int):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
+            self.call_shape = hidden.shape[:2]
             self._store("layer_inputs", layer, hidden)
         return hook
+
+    def _per_token(self, value: Tensor) -> Tensor:
+        """(B, t, ...) from a sublayer tensor that the family flattened to (B·t, ...) (OPT's FFN)."""
+        return value if value.dim() == 3 else value.reshape(*self.call_shape, -1)
 
     def _post_norm(self, layer: int, kind: str):
         """The normalised sublayer output is what the residual receives; the scale is the norm's own
@@ -218,12 +226,12 @@ class _Recorder:
 
     def _coefficients(self, layer: int):
         def hook(module, args):
-            self._store("ffn_coefficients", layer, args[0])
+            self._store("ffn_coefficients", layer, self._per_token(args[0]))
         return hook
 
     def _ffn_output(self, layer: int):
         def hook(module, args, output):
-            self._store("ffn_outputs", layer, output[0] if isinstance(output, tuple) else output)
+            self._store("ffn_outputs", layer, self._per_token(output[0] if isinstance(output, tuple) else output))
         return hook
 
     def _final(self, module, args):

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ...neurons import ModelShape, NormKind
+from ...neurons import FfnKind, ModelShape, NormKind
 from ...registry import Registry
 from ..weights import LayerStack, Matrix
 
@@ -196,6 +196,32 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def _read_layer_weights(self, layer: int) -> LayerWeights: ...
 
+    def shape_from_config(self, ffn_kind: FfnKind, norm_kind: NormKind, parallel: bool = False, *,
+                          layers: str = "num_hidden_layers", heads: str = "num_attention_heads",
+                          hidden: str = "hidden_size", ffn: str = "intermediate_size",
+                          positions: str = "max_position_embeddings", kv_heads: int | None = None) -> ModelShape:
+        """The shape from the config, under the names this family's config uses (defaults: the names most
+        families share); the block's kinds are the family's to declare. An FFN width of None is 4·d (GPT-2's
+        `n_inner`); grouped-query heads and head_dim are read where the config has them."""
+        c = self.config
+        n_heads, d_model = getattr(c, heads), getattr(c, hidden)
+        return ModelShape(
+            family=c.model_type,
+            n_layers=getattr(c, layers),
+            n_heads=n_heads,
+            n_kv_heads=kv_heads or getattr(c, "num_key_value_heads", None) or n_heads,
+            head_dim=getattr(c, "head_dim", None) or d_model // n_heads,
+            d_model=d_model,
+            d_ffn=getattr(c, ffn, None) or 4 * d_model,
+            vocab_size=c.vocab_size,
+            max_positions=getattr(c, positions, None),
+            ffn_kind=ffn_kind,
+            norm_kind=norm_kind,
+            parallel=parallel,
+            post_norms=self.paths.attention_post_norm is not None,
+            logit_softcap=getattr(c, "final_logit_softcapping", None),
+        )
+
     def _norm(self, module: nn.Module) -> NormParams:
         return norm_from_module(module, self.shape.norm_kind, self.norm_gain_offset)
 
@@ -314,15 +340,22 @@ def _gain(post_norm: NormParams | None) -> Tensor | None:
 
 
 def norm_from_module(module: nn.Module, kind: NormKind, gain_offset: float = 0.0) -> NormParams:
-    """`gain_offset`: Gemma's RMSNorm multiplies by 1 + weight; its effective gain is weight + 1."""
-    if kind == "layernorm":
-        bias = None if module.bias is None else as_f32(module.bias)
-        return NormParams("layernorm", as_f32(module.weight), bias, float(module.eps))
-    eps = getattr(module, "variance_epsilon", None)
-    if eps is None:
-        eps = getattr(module, "eps")
+    """`gain_offset`: Gemma's RMSNorm and Nemotron's LayerNorm1P multiply by 1 + weight; the effective gain is
+    weight + 1."""
     weight = as_f32(module.weight)
-    return NormParams("rmsnorm", weight + gain_offset if gain_offset else weight, None, float(eps))
+    weight = weight + gain_offset if gain_offset else weight
+    if kind == "layernorm":
+        bias = getattr(module, "bias", None)
+        return NormParams("layernorm", weight, None if bias is None else as_f32(bias), _epsilon(module))
+    return NormParams("rmsnorm", weight, None, _epsilon(module))
+
+
+def _epsilon(module: nn.Module) -> float:
+    for name in ("eps", "variance_epsilon", "layer_norm_eps"):
+        value = getattr(module, name, None)
+        if value is not None:
+            return float(value)
+    raise TypeError(f"{type(module).__name__} names no epsilon")
 
 
 def identity_norm(d_model: int, device: torch.device) -> NormParams:

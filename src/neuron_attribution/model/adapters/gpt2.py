@@ -20,20 +20,8 @@ class Gpt2Adapter(FamilyAdapter):
 
     @property
     def shape(self) -> ModelShape:
-        c = self.config
-        return ModelShape(
-            family=self.family,
-            n_layers=c.n_layer,
-            n_heads=c.n_head,
-            n_kv_heads=c.n_head,
-            head_dim=c.n_embd // c.n_head,
-            d_model=c.n_embd,
-            d_ffn=c.n_inner or 4 * c.n_embd,
-            vocab_size=c.vocab_size,
-            max_positions=c.n_positions,
-            ffn_kind="gelu",
-            norm_kind="layernorm",
-        )
+        return self.shape_from_config("gelu", "layernorm", layers="n_layer", heads="n_head",
+                                      hidden="n_embd", ffn="n_inner", positions="n_positions")
 
     def _read_layer_weights(self, layer: int) -> LayerWeights:
         block, s = self._layer(layer), self.shape

@@ -17,9 +17,5 @@ class GptJAdapter(LinearAdapter):
 
     @property
     def shape(self) -> ModelShape:
-        c = self.config
-        return ModelShape(
-            family=self.family, n_layers=c.n_layer, n_heads=c.n_head, n_kv_heads=c.n_head,
-            head_dim=c.n_embd // c.n_head, d_model=c.n_embd, d_ffn=c.n_inner or 4 * c.n_embd,
-            vocab_size=c.vocab_size, max_positions=c.n_positions, ffn_kind="gelu", norm_kind="layernorm",
-            parallel=True)
+        return self.shape_from_config("gelu", "layernorm", True, layers="n_layer", heads="n_head",
+                                      hidden="n_embd", ffn="n_inner", positions="n_positions")

@@ -18,26 +18,8 @@ class LinearAdapter(FamilyAdapter):
 
     def shape_from_standard_config(self, ffn_kind: FfnKind, norm_kind: NormKind, parallel: bool = False
                                    ) -> ModelShape:
-        """The shape from the config names most families share (num_hidden_layers, hidden_size, ...); the
-        block's kinds are the family's to declare."""
-        c = self.config
-        heads = c.num_attention_heads
-        return ModelShape(
-            family=c.model_type,
-            n_layers=c.num_hidden_layers,
-            n_heads=heads,
-            n_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-            head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
-            d_model=c.hidden_size,
-            d_ffn=c.intermediate_size,
-            vocab_size=c.vocab_size,
-            max_positions=getattr(c, "max_position_embeddings", None),
-            ffn_kind=ffn_kind,
-            norm_kind=norm_kind,
-            parallel=parallel,
-            post_norms=self.paths.attention_post_norm is not None,
-            logit_softcap=getattr(c, "final_logit_softcapping", None),
-        )
+        """The shape from the config names most families share (num_hidden_layers, hidden_size, ...)."""
+        return self.shape_from_config(ffn_kind, norm_kind, parallel)
 
     def _value_rows(self, layer: int) -> tuple[Tensor, Tensor | None]:
         """(H_kv·d_h, d) value-projection rows (or already (H_kv, d_h, d)) and their optional bias."""

@@ -7,7 +7,6 @@ from dataclasses import replace
 
 from torch import Tensor
 
-from .base import native
 from .llama import LLAMA_PATHS, LlamaAdapter
 
 
@@ -15,6 +14,7 @@ class Phi3Adapter(LlamaAdapter):
     family = "phi3"
     model_types = ("phi3",)
     paths = replace(LLAMA_PATHS, value="self_attn.qkv_proj")
+    fused_gate_up = True
 
     def _value_start(self) -> int:
         s = self.shape
@@ -28,9 +28,3 @@ class Phi3Adapter(LlamaAdapter):
         start = self._value_start()
         return rows[start:], None if bias is None else bias[start:]
 
-    def _ffn_subkeys(self, layer: int) -> dict[str, Tensor]:
-        gate, up = native(self.mlp(layer).gate_up_proj.weight).chunk(2, dim=0)
-        return {"gate": gate, "up": up}
-
-    def ffn_activation(self, layer: int):
-        return self.mlp(layer).activation_fn

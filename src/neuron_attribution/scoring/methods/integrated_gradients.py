@@ -58,7 +58,9 @@ class IntegratedGradients(FfnScorer):
 
         def replace_last(mod, args):
             hidden = args[0].clone()
-            hidden[:, -1, :] = point.to(hidden.device)  # layers may sit on different GPUs (device_map="auto")
+            # (B, T, N), or (B·T, N) where the family flattens tokens (OPT): a view either way
+            per_token = hidden.view(path.shape[0], len(token_ids), -1)
+            per_token[:, -1, :] = point.to(hidden.device)  # layers may sit on different GPUs (device_map="auto")
             return (hidden, *args[1:])
 
         handle = module.register_forward_pre_hook(replace_last)
