@@ -53,12 +53,14 @@ def _eps(module) -> float:
 
 
 def post_norm_factor(model, layer, kind, raw_output) -> torch.Tensor | None:
-    """γ / rms(o) for the post-norm after the layer's "attention" or "ffn" output o, or None without one."""
+    """What the layer's "attention" or "ffn" output o is multiplied by before it is added: γ / rms(o) for a
+    post-norm, the residual multiplier (Granite), or None for neither."""
+    multiplier = float(block(model).residual_multiplier(model.hf_model.config))
     if not has_post_norms(model):
-        return None
+        return None if multiplier == 1.0 else torch.tensor(multiplier, dtype=torch.float64)
     module = _module(model, layer, block(model).post_norms[0 if kind == "attention" else 1])
     raw = raw_output.double()
-    return gain(model, module) / (raw.pow(2).mean() + _eps(module)).sqrt()
+    return gain(model, module) / (raw.pow(2).mean() + _eps(module)).sqrt() * multiplier
 
 
 def raw_ffn_output(model, trace, layer, position) -> torch.Tensor:

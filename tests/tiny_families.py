@@ -30,6 +30,7 @@ class Block:
     gain_offset: float = 0.0  # RMSNorm/LayerNorm multiplying by 1 + weight
     final_norm: str = "model.norm"
     logit_multiplier: Callable[[object], float] = lambda config: 1.0
+    residual_multiplier: Callable[[object], float] = lambda config: 1.0  # on each sublayer's output
     gate_activation: str | None = None  # a gated FFN's activation, where config.hidden_act does not say
 
 
@@ -129,6 +130,14 @@ FAMILIES: dict[str, TinyFamily] = {
                                                          max_position_embeddings=64, tie_word_embeddings=False),
                                  Block(layers="transformer.h", attention_norm="ln_attn", ffn_norm="ln_mlp",
                                        parallel=lambda c: True, final_norm="transformer.ln_f")),
+    "bloom": TinyFamily(lambda: tf.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=TINY_VOCAB,
+                                               hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False),
+                        Block(layers="transformer.h", final_norm="transformer.ln_f")),
+    "granite": TinyFamily(lambda: tf.GraniteConfig(**COMMON, num_key_value_heads=2, embedding_multiplier=3.0,
+                                                   residual_multiplier=0.4, attention_multiplier=0.2,
+                                                   logits_scaling=2.5),
+                          Block(logit_multiplier=lambda c: 1 / c.logits_scaling,
+                                residual_multiplier=lambda c: c.residual_multiplier)),
 }
 
 # Variants that share a model type with another entry: `block_of` picks theirs by the config.

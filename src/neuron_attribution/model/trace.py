@@ -203,9 +203,17 @@ class _Recorder:
             self._store(f"{kind}_output_scales", layer, norm.own_scale(args[0].detach().float()).squeeze(-1))
         return hook
 
+    def _own_output(self, args, output: Tensor) -> Tensor:
+        """A sublayer's output as the residual receives it: less the residual a family's module adds to it
+        itself (Bloom), times the residual multiplier (Granite)."""
+        if self.adapter.sublayers_add_residual:
+            output = output - args[1]
+        multiplier = self.adapter.residual_multiplier
+        return output if multiplier == 1.0 else output * multiplier
+
     def _attention(self, layer: int, keep_output: bool):
         def hook(module, args, output):
-            attention_output, weights = output[0], output[1]
+            attention_output, weights = self._own_output(args, output[0]), output[1]
             if keep_output:
                 self._store("attention_outputs", layer, attention_output)
             tokens = attention_output.shape[1]
@@ -231,7 +239,8 @@ class _Recorder:
 
     def _ffn_output(self, layer: int):
         def hook(module, args, output):
-            self._store("ffn_outputs", layer, self._per_token(output[0] if isinstance(output, tuple) else output))
+            output = self._own_output(args, output[0] if isinstance(output, tuple) else output)
+            self._store("ffn_outputs", layer, self._per_token(output))
         return hook
 
     def _final(self, module, args):

@@ -137,6 +137,9 @@ class FamilyAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]]  # config.model_type values this adapter covers
     paths: ClassVar[ModelPaths]
     norm_gain_offset: ClassVar[float] = 0.0  # Gemma's RMSNorm multiplies by 1 + weight
+    # The attention and MLP modules add the residual they are given (their second argument) to what they return
+    # (Bloom): the sublayer's own output is the module's output less that residual.
+    sublayers_add_residual: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -225,8 +228,24 @@ class FamilyAdapter(ABC):
     def _norm(self, module: nn.Module) -> NormParams:
         return norm_from_module(module, self.shape.norm_kind, self.norm_gain_offset)
 
+    @property
+    def logit_multiplier(self) -> float:
+        """What the logits are multiplied by after the unembedding (Cohere's `logit_scale`, Granite's
+        1/`logits_scaling`); 1 for most families. Folded into the final norm's gain: the same logits."""
+        return 1.0
+
+    @property
+    def residual_multiplier(self) -> float:
+        """What each sublayer's output is multiplied by before it is added to the residual (Granite); 1 for most
+        families. The trace records the outputs as added, and neurons' residual directions carry it."""
+        return 1.0
+
     def final_norm(self) -> NormParams:
-        return moved(self._norm(self.final_norm_module()), self.device)
+        norm = self._norm(self.final_norm_module())
+        if self.logit_multiplier != 1.0:
+            norm = replace(norm, weight=norm.weight * self.logit_multiplier,
+                           bias=None if norm.bias is None else norm.bias * self.logit_multiplier)
+        return moved(norm, self.device)
 
     def _read_unembedding(self) -> tuple[Tensor, Tensor | None]:
         """(V, d) output matrix (as the model holds it) and optional (V,) float32 bias."""
@@ -269,7 +288,7 @@ class FamilyAdapter(ABC):
         """Every layer's FFN value vectors as directions in the residual stream, (L, N, d) as a `LayerStack` read
         where the weights live. Behind a post-norm, a vector reaches the residual multiplied by the norm's gain γ
         and its frozen scale; γ is folded in here, the per-position scale lives in the trace."""
-        return LayerStack([Matrix.of(w.ffn_values, self.device, _gain(w.ffn_post_norm))
+        return LayerStack([Matrix.of(w.ffn_values, self.device, self._residual_gain(w.ffn_post_norm))
                            for w in self._all_layer_weights()], self.device)
 
     @cached_property
@@ -278,7 +297,17 @@ class FamilyAdapter(ABC):
         residual stream."""
         s = self.shape
         return LayerStack([Matrix.of(w.output_weight.reshape(s.n_heads * s.head_dim, s.d_model), self.device,
-                                     _gain(w.attention_post_norm)) for w in self._all_layer_weights()], self.device)
+                                     self._residual_gain(w.attention_post_norm)) for w in self._all_layer_weights()],
+                          self.device)
+
+    def _residual_gain(self, post_norm: NormParams | None) -> Tensor | None:
+        """What multiplies a sublayer's vectors on their way into the residual, per dimension: a post-norm's
+        gain γ and the residual multiplier (None: nothing)."""
+        gain = None if post_norm is None else post_norm.weight
+        if self.residual_multiplier == 1.0:
+            return gain
+        ones = torch.ones(self.shape.d_model, device=self.device)
+        return (ones if gain is None else gain) * self.residual_multiplier
 
     def _all_layer_weights(self) -> list[LayerWeights]:
         return [self.layer_weights(l) for l in range(self.shape.n_layers)]
@@ -333,10 +362,6 @@ class FamilyAdapter(ABC):
 # LayerWeights' parts that are vectors of the hidden size (or smaller): moved to the scoring device once.
 _SMALL_PARTS = ("attention_norm", "ffn_norm", "value_bias", "output_bias", "ffn_bias", "attention_post_norm",
                 "ffn_post_norm")
-
-
-def _gain(post_norm: NormParams | None) -> Tensor | None:
-    return None if post_norm is None else post_norm.weight
 
 
 def norm_from_module(module: nn.Module, kind: NormKind, gain_offset: float = 0.0) -> NormParams:

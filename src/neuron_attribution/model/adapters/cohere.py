@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .base import ModelShape, NormParams, moved
+from .base import ModelShape
 from .llama import LLAMA_PATHS, LlamaAdapter
 
 
@@ -15,9 +15,9 @@ class CohereAdapter(LlamaAdapter):
     model_types = ("cohere", "cohere2")
     paths = replace(LLAMA_PATHS, ffn_norm="input_layernorm")
 
-    def final_norm(self) -> NormParams:
-        norm = self._norm(self.final_norm_module())
-        return moved(replace(norm, weight=norm.weight * float(self.config.logit_scale)), self.device)
+    @property
+    def logit_multiplier(self) -> float:
+        return float(self.config.logit_scale)
 
     @property
     def shape(self) -> ModelShape:
