@@ -44,6 +44,19 @@ def test_declared_shape(family_model):
     assert shape.logit_softcap == (3.0 if kind == "gemma2" else None)
 
 
+def test_info_names_the_declared_block():
+    from neuron_attribution.model.describe import describe_model
+
+    blocks = {family: describe_model(tiny_family(family))["block"] for family in
+              ("granite", "cohere", "olmo2", "gemma2", "bloom", "falcon")}
+    assert blocks["granite"] == "sequential, sublayer outputs × 0.4, logits × 0.4"
+    assert blocks["cohere"] == "parallel attention and FFN, logits × 0.5"
+    assert blocks["olmo2"] == "sequential, no norms before the sublayers, post-sublayer norms"
+    assert blocks["gemma2"] == "sequential, post-sublayer norms, norm gains 1 + γ, logits soft-capped at 3"
+    assert blocks["bloom"] == "sequential, sublayer modules add the residual themselves"
+    assert blocks["falcon"] == "parallel attention and FFN"
+
+
 def test_decomposition(family_model):
     model = family_model
     trace = trace_token_ids(model, [IDS])[0]
@@ -176,7 +189,8 @@ def test_unsupported_block_is_a_one_line_error():
     from transformers import MixtralConfig, MixtralForCausalLM
     config = MixtralConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=64, num_local_experts=2, num_experts_per_tok=1)
-    with pytest.raises(UserError, match=r"unsupported architecture 'mixtral'; supported: .*gemma3_text.*gpt_neox"):
+    lacks = r"\(a mixture-of-experts FFN, which no adapter reads yet\)"
+    with pytest.raises(UserError, match=rf"unsupported architecture 'mixtral' {lacks}; supported: .*gemma3_text"):
         LoadedModel.from_hf(MixtralForCausalLM(config), name="moe")
 
 

@@ -98,7 +98,8 @@ def test_unsupported_architecture(tmp_path):
 
     supported = ", ".join(sorted(ADAPTERS))  # the registry: adding a family touches no list here
     assert "mamba" not in ADAPTERS and {"llama", "gpt2", "gemma3_text", "falcon"} <= set(ADAPTERS)
-    with pytest.raises(UserError, match=f"unsupported architecture 'mamba'; supported: {supported}$"):
+    lacks = r"\(state-space layers, not attention: no attention neurons to read\)"
+    with pytest.raises(UserError, match=f"unsupported architecture 'mamba' {lacks}; supported: {supported}$"):
         load_model(tmp_path)
 
 

@@ -23,7 +23,7 @@ def describe_model(model: LoadedModel) -> dict[str, Any]:
         "ffn_neurons": s.n_layers * s.d_ffn,
         "ffn_kind": s.ffn_kind,
         "norm": s.norm_kind,
-        "block": _block(s),
+        "block": _block(model),
         "vocab_size": s.vocab_size,
         "max_positions": s.max_positions,
         "attention_neurons_per_token": s.attention_neurons_per_token,
@@ -34,10 +34,22 @@ def describe_model(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-def _block(s) -> str:
+def _block(model: LoadedModel) -> str:
+    """The block's declared shape in words (docs/method.md §1): what the adapter read off the family."""
+    s, adapter = model.shape, model.adapter
     parts = ["parallel attention and FFN" if s.parallel else "sequential"]
+    if adapter.paths.attention_norm is None:
+        parts.append("no norms before the sublayers")
     if s.post_norms:
         parts.append("post-sublayer norms")
+    if adapter.norm_gain_offset:
+        parts.append(f"norm gains {adapter.norm_gain_offset:g} + γ")
+    if adapter.sublayers_add_residual:
+        parts.append("sublayer modules add the residual themselves")
+    if adapter.residual_multiplier != 1.0:
+        parts.append(f"sublayer outputs × {adapter.residual_multiplier:g}")
+    if adapter.logit_multiplier != 1.0:
+        parts.append(f"logits × {adapter.logit_multiplier:g}")
     if s.logit_softcap is not None:
         parts.append(f"logits soft-capped at {s.logit_softcap:g}")
     return ", ".join(parts)

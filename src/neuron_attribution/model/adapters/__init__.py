@@ -23,8 +23,20 @@ def supported_model_types() -> list[str]:
 def adapter_for(hf_model: nn.Module) -> FamilyAdapter:
     model_type = getattr(hf_model.config, "model_type", None)
     if model_type not in ADAPTERS:
-        raise UserError(f"unsupported architecture {model_type!r}; supported: {', '.join(supported_model_types())}")
+        raise UserError(f"unsupported architecture {model_type!r} ({_what_it_lacks(hf_model.config)}); "
+                        f"supported: {', '.join(supported_model_types())}")
     return ADAPTERS[model_type](hf_model)
+
+
+def _what_it_lacks(config) -> str:
+    """Why no adapter reads this block, as far as its config tells."""
+    if any(getattr(config, name, None) for name in ("num_local_experts", "num_experts", "n_routed_experts")):
+        return "a mixture-of-experts FFN, which no adapter reads yet"
+    if getattr(config, "state_size", None) or getattr(config, "ssm_state_size", None):
+        return "state-space layers, not attention: no attention neurons to read"
+    if getattr(config, "kv_lora_rank", None):
+        return "multi-head latent attention, which no adapter reads"
+    return "no adapter declares its block"
 
 
 __all__ = ["ADAPTERS", "FamilyAdapter", "LayerWeights", "ModelPaths", "ModelShape", "NormParams", "adapter_for",
