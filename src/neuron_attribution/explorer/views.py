@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..model.interventions import Ablation, last_logits
 from ..model.loaded import LoadedModel
 from ..model.prompts import encode_prompt, encode_target, token_text, token_texts
+from ..model.readout import project_to_vocabulary
 from ..neurons import AttentionIndex, FfnIndex, HeadIndex, NeuronIndex, parse_neuron
 from ..pipelines.attribute import attribute_with
 from ..pipelines.predict import top_predictions
@@ -169,8 +170,6 @@ class Views:
         first = s.head_column(head.head, 0)
         vectors = self.model.adapter.output_weight_stack.layers[head.layer].rows(
             torch.arange(first, first + s.head_dim))
-        from ..model.readout import project_to_vocabulary
-
         logits = project_to_vocabulary(self.model.adapter.final_norm(), self.model.adapter.unembedding_matrix,
                                        vectors)
         top, bottom = logits.topk(3).indices.tolist(), logits.topk(3, largest=False).indices.tolist()
@@ -233,18 +232,22 @@ class Views:
 
     def _spread(self) -> dict[str, torch.Tensor]:
         """Each neuron's standard deviation over the vocabulary of its projection logits, sqrt(uᵀ S u) with
-        S = Lᵀ Cov(U) L (L the final norm's linear part): one d×d matrix, then a d-sized product per neuron.
-        Computed once, on the first search."""
+        S = Lᵀ Cov(U) L (L the final norm's linear part): one d×d matrix (V·d² multiply-adds), then a d×d
+        product per neuron (L·N·d²: about a second for SmolLM2 on a CPU, minutes for a 7B model there).
+        Computed once, on the first search, where the weights live."""
         if self._token_spread is None:
             unembedding = self.model.adapter.unembedding_matrix
-            d = unembedding.shape[1]
-            second, total = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+            n, d = unembedding.shape
+            where = unembedding.weight.device
+            mean = torch.zeros(d, dtype=torch.float64, device=where)
             for _, block in unembedding.chunks():
-                block = block.double().cpu()
-                second += block.T @ block
-                total += block.sum(0)
-            n = unembedding.shape[0]
-            covariance = (second / n - torch.outer(total / n, total / n)).float()
+                mean += block.double().sum(0)
+            mean = (mean / n).float()
+            covariance = torch.zeros(d, d, device=where)  # of rows centred first: no cancellation in float32
+            for _, block in unembedding.chunks():
+                centred = block - mean
+                covariance += centred.T @ centred
+            covariance /= n
             norm = self.model.adapter.final_norm()
             device = self.model.adapter.ffn_value_stack.device
             half = norm.adjoint(covariance.to(device))  # Cov·L
