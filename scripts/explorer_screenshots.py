@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import urllib.parse
 from pathlib import Path
 
@@ -19,19 +18,7 @@ from neuron_attribution.explorer.views import Views
 from neuron_attribution.settings import ScoringOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_explorer import _driver  # noqa: E402
-
-
-def _until(predicate, seconds: float = 120) -> None:
-    end = time.time() + seconds
-    while time.time() < end:
-        try:
-            if predicate():
-                return
-        except Exception:  # not on the page yet
-            pass
-        time.sleep(0.05)
-    raise TimeoutError
+from test_explorer import _driver, _wait_for  # noqa: E402  (the tests' Chromium set-up and wait)
 
 
 def main() -> None:
@@ -47,16 +34,16 @@ def main() -> None:
         driver.set_window_size(1400, 1500)
         try:
             driver.get(url + "?" + urllib.parse.urlencode({"prompt": "The capital of France is"}))
-            _until(lambda: driver.find_element(By.ID, "graph-status").text.startswith("drawn"))
+            _wait_for(driver, lambda d: d.find_element(By.ID, "graph-status").text.startswith("drawn"))
             driver.execute_script("explorer.graph.cy.getElementById('ffn:27_846').emit('tap')")
             for name in ("27_846", "28_1078"):
                 driver.find_element(By.CSS_SELECTOR, f'#ffn-table button.pick[data-neuron="{name}"]').click()
             driver.find_element(By.ID, "switch-off").click()
-            _until(lambda: driver.find_elements(By.ID, "after-prob"))
+            _wait_for(driver, lambda d: d.find_elements(By.ID, "after-prob"))
             driver.execute_script("window.scrollTo(0, 0)")
             driver.save_screenshot(str(args.out / "explorer.png"))
             driver.get(url + "neuron/27_846")
-            _until(lambda: driver.find_elements(By.CSS_SELECTOR, ".run-section .hits"))
+            _wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".run-section .hits"))
             driver.save_screenshot(str(args.out / "explorer-neuron.png"))
         finally:
             driver.quit()

@@ -31,6 +31,7 @@ from ..model.prompts import encode_prompt
 from ..neurons import parse_neuron
 from .model_queue import ModelQueue
 from .run_index import RunIndex
+from .server import LOOPBACK_NAMES
 from .views import PromptQuery, Views, neuron_list, scale_of
 
 MAX_BODY = 64 * 1024
@@ -44,8 +45,10 @@ ASSETS = {
     "cytoscape.min.js": ("neuron_attribution.reports", "vendor/cytoscape-3.35.0.min.js", "text/javascript"),
 }
 SECURITY_HEADERS = [
-    (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-                                 b"connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
+    # Cytoscape.js sets inline styles; scripts come only from this server.
+    (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                 b"img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'self'; "
+                                 b"frame-ancestors 'none'"),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
 ]
@@ -191,7 +194,7 @@ def create_app(views: Views, runs: RunIndex, *, allowed_hosts: list[str] | None 
               Route("/api/intervene", intervene, methods=["POST"]),
               Route("/api/neuron/{name}", neuron), Route("/api/search", search),
               Route("/api/runs/{run:int}", run_view)]
-    hosts = allowed_hosts or ["127.0.0.1", "localhost", "[::1]", "::1"]
+    hosts = allowed_hosts or LOOPBACK_NAMES
     app = Starlette(routes=routes, middleware=[Middleware(_SecurityHeaders),
                                                Middleware(TrustedHostMiddleware, allowed_hosts=hosts)],
                     exception_handlers={UserError: user_error, HTTPException: http_error, Exception: server_error},

@@ -136,10 +136,7 @@ class RunIndex:
             f"AS width FROM hits) SELECT run, type, least(floor((score - lo) / width * {HISTOGRAM_BINS}), "
             f"{HISTOGRAM_BINS - 1})::INTEGER AS bin, count(*) AS count, any_value(lo) AS lo, "
             "any_value(width) AS width FROM hits, span GROUP BY run, type, bin ORDER BY run, type, bin", parameters)
-        totals = self._query(f"WITH hits AS ({hits}) SELECT run, count(*) AS hits FROM hits GROUP BY run",
-                             parameters)
-        found = {row["run"]: row["hits"] for row in totals}
-        return [{**run.summary(), "hits": found.get(run.index, 0),
+        return [{**run.summary(), "hits": sum(r["hits"] for r in per_type if r["run"] == run.index),
                  "top_k": TOP_HEADS if isinstance(index, HeadIndex) else self.top[run.index],
                  "sentences_with": [r for r in sentences if r["run"] == run.index],
                  "per_type": [r for r in per_type if r["run"] == run.index],

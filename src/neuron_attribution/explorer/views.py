@@ -92,7 +92,7 @@ class Views:
         self.options = options
         self._cache: OrderedDict[PromptQuery, tuple[Attribution, dict[str, Any]]] = OrderedDict()
         self._lock = threading.Lock()
-        self._token_spread: dict[str, torch.Tensor] | None = None
+        self._token_spread: dict[str, torch.Tensor] | None = None  # see _statistics
 
     # -- the prompt view --------------------------------------------------------------------------------------
 
@@ -122,12 +122,12 @@ class Views:
             "query": query.__dict__, "model": result.model, "prompt": result.prompt, "tokens": result.tokens,
             "target": result.target.to_dict(), "predictions": [p.__dict__ for p in result.predictions],
             "vocab_size": result.vocab_size, "layers": result.layers.__dict__,
-            "heads": [{**h.__dict__, "name": f"{h.layer}.{h.head}",
+            "heads": [{**h.__dict__, "name": str(h.index),
                        "sources": [{"position": s.position, "token": s.token, "score": s.score}
                                    for s in result.strongest_sources(h)]} for h in heads],
             "ffn_neurons": [_row(n) for n in result.ffn_neurons[:TABLE_ROWS]],
             "attention_neurons": [_row(n) for n in result.attention_neurons[:TABLE_ROWS]],
-            "query_neurons": [{**q.__dict__, "name": f"{q.layer}_{q.neuron}"}
+            "query_neurons": [{**q.__dict__, "name": str(FfnIndex(q.layer, q.neuron))}
                               for q in result.query_neurons[:TABLE_ROWS]],
             "graph": result.graph(top=max(1, everything)),
         }
@@ -197,7 +197,7 @@ class Views:
         projection logit of the token, less the mean over the vocabulary, in standard deviations of that
         neuron's projection (z). High z: a positive coefficient raises the token more than most; low z: a
         negative one does. Computed from weights, for every neuron, as d-sized products."""
-        spread = self._spread()
+        spread = self._statistics()
         direction = self._centred_direction(token_id)
         found: dict[str, Any] = {"token": token_text(self.model, token_id), "token_id": token_id}
         for kind, stack in (("ffn", self.model.adapter.ffn_value_stack),
@@ -212,26 +212,21 @@ class Views:
 
     def _found(self, kind: str, rows: int, flat: int, logit: float, z: float) -> dict[str, Any]:
         layer, row = divmod(flat, rows)
-        if kind == "ffn":
-            name = f"{layer}_{row}"
-        else:
-            head, dim = divmod(row, self.model.shape.head_dim)
-            name = f"{layer}_{head}_{dim}"
-        return {"name": name, "layer": layer, "centred_logit": logit, "z": z}
+        head_dim = self.model.shape.head_dim
+        index = FfnIndex(layer, row) if kind == "ffn" else AttentionIndex(layer, *divmod(row, head_dim))
+        return {"name": str(index), "layer": layer, "centred_logit": logit, "z": z}
 
     def _centred_direction(self, token_id: int) -> torch.Tensor:
         """k with k·u = (U_t − mean_v U_v)·linear_part(u) for every vector u: the token's centred projection
         logit as one dot product (the final norm's adjoint)."""
         unembedding = self.model.adapter.unembedding_matrix
-        total = torch.zeros(unembedding.shape[1], dtype=torch.float64, device=unembedding.device)
-        for _, block in unembedding.chunks():
-            total += block.double().sum(0)
-        row = unembedding.rows(torch.tensor([token_id]))[0].double()
-        centred = (row - total.to(row.device) / unembedding.shape[0]).float()
-        return self.model.adapter.final_norm().adjoint(centred.unsqueeze(0).to(row.device))[0]
+        row = unembedding.rows(torch.tensor([token_id]))[0]
+        centred = row - self._statistics()["mean"].to(row.device)
+        return self.model.adapter.final_norm().adjoint(centred.unsqueeze(0))[0]
 
-    def _spread(self) -> dict[str, torch.Tensor]:
-        """Each neuron's standard deviation over the vocabulary of its projection logits, sqrt(uᵀ S u) with
+    def _statistics(self) -> dict[str, torch.Tensor]:
+        """The vocabulary's mean unembedding row ("mean") and each neuron's standard deviation over the
+        vocabulary of its projection logits ("ffn", "attention"), sqrt(uᵀ S u) with
         S = Lᵀ Cov(U) L (L the final norm's linear part): one d×d matrix (V·d² multiply-adds), then a d×d
         product per neuron (L·N·d²: about a second for SmolLM2 on a CPU, minutes for a 7B model there).
         Computed once, on the first search, where the weights live."""
@@ -252,7 +247,7 @@ class Views:
             device = self.model.adapter.ffn_value_stack.device
             half = norm.adjoint(covariance.to(device))  # Cov·L
             quadratic = norm.adjoint(half.T.contiguous())  # Lᵀ·Cov·L
-            self._token_spread = {}
+            self._token_spread = {"mean": mean}
             for kind, stack in (("ffn", self.model.adapter.ffn_value_stack),
                                 ("attention", self.model.adapter.output_weight_stack)):
                 variance = torch.empty(stack.n_layers * stack.n_rows, device=device)

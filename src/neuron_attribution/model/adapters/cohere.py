@@ -21,4 +21,4 @@ class CohereAdapter(LlamaAdapter):
 
     @property
     def shape(self) -> ModelShape:
-        return self.shape_from_standard_config(ffn_kind="swiglu", norm_kind="layernorm", parallel=True)
+        return self.shape_from_config(ffn_kind="swiglu", norm_kind="layernorm", parallel=True)

@@ -33,5 +33,5 @@ class GptNeoXAdapter(LinearAdapter):
 
     @property
     def shape(self) -> ModelShape:
-        return self.shape_from_standard_config(ffn_kind="gelu", norm_kind="layernorm",
+        return self.shape_from_config(ffn_kind="gelu", norm_kind="layernorm",
                                                parallel=bool(self.config.use_parallel_residual))

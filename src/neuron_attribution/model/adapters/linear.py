@@ -9,17 +9,11 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from ...neurons import FfnKind, NormKind
-from .base import FamilyAdapter, LayerWeights, ModelShape, native, optional_f32
+from .base import FamilyAdapter, LayerWeights, native, optional_f32
 
 
 class LinearAdapter(FamilyAdapter):
     mlp_input: ClassVar[str] = ""  # path, inside a layer, of a GELU FFN's input projection
-
-    def shape_from_standard_config(self, ffn_kind: FfnKind, norm_kind: NormKind, parallel: bool = False
-                                   ) -> ModelShape:
-        """The shape from the config names most families share (num_hidden_layers, hidden_size, ...)."""
-        return self.shape_from_config(ffn_kind, norm_kind, parallel)
 
     def _value_rows(self, layer: int) -> tuple[Tensor, Tensor | None]:
         """(H_kv·d_h, d) value-projection rows (or already (H_kv, d_h, d)) and their optional bias."""

@@ -43,4 +43,4 @@ class LlamaAdapter(LinearAdapter):
 
     @property
     def shape(self) -> ModelShape:
-        return self.shape_from_standard_config(ffn_kind="swiglu", norm_kind="rmsnorm")
+        return self.shape_from_config(ffn_kind="swiglu", norm_kind="rmsnorm")

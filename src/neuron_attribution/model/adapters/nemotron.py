@@ -17,4 +17,4 @@ class NemotronAdapter(LinearAdapter):
 
     @property
     def shape(self) -> ModelShape:
-        return self.shape_from_standard_config(ffn_kind="relu2", norm_kind="layernorm")
+        return self.shape_from_config(ffn_kind="relu2", norm_kind="layernorm")

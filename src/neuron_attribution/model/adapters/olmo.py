@@ -25,4 +25,4 @@ class OlmoAdapter(LlamaAdapter):
         if getattr(self.config, "clip_qkv", None) is not None:
             raise UserError("an OLMo model with clip_qkv clamps its value states; its attention neurons are not "
                             "linear in them, so it is not supported")
-        return self.shape_from_standard_config(ffn_kind="swiglu", norm_kind="layernorm")
+        return self.shape_from_config(ffn_kind="swiglu", norm_kind="layernorm")

@@ -16,5 +16,5 @@ class StableLmAdapter(LlamaAdapter):
 
     @property
     def shape(self) -> ModelShape:
-        return self.shape_from_standard_config(ffn_kind="swiglu", norm_kind="layernorm",
+        return self.shape_from_config(ffn_kind="swiglu", norm_kind="layernorm",
                                                parallel=bool(self.config.use_parallel_residual))

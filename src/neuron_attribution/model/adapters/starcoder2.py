@@ -18,4 +18,4 @@ class Starcoder2Adapter(LinearAdapter):
 
     @property
     def shape(self) -> ModelShape:
-        return self.shape_from_standard_config(ffn_kind="gelu", norm_kind="layernorm")
+        return self.shape_from_config(ffn_kind="gelu", norm_kind="layernorm")
