@@ -63,10 +63,61 @@ def post_norm_factor(model, layer, kind, raw_output) -> torch.Tensor | None:
     return gain(model, module) / (raw.pow(2).mean() + _eps(module)).sqrt() * multiplier
 
 
+def ffn_values(model, layer) -> torch.Tensor:
+    """(N, d) float64 value vectors of the layer's FFN neurons; in a mixture of experts read from the Hugging Face
+    parameters: every expert's columns of down_proj[e], expert by expert, then the shared expert's."""
+    facts = block(model)
+    if facts.experts is None:
+        return model.adapter.layer_weights(layer).ffn_values.double()
+    experts = _module(model, layer, facts.experts)
+    rows = [experts.down_proj[e].detach().double().T for e in range(experts.down_proj.shape[0])]
+    if facts.shared_expert is not None:
+        rows.append(_module(model, layer, facts.shared_expert).down_proj.weight.detach().double().T)
+    return torch.cat(rows)
+
+
+def ffn_keys(model, layer) -> dict[str, torch.Tensor]:
+    """{"gate", "up"} (N, d) float64 rows in the FFN's flat order (or the dense FFN's own subkeys)."""
+    facts = block(model)
+    if facts.experts is None:
+        return {name: keys.double() for name, keys in model.adapter.layer_weights(layer).ffn_subkeys.items()}
+    experts = _module(model, layer, facts.experts)
+    halves = [experts.gate_up_proj[e].detach().double().chunk(2, dim=0) for e in range(experts.gate_up_proj.shape[0])]
+    gate, up = [h[0] for h in halves], [h[1] for h in halves]
+    if facts.shared_expert is not None:
+        shared = _module(model, layer, facts.shared_expert)
+        gate.append(shared.gate_proj.weight.detach().double())
+        up.append(shared.up_proj.weight.detach().double())
+    return {"gate": torch.cat(gate), "up": torch.cat(up)}
+
+
+def expert_coefficients(model, trace, layer, position) -> torch.Tensor:
+    """(N,) float64 coefficients of a mixture's FFN at one position from the definition: for each expert the
+    router chose (its own module's choice), g_e · SiLU(gate·x̂) · (up·x̂); zero for the others; the shared expert's
+    SiLU(gate·x̂)·(up·x̂) times σ(shared gate·x̂)."""
+    facts = block(model)
+    x = _input_norm(model, layer, ffn_base(model, trace, layer, position))
+    with torch.no_grad():
+        _, weights, chosen = _module(model, layer, facts.router)(x.float().unsqueeze(0))
+    keys = ffn_keys(model, layer)
+    m = torch.nn.functional.silu(keys["gate"] @ x) * (keys["up"] @ x)
+    width = _module(model, layer, facts.experts).down_proj.shape[2]
+    routed = _module(model, layer, facts.experts).down_proj.shape[0] * width
+    factor = torch.zeros(len(m), dtype=torch.float64)
+    for weight, expert in zip(weights[0].tolist(), chosen[0].tolist()):
+        factor[expert * width: (expert + 1) * width] = weight
+    if facts.shared_gate is not None:
+        gate = _module(model, layer, facts.shared_gate).weight.detach().double()[0]
+        factor[routed:] = torch.sigmoid(gate @ x)
+    elif facts.shared_expert is not None:
+        factor[routed:] = 1.0
+    return m * factor
+
+
 def raw_ffn_output(model, trace, layer, position) -> torch.Tensor:
-    w = model.adapter.layer_weights(layer)
-    out = trace.ffn_coefficients[layer, position].double() @ w.ffn_values.double()
-    return out if w.ffn_bias is None else out + w.ffn_bias.double()
+    out = trace.ffn_coefficients[layer, position].double() @ ffn_values(model, layer)
+    bias = model.adapter.layer_weights(layer).ffn_bias
+    return out if bias is None else out + bias.double()
 
 
 def raw_attention_output(model, trace, layer) -> torch.Tensor:
@@ -81,8 +132,7 @@ def raw_attention_output(model, trace, layer) -> torch.Tensor:
 
 
 def ffn_vector(model, trace, layer, neuron, position) -> torch.Tensor:
-    w = model.adapter.layer_weights(layer)
-    vector = trace.ffn_coefficients[layer, position, neuron].double() * w.ffn_values[neuron].double()
+    vector = trace.ffn_coefficients[layer, position, neuron].double() * ffn_values(model, layer)[neuron]
     factor = post_norm_factor(model, layer, "ffn", raw_ffn_output(model, trace, layer, position))
     return vector if factor is None else vector * factor
 
@@ -198,8 +248,7 @@ def attention_subkey(model, layer, head, dim, kv_head=None):
 
 
 def ffn_subkeys(model, layer, neuron):
-    w = model.adapter.layer_weights(layer)
-    return {name: keys[neuron].double() * _input_gain(model, layer, "ffn") for name, keys in w.ffn_subkeys.items()}
+    return {name: keys[neuron] * _input_gain(model, layer, "ffn") for name, keys in ffn_keys(model, layer).items()}
 
 
 def _input_norm(model, layer, vector) -> torch.Tensor:
@@ -227,11 +276,11 @@ def gate_activation(model, g: float) -> float:
 def swiglu_shares(model, trace, layer, neuron) -> dict[str, float]:
     """How a gated FFN value neuron's score is split between its gate and up subkeys: by elasticity, e_up = 1
     and e_gate = g·act'(g)/act(g) (a central difference here), each share e / (e_gate + e_up)."""
-    w = model.adapter.layer_weights(layer)
-    if "gate" not in w.ffn_subkeys:
-        return {name: 1.0 for name in w.ffn_subkeys}
+    keys = ffn_keys(model, layer)
+    if "gate" not in keys:
+        return {name: 1.0 for name in keys}
     middle = ffn_base(model, trace, layer, trace.n_tokens - 1)
-    g = float(w.ffn_subkeys["gate"][neuron].double() @ _input_norm(model, layer, middle))
+    g = float(keys["gate"][neuron] @ _input_norm(model, layer, middle))
     h = 1e-6
     slope = (gate_activation(model, g + h) - gate_activation(model, g - h)) / (2 * h)
     elasticity = g * slope / gate_activation(model, g)

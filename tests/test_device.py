@@ -57,18 +57,22 @@ def everything(model) -> dict:
     target = int(trace_token_ids(model, [PROMPT])[0].logits.argmax())
     dense = attribute(model, PROMPT, target, top_k=7, dense=True, query_via="both", query_top=4)
     sentences = _sentences(model)
+    carried = s.ffn_index(0, 3)
+    # integrated gradients need the FFN coefficients at one projection, which a mixture of experts has not
+    methods = "all" if s.n_experts else "all,integrated_gradients"
     out = {
         "top_k": attribute(model, PROMPT, target, top_k=9, query_top=5).to_dict(),
         "dense": dense.to_dict(), "dense_ffn": dense.dense.ffn.tolist(),
         "dense_attention": dense.dense.attention.tolist(),
         "contrast": attribute(model, PROMPT, target, top_k=6, contrast=(target + 1) % s.vocab_size).to_dict(),
         "answer": attribute(model, PROMPT, [target, 11, 40], top_k=6, answer_tokens="all", query_top=3).to_dict(),
-        "chosen": vars(score_neurons(model, [PROMPT, PROMPT[:3]], None, ["0_1", "1_2_3@1", ("head", 1, 0)])),
-        "project": vars(project(model, ("ffn", 1, 2), k=5)),
-        "carried": vars(interpret_query_neuron(model, 0, 3, 1, 1, k=5)),
-        "ablated": last_logits_each(model, [PROMPT, PROMPT[:4]], [Ablation(ffn=[(0, 1)]), Ablation(heads=[(1, 0)])],
-                                    batch_size=2).tolist(),
-        "compare": evaluate_sentences(model, sentences, top=3, methods="all,integrated_gradients", ig_steps=3),
+        "chosen": vars(score_neurons(model, [PROMPT, PROMPT[:3]], None, [s.ffn_index(0, 1), "1_2_3@1",
+                                                                         ("head", 1, 0)])),
+        "project": vars(project(model, s.ffn_index(1, 2), k=5)),
+        "carried": vars(interpret_query_neuron(model, 0, carried.neuron, 1, 1, k=5, expert=carried.expert)),
+        "ablated": last_logits_each(model, [PROMPT, PROMPT[:4]], [Ablation.of([s.ffn_index(0, 1)]),
+                                                                  Ablation(heads=[(1, 0)])], batch_size=2).tolist(),
+        "compare": evaluate_sentences(model, sentences, top=3, methods=methods, ig_steps=3),
     }
     for protocol in ("value", "query", "heads"):
         out[protocol] = evaluate_sentences(model, sentences, protocol=protocol, top=3, seed=5)

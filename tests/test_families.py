@@ -125,7 +125,8 @@ def test_top_k_equals_dense(family_model, k):
     Lipschitz bound instead, and must still equal the dense ranking."""
     for target in (3, 200):
         result = attribute(family_model, IDS, target, top_k=k, dense=True)
-        assert [(n.layer, n.neuron) for n in result.ffn_neurons] == _dense_ranking(result.dense.ffn, k)
+        rows = [(n.layer, family_model.shape.ffn_row(n.index)) for n in result.ffn_neurons]
+        assert rows == _dense_ranking(result.dense.ffn, k)
         assert [(n.layer, n.head, n.dim, n.position) for n in result.attention_neurons] == \
             _dense_ranking(result.dense.attention, k)
 
@@ -161,16 +162,17 @@ def test_query_shares_match_definition(family_model, via):
 def test_interventions_change_exactly_the_targeted_neurons(family_model):
     model = family_model
     before = trace_token_ids(model, [IDS])[0]
-    with ablated(model, Ablation(ffn=[(1, 7)])):
+    row = int(before.ffn_coefficients[1, -1].abs().argmax())  # active at the last position (an expert chosen there)
+    with ablated(model, Ablation.of([model.shape.ffn_index(1, row)])):
         after = trace_token_ids(model, [IDS])[0]
-    assert float(after.ffn_coefficients[1, :, 7].abs().max()) == 0.0
+    assert float(after.ffn_coefficients[1, :, row].abs().max()) == 0.0
     assert torch.equal(after.layer_inputs[1], before.layer_inputs[1])
-    others = [k for k in range(model.shape.d_ffn) if k != 7]
+    others = [k for k in range(model.shape.d_ffn) if k != row]
     # In a parallel block the FFN reads h^{l-1}, which did not move; in a sequential one, h^{l-1} + A^l, which
     # did not move either: the other neurons of the layer keep their coefficients exactly.
     assert torch.allclose(after.ffn_coefficients[1][:, others], before.ffn_coefficients[1][:, others], atol=1e-6)
-    expected = ref.raw_ffn_output(model, before, 1, -1) - before.ffn_coefficients[1, -1, 7].double() * \
-        model.adapter.layer_weights(1).ffn_values[7].double()
+    expected = ref.raw_ffn_output(model, before, 1, -1) - before.ffn_coefficients[1, -1, row].double() * \
+        ref.ffn_values(model, 1)[row]
     assert _close(ref.raw_ffn_output(model, after, 1, -1), expected)
 
     with ablated(model, Ablation(attention=[(0, 1, 3)])):
@@ -185,13 +187,14 @@ def test_interventions_change_exactly_the_targeted_neurons(family_model):
 
 
 def test_unsupported_block_is_a_one_line_error():
-    """A mixture-of-experts FFN is a block shape no adapter declares: refused, never scored."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-    config = MixtralConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=64, num_local_experts=2, num_experts_per_tok=1)
-    lacks = r"\(a mixture-of-experts FFN, which no adapter reads yet\)"
-    with pytest.raises(UserError, match=rf"unsupported architecture 'mixtral' {lacks}; supported: .*gemma3_text"):
-        LoadedModel.from_hf(MixtralForCausalLM(config), name="moe")
+    """JetMoE's experts (a mixture of attention heads too) are a block shape no adapter declares: refused,
+    never scored."""
+    from transformers import JetMoeConfig, JetMoeForCausalLM
+    config = JetMoeConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_key_value_heads=2,
+                          kv_channels=8, vocab_size=64, num_local_experts=2, num_experts_per_tok=1)
+    lacks = r"\(a mixture-of-experts FFN of a kind no adapter declares\)"
+    with pytest.raises(UserError, match=rf"unsupported architecture 'jetmoe' {lacks}; supported: .*gemma3_text"):
+        LoadedModel.from_hf(JetMoeForCausalLM(config), name="moe")
 
 
 # --- the second real model: Gemma 3 270M (sandwich norms, 1 + γ gains, √d embedding, one KV head) ------------

@@ -14,9 +14,10 @@ from neuron_attribution.model.trace import trace_token_ids
 from . import reference as ref
 
 
-def _as_tuples(result, k):
+def _as_tuples(result, k, shape=None):
+    """Value neurons as tuples; FFN neurons by their row in the layer's flat layout (`shape`: a mixture's)."""
     attention = [(n.layer, n.head, n.dim, n.position, n.score) for n in result.attention_neurons[:k]]
-    ffn = [(n.layer, n.neuron, n.score) for n in result.ffn_neurons[:k]]
+    ffn = [(n.layer, n.neuron if shape is None else shape.ffn_row(n.index), n.score) for n in result.ffn_neurons[:k]]
     return attention, ffn
 
 
@@ -26,10 +27,10 @@ def _check_against_reference(model, ids, target, k, atol, via="both", layers=Tru
     result = attribute(model, ids, target, top_k=10_000, query_top=k, query_via=via)
     assert result.query_via == via and result.to_dict()["query_via"] == via
     trace = trace_token_ids(model, [ids])[0]
-    attention, ffn = _as_tuples(result, k)
+    attention, ffn = _as_tuples(result, k, model.shape)
     parts = ref.query_ffn(model, trace, attention if via != "ffn" else [], ffn if via != "attention" else [])
     total = sum(parts.values())
-    by_neuron = {(q.layer, q.neuron): q for q in result.query_neurons}
+    by_neuron = {(q.layer, model.shape.ffn_row(q.index)): q for q in result.query_neurons}
     assert len(by_neuron) == model.shape.n_layers * model.shape.d_ffn  # top_k covers every FFN neuron here
     gated = "gate" in model.adapter.layer_weights(0).ffn_subkeys
     for (layer, neuron), q in by_neuron.items():

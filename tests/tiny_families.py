@@ -32,6 +32,13 @@ class Block:
     logit_multiplier: Callable[[object], float] = lambda config: 1.0
     residual_multiplier: Callable[[object], float] = lambda config: 1.0  # on each sublayer's output
     gate_activation: str | None = None  # a gated FFN's activation, where config.hidden_act does not say
+    # A mixture-of-experts FFN: the experts module with 3-D weights gate_up_proj (E, 2N_e, d) and down_proj
+    # (E, d, N_e), the router whose output is (logits, weights of the chosen, their indices), and optionally a
+    # shared expert (a gated MLP) and the gate whose sigmoid scales it.
+    experts: str | None = None
+    router: str | None = None
+    shared_expert: str | None = None
+    shared_gate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,9 @@ SANDWICH = Block(ffn_norm="pre_feedforward_layernorm",
                  post_norms=("post_attention_layernorm", "post_feedforward_layernorm"))
 POST_ONLY = Block(attention_norm=None, ffn_norm=None,
                   post_norms=("post_attention_layernorm", "post_feedforward_layernorm"))
+
+MOE = dict(intermediate_size=16, num_experts_per_tok=2)
+MIXTURE = Block(experts="mlp.experts", router="mlp.gate")
 
 FAMILIES: dict[str, TinyFamily] = {
     # built by conftest's own makers
@@ -138,6 +148,24 @@ FAMILIES: dict[str, TinyFamily] = {
                                                    logits_scaling=2.5),
                           Block(logit_multiplier=lambda c: 1 / c.logits_scaling,
                                 residual_multiplier=lambda c: c.residual_multiplier)),
+    # mixtures of experts: 4 experts of 16 neurons, 2 chosen per token
+    "mixtral": TinyFamily(lambda: tf.MixtralConfig(**{**COMMON, **MOE}, num_key_value_heads=2, num_local_experts=4,
+                                                   router_jitter_noise=0.0), MIXTURE),
+    "qwen3_moe": TinyFamily(lambda: tf.Qwen3MoeConfig(**COMMON, **GQA, num_experts=4, num_experts_per_tok=2,
+                                                      moe_intermediate_size=16, norm_topk_prob=True), MIXTURE),
+    "olmoe": TinyFamily(lambda: tf.OlmoeConfig(**{**COMMON, **MOE}, num_key_value_heads=2, num_experts=4), MIXTURE),
+    "qwen2_moe": TinyFamily(lambda: tf.Qwen2MoeConfig(**COMMON, num_key_value_heads=2, num_experts=4,
+                                                      num_experts_per_tok=2, moe_intermediate_size=16,
+                                                      shared_expert_intermediate_size=24),
+                            Block(experts="mlp.experts", router="mlp.gate", shared_expert="mlp.shared_expert",
+                                  shared_gate="mlp.shared_expert_gate")),
+    "granitemoe": TinyFamily(lambda: tf.GraniteMoeConfig(**{**COMMON, **MOE}, num_key_value_heads=2,
+                                                         num_local_experts=4, embedding_multiplier=3.0,
+                                                         residual_multiplier=0.4, attention_multiplier=0.2,
+                                                         logits_scaling=2.5),
+                             Block(logit_multiplier=lambda c: 1 / c.logits_scaling,
+                                   residual_multiplier=lambda c: c.residual_multiplier,
+                                   experts="block_sparse_moe.experts", router="block_sparse_moe.router")),
 }
 
 # Variants that share a model type with another entry: `block_of` picks theirs by the config.

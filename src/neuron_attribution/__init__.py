@@ -15,7 +15,8 @@ from .version import __version__
 # public name -> module (relative to this package) that defines it
 _EXPORTS = {
     "Settings": "settings", "ModelSpec": "settings", "ScoringOptions": "settings",
-    "FfnIndex": "neurons", "AttentionIndex": "neurons", "HeadIndex": "neurons", "parse_neuron": "neurons",
+    "FfnIndex": "neurons", "AttentionIndex": "neurons", "HeadIndex": "neurons", "ExpertIndex": "neurons",
+    "parse_neuron": "neurons",
     "LoadedModel": "model.loaded", "load_model": "model.loading",
     "Trace": "model.trace", "trace_token_ids": "model.trace",
     "Ablation": "model.interventions", "ablated": "model.interventions", "last_logits": "model.interventions",
@@ -57,7 +58,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .model.loaded import LoadedModel
     from .model.loading import load_model
     from .model.trace import Trace, trace_token_ids
-    from .neurons import AttentionIndex, FfnIndex, HeadIndex, parse_neuron
+    from .neurons import AttentionIndex, ExpertIndex, FfnIndex, HeadIndex, parse_neuron
     from .pipelines.analyze import analyze_run
     from .pipelines.attribute import attribute, attribute_batch
     from .pipelines.evaluate import evaluate

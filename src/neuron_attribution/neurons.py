@@ -4,7 +4,9 @@ Scoring treats a kind of neuron as one flat vector of scores (all FFN neurons of
 neurons of all layers and source positions), so a top-k is one search over every layer at once. The flat
 layouts are written here once; everything else converts through `ModelShape`:
 
-* FFN neuron (layer, neuron): flat = layer·N + neuron, over (L, N);
+* FFN neuron (layer, row): flat = layer·N + row, over (L, N). In a mixture-of-experts layer the N rows are every
+  expert's neurons, expert by expert (row = expert·N_e + neuron), then the shared expert's (row = E·N_e + neuron);
+* a whole expert (layer, expert): its N_e rows, for switching it off;
 * attention neuron (layer, head, dim, position): flat over (L, H, d_h, T), T the prompt's length;
 * head (layer, head): flat = layer·H + head, over (L, H);
 * an attention neuron's column in the heads' concatenated output (the input of W_O): head·d_h + dim.
@@ -28,11 +30,27 @@ FfnKind = Literal["gelu", "swiglu", "relu", "relu2"]  # one key per neuron, exce
 
 
 class FfnIndex(NamedTuple):
+    """An FFN neuron. In a mixture-of-experts layer, `expert` is the routed expert it belongs to and `neuron` its
+    place there; None is a dense FFN's neuron, or one of a shared expert's (always active)."""
+
     layer: int
     neuron: int
+    expert: int | None = None
 
     def __str__(self) -> str:
-        return f"{self.layer}_{self.neuron}"
+        if self.expert is None:
+            return f"{self.layer}_{self.neuron}"
+        return f"{self.layer}_e{self.expert}_{self.neuron}"
+
+
+class ExpertIndex(NamedTuple):
+    """A whole routed expert of a mixture-of-experts layer: every neuron of it, for interventions."""
+
+    layer: int
+    expert: int
+
+    def __str__(self) -> str:
+        return f"{self.layer}_e{self.expert}"
 
 
 class AttentionIndex(NamedTuple):
@@ -57,23 +75,29 @@ class HeadIndex(NamedTuple):
         return f"{self.layer}.{self.head}"
 
 
-NeuronIndex = Union[FfnIndex, AttentionIndex, HeadIndex]
+NeuronIndex = Union[FfnIndex, AttentionIndex, HeadIndex, ExpertIndex]
 
-_NEURON_TEXT = re.compile(r"^(\d+)_(\d+)$|^(\d+)_(\d+)_(\d+)(?:@(\d+))?$|^(\d+)\.(\d+)$")
+_NEURON_TEXT = re.compile(r"^(\d+)_(\d+)$|^(\d+)_(\d+)_(\d+)(?:@(\d+))?$|^(\d+)\.(\d+)$"
+                          r"|^(\d+)_e(\d+)_(\d+)$|^(\d+)_e(\d+)$")
 
 
 def parse_neuron(text: str) -> NeuronIndex:
-    """"24_177" (FFN), "23_4_38@3" or "23_4_38" (attention, at a source position or every one), "21.19" (head)."""
+    """"24_177" (FFN), "23_4_38@3" or "23_4_38" (attention, at a source position or every one), "21.19" (head),
+    "12_e3_45" (neuron 45 of expert 3), "12_e3" (the whole expert)."""
     match = _NEURON_TEXT.match(text.strip())
     if not match:
-        raise UserError(f"not a neuron: {text!r}; write layer_neuron (FFN), layer_head_dim@position "
-                        "(attention) or layer.head (head)")
-    g = match.groups()
+        raise UserError(f"not a neuron: {text!r}; write layer_neuron (FFN), layer_eEXPERT_neuron (an expert's "
+                        "neuron), layer_head_dim@position (attention) or layer.head (head)")
+    g = [None if x is None else int(x) for x in match.groups()]
     if g[0] is not None:
-        return FfnIndex(int(g[0]), int(g[1]))
+        return FfnIndex(g[0], g[1])
     if g[2] is not None:
-        return AttentionIndex(int(g[2]), int(g[3]), int(g[4]), None if g[5] is None else int(g[5]))
-    return HeadIndex(int(g[6]), int(g[7]))
+        return AttentionIndex(g[2], g[3], g[4], g[5])
+    if g[6] is not None:
+        return HeadIndex(g[6], g[7])
+    if g[8] is not None:
+        return FfnIndex(g[8], g[10], g[9])
+    return ExpertIndex(g[11], g[12])
 
 
 @dataclass(frozen=True)
@@ -95,6 +119,36 @@ class ModelShape:
     parallel: bool = False
     post_norms: bool = False
     logit_softcap: float | None = None
+    # A mixture-of-experts FFN (docs/method.md §1): E routed experts of N_e neurons each, k chosen per token; the
+    # layer's d_ffn rows are the E·N_e expert neurons, then the shared experts' neurons. 0 experts: a dense FFN.
+    n_experts: int = 0
+    experts_per_token: int = 0
+    expert_ffn: int = 0
+
+    @property
+    def expert_rows(self) -> int:
+        """Rows of a layer that belong to routed experts (E·N_e; 0 in a dense FFN)."""
+        return self.n_experts * self.expert_ffn
+
+    @property
+    def shared_ffn(self) -> int:
+        """Neurons of a layer outside routed experts: a dense FFN's, or a mixture's shared experts'."""
+        return self.d_ffn - self.expert_rows
+
+    def ffn_row(self, index: FfnIndex) -> int:
+        """An FFN neuron's row in its layer's flat layout."""
+        if index.expert is None:
+            return self.expert_rows + index.neuron
+        return index.expert * self.expert_ffn + index.neuron
+
+    def ffn_index(self, layer: int, row: int) -> FfnIndex:
+        """The FFN neuron at `row` of `layer`'s flat layout."""
+        if row < self.expert_rows:
+            return FfnIndex(layer, row % self.expert_ffn, row // self.expert_ffn)
+        return FfnIndex(layer, row - self.expert_rows)
+
+    def expert_row_range(self, expert: int) -> range:
+        return range(expert * self.expert_ffn, (expert + 1) * self.expert_ffn)
 
     @property
     def heads_per_kv_head(self) -> int:
@@ -118,8 +172,8 @@ class ModelShape:
         return flat // self.d_ffn, flat % self.d_ffn
 
     def ffn_indices(self, flat: Tensor) -> list[FfnIndex]:
-        layers, neurons = self.ffn_unflat(flat.reshape(-1))
-        return [FfnIndex(l, n) for l, n in zip(layers.tolist(), neurons.tolist())]
+        layers, rows = self.ffn_unflat(flat.reshape(-1))
+        return [self.ffn_index(l, r) for l, r in zip(layers.tolist(), rows.tolist())]
 
     def attention_grid(self, n_tokens: int) -> tuple[int, int, int, int]:
         return (self.n_layers, self.n_heads, self.head_dim, n_tokens)
@@ -159,7 +213,12 @@ class ModelShape:
         """A UserError unless `index` names a neuron or head of this model."""
         inside = 0 <= index.layer < self.n_layers
         if isinstance(index, FfnIndex):
-            inside = inside and 0 <= index.neuron < self.d_ffn
+            if index.expert is None:
+                inside = inside and 0 <= index.neuron < self.shared_ffn
+            else:
+                inside = inside and 0 <= index.expert < self.n_experts and 0 <= index.neuron < self.expert_ffn
+        elif isinstance(index, ExpertIndex):
+            inside = inside and 0 <= index.expert < self.n_experts
         elif isinstance(index, AttentionIndex):
             inside = inside and 0 <= index.head < self.n_heads and 0 <= index.dim < self.head_dim \
                 and (index.position is None or index.position >= 0)
@@ -167,21 +226,29 @@ class ModelShape:
             inside = inside and 0 <= index.head < self.n_heads
         if not inside:
             raise UserError(f"not a neuron of this model: {type(index).__name__}{tuple(index)} (model: "
-                            f"{self.n_layers} layers, {self.d_ffn} FFN neurons, {self.n_heads} heads of "
+                            f"{self.n_layers} layers, {self._ffn_words()}, {self.n_heads} heads of "
                             f"{self.head_dim})")
+
+    def _ffn_words(self) -> str:
+        if not self.n_experts:
+            return f"{self.d_ffn} FFN neurons"
+        shared = f" and {self.shared_ffn} shared-expert neurons" if self.shared_ffn else ", no shared expert"
+        return f"{self.n_experts} experts of {self.expert_ffn} neurons{shared}"
 
     def to_dict(self) -> dict:
         return {"family": self.family, "n_layers": self.n_layers, "n_heads": self.n_heads,
                 "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim, "d_model": self.d_model,
                 "d_ffn": self.d_ffn, "vocab_size": self.vocab_size, "max_positions": self.max_positions,
                 "ffn_kind": self.ffn_kind, "norm_kind": self.norm_kind,
-                "parallel": self.parallel, "post_norms": self.post_norms, "logit_softcap": self.logit_softcap}
+                "parallel": self.parallel, "post_norms": self.post_norms, "logit_softcap": self.logit_softcap,
+                "n_experts": self.n_experts, "experts_per_token": self.experts_per_token,
+                "expert_ffn": self.expert_ffn}
 
 
 def as_index(neuron: NeuronIndex | tuple) -> NeuronIndex:
-    """An index type from itself or from the tuple forms ("ffn", layer, neuron), ("attention", layer, head, dim
-    [, position]) and ("head", layer, head)."""
-    if isinstance(neuron, (FfnIndex, AttentionIndex, HeadIndex)):
+    """An index type from itself or from the tuple forms ("ffn", layer, neuron[, expert]), ("attention", layer,
+    head, dim[, position]), ("head", layer, head) and ("expert", layer, expert)."""
+    if isinstance(neuron, (FfnIndex, AttentionIndex, HeadIndex, ExpertIndex)):
         return neuron
     try:
         kind, *rest = neuron
@@ -194,6 +261,8 @@ def as_index(neuron: NeuronIndex | tuple) -> NeuronIndex:
             return AttentionIndex(*numbers)
         if kind == "head":
             return HeadIndex(*numbers)
+        if kind == "expert":
+            return ExpertIndex(*numbers)
     except (TypeError, ValueError) as error:
         raise UserError(f"not a neuron: {neuron!r} ({error})") from None
     raise UserError(f"not a neuron: {neuron!r}; use ('ffn', layer, neuron), ('attention', layer, head, dim"

@@ -24,9 +24,12 @@ HISTOGRAM_BINS = 20
 SHAPE_KEYS = ("family", "n_layers", "n_heads", "head_dim", "d_model", "d_ffn", "vocab_size")
 # Columns added to the tables over time: a run written before they existed reads them as null.
 _LATER_COLUMNS = {"ffn_neurons": {"promoted_tokens": "VARCHAR[]", "direct_score": "DOUBLE",
-                                  "target_push_rank": "BIGINT"},
+                                  "target_push_rank": "BIGINT", "expert": "BIGINT"},
+                  "query_neurons": {"expert": "BIGINT"},
                   "attention_neurons": {"promoted_tokens": "VARCHAR[]", "direct_score": "DOUBLE",
                                         "target_push_rank": "BIGINT"}}
+# An FFN neuron's text form (neurons.FfnIndex): layer_neuron, or layer_eEXPERT_neuron in a mixture of experts.
+_FFN_NAME = "layer || '_' || coalesce('e' || expert || '_', '') || neuron"
 _SORT = {"ffn_neurons": "layer, neuron", "attention_neurons": "layer, head, dim", "query_neurons": "layer, neuron",
          "heads": "layer, head", "layers": "run, type, layer", "sentences": "run, sentence_id"}
 
@@ -148,8 +151,8 @@ class RunIndex:
         if not self.runs:
             return []
         return self._query(
-            "SELECT run, 'ffn' AS kind, layer || '_' || neuron AS name, count(*) AS sentences, avg(score) AS mean "
-            "FROM ffn_neurons WHERE list_contains(promoted_tokens, ?) GROUP BY run, layer, neuron "
+            f"SELECT run, 'ffn' AS kind, {_FFN_NAME} AS name, count(*) AS sentences, avg(score) AS mean "
+            "FROM ffn_neurons WHERE list_contains(promoted_tokens, ?) GROUP BY run, layer, expert, neuron "
             "UNION ALL SELECT run, 'attention', layer || '_' || head || '_' || dim, count(DISTINCT sentence_id), "
             "avg(score) FROM attention_neurons WHERE list_contains(promoted_tokens, ?) GROUP BY run, layer, head, dim "
             f"ORDER BY sentences DESC, mean DESC LIMIT {3 * RUN_TOP}", [token, token])
@@ -167,8 +170,8 @@ class RunIndex:
             "GROUP BY type, layer, head QUALIFY row_number() OVER (PARTITION BY type ORDER BY mean DESC) <= "
             f"{RUN_TOP} ORDER BY type, mean DESC", [run])
         neurons = self._query(
-            "SELECT type, layer || '_' || neuron AS name, count(*) AS sentences, avg(score) AS mean "
-            f"FROM ffn_neurons WHERE run = ? AND rank <= {RUN_TOP} GROUP BY type, layer, neuron "
+            f"SELECT type, {_FFN_NAME} AS name, count(*) AS sentences, avg(score) AS mean "
+            f"FROM ffn_neurons WHERE run = ? AND rank <= {RUN_TOP} GROUP BY type, layer, expert, neuron "
             f"QUALIFY row_number() OVER (PARTITION BY type ORDER BY sentences DESC, mean DESC) <= {RUN_TOP} "
             "ORDER BY type, sentences DESC, mean DESC", [run])
         sentences = self._query("SELECT sentence_id, type, prompt, target_text, target_prob, target_rank "
@@ -180,7 +183,8 @@ class RunIndex:
 def _neuron_filter(index: NeuronIndex) -> tuple[str, str, list, str]:
     """(table, WHERE clause, its parameters, extra columns) selecting one neuron's rows."""
     if isinstance(index, FfnIndex):
-        return "ffn_neurons", "layer = ? AND neuron = ?", [index.layer, index.neuron], ", coefficient"
+        return ("ffn_neurons", "layer = ? AND neuron = ? AND expert IS NOT DISTINCT FROM ?",
+                [index.layer, index.neuron, index.expert], ", coefficient")
     if isinstance(index, AttentionIndex):
         return ("attention_neurons", "layer = ? AND head = ? AND dim = ?", [index.layer, index.head, index.dim],
                 ", coefficient, position, token")

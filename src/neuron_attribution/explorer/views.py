@@ -127,7 +127,7 @@ class Views:
                                    for s in result.strongest_sources(h)]} for h in heads],
             "ffn_neurons": [_row(n) for n in result.ffn_neurons[:TABLE_ROWS]],
             "attention_neurons": [_row(n) for n in result.attention_neurons[:TABLE_ROWS]],
-            "query_neurons": [{**q.__dict__, "name": str(FfnIndex(q.layer, q.neuron))}
+            "query_neurons": [{**q.__dict__, "name": str(q.index)}
                               for q in result.query_neurons[:TABLE_ROWS]],
             "graph": result.graph(top=max(1, everything)),
         }
@@ -213,7 +213,8 @@ class Views:
     def _found(self, kind: str, rows: int, flat: int, logit: float, z: float) -> dict[str, Any]:
         layer, row = divmod(flat, rows)
         head_dim = self.model.shape.head_dim
-        index = FfnIndex(layer, row) if kind == "ffn" else AttentionIndex(layer, *divmod(row, head_dim))
+        index = self.model.shape.ffn_index(layer, row) if kind == "ffn" else \
+            AttentionIndex(layer, *divmod(row, head_dim))
         return {"name": str(index), "layer": layer, "centred_logit": logit, "z": z}
 
     def _centred_direction(self, token_id: int) -> torch.Tensor:

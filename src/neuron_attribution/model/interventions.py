@@ -5,6 +5,9 @@ switches them off, 2 doubles them, −1 reverses them, 1 changes nothing.
 
 * FFN neuron (layer, neuron): its coefficient is multiplied by k at every position (input of the FFN output
   projection).
+* Expert neuron (layer, neuron, expert) of a mixture-of-experts layer, or a whole expert (layer, expert): wherever
+  the router chose the expert, (k − 1) times the neuron's contribution g_e·m_{e,k}·fc2_{e,k} is added to the
+  experts' output (`model/experts.py`). The router is left as it is: the other experts keep their weights.
 * Attention neuron (layer, head, dim): its column of the heads' concatenated output is multiplied by k at every
   position (input of the attention output projection); a whole head its d_h columns.
 * Position-specific attention neuron (layer, head, dim, source position): (1 − k) times its contribution
@@ -23,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
-from ..neurons import AttentionIndex, FfnIndex, HeadIndex
+from ..neurons import AttentionIndex, ExpertIndex, FfnIndex, HeadIndex
+from .experts import ExpertScaling
 from .loaded import LoadedModel
 from .forward import PaddedBatch
 from .prompts import Prompt, encode_prompt
@@ -31,13 +35,14 @@ from .prompts import Prompt, encode_prompt
 
 @dataclass(frozen=True)
 class Ablation:
-    """What to switch off (or, with `scale`, amplify): index types (`FfnIndex`, `AttentionIndex`, `HeadIndex`)
-    or plain tuples."""
+    """What to switch off (or, with `scale`, amplify): index types (`FfnIndex`, `AttentionIndex`, `HeadIndex`,
+    `ExpertIndex`) or plain tuples."""
 
-    ffn: Sequence[tuple[int, int]] = ()  # (layer, neuron)
+    ffn: Sequence[tuple[int, ...]] = ()  # (layer, neuron) or, in a mixture of experts, (layer, neuron, expert)
     attention: Sequence[tuple[int, int, int]] = ()  # (layer, head, dim), every source position
     attention_at: Sequence[tuple[int, int, int, int]] = ()  # (layer, head, dim, source position)
     heads: Sequence[tuple[int, int]] = ()  # (layer, head)
+    experts: Sequence[tuple[int, int]] = ()  # (layer, expert): every neuron of a routed expert
     # What the neurons' contributions are multiplied by: 0 switches them off, k amplifies them k-fold.
     scale: float = 0.0
 
@@ -47,23 +52,25 @@ class Ablation:
             raise UserError(f"an intervention's scale must be a finite number, got {self.scale!r}")
 
     def __len__(self) -> int:
-        return len(self.ffn) + len(self.attention) + len(self.attention_at) + len(self.heads)
+        return len(self.ffn) + len(self.attention) + len(self.attention_at) + len(self.heads) + len(self.experts)
 
     @classmethod
     def of(cls, neurons, scale: float = 0.0) -> Ablation:
         """Switch off (scale 0) or scale the given index types, sorted by kind (an AttentionIndex without a
         position: every position)."""
-        ffn, attention, attention_at, heads = [], [], [], []
+        ffn, attention, attention_at, heads, experts = [], [], [], [], []
         for n in neurons:
             if isinstance(n, FfnIndex):
                 ffn.append(n)
+            elif isinstance(n, ExpertIndex):
+                experts.append(n)
             elif isinstance(n, AttentionIndex):
                 (attention if n.position is None else attention_at).append(n)
             elif isinstance(n, HeadIndex):
                 heads.append(n)
             else:
                 raise TypeError(f"not a neuron index: {n!r}")
-        return cls(ffn, [a[:3] for a in attention], attention_at, heads, scale)
+        return cls(ffn, [a[:3] for a in attention], attention_at, heads, experts, scale)
 
 
 def _check(model: LoadedModel, ablation: Ablation) -> None:
@@ -76,6 +83,8 @@ def _check(model: LoadedModel, ablation: Ablation) -> None:
         s.check(HeadIndex(*index))
     for index in ablation.attention_at:
         s.check(AttentionIndex(*index))
+    for index in ablation.experts:
+        s.check(ExpertIndex(*index))
 
 
 @dataclass
@@ -102,8 +111,12 @@ def _plan(model: LoadedModel, ablations: Sequence[Ablation]) -> _Plan:
     for row, ablation in enumerate(ablations):
         _check(model, ablation)
         k = float(ablation.scale)
-        for layer, neuron in ablation.ffn:
-            mask(plan.ffn_masks, layer, s.d_ffn)[row, neuron] = k
+        for index in ablation.ffn:
+            index = FfnIndex(*index)
+            mask(plan.ffn_masks, index.layer, s.d_ffn)[row, s.ffn_row(index)] = k
+        for layer, expert in ablation.experts:
+            rows = s.expert_row_range(expert)
+            mask(plan.ffn_masks, layer, s.d_ffn)[row, rows.start: rows.stop] = k
         for layer, head, dim in ablation.attention:
             mask(plan.column_masks, layer, s.n_heads * s.head_dim)[row, s.head_column(head, dim)] = k
         for layer, head in ablation.heads:
@@ -166,6 +179,30 @@ class _PositionedAttention:
         return (attention_output - correction, *output[1:])
 
 
+class _Removal:
+    """A handle that undoes an expert scaling: its hook and its record of the factors."""
+
+    def __init__(self, scaling: ExpertScaling):
+        self.scaling, self.handle = scaling, scaling.install()
+
+    def remove(self) -> None:
+        self.handle.remove()
+        self.scaling.remove()
+
+
+def _ffn_hooks(model: LoadedModel, layer: int, mask: torch.Tensor) -> list:
+    """Hooks scaling one layer's FFN rows by `mask` (R, N): the coefficients at the output projection, and in a
+    mixture of experts the routed experts' rows through their module, the shared expert's at its projection."""
+    adapter, routed = model.adapter, model.shape.expert_rows
+    experts, handles = adapter.experts(layer), []
+    if experts is not None and bool((mask[:, :routed] != 1).any()):
+        handles.append(_Removal(ExpertScaling(experts, mask[:, :routed])))
+    down = adapter.mlp_output_projection(layer)
+    if down is not None and bool((mask[:, routed:] != 1).any()):
+        handles.append(down.register_forward_pre_hook(_masking(mask[:, routed:].contiguous())))
+    return handles
+
+
 @contextmanager
 def ablated(model: LoadedModel, ablation: Ablation) -> Iterator[LoadedModel]:
     """Run the model with the given neurons switched off (or scaled by `ablation.scale`), inside the `with`
@@ -185,7 +222,7 @@ def ablated_rows(model: LoadedModel, ablations: Sequence[Ablation]) -> Iterator[
     handles = []
     try:
         for layer, mask in plan.ffn_masks.items():
-            handles.append(adapter.mlp_output_projection(layer).register_forward_pre_hook(_masking(mask)))
+            handles.extend(_ffn_hooks(model, layer, mask))
         for layer, mask in plan.column_masks.items():
             handles.append(adapter.attention_output_projection(layer).register_forward_pre_hook(_masking(mask)))
         for layer, neurons in plan.positioned.items():

@@ -20,19 +20,64 @@ from torch import Tensor
 CHUNK_BYTES = 64 * 1024**2
 
 
+class RowParts:
+    """Several (R_i, d) matrices read as one (ΣR_i, d) matrix, without joining them: a mixture-of-experts layer's
+    value vectors are each expert's slice of a 3-D parameter (transposed, so no single view covers them all), then
+    the shared expert's. Indexing answers the rows asked for; only those are copied."""
+
+    def __init__(self, parts: list[Tensor]):
+        self.parts = [part.detach() for part in parts]
+        self.starts = [0]
+        for part in self.parts:
+            self.starts.append(self.starts[-1] + part.shape[0])
+        first = self.parts[0]
+        self.shape = torch.Size((self.starts[-1], first.shape[1]))
+        self.dtype, self.device = first.dtype, first.device
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def detach(self) -> RowParts:
+        return self
+
+    def _part_of(self, row: int) -> int:
+        return int(torch.searchsorted(torch.tensor(self.starts[1:], device="cpu"), torch.tensor(row, device="cpu"),
+                                      right=True))
+
+    def __getitem__(self, index: int | slice | Tensor) -> Tensor:
+        if isinstance(index, int):
+            row = index % len(self)
+            part = self._part_of(row)
+            return self.parts[part][row - self.starts[part]]
+        if isinstance(index, slice):
+            start, stop, _ = index.indices(len(self))
+            pieces = [part[max(start - first, 0): max(min(stop - first, len(part)), 0)]
+                      for part, first in zip(self.parts, self.starts)]
+            pieces = [piece for piece in pieces if len(piece)]
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else self.parts[0][:0]
+        index = index.reshape(-1).to(self.device)
+        out = torch.empty(len(index), self.shape[1], dtype=self.dtype, device=self.device)
+        bounds = torch.tensor(self.starts[1:], device=self.device)
+        owners = torch.searchsorted(bounds, index, right=True)
+        for part in torch.unique(owners).tolist():
+            where = owners == part
+            out[where] = self.parts[part][index[where] - self.starts[part]]
+        return out
+
+
 @dataclass(eq=False)
 class Matrix:
     """An (R, d) weight matrix (possibly a strided view, such as a transposed projection), with an optional (d,)
     float32 gain multiplying every row. Results come back on `device`, the scoring device."""
 
-    weight: Tensor
+    weight: Tensor | RowParts
     device: torch.device
     gain: Tensor | None = None  # on the weight's device
     chunk_bytes: int | None = None  # None: CHUNK_BYTES
     _norms: Tensor | None = field(default=None, repr=False)
 
     @classmethod
-    def of(cls, weight: Tensor, device: torch.device, gain: Tensor | None = None) -> Matrix:
+    def of(cls, weight: Tensor | RowParts, device: torch.device, gain: Tensor | None = None) -> Matrix:
         weight = weight.detach()
         return cls(weight, torch.device(device), None if gain is None else gain.to(weight.device, torch.float32))
 
@@ -43,7 +88,7 @@ class Matrix:
     @property
     def in_place(self) -> bool:
         """A float32 matrix is read as it is, whole."""
-        return self.weight.dtype == torch.float32
+        return isinstance(self.weight, Tensor) and self.weight.dtype == torch.float32
 
     def _rows_per_chunk(self) -> int:
         return max(1, (self.chunk_bytes or CHUNK_BYTES) // (4 * self.weight.shape[1]))

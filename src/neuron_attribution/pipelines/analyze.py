@@ -174,6 +174,11 @@ def _layer_summaries(layers: dict, order: list[str], n_layers: int) -> dict[str,
     return result
 
 
+def _ffn_identity(table: dict) -> tuple[str, ...]:
+    """The columns that name an FFN neuron: its expert too, in a run of a mixture-of-experts model."""
+    return ("layer", "neuron", "expert") if "expert" in table else ("layer", "neuron")
+
+
 def _by_sentence(table: dict, *columns: str) -> dict[int, list[tuple]]:
     grouped: dict[int, list[tuple]] = defaultdict(list)
     for sentence, *values in _rows(table, "sentence_id", *columns):
@@ -198,14 +203,14 @@ def _value_histograms(ffn: dict, attention: dict, types_of: dict, order: list[st
 
 def _query_histograms(queries: dict, ffn: dict, types_of: dict, order: list[str], n_layers: int, top: int):
     """Per type, the top-k query neurons by layer, split by whether they are also top-k FFN value neurons."""
-    query_rows = _by_sentence(queries, "rank", "layer", "neuron")
-    value_rows = _by_sentence(ffn, "rank", "layer", "neuron")
+    query_rows = _by_sentence(queries, "rank", *_ffn_identity(queries))
+    value_rows = _by_sentence(ffn, "rank", *_ffn_identity(ffn))
     totals: dict[str, np.ndarray] = defaultdict(lambda: np.zeros((2, n_layers)))
     for sentence, kind in types_of.items():
-        values = {(l, n) for r, l, n in value_rows[sentence] if r <= top}
-        for rank, layer, neuron in query_rows[sentence]:
+        values = {neuron for rank, *neuron in value_rows[sentence] if rank <= top}
+        for rank, *neuron in query_rows[sentence]:
             if rank <= top:
-                totals[kind][int((layer, neuron) in values), layer] += 1
+                totals[kind][int(tuple(neuron) in values), neuron[0]] += 1
     counts = Counter(types_of.values())
     return {kind: {"query_only": (totals[kind][0] / counts[kind]).tolist(),
                    "query_value": (totals[kind][1] / counts[kind]).tolist()} for kind in order}
@@ -241,9 +246,9 @@ def _sharing(tables: dict, types_of: dict, order: list[str], top: int) -> dict[s
     """Per type and kind of neuron: the mean share of a sentence's top neurons that occur in the top neurons
     of more than half of the type's sentences."""
     kinds = {
-        "ffn_value": _by_sentence(tables["ffn_neurons"], "rank", "layer", "neuron"),
+        "ffn_value": _by_sentence(tables["ffn_neurons"], "rank", *_ffn_identity(tables["ffn_neurons"])),
         "attention_value": _by_sentence(tables["attention_neurons"], "rank", "layer", "head", "dim"),
-        "query": _by_sentence(tables["query_neurons"], "rank", "layer", "neuron"),
+        "query": _by_sentence(tables["query_neurons"], "rank", *_ffn_identity(tables["query_neurons"])),
     }
     members: dict[str, list[int]] = defaultdict(list)
     for sentence, kind in types_of.items():
@@ -288,9 +293,10 @@ def _examples(tables: dict, order: list[str]) -> dict[str, list[dict]]:
     ffn_table = tables["ffn_neurons"]
     missing = [None] * len(ffn_table["sentence_id"])  # runs stored before the score parts
     ffn_table = {**ffn_table, "direct_score": ffn_table.get("direct_score", missing),
-                 "target_push_rank": ffn_table.get("target_push_rank", missing)}
+                 "target_push_rank": ffn_table.get("target_push_rank", missing),
+                 "expert": ffn_table.get("expert", missing)}
     ffn = _by_sentence(ffn_table, "rank", "layer", "neuron", "score", "promoted_tokens", "direct_score",
-                       "target_push_rank")
+                       "target_push_rank", "expert")
     attention = _by_sentence(tables["attention_neurons"], "rank", "layer", "head", "dim", "position", "token",
                              "score")
     examples: dict[str, list[dict]] = {kind: [] for kind in order}
@@ -302,8 +308,9 @@ def _examples(tables: dict, order: list[str]) -> dict[str, list[dict]]:
         examples[kind].append({
             "sentence_id": sentence, "prompt": prompt, "target": target, "prob": prob, "contrast": contrast,
             "ffn_neurons": [{"layer": l, "neuron": n, "score": s, "tokens": promoted[:6], "direct": direct,
-                             "push_rank": push_rank}
-                            for _, l, n, s, promoted, direct, push_rank in sorted(ffn[sentence])[:EXAMPLE_NEURONS]],
+                             "push_rank": push_rank, "expert": expert}
+                            for _, l, n, s, promoted, direct, push_rank, expert
+                            in sorted(ffn[sentence], key=lambda row: row[0])[:EXAMPLE_NEURONS]],
             "attention_neurons": [{"layer": l, "head": h, "dim": d, "position": p, "token": t, "score": s}
                                   for _, l, h, d, p, t, s in sorted(attention[sentence])[:EXAMPLE_NEURONS]],
         })

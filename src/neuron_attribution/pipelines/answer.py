@@ -46,7 +46,8 @@ def attribute_answer(model: LoadedModel, prompt: Prompt, answer: str | int | lis
     queries = None
     if options.query_top:
         queries = summed_query_scores([
-            query_scores(model, c.trace, [query.FfnValueNeuron(n.layer, n.neuron, n.token_scores[i])
+            query_scores(model, c.trace, [query.FfnValueNeuron(n.layer, model.shape.ffn_row(n.index),
+                                                               n.token_scores[i], str(n.index))
                                           for n in ffn_neurons[: options.query_top]],
                          [query.AttentionValueNeuron(n.layer, n.head, n.dim, n.position, n.token_scores[i])
                           for n in attention_neurons[: options.query_top] if n.position < c.trace.n_tokens],

@@ -27,10 +27,11 @@ def ffn_neurons(model: LoadedModel, top: TopK, coefficients: Tensor) -> list[Ffn
     neurons = []
     for row, index in enumerate(model.shape.ffn_indices(top.indices)):
         ids = details["projection"][row]
-        neurons.append(FfnNeuron(index.layer, index.neuron, details["score"][row], float(coefficients[index]),
+        coefficient = float(coefficients[index.layer, model.shape.ffn_row(index)])
+        neurons.append(FfnNeuron(index.layer, index.neuron, details["score"][row], coefficient,
                                  token_texts(model, ids[:PROJECTION_TOKENS]),
                                  token_texts(model, ids[PROJECTION_TOKENS:]),
-                                 token_scores=details["per_token"][row], **_parts(details, row)))
+                                 token_scores=details["per_token"][row], **_parts(details, row), expert=index.expert))
     return neurons
 
 

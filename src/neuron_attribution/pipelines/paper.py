@@ -18,15 +18,20 @@ def query_value_split(model: LoadedModel, prompt: Prompt, target: str | int | No
 
 def split_queries(result: Attribution, n_layers: int) -> QueryValueSplit:
     """The split for an attribution already made; n is its `top_k` (the length of its lists)."""
-    values = {(v.layer, v.neuron) for v in result.ffn_neurons}
-    queries = [(q.layer, q.neuron) for q in result.query_neurons]
+    values = {_key(v.index) for v in result.ffn_neurons}
+    queries = [_key(q.index) for q in result.query_neurons]
     query_value = [q for q in queries if q in values]
     query_only = [q for q in queries if q not in values]
 
-    def histogram(neurons: list[tuple[int, int]]) -> list[int]:
+    def histogram(neurons: list[tuple[int, ...]]) -> list[int]:
         counts = [0] * n_layers
-        for layer, _ in neurons:
-            counts[layer] += 1
+        for neuron in neurons:
+            counts[neuron[0]] += 1
         return counts
 
     return QueryValueSplit(len(queries), query_only, query_value, histogram(query_only), histogram(query_value))
+
+
+def _key(index) -> tuple[int, ...]:
+    """(layer, neuron), and the expert in a mixture of experts."""
+    return tuple(index[:2]) if index.expert is None else tuple(index)

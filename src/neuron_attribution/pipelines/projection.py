@@ -39,22 +39,24 @@ def neuron_vector(model: LoadedModel, neuron) -> torch.Tensor:
         raise UserError(f"a head has no single vector: {index}; give an FFN or attention neuron")
     model.shape.check(index)
     if isinstance(index, FfnIndex):
-        return model.adapter.ffn_value_stack.layers[index.layer].row(index.neuron)
+        return model.adapter.ffn_value_stack.layers[index.layer].row(model.shape.ffn_row(index))
     return model.adapter.output_weight_stack.layers[index.layer].row(model.shape.head_column(index.head, index.dim))
 
 
 def interpret_query_neuron(model: LoadedModel, ffn_layer: int, neuron: int, layer: int, head: int,
-                           k: int = 10, coefficient: float | None = None) -> Projection:
+                           k: int = 10, coefficient: float | None = None, expert: int | None = None) -> Projection:
     """A query FFN neuron as one head carries it (docs/method.md §3): its value vector through `layer`'s input
     norm, `head`'s value and output projections, then projected to the vocabulary like any neuron.
 
     `coefficient`: the neuron's coefficient where it acts (`QueryNeuron.coefficient`). Given, the vector is
     taken with that sign, so the top tokens are the ones it promotes there (a negative coefficient writes the
-    opposite of the value vector); without it, the top tokens are those of a positive coefficient."""
+    opposite of the value vector); without it, the top tokens are those of a positive coefficient. `expert`: the
+    routed expert of a mixture-of-experts layer the neuron belongs to (`QueryNeuron.expert`)."""
     s = model.shape
-    for index in (FfnIndex(ffn_layer, neuron), HeadIndex(layer, head)):
+    ffn = FfnIndex(ffn_layer, neuron, expert)
+    for index in (ffn, HeadIndex(layer, head)):
         s.check(index)
-    vector = model.adapter.ffn_value_stack.layers[ffn_layer].row(neuron)
+    vector = model.adapter.ffn_value_stack.layers[ffn_layer].row(s.ffn_row(ffn))
     if coefficient is not None and coefficient < 0:
         vector = -vector
     carried = query.interpret_through_head(model.adapter.layer_weights(layer), s, vector, head)

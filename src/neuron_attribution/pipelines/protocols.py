@@ -220,7 +220,7 @@ class QueryNeurons(AblationProtocol):
         def make(sentence: Sentence, ctx: ValueContext) -> dict[str, Ablation]:
             n_tokens = ctx.trace.n_tokens
             ffn, attention = value.top_ffn(ctx, k), value.top_attention(ctx, k)
-            ffn_neurons = [query.FfnValueNeuron(*index, float(score))
+            ffn_neurons = [query.FfnValueNeuron(index.layer, s.ffn_row(index), float(score), str(index))
                            for index, score in zip(s.ffn_indices(ffn.indices), ffn.scores)]
             attention_neurons = [query.AttentionValueNeuron(*index, float(score)) for index, score
                                  in zip(s.attention_indices(attention.indices, n_tokens), attention.scores)]

@@ -48,11 +48,12 @@ class QueryScores:
         total = self.total.reshape(-1)
         ranked = rank_by_score(total)[:k]
         result = []
-        for flat, (layer, neuron) in zip(ranked.tolist(), self.shape.ffn_indices(ranked)):
-            position, coefficient = self._where(layer, neuron)
+        for flat, index in zip(ranked.tolist(), self.shape.ffn_indices(ranked)):
+            row = self.shape.ffn_row(index)
+            position, coefficient = self._where(index.layer, row)
             token = tokens[position] if tokens is not None and position is not None else None
-            result.append(QueryNeuron(layer, neuron, float(total[flat]), *self._paths(layer, neuron),
-                                      position=position, token=token, coefficient=coefficient))
+            result.append(QueryNeuron(index.layer, index.neuron, float(total[flat]), *self._paths(index.layer, row),
+                                      position=position, token=token, coefficient=coefficient, expert=index.expert))
         return result
 
     def links(self, n: int) -> list[QueryLink]:
@@ -68,7 +69,7 @@ class QueryScores:
         for trace, readings in zip(self.traces or [], self.readings):
             target = torch.tensor([column[r.value_neuron] for r in readings], dtype=torch.long, device=totals.device)
             totals.index_add_(1, target, query.query_links(trace, self.ffn_values, readings, layers, rows))
-        queries = [f"{layer}_{neuron}" for layer, neuron in zip(layers.tolist(), rows.tolist())]
+        queries = [str(self.shape.ffn_index(layer, row)) for layer, row in zip(layers.tolist(), rows.tolist())]
         links = [QueryLink(queries[q], names[v], share) for q, shares in enumerate(totals.tolist())
                  for v, share in enumerate(shares) if share != 0.0]
         return sorted(links, key=lambda link: -abs(link.share))
@@ -110,7 +111,7 @@ def query_scores(model: LoadedModel, trace: Trace, ffn_neurons: Sequence[FfnNeur
             [query.AttentionValueNeuron(n.layer, n.head, n.dim, n.position, n.score) for n in attention_neurons]))
     if via in ("ffn", "both"):
         readings, split_skipped = query.ffn_readings(
-            trace, weights, [query.FfnValueNeuron(n.layer, n.neuron, n.score) for n in ffn_neurons], shape.parallel,
+            trace, weights, [_value_neuron(shape, n) for n in ffn_neurons], shape.parallel,
             model.adapter.ffn_activation)
         ffn_readings, ffn_skipped = query.usable(readings)
         skipped += split_skipped + ffn_skipped
@@ -168,3 +169,10 @@ def _query_layer_rows(shares: dict[str, query.LayerShares], n_layers: int) -> li
         rows.append(row("attention", layer, lambda s, l=layer: float(s.attention[l])))
         rows.append(row("ffn", layer, lambda s, l=layer: float(s.ffn[l])))
     return rows
+
+
+def _value_neuron(shape, neuron: FfnNeuron | query.FfnValueNeuron) -> query.FfnValueNeuron:
+    """A result's FFN neuron as scoring reads it: by its row in the layer's flat layout."""
+    if isinstance(neuron, query.FfnValueNeuron):
+        return neuron
+    return query.FfnValueNeuron(neuron.layer, shape.ffn_row(neuron.index), neuron.score, str(neuron.index))

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 
 from ..errors import UserError
+from ..neurons import FfnIndex
 from ..files import write_bytes_atomic, write_json
 from ..pipelines.analyze import GEOGRAPHIC, SUPPRESSION_TOP, TOP_HEADS, TOP_LAYERS, Analysis
 from ..pipelines.protocols import HEAD_FRACTION, QueryNeurons, ValueNeurons
@@ -348,8 +349,9 @@ def _examples_html(a: Analysis) -> str:
             parts.append(f"<p class=sentence><q>{_e(ex['prompt'])}</q> → <b>{_e(repr(ex['target']))}</b>{rather} "
                          f"(p = {ex['prob']:.2%})</p>")
             parts.append(_table(["FFN neuron", "score", "direct", "rank of the answer", "promotes"],
-                                [[f"{n['layer']}_{n['neuron']}", f"{n['score']:.3f}", _optional(n.get("direct"), ".3f"),
-                                  _optional(n.get("push_rank"), ",d"), " ".join(repr(t) for t in n["tokens"])]
+                                [[str(FfnIndex(n["layer"], n["neuron"], n.get("expert"))), f"{n['score']:.3f}",
+                                  _optional(n.get("direct"), ".3f"), _optional(n.get("push_rank"), ",d"),
+                                  " ".join(repr(t) for t in n["tokens"])]
                                  for n in ex["ffn_neurons"]]))
             parts.append(_table(["attention neuron (layer_head_dim@position)", "source token", "score"],
                                 [[f"{n['layer']}_{n['head']}_{n['dim']}@{n['position']}", repr(n["token"]),

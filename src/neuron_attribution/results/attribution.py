@@ -126,6 +126,7 @@ class FfnNeuron(ScoreParts):
     direct_score: float | None = None  # see ScoreParts
     normaliser_change: float | None = None
     target_push_rank: int | None = None
+    expert: int | None = None  # a mixture-of-experts layer's routed expert; `neuron` is the place in it
 
     def __post_init__(self) -> None:
         if not self.promoted_tokens:
@@ -135,7 +136,7 @@ class FfnNeuron(ScoreParts):
 
     @property
     def index(self) -> FfnIndex:
-        return FfnIndex(self.layer, self.neuron)
+        return FfnIndex(self.layer, self.neuron, self.expert)
 
 
 @dataclass
@@ -181,6 +182,11 @@ class QueryNeuron:
     position: int | None = None
     token: str | None = None
     coefficient: float | None = None
+    expert: int | None = None  # a mixture-of-experts layer's routed expert; `neuron` is the place in it
+
+    @property
+    def index(self) -> FfnIndex:
+        return FfnIndex(self.layer, self.neuron, self.expert)
 
 
 @dataclass

@@ -39,11 +39,12 @@ def attribution_graph(result: Attribution, top: int | None = DEFAULT_TOP, share:
                           "weight": neuron.score})
     queries = _chosen_queries(result, set(chosen_ids), len(values))
     for q in queries:
-        name = f"{q.layer}_{q.neuron}"
+        name = str(q.index)
         nodes.append({"id": f"query:{name}", "kind": "query", "name": name, "layer": q.layer, "neuron": q.neuron,
+                      "expert": q.expert,
                       "x": last if q.position is None else q.position, "score": q.score,
                       "position": q.position, "token": q.token, "coefficient": q.coefficient})
-    names = {f"{q.layer}_{q.neuron}" for q in queries}
+    names = {str(q.index) for q in queries}
     links += [{"source": f"query:{link.query}", "target": chosen_ids[link.value], "kind": "query",
                "weight": link.share}
               for link in result.query_links if link.query in names and link.value in chosen_ids]
@@ -80,8 +81,9 @@ def _value_node(neuron: FfnNeuron | AttentionNeuron, last: int) -> dict[str, Any
     if neuron.token_scores is not None:
         common["token_scores"] = neuron.token_scores
     if hasattr(neuron, "neuron"):
-        name = f"{neuron.layer}_{neuron.neuron}"
-        return {"id": f"ffn:{name}", "kind": "ffn", "name": name, "neuron": neuron.neuron, "x": last, **common}
+        name = str(neuron.index)
+        return {"id": f"ffn:{name}", "kind": "ffn", "name": name, "neuron": neuron.neuron, "expert": neuron.expert,
+                "x": last, **common}
     name = f"{neuron.layer}_{neuron.head}_{neuron.dim}@{neuron.position}"
     return {"id": f"attention:{name}", "kind": "attention", "name": name, "head": neuron.head, "dim": neuron.dim,
             "position": neuron.position, "token": neuron.token, "x": neuron.position, **common}
@@ -89,7 +91,7 @@ def _value_node(neuron: FfnNeuron | AttentionNeuron, last: int) -> dict[str, Any
 
 def _chosen_queries(result: Attribution, values: set[str], count: int):
     linked = {link.query for link in result.query_links if link.value in values}
-    ranked = sorted((q for q in result.query_neurons if f"{q.layer}_{q.neuron}" in linked),
+    ranked = sorted((q for q in result.query_neurons if str(q.index) in linked),
                     key=lambda q: -abs(q.score))
     return ranked[:count]
 

@@ -111,7 +111,7 @@ def _part_columns(neurons) -> tuple[list[Column], bool]:
 def ffn_table(result: Attribution, rows: int) -> TableLayout:
     neurons = result.ffn_neurons[:rows]
     parts, with_rank = _part_columns(neurons)
-    body = [[f"{n.layer}_{n.neuron}", f"{n.score:+.4f}", *(_parts(n, with_rank, result.vocab_size) if parts else []),
+    body = [[str(n.index), f"{n.score:+.4f}", *(_parts(n, with_rank, result.vocab_size) if parts else []),
              f"{n.coefficient:+.3f}", Tokens(tuple(n.promoted_tokens[:6])), Tokens(tuple(n.suppressed_tokens[:3]))]
             for n in neurons]
     ranked = " (ranked by the direct part)" if result.rank_by == "direct" else ""
@@ -154,7 +154,7 @@ def query_table(result: Attribution, rows: int) -> TableLayout:
     for q in result.query_neurons[:rows]:
         where: list[Cell] = [f"{q.position} {q.token!r}", f"{q.coefficient:+.3f}"] if q.position is not None else \
             (["", ""] if located else [])
-        body.append([f"{q.layer}_{q.neuron}", f"{q.score:+.4f}", *(_signed(pick(q)) for _, pick in paths), *where])
+        body.append([str(q.index), f"{q.score:+.4f}", *(_signed(pick(q)) for _, pick in paths), *where])
     notes = [f"Skipped (input·subkey ≈ 0, or gate/up elasticities cancel): {', '.join(result.query_skipped)}"] \
         if result.query_skipped else []
     return TableLayout(f"Top query FFN neurons (activate the top {_PATH_NAMES[via]} value neurons)", columns, body,

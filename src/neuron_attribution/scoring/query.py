@@ -42,8 +42,13 @@ class AttentionValueNeuron:
 @dataclass(frozen=True)
 class FfnValueNeuron:
     layer: int
-    neuron: int
+    row: int  # in the layer's flat layout (a mixture of experts: the experts' rows, then the shared expert's)
     score: float
+    name: str = ""  # as the results write it; default layer_row
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.layer}_{self.row}"
 
 
 @dataclass(frozen=True)
@@ -100,13 +105,13 @@ def ffn_readings(trace: Trace, weights: list[LayerWeights], neurons: list[FfnVal
     for n, middle, split in zip(neurons, bases, splits):
         w = weights[n.layer]
         if split is None:
-            skipped.append(f"ffn {n.layer}_{n.neuron} (gate and up elasticities cancel)")
+            skipped.append(f"ffn {n.label} (gate and up elasticities cancel)")
             continue
         for name, subkeys in w.ffn_subkeys.items():
             readings.append(SubkeyReading(
-                name, n.layer, last, _row(subkeys[n.neuron], middle) * w.ffn_norm.weight, middle,
+                name, n.layer, last, _row(subkeys[n.row], middle) * w.ffn_norm.weight, middle,
                 n.score * split[name],
-                not parallel, f"ffn {n.layer}_{n.neuron} ({name})", f"{n.layer}_{n.neuron}"))
+                not parallel, f"ffn {n.label} ({name})", n.label))
     return readings, skipped
 
 
@@ -115,7 +120,7 @@ def _gate_up_splits(weights: list[LayerWeights], neurons: list[FfnValueNeuron], 
     """Per neuron, the share of each subkey: 1 for a GELU key; the elasticity split for gate and up."""
     if not neurons or "gate" not in weights[neurons[0].layer].ffn_subkeys:
         return [{name: 1.0 for name in weights[n.layer].ffn_subkeys} for n in neurons]
-    gate_inputs = torch.stack([_row(weights[n.layer].ffn_subkeys["gate"][n.neuron], middle)
+    gate_inputs = torch.stack([_row(weights[n.layer].ffn_subkeys["gate"][n.row], middle)
                                @ weights[n.layer].ffn_norm.apply_without_bias(middle)
                                for n, middle in zip(neurons, bases)])
     by_layer: dict[int, list[int]] = {}

@@ -148,8 +148,8 @@ def chosen_rows(ctx: ValueContext, neurons: list[NeuronIndex]) -> tuple[Rows, Te
         s.check(index)
         bases[row] = chosen_states([index])[0]
         if isinstance(index, FfnIndex):
-            vectors[row] = ctx.ffn_values.layers[index.layer].row(index.neuron)
-            coefficients[row] = ffn_coefficients(ctx)[index]
+            vectors[row] = ctx.ffn_values.layers[index.layer].row(s.ffn_row(index))
+            coefficients[row] = ffn_coefficients(ctx)[index.layer, s.ffn_row(index)]
             continue
         layer, head = index.layer, index.head
         if isinstance(index, HeadIndex):

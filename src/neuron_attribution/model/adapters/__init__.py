@@ -30,12 +30,12 @@ def adapter_for(hf_model: nn.Module) -> FamilyAdapter:
 
 def _what_it_lacks(config) -> str:
     """Why no adapter reads this block, as far as its config tells."""
-    if any(getattr(config, name, None) for name in ("num_local_experts", "num_experts", "n_routed_experts")):
-        return "a mixture-of-experts FFN, which no adapter reads yet"
     if getattr(config, "state_size", None) or getattr(config, "ssm_state_size", None):
         return "state-space layers, not attention: no attention neurons to read"
     if getattr(config, "kv_lora_rank", None):
         return "multi-head latent attention, which no adapter reads"
+    if any(getattr(config, name, None) for name in ("num_local_experts", "num_experts", "n_routed_experts")):
+        return "a mixture-of-experts FFN of a kind no adapter declares"
     return "no adapter declares its block"
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ...neurons import FfnKind, ModelShape, NormKind
 from ...registry import Registry
-from ..weights import LayerStack, Matrix
+from ..weights import LayerStack, Matrix, RowParts
 
 @dataclass(frozen=True)
 class NormParams:
@@ -69,8 +69,8 @@ class LayerWeights:
     value_bias: Tensor | None  # (H_kv, d_h)
     output_weight: Tensor  # (H, d_h, d): attention neuron (j, n) writes output_weight[j, n] (may be a view)
     output_bias: Tensor | None  # (d,)
-    ffn_subkeys: dict[str, Tensor]  # name -> (N, d); "key" for GELU MLPs, "gate" and "up" for SwiGLU
-    ffn_values: Tensor  # (N, d): FFN neuron k writes coefficient · ffn_values[k] (may be a strided view)
+    ffn_subkeys: dict[str, Tensor | RowParts]  # name -> (N, d); "key" for GELU MLPs, "gate" and "up" for SwiGLU
+    ffn_values: Tensor | RowParts  # (N, d): neuron k writes coefficient · ffn_values[k] (a view, or experts' views)
     ffn_bias: Tensor | None  # (d,)
     # Norms applied to a sublayer's output before it is added to the residual (Gemma 2/3, OLMo 2), else None.
     attention_post_norm: NormParams | None = None
@@ -89,7 +89,9 @@ class ModelPaths:
     value: str  # output holds the value states
     attention_output: str  # W_O: input is the heads' concatenated outputs
     mlp: str  # output: F^l
-    mlp_output: str  # the FFN's output projection: input is the coefficients m
+    # The FFN's output projection: its input is the coefficients m. In a mixture of experts, the shared expert's
+    # (None without one: the routed experts are read through their own module, `FamilyAdapter.experts`).
+    mlp_output: str | None
     final_norm: str
     attention_norm: str | None
     ffn_norm: str | None  # the same path as attention_norm where one norm feeds both (GPT-J, Phi-2)
@@ -183,9 +185,19 @@ class FamilyAdapter(ABC):
         """Module whose output is F^l."""
         return self._in_layer(layer, self.paths.mlp)
 
-    def mlp_output_projection(self, layer: int) -> nn.Module:
-        """Module whose input is the FFN coefficients m (N per position)."""
-        return self._in_layer(layer, self.paths.mlp_output)
+    def mlp_output_projection(self, layer: int) -> nn.Module | None:
+        """Module whose input is the FFN coefficients m (N per position); in a mixture of experts, the shared
+        expert's (its coefficients follow the routed experts' rows), None without one."""
+        path = self.paths.mlp_output
+        return None if path is None else self._in_layer(layer, path)
+
+    def experts(self, layer: int) -> nn.Module | None:
+        """A mixture-of-experts layer's routed experts (`model/experts.py`); None for a dense FFN."""
+        return None
+
+    def shared_expert_gate(self, layer: int) -> nn.Module | None:
+        """A module whose output's sigmoid scales the shared expert's output (Qwen2-MoE), if any."""
+        return None
 
     def final_norm_module(self) -> nn.Module:
         """Module whose input is the final residual h^L."""

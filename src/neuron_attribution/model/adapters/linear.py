@@ -23,10 +23,17 @@ class LinearAdapter(FamilyAdapter):
     def _ffn_subkeys(self, layer: int) -> dict[str, Tensor]:
         return {"key": native(self._in_layer(layer, self.mlp_input).weight)}
 
+    def _ffn_values(self, layer: int) -> Tensor:
+        """(N, d): each FFN neuron's value vector, as the model holds it."""
+        return native(self.mlp_output_projection(layer).weight).T
+
+    def _ffn_bias(self, layer: int) -> Tensor | None:
+        return optional_f32(self.mlp_output_projection(layer).bias)
+
     def _read_layer_weights(self, layer: int) -> LayerWeights:
         s = self.shape
         value_rows, value_bias = self._value_rows(layer)
-        output, down = self.attention_output_projection(layer), self.mlp_output_projection(layer)
+        output = self.attention_output_projection(layer)
         return LayerWeights(
             attention_norm=self.attention_norm(layer),
             ffn_norm=self.ffn_norm(layer),
@@ -35,7 +42,7 @@ class LinearAdapter(FamilyAdapter):
             output_weight=native(output.weight).T.reshape(s.n_heads, s.head_dim, s.d_model),
             output_bias=optional_f32(output.bias),
             ffn_subkeys=self._ffn_subkeys(layer),
-            ffn_values=native(down.weight).T,
-            ffn_bias=optional_f32(down.bias),
+            ffn_values=self._ffn_values(layer),
+            ffn_bias=self._ffn_bias(layer),
             **self.post_norms(layer),
         )

@@ -20,9 +20,13 @@ class OlmoAdapter(LlamaAdapter):
     def _norm(self, module: nn.Module) -> NormParams:
         return NormParams("layernorm", torch.ones(self.shape.d_model, device=self.device), None, PARAMETERLESS_EPS)
 
+    @staticmethod
+    def refuse_clipped_values(config) -> None:
+        if getattr(config, "clip_qkv", None) is not None:
+            raise UserError(f"an {config.model_type} model with clip_qkv clamps its value states; its attention "
+                            "neurons are not linear in them, so it is not supported")
+
     @property
     def shape(self) -> ModelShape:
-        if getattr(self.config, "clip_qkv", None) is not None:
-            raise UserError("an OLMo model with clip_qkv clamps its value states; its attention neurons are not "
-                            "linear in them, so it is not supported")
+        self.refuse_clipped_values(self.config)
         return self.shape_from_config(ffn_kind="swiglu", norm_kind="layernorm")

@@ -5,7 +5,8 @@ reference method the paper argues against on cost. Not static: it runs the model
 For layer l, the last position's coefficients m are scaled along a straight path α·m, α from 0 to 1, with every
 other layer and position left as the model computes them. Neuron k of layer l scores
 m_k · mean over α of ∂p(w)/∂m_k (midpoint rule), so a layer's scores sum to p(w | m) − p(w | 0·m) up to the
-quadrature error (completeness).
+quadrature error (completeness). A mixture of experts has no single input of its FFN coefficients to scale (the
+routed experts compute theirs inside one module), so it is refused there.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...errors import UserError
 from ...model.loaded import LoadedModel
 from ...model.trace import PaddedBatch
 from ...settings import DEFAULT_IG_STEPS
@@ -30,6 +32,9 @@ class IntegratedGradients(FfnScorer):
     def __init__(self, model: LoadedModel, steps: int = DEFAULT_IG_STEPS):
         if steps <= 0:
             raise ValueError("steps must be positive")
+        if model.shape.n_experts:
+            raise UserError("integrated gradients scale the FFN coefficients at the FFN's output projection; a "
+                            "mixture-of-experts model computes its experts' inside one module: choose another method")
         self.model, self.steps = model, steps
 
     @classmethod

@@ -1,0 +1,133 @@
+"""Mixture-of-experts FFNs (docs/method.md §1): the chosen experts' coefficients against the definition, expert
+neurons and whole experts through interventions, the index types' text and tables, and the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from neuron_attribution import UserError, attribute
+from neuron_attribution.model.interventions import Ablation, ablated, last_logits
+from neuron_attribution.model.trace import trace_token_ids
+from neuron_attribution.neurons import ExpertIndex, FfnIndex, as_index, parse_neuron
+from neuron_attribution.pipelines.projection import neuron_vector
+
+from . import reference as ref
+from .conftest import tiny_family
+from .tiny_families import FAMILIES
+
+MIXTURES = [name for name, family in FAMILIES.items() if family.block.experts is not None]
+IDS = [5, 17, 3, 99, 42, 7, 250]
+
+
+@pytest.fixture(scope="module", params=MIXTURES)
+def mixture(request):
+    return tiny_family(request.param)
+
+
+def test_five_mixtures_are_registered():
+    assert set(MIXTURES) >= {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"}
+
+
+def test_coefficients_follow_the_routers_choice(mixture):
+    """At every position: g_e·SiLU(gate·x̂)·(up·x̂) for the experts the model's router chose, zero for the others
+    (no value neuron there), the shared expert's times its sigmoid gate; from the Hugging Face parameters."""
+    trace = trace_token_ids(mixture, [IDS])[0]
+    s = mixture.shape
+    for layer in range(s.n_layers):
+        for position in range(trace.n_tokens):
+            expected = ref.expert_coefficients(mixture, trace, layer, position)
+            got = trace.ffn_coefficients[layer, position].double()
+            assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (layer, position)
+            chosen = (got[: s.expert_rows].reshape(s.n_experts, -1) != 0).any(-1)
+            assert int(chosen.sum()) == s.experts_per_token
+
+
+def test_the_shape_declares_the_mixture(mixture):
+    s = mixture.shape
+    assert (s.n_experts, s.experts_per_token, s.expert_ffn) == (4, 2, 16)
+    assert s.shared_ffn == (24 if s.family == "qwen2_moe" else 0)
+    assert s.d_ffn == 64 + s.shared_ffn
+
+
+def test_switching_off_a_whole_expert(mixture):
+    """Its every neuron's contribution goes, wherever the router chose it; the router itself is untouched."""
+    s = mixture.shape
+    before = trace_token_ids(mixture, [IDS])[0]
+    expert = int(before.ffn_coefficients[1, -1, : s.expert_rows].reshape(s.n_experts, -1).abs().sum(-1).argmax())
+    rows = list(s.expert_row_range(expert))
+    with ablated(mixture, Ablation.of([ExpertIndex(1, expert)])):
+        after = trace_token_ids(mixture, [IDS])[0]
+    assert float(after.ffn_coefficients[1][:, rows].abs().max()) == 0.0
+    others = [k for k in range(s.d_ffn) if k not in rows]
+    assert torch.allclose(after.ffn_coefficients[1][:, others], before.ffn_coefficients[1][:, others], atol=1e-6)
+    removed = before.ffn_coefficients[1, -1, rows].double() @ ref.ffn_values(mixture, 1)[rows]
+    assert torch.allclose(ref.raw_ffn_output(mixture, after, 1, -1),
+                          ref.raw_ffn_output(mixture, before, 1, -1) - removed, atol=1e-5)
+
+
+def test_amplifying_an_expert_neuron_moves_the_logits_by_its_contribution():
+    """×3 on one expert neuron in the last layer adds twice its vector at the last position: the logits move
+    by exactly that vector's logits (the final norm's scale recomputed from the new residual)."""
+    model = tiny_family("qwen2_moe")
+    s = model.shape
+    trace = trace_token_ids(model, [IDS])[0]
+    last = s.n_layers - 1
+    row = int(trace.ffn_coefficients[last, -1, : s.expert_rows].abs().argmax())
+    neuron = s.ffn_index(last, row)
+    assert neuron.expert is not None
+    with torch.no_grad():
+        logits = last_logits(model, [IDS], Ablation.of([neuron], scale=3.0))[0].double()
+    added = 2 * ref.ffn_vector(model, trace, last, row, trace.n_tokens - 1)
+    residual = trace.final_residual[-1].double() + added
+    final = model.hf_model.model.norm
+    normed = residual / (residual.pow(2).mean() + ref._eps(final)).sqrt() * final.weight.detach().double()
+    expected = model.hf_model.lm_head.weight.detach().double() @ normed
+    assert float((expected - trace.logits.double()).abs().max()) > 1e-2  # the change is real
+    assert torch.allclose(logits, expected, atol=1e-4)
+
+
+def test_a_module_that_computes_something_else_is_refused():
+    """Where Σ coefficient · fc2 does not give back the experts module's output (here a hook changes it), the
+    trace stops with a one-line error instead of reading wrong coefficients."""
+    model = tiny_family("mixtral")
+    handle = model.adapter.experts(1).register_forward_hook(lambda module, args, output: output * 1.5)
+    try:
+        with pytest.raises(UserError, match=r"^layer 1's experts module \(MixtralExperts\) computes something other "
+                                            r"than .*cannot be read exactly$"):
+            trace_token_ids(model, [IDS])
+    finally:
+        handle.remove()
+
+
+def test_expert_neurons_in_text_json_and_tables(tmp_path):
+    assert str(FfnIndex(12, 45, 3)) == "12_e3_45" and parse_neuron("12_e3_45") == FfnIndex(12, 45, 3)
+    assert str(ExpertIndex(12, 3)) == "12_e3" and parse_neuron("12_e3") == ExpertIndex(12, 3)
+    assert parse_neuron("12_45") == FfnIndex(12, 45) and FfnIndex(12, 45).expert is None
+    assert as_index(("expert", 2, 1)) == ExpertIndex(2, 1) and as_index(("ffn", 2, 5, 1)) == FfnIndex(2, 5, 1)
+    model = tiny_family("qwen2_moe")
+    result = attribute(model, IDS, 11, top_k=30, query_top=5)
+    experts = {n.expert for n in result.ffn_neurons}
+    assert None in experts and experts - {None}  # routed experts' and the shared expert's neurons both rank
+    for n in result.ffn_neurons:
+        s = model.shape
+        assert 0 <= n.neuron < (s.expert_ffn if n.expert is not None else s.shared_ffn)
+        assert torch.equal(neuron_vector(model, n), neuron_vector(model, parse_neuron(str(n.index))))
+    data = json.loads(json.dumps(result.to_dict()))
+    assert [(n["layer"], n["neuron"], n["expert"]) for n in data["ffn_neurons"]] == \
+        [tuple(n.index) for n in result.ffn_neurons]
+    assert [(q["layer"], q["neuron"], q["expert"]) for q in data["query_neurons"]] == \
+        [tuple(q.index) for q in result.query_neurons]
+    for q in result.query_neurons:
+        model.shape.check(q.index)
+
+
+def test_neurons_out_of_the_mixture_are_refused():
+    model = tiny_family("mixtral")
+    for neuron, words in ((FfnIndex(0, 3), "4 experts of 16 neurons, no shared expert"),
+                          (FfnIndex(0, 16, 1), "4 experts of 16 neurons"), (ExpertIndex(0, 4), "4 experts")):
+        with pytest.raises(UserError, match=f"not a neuron of this model: .*{words}"):
+            with ablated(model, Ablation.of([neuron])):
+                pass
