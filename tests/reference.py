@@ -252,14 +252,16 @@ def ffn_subkeys(model, layer, neuron):
 
 
 def _input_norm(model, layer, vector) -> torch.Tensor:
-    """The FFN's input norm applied to a residual vector, with its own scale (none for OLMo 2)."""
+    """The FFN's input norm applied to a residual vector, with its own scale and bias (none for OLMo 2)."""
     v = vector.double()
     module = _input_norm_module(model, layer, "ffn")
     if module is None:
         return v
     if model.shape.norm_kind == "layernorm":
         v = v - v.mean()
-    return v / (v.pow(2).mean() + _eps(module)).sqrt() * gain(model, module)
+    normed = v / (v.pow(2).mean() + _eps(module)).sqrt() * gain(model, module)
+    bias = getattr(module, "bias", None)
+    return normed if bias is None else normed + bias.detach().double()
 
 
 def gate_activation(model, g: float) -> float:

@@ -88,7 +88,14 @@ FAMILIES = {"gpt2": tiny_gpt2, "llama": tiny_llama, "qwen3": lambda: tiny_llama_
             "gpt_neox-sequential": lambda: tiny_family("gpt_neox", parallel=False)}
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+# Families whose own transformers code makes tensors on the default device in every forward pass: the model cannot
+# run under a `meta` default device at all, whatever this package does.
+OWN_DEFAULT_DEVICE = {"phimoe": "transformers' PhiMoE rotary embedding recomputes its frequencies on the default "
+                                "device in every forward pass"}
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.skip(reason=OWN_DEFAULT_DEVICE[f]))
+                                    if f in OWN_DEFAULT_DEVICE else f for f in FAMILIES])
 def test_no_tensor_of_the_scoring_path_lands_on_an_implicit_device(family):
     model = FAMILIES[family]()
     expected = everything(model)

@@ -52,6 +52,15 @@ def test_the_shape_declares_the_mixture(mixture):
     assert s.d_ffn == 64 + s.shared_ffn
 
 
+def test_info_names_the_mixture():
+    from neuron_attribution.model.describe import describe_model
+
+    assert describe_model(tiny_family("qwen2_moe"))["block"] == \
+        "sequential, mixture-of-experts FFN: 4 experts of 16 neurons, 2 active per token and a shared expert of 24"
+    assert describe_model(tiny_family("granitemoe"))["block"] == "sequential, mixture-of-experts FFN: 4 experts of " \
+        "16 neurons, 2 active per token, sublayer outputs × 0.4, logits × 0.4"
+
+
 def test_switching_off_a_whole_expert(mixture):
     """Its every neuron's contribution goes, wherever the router chose it; the router itself is untouched."""
     s = mixture.shape
@@ -89,6 +98,36 @@ def test_amplifying_an_expert_neuron_moves_the_logits_by_its_contribution():
     assert torch.allclose(logits, expected, atol=1e-4)
 
 
+def test_scoring_reads_only_the_experts_the_router_chose(mixture):
+    """Like the forward pass, the top-k's bounds (the products of every neuron's vector) read the value vectors of
+    the experts chosen at the last position only: with every other expert's weights poisoned (NaN) after the
+    trace, the bounds and the direct parts are unchanged."""
+    from neuron_attribution.scoring import value
+    from neuron_attribution.scoring.context import value_context
+
+    s = mixture.shape
+    trace = trace_token_ids(mixture, [IDS])[0]
+    before = value_context(mixture, trace, 11)
+    expected = value.ffn_bounds(before), value.ffn_direct_parts(before)
+    saved = {}
+    with torch.no_grad():
+        for layer in range(s.n_layers):
+            module = mixture.adapter.experts(layer)
+            chosen = trace.ffn_coefficients[layer, -1, : s.expert_rows].reshape(s.n_experts, -1).ne(0).any(-1)
+            saved[layer] = module.down_proj.detach().clone()
+            module.down_proj[~chosen] = float("nan")
+    mixture.adapter.forget_weights()
+    try:
+        ctx = value_context(mixture, trace, 11)
+        assert torch.equal(value.ffn_bounds(ctx), expected[0])
+        assert torch.equal(value.ffn_direct_parts(ctx), expected[1])
+    finally:
+        with torch.no_grad():
+            for layer, weights in saved.items():
+                mixture.adapter.experts(layer).down_proj.copy_(weights)
+        mixture.adapter.forget_weights()
+
+
 def test_a_module_that_computes_something_else_is_refused():
     """Where Σ coefficient · fc2 does not give back the experts module's output (here a hook changes it), the
     trace stops with a one-line error instead of reading wrong coefficients."""
@@ -116,9 +155,9 @@ def test_expert_neurons_in_text_json_and_tables(tmp_path):
         assert 0 <= n.neuron < (s.expert_ffn if n.expert is not None else s.shared_ffn)
         assert torch.equal(neuron_vector(model, n), neuron_vector(model, parse_neuron(str(n.index))))
     data = json.loads(json.dumps(result.to_dict()))
-    assert [(n["layer"], n["neuron"], n["expert"]) for n in data["ffn_neurons"]] == \
+    assert [(n["layer"], n["neuron"], n.get("expert")) for n in data["ffn_neurons"]] == \
         [tuple(n.index) for n in result.ffn_neurons]
-    assert [(q["layer"], q["neuron"], q["expert"]) for q in data["query_neurons"]] == \
+    assert [(q["layer"], q["neuron"], q.get("expert")) for q in data["query_neurons"]] == \
         [tuple(q.index) for q in result.query_neurons]
     for q in result.query_neurons:
         model.shape.check(q.index)
@@ -131,3 +170,32 @@ def test_neurons_out_of_the_mixture_are_refused():
         with pytest.raises(UserError, match=f"not a neuron of this model: .*{words}"):
             with ablated(model, Ablation.of([neuron])):
                 pass
+
+
+def test_expert_column_in_the_run_tables_and_none_in_dense_json():
+    from types import SimpleNamespace
+
+    from neuron_attribution.results.tables import tables_of
+
+    model = tiny_family("mixtral")
+    result = attribute(model, IDS, 11, top_k=6, query_top=4)
+    fact = SimpleNamespace(answer="x", type_name="t", source="test", line=1)
+    tables = tables_of([(0, fact, result)])
+    assert tables["ffn_neurons"].column("expert").to_pylist() == [n.expert for n in result.ffn_neurons]
+    assert tables["query_neurons"].column("expert").to_pylist() == [q.expert for q in result.query_neurons]
+    assert all(e is not None for e in tables["ffn_neurons"].column("expert").to_pylist())  # no shared expert
+    dense = attribute(tiny_family("gemma"), IDS, 11, top_k=3).to_dict()
+    assert all("expert" not in n for n in dense["ffn_neurons"])
+
+
+def test_gpt_oss_is_refused_with_its_reason():
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from neuron_attribution.model.loaded import LoadedModel
+
+    config = GptOssConfig(hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, vocab_size=64, num_local_experts=4,
+                          num_experts_per_tok=2)
+    with pytest.raises(UserError, match=r"^unsupported architecture 'gpt_oss' \(a mixture-of-experts FFN whose "
+                                        r"experts add router-weighted biases .*\); supported: "):
+        LoadedModel.from_hf(GptOssForCausalLM(config), name="gpt-oss")

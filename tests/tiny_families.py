@@ -166,6 +166,12 @@ FAMILIES: dict[str, TinyFamily] = {
                              Block(logit_multiplier=lambda c: 1 / c.logits_scaling,
                                    residual_multiplier=lambda c: c.residual_multiplier,
                                    experts="block_sparse_moe.experts", router="block_sparse_moe.router")),
+    "phimoe": TinyFamily(lambda: tf.PhimoeConfig(**{**COMMON, **MOE}, num_key_value_heads=2, num_local_experts=4,
+                                                 attention_bias=True, lm_head_bias=True),
+                         Block(experts="mlp.experts", router="mlp.router")),
+    "flex_olmo": TinyFamily(lambda: tf.FlexOlmoConfig(**{**COMMON, **MOE}, num_key_value_heads=2, num_experts=4,
+                                                      pad_token_id=0, eos_token_id=1, bos_token_id=None),
+                            Block(**{**POST_ONLY.__dict__, "experts": "mlp.experts", "router": "mlp.gate"})),
 }
 
 # Variants that share a model type with another entry: `block_of` picks theirs by the config.

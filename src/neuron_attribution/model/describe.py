@@ -38,6 +38,10 @@ def _block(model: LoadedModel) -> str:
     """The block's declared shape in words (docs/method.md §1): what the adapter read off the family."""
     s, adapter = model.shape, model.adapter
     parts = ["parallel attention and FFN" if s.parallel else "sequential"]
+    if s.n_experts:
+        shared = f" and a shared expert of {s.shared_ffn}" if s.shared_ffn else ""
+        parts.append(f"mixture-of-experts FFN: {s.n_experts} experts of {s.expert_ffn} neurons, "
+                     f"{s.experts_per_token} active per token{shared}")
     if adapter.paths.attention_norm is None:
         parts.append("no norms before the sublayers")
     if s.post_norms:

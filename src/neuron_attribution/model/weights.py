@@ -130,6 +130,21 @@ class Matrix:
             result[:, rows] = (here @ self.weight[rows].to(torch.float32).T).to(result.device)
         return result
 
+    def times_transposed_where(self, vectors: Tensor, active: Tensor) -> Tensor:
+        """vectors @ Wᵀ where `active` (R,) is true, zero elsewhere: a mixture's matrix reads only the experts
+        with an active row (what the forward pass read), any other matrix all of its rows."""
+        if not isinstance(self.weight, RowParts):
+            return self.times_transposed(vectors)
+        result = torch.zeros(len(vectors), self.weight.shape[0], device=vectors.device)
+        here = vectors.to(self.weight.device)
+        if self.gain is not None:
+            here = here * self.gain
+        starts = self.weight.starts
+        for part, (start, stop) in zip(self.weight.parts, zip(starts, starts[1:])):
+            if bool(active[start:stop].any()):
+                result[:, start:stop] = (here @ part.to(torch.float32).T).to(result.device)
+        return result
+
     def transposed_times(self, weights: Tensor) -> Tensor:
         """weights @ W: (n, R) → (n, d), Σ_r weights[:, r]·W_r, on the weights' device."""
         here = weights.to(self.weight.device)
@@ -186,11 +201,14 @@ class LayerStack:
     def flat_rows(self, flat: Tensor) -> Tensor:
         return self.rows(flat // self.n_rows, flat % self.n_rows)
 
-    def dots(self, directions: Tensor) -> Tensor:
-        """(L, R): row r of layer l times directions[l], for (L, d) directions; (L, G, R) for (L, G, d)."""
+    def dots(self, directions: Tensor, active: Tensor | None = None) -> Tensor:
+        """(L, R): row r of layer l times directions[l], for (L, d) directions; (L, G, R) for (L, G, d).
+        `active` (L, R): rows whose dots are wanted (the others may come back zero; see
+        `Matrix.times_transposed_where`)."""
         single = directions.dim() == 2
         per_layer = directions.unsqueeze(1) if single else directions
-        result = torch.stack([m.times_transposed(per_layer[l]) for l, m in enumerate(self.layers)])
+        result = torch.stack([m.times_transposed(per_layer[l]) if active is None else
+                              m.times_transposed_where(per_layer[l], active[l]) for l, m in enumerate(self.layers)])
         return result.squeeze(1) if single else result
 
     def norms(self) -> Tensor:

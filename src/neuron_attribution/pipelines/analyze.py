@@ -207,7 +207,7 @@ def _query_histograms(queries: dict, ffn: dict, types_of: dict, order: list[str]
     value_rows = _by_sentence(ffn, "rank", *_ffn_identity(ffn))
     totals: dict[str, np.ndarray] = defaultdict(lambda: np.zeros((2, n_layers)))
     for sentence, kind in types_of.items():
-        values = {neuron for rank, *neuron in value_rows[sentence] if rank <= top}
+        values = {tuple(neuron) for rank, *neuron in value_rows[sentence] if rank <= top}
         for rank, *neuron in query_rows[sentence]:
             if rank <= top:
                 totals[kind][int(tuple(neuron) in values), neuron[0]] += 1

@@ -250,8 +250,9 @@ class Attribution:
         data = {k: v for k, v in asdict(self).items() if k != "dense"}
         data["target"] = self.target.to_dict()
         for kind in ("ffn_neurons", "attention_neurons"):
-            data[kind] = [{k: v for k, v in n.items() if not (k == "token_scores" and v is None)} for n in data[kind]]
-        # gate/up parts exist only for SwiGLU models; GELU results leave the keys out rather than null them.
+            data[kind] = [{k: v for k, v in n.items() if not (k in ("token_scores", "expert") and v is None)}
+                          for n in data[kind]]
+        # gate/up parts exist only for SwiGLU models, experts only in mixtures: keys left out rather than nulled.
         data["query_neurons"] = [_without_missing_subkeys(q) for q in data["query_neurons"]]
         data["query_layers"] = {kind: [_without_missing_subkeys(q) for q in rows]
                                 for kind, rows in data["query_layers"].items()}
@@ -307,7 +308,7 @@ class Attribution:
         return read_json_as(path, cls.from_dict, "an attribution")
 
 
-_OMITTED_WHEN_NONE = ("attention_score", "ffn_score", "gate_score", "up_score")
+_OMITTED_WHEN_NONE = ("attention_score", "ffn_score", "gate_score", "up_score", "expert")
 
 
 def _without_missing_subkeys(row: dict[str, Any]) -> dict[str, Any]:

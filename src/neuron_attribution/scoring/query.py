@@ -121,7 +121,7 @@ def _gate_up_splits(weights: list[LayerWeights], neurons: list[FfnValueNeuron], 
     if not neurons or "gate" not in weights[neurons[0].layer].ffn_subkeys:
         return [{name: 1.0 for name in weights[n.layer].ffn_subkeys} for n in neurons]
     gate_inputs = torch.stack([_row(weights[n.layer].ffn_subkeys["gate"][n.row], middle)
-                               @ weights[n.layer].ffn_norm.apply_without_bias(middle)
+                               @ weights[n.layer].ffn_norm.apply(middle)
                                for n, middle in zip(neurons, bases)])
     by_layer: dict[int, list[int]] = {}
     for i, n in enumerate(neurons):
@@ -207,9 +207,11 @@ def query_ffn_scores(trace: Trace, ffn_values: LayerStack, readings: list[Subkey
     membership = torch.tensor([[float((r.subkey_name, r.position) == g) for r in readings] for g in groups],
                               device=device)
     merged_keys = torch.einsum("gr,rl,rd->gld", membership, weights, stacked.keys)  # (G, L, d)
-    slopes = ffn_values.dots(merged_keys.permute(1, 0, 2)).permute(1, 0, 2)  # (G, L, N)
     positions = torch.tensor([position for _, position in groups], device=device)
-    shares = trace.ffn_residual_coefficients(positions).permute(1, 0, 2) * slopes  # (G, L, N)
+    coefficients = trace.ffn_residual_coefficients(positions)  # (L, G, N)
+    # Only neurons with a coefficient at a position read need their slopes (a mixture's chosen experts there).
+    slopes = ffn_values.dots(merged_keys.permute(1, 0, 2), coefficients.ne(0).any(dim=1)).permute(1, 0, 2)
+    shares = coefficients.permute(1, 0, 2) * slopes  # (G, L, N)
     for index, (name, position) in enumerate(groups):
         totals.setdefault(name, shares.new_zeros(n_layers, n_neurons)).add_(shares[index])
         if by_position is not None:

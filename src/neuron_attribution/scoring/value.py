@@ -83,8 +83,13 @@ def ffn_bounds(ctx: ValueContext) -> Tensor:
     """(L, N) upper bounds of the FFN neurons' scores."""
     if ctx.readout.softcap is not None:
         return ffn_coefficients(ctx).abs() * soft_capped_reach(ctx, ctx.ffn_values)
-    slopes = ctx.ffn_values.dots(ctx.bound_directions[1::2])
+    slopes = ctx.ffn_values.dots(ctx.bound_directions[1::2], active_ffn_rows(ctx))
     return ffn_coefficients(ctx) * slopes
+
+
+def active_ffn_rows(ctx: ValueContext) -> Tensor | None:
+    """In a mixture of experts, the rows with a coefficient (the chosen experts'): only those are read."""
+    return ffn_coefficients(ctx) != 0 if ctx.shape.n_experts else None
 
 
 def attention_bounds(ctx: ValueContext) -> Tensor:
@@ -180,7 +185,7 @@ def top_attention(ctx: ValueContext, k: int) -> TopK:
 
 def ffn_direct_parts(ctx: ValueContext) -> Tensor:
     """(L, N): every FFN neuron's direct part, the change of the target's logit (docs/method.md §2)."""
-    slopes = ctx.ffn_values.dots(_target_pullback(ctx).expand(ctx.shape.n_layers, -1))
+    slopes = ctx.ffn_values.dots(_target_pullback(ctx).expand(ctx.shape.n_layers, -1), active_ffn_rows(ctx))
     layers = torch.arange(ctx.shape.n_layers, device=ctx.device)
     return _capped_change(ctx, ffn_coefficients(ctx) * slopes, 2 * layers + 1)
 

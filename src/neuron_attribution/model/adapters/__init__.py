@@ -34,6 +34,9 @@ def _what_it_lacks(config) -> str:
         return "state-space layers, not attention: no attention neurons to read"
     if getattr(config, "kv_lora_rank", None):
         return "multi-head latent attention, which no adapter reads"
+    if getattr(config, "swiglu_limit", None):  # gpt-oss
+        return ("a mixture-of-experts FFN whose experts add router-weighted biases to a clamped "
+                "(up + 1)·gate·σ(α·gate), which is not a sum of act(gate)·up neurons")
     if any(getattr(config, name, None) for name in ("num_local_experts", "num_experts", "n_routed_experts")):
         return "a mixture-of-experts FFN of a kind no adapter declares"
     return "no adapter declares its block"

@@ -1,5 +1,6 @@
 """Mixture-of-experts families built on Llama's block: Mixtral, Qwen3-MoE and OLMoE (routed experts only),
-Qwen2-MoE (plus a shared expert whose output a sigmoid gate scales) and Granite-MoE (Granite's multipliers).
+Qwen2-MoE (plus a shared expert whose output a sigmoid gate scales), Granite-MoE (Granite's multipliers), PhiMoE
+(LayerNorms with biases) and FlexOlmo (OLMo 2's post-norms only).
 
 Each layer's FFN is a router and one experts module with 3-D weights (`model/experts.py` reads it through the
 router's choice); the layer's FFN neurons are every expert's, expert by expert, then the shared expert's
@@ -16,10 +17,11 @@ from torch import Tensor, nn
 from ...errors import UserError
 from .. import experts as moe
 from ..weights import RowParts
-from .base import ModelShape, native
+from .base import ModelShape, NormKind, native
 from .granite import GraniteAdapter
 from .llama import LLAMA_PATHS, LlamaAdapter
 from .olmo import OlmoAdapter
+from .olmo2 import Olmo2Adapter
 
 
 class MixtureOfExpertsAdapter(LlamaAdapter):
@@ -29,6 +31,7 @@ class MixtureOfExpertsAdapter(LlamaAdapter):
     experts_path: ClassVar[str] = "mlp.experts"
     shared_path: ClassVar[str | None] = None  # the shared expert, an ordinary gated MLP
     shared_gate_path: ClassVar[str | None] = None
+    norm_kind: ClassVar[NormKind] = "rmsnorm"
 
     def __init__(self, hf_model: nn.Module):
         super().__init__(hf_model)
@@ -56,7 +59,7 @@ class MixtureOfExpertsAdapter(LlamaAdapter):
         module, shared = self.experts(0), self._shared(0)
         width = moe.expert_width(module)
         shared_width = 0 if shared is None else int(shared.down_proj.in_features)
-        dense = self.shape_from_config(ffn_kind="swiglu", norm_kind="rmsnorm")
+        dense = self.shape_from_config(ffn_kind="swiglu", norm_kind=self.norm_kind)
         return replace(dense, d_ffn=module.num_experts * width + shared_width, n_experts=int(module.num_experts),
                        experts_per_token=int(self.config.num_experts_per_tok), expert_ffn=width)
 
@@ -111,3 +114,15 @@ class GraniteMoeAdapter(MixtureOfExpertsAdapter):
     experts_path = "block_sparse_moe.experts"
     residual_multiplier = GraniteAdapter.residual_multiplier
     logit_multiplier = GraniteAdapter.logit_multiplier
+
+
+class PhimoeAdapter(MixtureOfExpertsAdapter):
+    family = "phimoe"
+    model_types = ("phimoe",)
+    norm_kind = "layernorm"
+
+
+class FlexOlmoAdapter(MixtureOfExpertsAdapter):
+    family = "flex_olmo"
+    model_types = ("flex_olmo",)
+    paths = replace(Olmo2Adapter.paths, mlp_output=None)

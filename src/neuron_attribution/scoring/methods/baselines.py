@@ -20,8 +20,8 @@ from ..context import ValueContext
 from ..exact import score_rows
 from ..ranks import VocabularyRanks
 from ..topk import BOUND_SLACK, exact_top_k, rank_by_score
-from ..value import (dense_ffn_scores, evaluate_ffn, ffn_bounds, ffn_coefficients, ffn_rows, soft_capped_reach,
-                     top_ffn)
+from ..value import (active_ffn_rows, dense_ffn_scores, evaluate_ffn, ffn_bounds, ffn_coefficients, ffn_rows,
+                     soft_capped_reach, top_ffn)
 from .base import FfnScorer, MethodResources
 
 
@@ -59,7 +59,8 @@ class LogProbability(FfnScorer):
         if ctx.readout.softcap is not None:
             increase = ffn_coefficients(ctx).abs() * soft_capped_reach(ctx, ctx.ffn_values)
         else:
-            increase = ffn_coefficients(ctx) * ctx.ffn_values.dots(ctx.alone_direction.expand(ctx.shape.n_layers, -1))
+            increase = ffn_coefficients(ctx) * ctx.ffn_values.dots(ctx.alone_direction.expand(ctx.shape.n_layers, -1),
+                                                                   active_ffn_rows(ctx))
         return (ctx.target_log_probs[ctx.zero_state] + increase).clamp(max=0.0)
 
     def scores(self, ctx: ValueContext) -> Tensor:
