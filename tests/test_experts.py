@@ -199,3 +199,68 @@ def test_gpt_oss_is_refused_with_its_reason():
     with pytest.raises(UserError, match=r"^unsupported architecture 'gpt_oss' \(a mixture-of-experts FFN whose "
                                         r"experts add router-weighted biases .*\); supported: "):
         LoadedModel.from_hf(GptOssForCausalLM(config), name="gpt-oss")
+
+
+def test_a_whole_experts_score_is_its_summed_contribution(mixture):
+    """score_neurons of `l_eE`: the log-probability increase from adding every neuron of the expert at the last
+    position (zero for an expert the router did not choose there); its neurons one by one do not add up to it
+    (the score is not linear), so the float64 loop adds the vectors first."""
+    from neuron_attribution import score_neurons
+
+    s = mixture.shape
+    trace = trace_token_ids(mixture, [IDS])[0]
+    layer = 1
+    last = trace.n_tokens - 1
+    active = trace.ffn_coefficients[layer, -1, : s.expert_rows].reshape(s.n_experts, -1).ne(0).any(-1).tolist()
+    names = [f"{layer}_e{e}" for e in range(s.n_experts)]
+    scored = score_neurons(mixture, IDS, 11, names)
+    for expert, chosen in enumerate(active):
+        vector = sum(ref.ffn_vector(mixture, trace, layer, row, last) for row in s.expert_row_range(expert))
+        expected = ref.increase(mixture, trace, ref.ffn_base(mixture, trace, layer), vector, 11)
+        assert scored.scores[0][expert] == pytest.approx(expected, abs=1e-5)
+        if not chosen:
+            assert scored.scores[0][expert] == pytest.approx(0.0, abs=1e-6)
+    assert scored.to_dict()["neurons"] == names
+    with pytest.raises(UserError, match="a whole expert has no single vector: 1_e0"):
+        neuron_vector(mixture, ExpertIndex(1, 0))
+
+
+def test_batches_and_long_records_read_the_same_coefficients(monkeypatch):
+    """Prompts traced together (padded) and a prompt whose record is kept at its last position only (the
+    experts' coefficients computed for the kept rows alone) give the coefficients of a prompt traced alone."""
+    import neuron_attribution.model.trace as trace_module
+
+    model = tiny_family("qwen2_moe")
+    alone = [trace_token_ids(model, [ids])[0] for ids in (IDS, IDS[:4])]
+    together = trace_token_ids(model, [IDS, IDS[:4]])
+    for one, other in zip(alone, together):
+        assert torch.allclose(one.ffn_coefficients, other.ffn_coefficients, atol=1e-6)
+    monkeypatch.setattr(trace_module, "FULL_RECORD_BYTES", 1)
+    kept = trace_token_ids(model, [IDS], positions=[2])[0]
+    assert kept.kept_positions.tolist() == [2, len(IDS) - 1]
+    assert torch.allclose(kept.ffn_coefficients, alone[0].ffn_coefficients[:, [2, -1]], atol=1e-6)
+
+
+def test_one_batch_carries_a_different_expert_intervention_per_prompt():
+    from neuron_attribution.model.interventions import last_logits_each
+
+    model = tiny_family("mixtral")
+    ablations = [Ablation.of([ExpertIndex(1, 0), FfnIndex(0, 3, 2)]), Ablation.of([ExpertIndex(0, 1)], scale=2.5)]
+    prompts = [IDS, IDS[:5]]
+    together = last_logits_each(model, prompts, ablations)
+    for prompt, ablation, row in zip(prompts, ablations, together):
+        assert torch.allclose(row, last_logits(model, [prompt], ablation)[0], atol=1e-5)
+    assert not torch.allclose(together[0], last_logits(model, [IDS])[0], atol=1e-3)  # the interventions bite
+
+
+def test_bfloat16_mixture_reads_without_refusal():
+    """In bfloat16 the module rounds its own output; the check allows for that and still reads the experts."""
+    model = tiny_family("mixtral")
+    model.hf_model.to(torch.bfloat16)
+    try:
+        model.adapter.forget_weights()
+        result = attribute(model, IDS, 11, top_k=5)
+        assert len(result.ffn_neurons) == 5
+    finally:
+        model.hf_model.to(torch.float32)
+        model.adapter.forget_weights()

@@ -145,6 +145,17 @@ class Matrix:
                 result[:, start:stop] = (here @ part.to(torch.float32).T).to(result.device)
         return result
 
+    def weighted_sum(self, rows: range, weights: Tensor) -> Tensor:
+        """(d,) Σ_i weights[i]·W_{rows[i]} over a contiguous range of rows (a mixture's expert), a chunk at a time,
+        on the weights' device."""
+        here = weights.to(self.weight.device)
+        total = torch.zeros(self.weight.shape[1], device=self.weight.device)
+        step = self._rows_per_chunk()
+        for start in range(rows.start, rows.stop, step):
+            stop = min(start + step, rows.stop)
+            total += here[start - rows.start: stop - rows.start] @ self._float(self.weight[start:stop])
+        return total.to(weights.device)
+
     def transposed_times(self, weights: Tensor) -> Tensor:
         """weights @ W: (n, R) → (n, d), Σ_r weights[:, r]·W_r, on the weights' device."""
         here = weights.to(self.weight.device)

@@ -9,7 +9,7 @@ from ..errors import UserError
 from ..model.loaded import LoadedModel
 from ..model.prompts import token_texts
 from ..model.readout import project_to_vocabulary
-from ..neurons import AttentionIndex, FfnIndex, HeadIndex, as_index
+from ..neurons import AttentionIndex, ExpertIndex, FfnIndex, HeadIndex, as_index
 from ..results.attribution import AttentionNeuron, FfnNeuron, Projection
 from ..scoring import query
 
@@ -35,8 +35,9 @@ def neuron_vector(model: LoadedModel, neuron) -> torch.Tensor:
     """The (d,) direction an FFN or attention neuron writes into the residual per unit of coefficient (its
     value vector, times a post-norm's gain where the block has one)."""
     index = neuron.index if isinstance(neuron, (FfnNeuron, AttentionNeuron)) else as_index(neuron)
-    if isinstance(index, HeadIndex):
-        raise UserError(f"a head has no single vector: {index}; give an FFN or attention neuron")
+    if isinstance(index, (HeadIndex, ExpertIndex)):
+        kind = "a head" if isinstance(index, HeadIndex) else "a whole expert"
+        raise UserError(f"{kind} has no single vector: {index}; give an FFN or attention neuron")
     model.shape.check(index)
     if isinstance(index, FfnIndex):
         return model.adapter.ffn_value_stack.layers[index.layer].row(model.shape.ffn_row(index))

@@ -115,7 +115,9 @@ def ffn_table(result: Attribution, rows: int) -> TableLayout:
              f"{n.coefficient:+.3f}", Tokens(tuple(n.promoted_tokens[:6])), Tokens(tuple(n.suppressed_tokens[:3]))]
             for n in neurons]
     ranked = " (ranked by the direct part)" if result.rank_by == "direct" else ""
-    return TableLayout(f"Top FFN value neurons (layer_neuron){ranked}",
+    names = "layer_neuron; an expert's: layer_eEXPERT_neuron" if any(n.expert is not None for n in neurons) \
+        else "layer_neuron"
+    return TableLayout(f"Top FFN value neurons ({names}){ranked}",
                        [Column("neuron", True), Column("score"), *parts, Column("coef"),
                         Column("promotes (coefficient × value vector)", True), Column("suppresses", True)],
                        body, _parts_caption(result) if parts else "")

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..neurons import FfnIndex, HeadIndex, NeuronIndex
+from ..neurons import ExpertIndex, FfnIndex, HeadIndex, NeuronIndex
 from ..model.weights import LayerStack
 from .context import ValueContext
 from .exact import Rows, Scored, score_rows
@@ -138,13 +138,14 @@ def evaluate_attention(ctx: ValueContext, flat: Tensor) -> Tensor:
 
 def chosen_states(neurons: list[NeuronIndex]) -> list[int]:
     """The base states the given neurons are scored from (see `chosen_rows`)."""
-    return [2 * n.layer + int(isinstance(n, FfnIndex)) for n in neurons]
+    return [2 * n.layer + int(isinstance(n, (FfnIndex, ExpertIndex))) for n in neurons]
 
 
 def chosen_rows(ctx: ValueContext, neurons: list[NeuronIndex]) -> tuple[Rows, Tensor]:
     """Rows for the given neurons, in the order given, and their coefficients (NaN for heads, whose output has
     no single coefficient). An attention neuron without a position stands for its output from every source
-    position; a head, for its whole last-position output."""
+    position; a head, for its whole last-position output; a whole expert, for the sum of its neurons' vectors at
+    the last position (zero where the router did not choose it)."""
     s, n_tokens = ctx.shape, ctx.trace.n_tokens
     bases = torch.empty(len(neurons), dtype=torch.long, device=ctx.device)
     vectors = torch.empty(len(neurons), s.d_model, device=ctx.device)
@@ -155,6 +156,11 @@ def chosen_rows(ctx: ValueContext, neurons: list[NeuronIndex]) -> tuple[Rows, Te
         if isinstance(index, FfnIndex):
             vectors[row] = ctx.ffn_values.layers[index.layer].row(s.ffn_row(index))
             coefficients[row] = ffn_coefficients(ctx)[index.layer, s.ffn_row(index)]
+            continue
+        if isinstance(index, ExpertIndex):
+            rows = s.expert_row_range(index.expert)
+            weights = ffn_coefficients(ctx)[index.layer, rows.start: rows.stop]
+            vectors[row] = ctx.ffn_values.layers[index.layer].weighted_sum(rows, weights)
             continue
         layer, head = index.layer, index.head
         if isinstance(index, HeadIndex):
