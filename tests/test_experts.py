@@ -264,3 +264,22 @@ def test_bfloat16_mixture_reads_without_refusal():
     finally:
         model.hf_model.to(torch.float32)
         model.adapter.forget_weights()
+
+
+def test_nested_interventions_multiply_as_for_a_dense_ffn():
+    """×2 inside ×3 on the same expert is ×6, switching off twice is switching off once, and the trace under
+    them records the coefficients the experts effectively used."""
+    model = tiny_family("mixtral")
+    expert = ExpertIndex(1, 2)
+    with ablated(model, Ablation.of([expert], scale=2.0)), ablated(model, Ablation.of([expert], scale=3.0)):
+        nested = last_logits(model, [IDS])[0]
+        traced = trace_token_ids(model, [IDS])[0]
+    assert torch.allclose(nested, last_logits(model, [IDS], Ablation.of([expert], scale=6.0))[0], atol=1e-5)
+    before = trace_token_ids(model, [IDS])[0]
+    rows = list(model.shape.expert_row_range(2))
+    assert float(before.ffn_coefficients[1][:, rows].abs().sum()) > 0  # the router chose it somewhere
+    assert torch.allclose(traced.ffn_coefficients[1][:, rows], 6 * before.ffn_coefficients[1][:, rows], atol=1e-5)
+    with ablated(model, Ablation.of([expert])), ablated(model, Ablation.of([expert])):
+        twice = last_logits(model, [IDS])[0]
+    assert torch.allclose(twice, last_logits(model, [IDS], Ablation.of([expert]))[0], atol=1e-6)
+    assert model.adapter.experts(1)._forward_hooks == {}  # every hook removed on the way out

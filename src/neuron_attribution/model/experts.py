@@ -16,14 +16,16 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
+from .weights import CHUNK_BYTES
 
 # Relative error of the rebuilt output that a module's own rounding explains, by its dtype.
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
 _HALF_TOLERANCE = 5e-2
 
-# The factors an intervention multiplies expert neurons by, per experts module while it is installed: the trace
-# reads the coefficients the module effectively used.
-_ACTIVE_FACTORS: WeakKeyDictionary[nn.Module, Tensor] = WeakKeyDictionary()
+# The factors installed interventions multiply each experts module's neurons by (several nest as a product, as
+# the dense FFN's masks do), and the one hook that applies them; the trace reads the coefficients the module
+# effectively used.
+_SCALINGS: WeakKeyDictionary[nn.Module, _Scaling] = WeakKeyDictionary()
 
 
 def check_readable(module: nn.Module, layer: int) -> None:
@@ -96,11 +98,17 @@ def coefficients(module: nn.Module, hidden: Tensor, top_k_index: Tensor, top_k_w
     return out
 
 
-def rebuilt_output(module: nn.Module, coefficients_: Tensor) -> Tensor:
-    """(n, d) float32 Σ_e coefficients[:, e] · fc2_e over every expert with a non-zero coefficient."""
+def rebuilt_output(module: nn.Module, coefficients_: Tensor, experts: list[int] | None = None) -> Tensor:
+    """(n, d) float32 Σ_e coefficients[:, e] · fc2_e over every expert with a non-zero coefficient (`experts`: the
+    experts the coefficients' slots stand for, default all), reading each expert's vectors a chunk at a time."""
+    experts = experts if experts is not None else list(range(coefficients_.shape[1]))
     out = torch.zeros(coefficients_.shape[0], value_rows(module, 0).shape[1], device=coefficients_.device)
-    for expert in torch.nonzero(coefficients_.abs().sum(dim=(0, 2))).flatten().tolist():
-        out += coefficients_[:, expert] @ value_rows(module, expert).float().to(out.device)
+    step = max(1, CHUNK_BYTES // (4 * out.shape[1]))
+    for slot in torch.nonzero(coefficients_.abs().sum(dim=(0, 2))).flatten().tolist():
+        rows = value_rows(module, experts[slot])
+        for start in range(0, len(rows), step):
+            block = rows[start: start + step].float().to(out.device)
+            out += coefficients_[:, slot, start: start + step] @ block
     return out
 
 
@@ -117,12 +125,13 @@ def check_reproduces(module: nn.Module, layer: int, coefficients_: Tensor, outpu
 
 
 def active_factors(module: nn.Module) -> Tensor | None:
-    """(R, E·N_e) factors an installed intervention multiplies this module's expert neurons by, or None."""
-    return _ACTIVE_FACTORS.get(module)
+    """(R, E·N_e) factors the installed interventions multiply this module's expert neurons by, or None."""
+    scaling = _SCALINGS.get(module)
+    return None if scaling is None else scaling.factors()
 
 
 def scaled_by_intervention(module: nn.Module, coefficients_: Tensor, batch_rows: Tensor) -> Tensor:
-    """`coefficients_` (n, E, N_e) as the module effectively used them under an installed intervention;
+    """`coefficients_` (n, E, N_e) as the module effectively used them under the installed interventions;
     `batch_rows`: the batch row each of the n rows belongs to."""
     factors = active_factors(module)
     if factors is None:
@@ -139,32 +148,52 @@ def _per_row(factors: Tensor, batch_rows: Tensor) -> Tensor:
 
 
 class ExpertScaling:
-    """An intervention on one experts module: multiplies the chosen expert neurons' contributions by their
-    factors at every token, by adding (factor − 1) · g_e·m_{e,k} · fc2_{e,k} to the module's output."""
+    """An intervention on one experts module: multiplies expert neurons' contributions by (R, E·N_e) factors at
+    every token (row r of the factors for batch row r; one row for all), for as long as it is installed."""
 
     def __init__(self, module: nn.Module, factors: Tensor):
-        self.module, self.factors = module, factors  # (R, E·N_e)
-        width = expert_width(module)
-        touched = (factors != 1).reshape(factors.shape[0], -1, width).any(dim=(0, 2))
-        self.experts = torch.nonzero(touched).flatten().tolist()
+        self.module, self.factors = module, factors
 
-    def install(self):
-        _ACTIVE_FACTORS[self.module] = self.factors
-        # First among the module's hooks, so that a trace recording this pass sees the scaled output.
-        return self.module.register_forward_hook(self._hook, prepend=True)
+    def install(self) -> None:
+        scaling = _SCALINGS.get(self.module)
+        if scaling is None:
+            scaling = _SCALINGS[self.module] = _Scaling(self.module)
+        scaling.parts.append(self.factors)
 
     def remove(self) -> None:
-        _ACTIVE_FACTORS.pop(self.module, None)
+        scaling = _SCALINGS.get(self.module)
+        if scaling is None:
+            return
+        scaling.parts = [part for part in scaling.parts if part is not self.factors]
+        if not scaling.parts:
+            scaling.handle.remove()
+            del _SCALINGS[self.module]
+
+
+class _Scaling:
+    """The hook of one experts module under interventions: adds (F − 1) · g_e·m_{e,k} · fc2_{e,k} to its output,
+    F the product of the installed factors, computing only the experts some factor changes."""
+
+    def __init__(self, module: nn.Module):
+        self.parts: list[Tensor] = []
+        # First among the module's hooks, so that a trace recording this pass sees the scaled output.
+        self.handle = module.register_forward_hook(self._hook, prepend=True)
+
+    def factors(self) -> Tensor:
+        product = self.parts[0]
+        for part in self.parts[1:]:
+            product = product * part
+        return product
 
     def _hook(self, module, args, output):
         hidden, top_k_index, top_k_weights = args[:3]
-        if not self.experts:
+        factors = self.factors()
+        width = expert_width(module)
+        by_expert = factors.reshape(factors.shape[0], -1, width)
+        experts = torch.nonzero((by_expert != 1).any(dim=(0, 2))).flatten().tolist()
+        if not experts:
             return output
-        chosen = coefficients(module, hidden, top_k_index, top_k_weights, self.experts)
-        by_expert = self.factors.to(chosen.device).reshape(self.factors.shape[0], -1, chosen.shape[-1])
-        batch_rows = torch.arange(len(hidden), device=chosen.device) // max(1, len(hidden) // len(self.factors))
-        change = chosen * (_per_row(by_expert[:, self.experts], batch_rows) - 1)
-        correction = torch.zeros(hidden.shape[0], hidden.shape[1], device=chosen.device)
-        for slot, expert in enumerate(self.experts):
-            correction += change[:, slot] @ value_rows(module, expert).float().to(chosen.device)
-        return (output.float() + correction).to(output.dtype)
+        chosen = coefficients(module, hidden, top_k_index, top_k_weights, experts)
+        batch_rows = torch.arange(len(hidden), device=chosen.device) // max(1, len(hidden) // len(factors))
+        change = chosen * (_per_row(by_expert[:, experts].to(chosen.device), batch_rows) - 1)
+        return (output.float() + rebuilt_output(module, change, experts)).to(output.dtype)

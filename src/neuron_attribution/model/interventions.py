@@ -179,24 +179,15 @@ class _PositionedAttention:
         return (attention_output - correction, *output[1:])
 
 
-class _Removal:
-    """A handle that undoes an expert scaling: its hook and its record of the factors."""
-
-    def __init__(self, scaling: ExpertScaling):
-        self.scaling, self.handle = scaling, scaling.install()
-
-    def remove(self) -> None:
-        self.handle.remove()
-        self.scaling.remove()
-
-
 def _ffn_hooks(model: LoadedModel, layer: int, mask: torch.Tensor) -> list:
     """Hooks scaling one layer's FFN rows by `mask` (R, N): the coefficients at the output projection, and in a
     mixture of experts the routed experts' rows through their module, the shared expert's at its projection."""
     adapter, routed = model.adapter, model.shape.expert_rows
     experts, handles = adapter.experts(layer), []
     if experts is not None and bool((mask[:, :routed] != 1).any()):
-        handles.append(_Removal(ExpertScaling(experts, mask[:, :routed])))
+        scaling = ExpertScaling(experts, mask[:, :routed])
+        scaling.install()
+        handles.append(scaling)
     down = adapter.mlp_output_projection(layer)
     if down is not None and bool((mask[:, routed:] != 1).any()):
         handles.append(down.register_forward_pre_hook(_masking(mask[:, routed:].contiguous())))
