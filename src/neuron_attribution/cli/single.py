@@ -93,7 +93,9 @@ def attribute(
     rank_by: RankByOption = "score",
     neurons: Annotated[Optional[str], typer.Option("--neurons", help="Score only these neurons, exactly and fast, "
                                                    "e.g. 24_177,23_4_38@3,21.19 (FFN layer_neuron, attention "
-                                                   "layer_head_dim@position, head layer.head).")] = None,
+                                                   "layer_head_dim@position, head layer.head; in a mixture of "
+                                                   "experts 12_e3_45 an expert's neuron, 12_e3 a whole "
+                                                   "expert).")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="A JSONL file of {\"prompt\", \"target\"?} "
                                                     "lines: attribute them all in one process (no filter).")] = None,
     json_dir: Annotated[Optional[Path], typer.Option("--json-dir", help="With --prompts: write one JSON per "

@@ -42,7 +42,7 @@ class Trace:
     token_ids: Tensor  # (T,)
     layer_inputs: Tensor  # (L, P, d): h^{l-1}, the residual entering layer l
     attention_outputs: Tensor  # (L, P, d): A^l (output bias included)
-    ffn_coefficients: Tensor  # (L, P, N): m
+    ffn_coefficients: Tensor  # (L, P, N): m; in a mixture g·m of the chosen experts' neurons (0: not chosen)
     ffn_outputs: Tensor  # (L, P, d): F^l (output bias included)
     attention_weights: Tensor  # (L, H, T): last position's attention row, per head
     value_states: Tensor  # (L, T, H_kv, d_h): every position

@@ -18,7 +18,7 @@ from ..scoring.context import ValueContext, value_context
 from ..settings import ScoringOptions
 from . import assemble
 from .targets import PROJECTION_TOKENS, TOP_HEADS_WITH_POSITIONS, target_info, token_info
-from .queries import query_scores, summed_query_scores
+from .queries import query_scores, summed_query_scores, value_neuron
 
 
 def attribute_answer(model: LoadedModel, prompt: Prompt, answer: str | int | list[int] | None,
@@ -46,8 +46,7 @@ def attribute_answer(model: LoadedModel, prompt: Prompt, answer: str | int | lis
     queries = None
     if options.query_top:
         queries = summed_query_scores([
-            query_scores(model, c.trace, [query.FfnValueNeuron(n.layer, model.shape.ffn_row(n.index),
-                                                               n.token_scores[i], str(n.index))
+            query_scores(model, c.trace, [value_neuron(model.shape, n, n.token_scores[i])
                                           for n in ffn_neurons[: options.query_top]],
                          [query.AttentionValueNeuron(n.layer, n.head, n.dim, n.position, n.token_scores[i])
                           for n in attention_neurons[: options.query_top] if n.position < c.trace.n_tokens],

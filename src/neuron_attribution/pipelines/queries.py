@@ -111,7 +111,7 @@ def query_scores(model: LoadedModel, trace: Trace, ffn_neurons: Sequence[FfnNeur
             [query.AttentionValueNeuron(n.layer, n.head, n.dim, n.position, n.score) for n in attention_neurons]))
     if via in ("ffn", "both"):
         readings, split_skipped = query.ffn_readings(
-            trace, weights, [_value_neuron(shape, n) for n in ffn_neurons], shape.parallel,
+            trace, weights, [value_neuron(shape, n) for n in ffn_neurons], shape.parallel,
             model.adapter.ffn_activation)
         ffn_readings, ffn_skipped = query.usable(readings)
         skipped += split_skipped + ffn_skipped
@@ -171,8 +171,11 @@ def _query_layer_rows(shares: dict[str, query.LayerShares], n_layers: int) -> li
     return rows
 
 
-def _value_neuron(shape, neuron: FfnNeuron | query.FfnValueNeuron) -> query.FfnValueNeuron:
-    """A result's FFN neuron as scoring reads it: by its row in the layer's flat layout."""
+def value_neuron(shape, neuron: FfnNeuron | query.FfnValueNeuron, score: float | None = None
+                 ) -> query.FfnValueNeuron:
+    """A result's FFN neuron as scoring reads it: by its row in the layer's flat layout (`score`: instead of
+    the neuron's own)."""
     if isinstance(neuron, query.FfnValueNeuron):
         return neuron
-    return query.FfnValueNeuron(neuron.layer, shape.ffn_row(neuron.index), neuron.score, str(neuron.index))
+    return query.FfnValueNeuron(neuron.layer, shape.ffn_row(neuron.index), neuron.score if score is None else score,
+                                str(neuron.index))
