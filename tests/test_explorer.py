@@ -391,3 +391,52 @@ def test_a_neuron_page_of_a_loaded_run_in_a_browser(server, browser, run_dir):
     browser.get(server + "search?q=" + urllib.parse.quote("' Paris'"))
     _wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#ffn-promote tbody tr"))
     assert len(browser.find_elements(By.CSS_SELECTOR, "#ffn-promote tbody tr")) == 30
+
+
+# -- a mixture of experts: expert neurons by name, through the API and on the page --------------------------------
+
+@pytest.fixture(scope="module")
+def mixture(real_model):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from neuron_attribution.model.loaded import LoadedModel
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                            vocab_size=real_model.shape.vocab_size, num_experts=8, num_experts_per_tok=2,
+                            moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                            max_position_embeddings=256, tie_word_embeddings=False)
+    return LoadedModel.from_hf(Qwen2MoeForCausalLM(config), real_model.tokenizer, name="tiny-qwen2-moe")
+
+
+@pytest.fixture(scope="module")
+def mixture_server(mixture):
+    with BackgroundServer(create_app(Views(mixture, ScoringOptions()), RunIndex([]))) as url:
+        yield url
+
+
+def test_expert_neurons_in_the_explorer(mixture_server, mixture, browser):
+    from selenium.webdriver.common.by import By
+
+    status, page = _post(mixture_server + "api/attribute", {"prompt": PROMPT, "top": 40})
+    assert status == 200, page
+    result = attribute(mixture, PROMPT)
+    shown = len(page["ffn_neurons"])
+    assert [n["name"] for n in page["ffn_neurons"]] == [str(n.index) for n in result.ffn_neurons[:shown]]
+    expert_neuron = next(n.index for n in attribute(mixture, PROMPT, top_k=200).ffn_neurons if n.expert is not None)
+    neurons = [str(expert_neuron), f"{expert_neuron.layer}_e{(expert_neuron.expert + 1) % 8}"]
+    for scale in (0.0, 2.0):
+        status, data = _post(mixture_server + "api/intervene", {"prompt": PROMPT, "neurons": neurons, "scale": scale})
+        assert status == 200, data
+        expected = _probability(mixture, PROMPT, result.target.id, Ablation.of([parse_neuron(n) for n in neurons],
+                                                                               scale))
+        assert data["after"]["prob"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    status, data = _get(mixture_server + f"api/neuron/{expert_neuron}")
+    assert status == 200 and data["expert"] == expert_neuron.expert
+    assert data["projection"]["top_tokens"] == project(mixture, expert_neuron, 20).top_tokens
+    status, data = _get(mixture_server + f"api/neuron/{expert_neuron.layer}_e0")
+    assert status == 400 and "a whole expert has no single vector" in data["error"]
+    browser.get(mixture_server + f"neuron/{expert_neuron}")
+    _wait_for(browser, lambda d: d.find_elements(By.ID, "neuron-title"))
+    assert _text(browser, "neuron-title") == (f"FFN neuron {expert_neuron} (layer {expert_neuron.layer}, expert "
+                                              f"{expert_neuron.expert}, neuron {expert_neuron.neuron})")

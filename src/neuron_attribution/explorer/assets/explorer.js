@@ -290,7 +290,8 @@ async function neuronView(name) {
   let data;
   try { data = await api("/api/neuron/" + encodeURIComponent(name)); } catch (error) { return fail(view, error); }
   explorer.data = data;
-  const titles = {ffn: "FFN neuron " + data.name + " (layer " + data.layer + ", neuron " + data.neuron + ")",
+  const expert = data.expert === null || data.expert === undefined ? "" : ", expert " + data.expert;
+  const titles = {ffn: "FFN neuron " + data.name + " (layer " + data.layer + expert + ", neuron " + data.neuron + ")",
                   attention: "Attention neuron " + data.name + " (layer " + data.layer + ", head " + data.head + ", dim " + data.dim + ")",
                   head: "Head " + data.name + " (layer " + data.layer + ", head " + data.head + ")"};
   const parts = [el("h2", {id: "neuron-title"}, titles[data.kind])];
