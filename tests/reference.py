@@ -76,6 +76,13 @@ def ffn_values(model, layer) -> torch.Tensor:
     return torch.cat(rows)
 
 
+def ffn_value(model, layer, row) -> torch.Tensor:
+    """(d,) float64 value vector of one FFN neuron (a row of `ffn_values`, without converting the others)."""
+    if block(model).experts is None:
+        return model.adapter.layer_weights(layer).ffn_values[row].double()
+    return ffn_values(model, layer)[row]
+
+
 def ffn_keys(model, layer) -> dict[str, torch.Tensor]:
     """{"gate", "up"} (N, d) float64 rows in the FFN's flat order (or the dense FFN's own subkeys)."""
     facts = block(model)
@@ -132,7 +139,7 @@ def raw_attention_output(model, trace, layer) -> torch.Tensor:
 
 
 def ffn_vector(model, trace, layer, neuron, position) -> torch.Tensor:
-    vector = trace.ffn_coefficients[layer, position, neuron].double() * ffn_values(model, layer)[neuron]
+    vector = trace.ffn_coefficients[layer, position, neuron].double() * ffn_value(model, layer, neuron)
     factor = post_norm_factor(model, layer, "ffn", raw_ffn_output(model, trace, layer, position))
     return vector if factor is None else vector * factor
 
@@ -247,8 +254,15 @@ def attention_subkey(model, layer, head, dim, kv_head=None):
     return w.value_weight[kv, dim].double() * _input_gain(model, layer, "attention")
 
 
+def _neuron_keys(model, layer, neuron) -> dict[str, torch.Tensor]:
+    """One FFN neuron's rows of its input projections, float64 (without converting the other rows)."""
+    if block(model).experts is None:
+        return {name: rows[neuron].double() for name, rows in model.adapter.layer_weights(layer).ffn_subkeys.items()}
+    return {name: rows[neuron] for name, rows in ffn_keys(model, layer).items()}
+
+
 def ffn_subkeys(model, layer, neuron):
-    return {name: keys[neuron] * _input_gain(model, layer, "ffn") for name, keys in ffn_keys(model, layer).items()}
+    return {name: key * _input_gain(model, layer, "ffn") for name, key in _neuron_keys(model, layer, neuron).items()}
 
 
 def _input_norm(model, layer, vector) -> torch.Tensor:
@@ -278,11 +292,11 @@ def gate_activation(model, g: float) -> float:
 def swiglu_shares(model, trace, layer, neuron) -> dict[str, float]:
     """How a gated FFN value neuron's score is split between its gate and up subkeys: by elasticity, e_up = 1
     and e_gate = g·act'(g)/act(g) (a central difference here), each share e / (e_gate + e_up)."""
-    keys = ffn_keys(model, layer)
+    keys = _neuron_keys(model, layer, neuron)
     if "gate" not in keys:
         return {name: 1.0 for name in keys}
     middle = ffn_base(model, trace, layer, trace.n_tokens - 1)
-    g = float(keys["gate"][neuron] @ _input_norm(model, layer, middle))
+    g = float(keys["gate"] @ _input_norm(model, layer, middle))
     h = 1e-6
     slope = (gate_activation(model, g + h) - gate_activation(model, g - h)) / (2 * h)
     elasticity = g * slope / gate_activation(model, g)
