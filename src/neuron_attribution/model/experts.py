@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .weights import CHUNK_BYTES
+from .weights import Matrix
 
 # Relative error of the rebuilt output that a module's own rounding explains, by its dtype.
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
@@ -103,12 +103,8 @@ def rebuilt_output(module: nn.Module, coefficients_: Tensor, experts: list[int] 
     experts the coefficients' slots stand for, default all), reading each expert's vectors a chunk at a time."""
     experts = experts if experts is not None else list(range(coefficients_.shape[1]))
     out = torch.zeros(coefficients_.shape[0], value_rows(module, 0).shape[1], device=coefficients_.device)
-    step = max(1, CHUNK_BYTES // (4 * out.shape[1]))
     for slot in torch.nonzero(coefficients_.abs().sum(dim=(0, 2))).flatten().tolist():
-        rows = value_rows(module, experts[slot])
-        for start in range(0, len(rows), step):
-            block = rows[start: start + step].float().to(out.device)
-            out += coefficients_[:, slot, start: start + step] @ block
+        out += Matrix.of(value_rows(module, experts[slot]), out.device).transposed_times(coefficients_[:, slot])
     return out
 
 

@@ -10,6 +10,7 @@ layer, with the layer's post-norm gain folded in where the block has one.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -41,8 +42,7 @@ class RowParts:
         return self
 
     def _part_of(self, row: int) -> int:
-        return int(torch.searchsorted(torch.tensor(self.starts[1:], device="cpu"), torch.tensor(row, device="cpu"),
-                                      right=True))
+        return bisect.bisect_right(self.starts, row) - 1
 
     def __getitem__(self, index: int | slice | Tensor) -> Tensor:
         if isinstance(index, int):
@@ -145,16 +145,9 @@ class Matrix:
                 result[:, start:stop] = (here @ part.to(torch.float32).T).to(result.device)
         return result
 
-    def weighted_sum(self, rows: range, weights: Tensor) -> Tensor:
-        """(d,) Σ_i weights[i]·W_{rows[i]} over a contiguous range of rows (a mixture's expert), a chunk at a time,
-        on the weights' device."""
-        here = weights.to(self.weight.device)
-        total = torch.zeros(self.weight.shape[1], device=self.weight.device)
-        step = self._rows_per_chunk()
-        for start in range(rows.start, rows.stop, step):
-            stop = min(start + step, rows.stop)
-            total += here[start - rows.start: stop - rows.start] @ self._float(self.weight[start:stop])
-        return total.to(weights.device)
+    def part(self, rows: range) -> Matrix:
+        """The matrix of a contiguous range of rows (a mixture's expert), read where it lives like this one."""
+        return Matrix(self.weight[rows.start: rows.stop], self.device, self.gain, self.chunk_bytes)
 
     def transposed_times(self, weights: Tensor) -> Tensor:
         """weights @ W: (n, R) → (n, d), Σ_r weights[:, r]·W_r, on the weights' device."""

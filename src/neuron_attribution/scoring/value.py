@@ -160,7 +160,7 @@ def chosen_rows(ctx: ValueContext, neurons: list[NeuronIndex]) -> tuple[Rows, Te
         if isinstance(index, ExpertIndex):
             rows = s.expert_row_range(index.expert)
             weights = ffn_coefficients(ctx)[index.layer, rows.start: rows.stop]
-            vectors[row] = ctx.ffn_values.layers[index.layer].weighted_sum(rows, weights)
+            vectors[row] = ctx.ffn_values.layers[index.layer].part(rows).transposed_times(weights.unsqueeze(0))[0]
             continue
         layer, head = index.layer, index.head
         if isinstance(index, HeadIndex):
