@@ -312,10 +312,10 @@ def query_ffn(model, trace, attention_neurons, ffn_neurons, kv_head_of=None):
     for layer, head, dim, position, score in attention_neurons:
         kv = None if kv_head_of is None else kv_head_of(head)
         readings.append(("value", layer, position, attention_subkey(model, layer, head, dim, kv),
-                         trace.layer_inputs[layer, position].double(), score))
+                         residual_components_sum(trace, layer, position, False), score))
     last = trace.n_tokens - 1
     for layer, neuron, score in ffn_neurons:
-        middle = ffn_base(model, trace, layer, last)
+        middle = residual_components_sum(trace, layer, last, not is_parallel(model))
         shares = swiglu_shares(model, trace, layer, neuron)
         for name, key in ffn_subkeys(model, layer, neuron).items():
             readings.append((name, layer, last, key, middle, score * shares[name]))
@@ -326,6 +326,17 @@ def query_ffn(model, trace, attention_neurons, ffn_neurons, kv_head_of=None):
             for k in range(shape.d_ffn):
                 total[i, k] += float(ffn_vector(model, trace, i, k, position) @ key) / denominator * score
     return parts
+
+
+def residual_components_sum(trace, layer, position, own_attention):
+    """The residual a sublayer of `layer` reads at `position` as the sum of its components, in float64 (a
+    bfloat16 residual, rounded at every addition, is not that sum): the denominator of the query shares."""
+    total = trace.layer_inputs[0, position].double()
+    for i in range(layer):
+        total = total + trace.attention_outputs[i, position].double() + trace.ffn_outputs[i, position].double()
+    if own_attention:
+        total = total + trace.attention_outputs[layer, position].double()
+    return total
 
 
 def query_layers(model, trace, attention_neurons, ffn_neurons):

@@ -253,17 +253,18 @@ def test_one_batch_carries_a_different_expert_intervention_per_prompt():
     assert not torch.allclose(together[0], last_logits(model, [IDS])[0], atol=1e-3)  # the interventions bite
 
 
-def test_bfloat16_mixture_reads_without_refusal():
-    """In bfloat16 the module rounds its own output; the check allows for that and still reads the experts."""
-    model = tiny_family("mixtral")
-    model.hf_model.to(torch.bfloat16)
-    try:
-        model.adapter.forget_weights()
-        result = attribute(model, IDS, 11, top_k=5)
-        assert len(result.ffn_neurons) == 5
-    finally:
-        model.hf_model.to(torch.float32)
-        model.adapter.forget_weights()
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
+def test_bfloat16_mixture_is_exact(family):
+    """In bfloat16 the experts module rounds its own output; the check allows for that and still reads the
+    experts, and every neuron's and head's score equals the float64 loop over the bfloat16 weights and
+    activations (tests/test_families.py's full check, as for the dense bfloat16 families)."""
+    from .test_bfloat16 import ATOL, in_bfloat16
+    from .test_families import check_every_neuron_and_head
+
+    model = in_bfloat16(tiny_family(family))
+    assert next(model.hf_model.parameters()).dtype == torch.bfloat16
+    _, result = check_every_neuron_and_head(model, IDS, 11, ATOL)
+    assert len(result.ffn_neurons) > 5
 
 
 def test_nested_interventions_multiply_as_for_a_dense_ffn():

@@ -105,15 +105,17 @@ def query_scores(model: LoadedModel, trace: Trace, ffn_neurons: Sequence[FfnNeur
         trace = with_positions(model, trace, [n.position for n in attention_neurons])
     weights = [model.adapter.layer_weights(layer) for layer in range(shape.n_layers)]
     attention_readings, ffn_readings, skipped = [], [], []
+    near_zero = query.near_zero_cosine(next(model.hf_model.parameters()).dtype)
     if via in ("attention", "both"):
         attention_readings, skipped = query.usable(query.attention_readings(
             trace, weights, shape,
-            [query.AttentionValueNeuron(n.layer, n.head, n.dim, n.position, n.score) for n in attention_neurons]))
+            [query.AttentionValueNeuron(n.layer, n.head, n.dim, n.position, n.score) for n in attention_neurons]),
+            near_zero)
     if via in ("ffn", "both"):
         readings, split_skipped = query.ffn_readings(
             trace, weights, [value_neuron(shape, n) for n in ffn_neurons], shape.parallel,
             model.adapter.ffn_activation)
-        ffn_readings, ffn_skipped = query.usable(readings)
+        ffn_readings, ffn_skipped = query.usable(readings, near_zero)
         skipped += split_skipped + ffn_skipped
     by_position: dict[int, Tensor] = {}
     parts = query.query_ffn_scores(trace, model.adapter.ffn_value_stack, attention_readings + ffn_readings,

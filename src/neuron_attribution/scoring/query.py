@@ -27,7 +27,14 @@ from ..neurons import ModelShape
 
 # |h·K'| below this fraction of ‖h‖·‖K'‖ (a cosine under 1e-4) is treated as zero: dividing by it would give
 # arbitrarily large shares with arbitrary signs. Such (value neuron, subkey) pairs are skipped and reported.
+# A model that runs in a coarser dtype rounds every component it adds to the residual, so there the threshold is
+# the dtype's own resolution (`near_zero_cosine`): a cosine below it has no sign the recorded values can tell.
 NEAR_ZERO_COSINE = 1e-4
+
+
+def near_zero_cosine(dtype: torch.dtype) -> float:
+    """The cosine under which h·K' counts as zero for a model computing in `dtype` (bfloat16: 2⁻⁷)."""
+    return max(NEAR_ZERO_COSINE, torch.finfo(dtype).eps)
 
 
 @dataclass(frozen=True)
@@ -64,14 +71,21 @@ class SubkeyReading:
     reads_same_layer_attention: bool  # FFN value neurons also see their own layer's attention output
     label: str  # for reporting skipped pairs
     value_neuron: str = ""  # the value neuron as text ("23_4_38@3", "27_846"): the query links' target
+    # Σu: the components the shares are handed to, added up in float64. In float32 it equals `input`; a bfloat16
+    # residual is rounded at every addition and is not the sum of its recorded parts (None: `input`).
+    parts_sum: Tensor | None = None
 
     @cached_property
     def denominator(self) -> float:
-        return float(self.input @ self.scaled_subkey)
+        """Σ_u u·K' over the components the shares go to, so that the shares add up to the score in every
+        dtype (docs/method.md §3)."""
+        if self.parts_sum is None:
+            return float(self.input @ self.scaled_subkey)
+        return float(self.parts_sum @ self.scaled_subkey.double())
 
-    def is_degenerate(self) -> bool:
+    def is_degenerate(self, near_zero: float = NEAR_ZERO_COSINE) -> bool:
         scale = float(self.input.norm() * self.scaled_subkey.norm())
-        return abs(self.denominator) <= NEAR_ZERO_COSINE * scale
+        return abs(self.denominator) <= near_zero * scale
 
 
 def attention_readings(trace: Trace, weights: list[LayerWeights], shape: ModelShape,
@@ -84,8 +98,19 @@ def attention_readings(trace: Trace, weights: list[LayerWeights], shape: ModelSh
         subkey = _row(w.value_weight[kv_head, n.dim], source) * w.attention_norm.weight
         readings.append(SubkeyReading(
             "value", n.layer, n.position, subkey, source, n.score, False,
-            f"attention {n.layer}_{n.head}_{n.dim}@{n.position}", f"{n.layer}_{n.head}_{n.dim}@{n.position}"))
+            f"attention {n.layer}_{n.head}_{n.dim}@{n.position}", f"{n.layer}_{n.head}_{n.dim}@{n.position}",
+            sum_of_components(trace, n.layer, n.position, own_attention=False)))
     return readings
+
+
+def sum_of_components(trace: Trace, layer: int, position: int, own_attention: bool) -> Tensor:
+    """(d,): the embedding and every attention and FFN output below `layer` at `position` (and `layer`'s own
+    attention output for a sequential FFN), added up: the residual as the decomposition has it. In float64, since
+    large components that cancel (OLMo) would leave float32 rounding in the denominator."""
+    slot = trace.slots(position)
+    top = layer + 1 if own_attention else layer
+    return (trace.layer_inputs[0, slot].double() + trace.attention_outputs[:top, slot].double().sum(0)
+            + trace.ffn_outputs[:layer, slot].double().sum(0))
 
 
 def ffn_readings(trace: Trace, weights: list[LayerWeights], neurons: list[FfnValueNeuron],
@@ -107,11 +132,12 @@ def ffn_readings(trace: Trace, weights: list[LayerWeights], neurons: list[FfnVal
         if split is None:
             skipped.append(f"ffn {n.label} (gate and up elasticities cancel)")
             continue
+        parts = sum_of_components(trace, n.layer, last, own_attention=not parallel)
         for name, subkeys in w.ffn_subkeys.items():
             readings.append(SubkeyReading(
                 name, n.layer, last, _row(subkeys[n.row], middle) * w.ffn_norm.weight, middle,
                 n.score * split[name],
-                not parallel, f"ffn {n.label} ({name})", n.label))
+                not parallel, f"ffn {n.label} ({name})", n.label, parts))
     return readings, skipped
 
 
@@ -120,8 +146,9 @@ def _gate_up_splits(weights: list[LayerWeights], neurons: list[FfnValueNeuron], 
     """Per neuron, the share of each subkey: 1 for a GELU key; the elasticity split for gate and up."""
     if not neurons or "gate" not in weights[neurons[0].layer].ffn_subkeys:
         return [{name: 1.0 for name in weights[n.layer].ffn_subkeys} for n in neurons]
-    gate_inputs = torch.stack([_row(weights[n.layer].ffn_subkeys["gate"][n.row], middle)
-                               @ weights[n.layer].ffn_norm.apply(middle)
+    # float64 (a d-sized dot per neuron): the split is sensitive where e_gate nears −1
+    gate_inputs = torch.stack([_row(weights[n.layer].ffn_subkeys["gate"][n.row], middle).double()
+                               @ weights[n.layer].ffn_norm.apply(middle.double())
                                for n, middle in zip(neurons, bases)])
     by_layer: dict[int, list[int]] = {}
     for i, n in enumerate(neurons):
@@ -155,9 +182,11 @@ def swiglu_split(activation: Callable[[Tensor], Tensor], gate_input: Tensor) -> 
     return torch.where(undefined, nan, elasticity / total), torch.where(undefined, nan, 1.0 / total)
 
 
-def usable(readings: list[SubkeyReading]) -> tuple[list[SubkeyReading], list[str]]:
-    """Readings with a usable denominator, and labels of the ones skipped for a near-zero one."""
-    degenerate = [r.is_degenerate() for r in readings]
+def usable(readings: list[SubkeyReading], near_zero: float = NEAR_ZERO_COSINE
+           ) -> tuple[list[SubkeyReading], list[str]]:
+    """Readings with a usable denominator, and labels of the ones skipped for a near-zero one (a cosine of h
+    and K' at most `near_zero`: `near_zero_cosine` of the model's dtype)."""
+    degenerate = [r.is_degenerate(near_zero) for r in readings]
     kept = [r for r, bad in zip(readings, degenerate) if not bad]
     skipped = [r.label for r, bad in zip(readings, degenerate) if bad]
     return kept, skipped
@@ -251,15 +280,16 @@ def query_layer_scores(trace: Trace, readings: list[SubkeyReading]) -> dict[str,
         return {}
     n_layers = trace.n_layers
     stacked = _Stacked.of(readings)
-    keys, positions, weight = stacked.keys, stacked.positions, stacked.weights.unsqueeze(1)
+    # float64: a few (L, R, d) dot products, where large components that cancel (OLMo) would leave float32 rounding
+    keys, positions, weight = stacked.keys.double(), stacked.positions, stacked.weights.double().unsqueeze(1)
     layers = torch.arange(n_layers, device=keys.device).unsqueeze(0)
     value_layer = stacked.layers.unsqueeze(1)
     own = torch.tensor([r.reads_same_layer_attention for r in readings], device=keys.device).unsqueeze(1)
     attention_mask = (layers < value_layer) | (own & (layers == value_layer))
     slots = trace.slots(positions)
-    attention = torch.einsum("lrd,rd->rl", trace.attention_outputs[:, slots], keys) * weight * attention_mask
-    ffn = torch.einsum("lrd,rd->rl", trace.ffn_outputs[:, slots], keys) * weight * (layers < value_layer)
-    embedding = (trace.layer_inputs[0, slots] * keys).sum(-1) * weight.squeeze(1)
+    attention = torch.einsum("lrd,rd->rl", trace.attention_outputs[:, slots].double(), keys) * weight * attention_mask
+    ffn = torch.einsum("lrd,rd->rl", trace.ffn_outputs[:, slots].double(), keys) * weight * (layers < value_layer)
+    embedding = (trace.layer_inputs[0, slots].double() * keys).sum(-1) * weight.squeeze(1)
     return {name: LayerShares(float(embedding[rows].sum()), attention[rows].sum(0), ffn[rows].sum(0))
             for name, rows in _rows_by_name(readings, keys.device).items()}
 
