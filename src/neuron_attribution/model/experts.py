@@ -10,12 +10,11 @@ something else is refused. Interventions scale chosen expert neurons with a hook
 
 from __future__ import annotations
 
-from weakref import WeakKeyDictionary
-
 import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
+from .hf_internals import expert_gate
 from .weights import Matrix
 
 # Relative error of the rebuilt output that a module's own rounding explains, by its dtype.
@@ -23,9 +22,9 @@ _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
 _HALF_TOLERANCE = 5e-2
 
 # The factors installed interventions multiply each experts module's neurons by (several nest as a product, as
-# the dense FFN's masks do), and the one hook that applies them; the trace reads the coefficients the module
-# effectively used.
-_SCALINGS: WeakKeyDictionary[nn.Module, _Scaling] = WeakKeyDictionary()
+# the dense FFN's masks do), and the one hook that applies them, are kept per model (`LoadedModel.expert_scalings`:
+# module -> _Scaling); the trace reads the coefficients the module effectively used.
+Scalings = dict
 
 
 def check_readable(module: nn.Module, layer: int) -> None:
@@ -79,7 +78,7 @@ def value_rows(module: nn.Module, expert: int) -> Tensor:
 def activations(module: nn.Module, hidden: Tensor, expert: int) -> Tensor:
     """(n, N_e) m_{e,k} of the expert at the given rows, computed as the module does (its dtype, its gate)."""
     projected = hidden @ _input_rows(module, expert).to(hidden.dtype).T
-    return module._apply_gate(projected) if _gated(module) else module.act_fn(projected)
+    return expert_gate(module, projected) if _gated(module) else module.act_fn(projected)
 
 
 def coefficients(module: nn.Module, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
@@ -120,16 +119,17 @@ def check_reproduces(module: nn.Module, layer: int, coefficients_: Tensor, outpu
                         "its expert neurons cannot be read exactly")
 
 
-def active_factors(module: nn.Module) -> Tensor | None:
+def active_factors(scalings: Scalings, module: nn.Module) -> Tensor | None:
     """(R, E·N_e) factors the installed interventions multiply this module's expert neurons by, or None."""
-    scaling = _SCALINGS.get(module)
+    scaling = scalings.get(module)
     return None if scaling is None else scaling.factors()
 
 
-def scaled_by_intervention(module: nn.Module, coefficients_: Tensor, batch_rows: Tensor) -> Tensor:
-    """`coefficients_` (n, E, N_e) as the module effectively used them under the installed interventions;
-    `batch_rows`: the batch row each of the n rows belongs to."""
-    factors = active_factors(module)
+def scaled_by_intervention(scalings: Scalings, module: nn.Module, coefficients_: Tensor, batch_rows: Tensor
+                           ) -> Tensor:
+    """`coefficients_` (n, E, N_e) as the module effectively used them under the interventions installed in
+    `scalings` (the model's); `batch_rows`: the batch row each of the n rows belongs to."""
+    factors = active_factors(scalings, module)
     if factors is None:
         return coefficients_
     by_expert = factors.to(coefficients_.device).reshape(factors.shape[0], *coefficients_.shape[1:])
@@ -147,23 +147,23 @@ class ExpertScaling:
     """An intervention on one experts module: multiplies expert neurons' contributions by (R, E·N_e) factors at
     every token (row r of the factors for batch row r; one row for all), for as long as it is installed."""
 
-    def __init__(self, module: nn.Module, factors: Tensor):
-        self.module, self.factors = module, factors
+    def __init__(self, scalings: Scalings, module: nn.Module, factors: Tensor):
+        self.scalings, self.module, self.factors = scalings, module, factors
 
     def install(self) -> None:
-        scaling = _SCALINGS.get(self.module)
+        scaling = self.scalings.get(self.module)
         if scaling is None:
-            scaling = _SCALINGS[self.module] = _Scaling(self.module)
+            scaling = self.scalings[self.module] = _Scaling(self.module)
         scaling.parts.append(self.factors)
 
     def remove(self) -> None:
-        scaling = _SCALINGS.get(self.module)
+        scaling = self.scalings.get(self.module)
         if scaling is None:
             return
         scaling.parts = [part for part in scaling.parts if part is not self.factors]
         if not scaling.parts:
             scaling.handle.remove()
-            del _SCALINGS[self.module]
+            del self.scalings[self.module]
 
 
 class _Scaling:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .hf_internals import attention_implementation_of, can_switch_attention, set_attention_implementation
 from .loaded import LoadedModel
 
 # From this many tokens a prompt is traced alone, its prefix with the model's fast attention.
@@ -18,11 +19,7 @@ FAST_ATTENTION_FROM_TOKENS = 64
 
 def has_fast_attention(model: LoadedModel) -> bool:
     """Whether the family can run its prompt under SDPA and switch back to eager attention for the last token."""
-    hf_model = model.hf_model
-    try:
-        return bool(getattr(hf_model, "_supports_sdpa", False)) and bool(hf_model._can_set_attn_implementation())
-    except Exception:  # an unusual model class: take the eager path, which every family supports
-        return False
+    return can_switch_attention(model.hf_model)
 
 
 def attention_path(model: LoadedModel) -> str:
@@ -35,13 +32,16 @@ def attention_path(model: LoadedModel) -> str:
 
 @contextmanager
 def attention_implementation(model: LoadedModel, name: str) -> Iterator[None]:
+    """Run the model with `name` attention inside the block (holding the model's lock: the choice lives on its
+    shared config)."""
     hf_model = model.hf_model
-    before = hf_model.config._attn_implementation
-    hf_model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        hf_model.set_attn_implementation(before)
+    with model.lock:
+        before = attention_implementation_of(hf_model)
+        set_attention_implementation(hf_model, name)
+        try:
+            yield
+        finally:
+            set_attention_implementation(hf_model, before)
 
 
 @dataclass(frozen=True)

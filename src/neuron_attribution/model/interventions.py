@@ -179,19 +179,19 @@ class _PositionedAttention:
         return (attention_output - correction, *output[1:])
 
 
-def _ffn_hooks(model: LoadedModel, layer: int, mask: torch.Tensor) -> list:
+def _install_ffn_hooks(model: LoadedModel, layer: int, mask: torch.Tensor, handles: list) -> None:
     """Hooks scaling one layer's FFN rows by `mask` (R, N): the coefficients at the output projection, and in a
-    mixture of experts the routed experts' rows through their module, the shared expert's at its projection."""
+    mixture of experts the routed experts' rows through their module, the shared expert's at its projection.
+    Each is added to `handles` as soon as it is installed, so that a failure leaves none behind."""
     adapter, routed = model.adapter, model.shape.expert_rows
-    experts, handles = adapter.experts(layer), []
+    experts = adapter.experts(layer)
     if experts is not None and bool((mask[:, :routed] != 1).any()):
-        scaling = ExpertScaling(experts, mask[:, :routed])
+        scaling = ExpertScaling(model.expert_scalings, experts, mask[:, :routed])
         scaling.install()
         handles.append(scaling)
     down = adapter.mlp_output_projection(layer)
     if down is not None and bool((mask[:, routed:] != 1).any()):
         handles.append(down.register_forward_pre_hook(_masking(mask[:, routed:].contiguous())))
-    return handles
 
 
 @contextmanager
@@ -211,19 +211,20 @@ def ablated_rows(model: LoadedModel, ablations: Sequence[Ablation]) -> Iterator[
     plan = _plan(model, ablations)
     adapter = model.adapter
     handles = []
-    try:
-        for layer, mask in plan.ffn_masks.items():
-            handles.extend(_ffn_hooks(model, layer, mask))
-        for layer, mask in plan.column_masks.items():
-            handles.append(adapter.attention_output_projection(layer).register_forward_pre_hook(_masking(mask)))
-        for layer, neurons in plan.positioned.items():
-            positioned = _PositionedAttention(model, layer, neurons, plan.rows)
-            handles.append(adapter.value_source(layer).register_forward_hook(positioned.capture_values))
-            handles.append(adapter.attention(layer).register_forward_hook(positioned.subtract))
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
+    with model.lock:  # hooks on shared modules: one thread's intervention at a time
+        try:
+            for layer, mask in plan.ffn_masks.items():
+                _install_ffn_hooks(model, layer, mask, handles)
+            for layer, mask in plan.column_masks.items():
+                handles.append(adapter.attention_output_projection(layer).register_forward_pre_hook(_masking(mask)))
+            for layer, neurons in plan.positioned.items():
+                positioned = _PositionedAttention(model, layer, neurons, plan.rows)
+                handles.append(adapter.value_source(layer).register_forward_hook(positioned.capture_values))
+                handles.append(adapter.attention(layer).register_forward_hook(positioned.subtract))
+            yield model
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def last_logits(model: LoadedModel, batch: Sequence[Prompt], ablation: Ablation | None = None,

@@ -3,6 +3,7 @@ takes; how it was loaded is `loading`'s business."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -12,11 +13,18 @@ from ..neurons import ModelShape
 from ..settings import ModelSpec
 from .adapters import FamilyAdapter, adapter_for
 from .environment import check_supported_versions
+from .hf_internals import attention_implementation_of, set_attention_implementation
 
 
 @dataclass
 class LoadedModel:
-    """A transformers causal LM with its tokenizer and family adapter."""
+    """A transformers causal LM with its tokenizer and family adapter.
+
+    One model may be used from several threads (a notebook attributing while `serve` runs in the background):
+    tracing, interventions and readouts install hooks on the model's shared modules and may switch its attention
+    implementation, so each takes `lock` for as long as it runs. A re-entrant lock: a trace inside an
+    intervention's `with` block, on the same thread, goes through. All per-model state (the interventions on its
+    experts modules) lives here, none in the process."""
 
     hf_model: nn.Module
     tokenizer: object
@@ -25,6 +33,9 @@ class LoadedModel:
     source: str
     spec: ModelSpec | None = None  # how to load it again (None: built in memory, cannot be reloaded)
     token_texts: dict[int, str] = field(default_factory=dict, repr=False)  # decoded once per token id
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    # experts module -> the hook applying the interventions installed on it (model/experts.py)
+    expert_scalings: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, tokenizer: object = None, *, name: str = "in-memory",
@@ -32,13 +43,21 @@ class LoadedModel:
         """Wrap a model already in memory. Switches it to eager attention (the trace reads attention weights)."""
         check_supported_versions()
         adapter = adapter_for(hf_model)
-        if getattr(hf_model.config, "_attn_implementation", None) != "eager":
-            hf_model.set_attn_implementation("eager")
-        if getattr(hf_model.config, "_attn_implementation", None) != "eager":
-            # Families that cannot switch (Falcon) read the choice from their config at every call.
-            hf_model.config._attn_implementation = "eager"
+        if attention_implementation_of(hf_model) != "eager":
+            set_attention_implementation(hf_model, "eager")
         hf_model.eval()
         return cls(hf_model=hf_model, tokenizer=tokenizer, adapter=adapter, name=name, source=source, spec=spec)
+
+    def __getstate__(self) -> dict:
+        # A copy (copy.deepcopy, pickling) gets a lock of its own and no interventions in progress.
+        state = dict(self.__dict__)
+        del state["lock"]
+        state["expert_scalings"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
 
     def __repr__(self) -> str:
         s = self.shape

@@ -158,7 +158,8 @@ class _Recorder:
             hidden, top_k_index, top_k_weights = args[:3]
             rows = self._kept_rows(hidden.device)
             coefficients = moe.coefficients(module, hidden[rows], top_k_index[rows], top_k_weights[rows])
-            coefficients = moe.scaled_by_intervention(module, coefficients, rows // self.call_shape[1])
+            coefficients = moe.scaled_by_intervention(self.model.expert_scalings, module, coefficients,
+                                                      rows // self.call_shape[1])
             moe.check_reproduces(module, layer, coefficients, output[rows])
             batch = self.call_shape[0]
             self.slots["expert_coefficients"][layer].append(
@@ -214,8 +215,9 @@ class _Recorder:
 @contextmanager
 def recording(model: LoadedModel, last_index: Tensor, kept: Tensor | None = None) -> Iterator[_Recorder]:
     recorder = _Recorder(model, last_index, kept)
-    recorder.install()
-    try:
-        yield recorder
-    finally:
-        recorder.remove()
+    with model.lock:
+        try:
+            recorder.install()  # inside the try: hooks installed before a failure are removed too
+            yield recorder
+        finally:
+            recorder.remove()
