@@ -111,7 +111,7 @@ def run(
     """Attribute every sentence of a dataset the model knows (the paper's filter) into Parquet tables."""
     from ..datasets import load_facts
     from ..pipelines.run import RunArguments, run_dataset
-    from ..pipelines.run_store import check_can_write
+    from ..pipelines.run_store import check_can_write, run_lock
 
     for name, number in (("--limit", limit), ("--batch-size", batch_size)):
         if number is not None and number <= 0:
@@ -122,13 +122,14 @@ def run(
     load_facts(dataset, on_error)  # type: ignore[arg-type]  # a bad dataset fails before the model loads
     check_can_write(out)
     check_backend(backend, workers, address, settings, gpus_per_worker)
-    loaded, settings = load_driver_model(settings, backend)
-    warn_if_dense(loaded.shape, top)
     try:
-        with make_backend(backend, loaded, settings, workers, address, gpus_per_worker) as pool, \
-                progress_bar() as progress:
-            summary = run_dataset(loaded, out, RunArguments(dataset, limit, on_error), settings=settings,
-                                  batch_size=batch_size, progress=progress, backend=pool, overwrite=overwrite)
+        with run_lock(out):  # before the model loads: a directory in use is refused at once
+            loaded, settings = load_driver_model(settings, backend)
+            warn_if_dense(loaded.shape, top)
+            with make_backend(backend, loaded, settings, workers, address, gpus_per_worker) as pool, \
+                    progress_bar() as progress:
+                summary = run_dataset(loaded, out, RunArguments(dataset, limit, on_error), settings=settings,
+                                      batch_size=batch_size, progress=progress, backend=pool, overwrite=overwrite)
     except KeyboardInterrupt:
         _say_how_to_resume(out)
         raise typer.Exit(130) from None
@@ -165,6 +166,7 @@ def analyze(
     from dataclasses import replace
 
     from ..pipelines.analyze import analyze_run
+    from ..pipelines.run_store import run_lock
     from ..reports.html import write_report
 
     if per_type <= 0:
@@ -175,7 +177,7 @@ def analyze(
         spec = replace(spec, allow_pickle=spec.allow_pickle or allow_pickle)
         return load_model_spec(spec if device is None else replace(spec, device=device))
 
-    with progress_bar() as progress:
+    with run_lock(directory), progress_bar() as progress:  # `run --overwrite` would remove what is read and written
         analysis = analyze_run(directory, interventions=interventions, per_type=per_type, progress=progress,
                                load=load)
         report = write_report(analysis, target)

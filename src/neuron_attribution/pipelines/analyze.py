@@ -27,7 +27,7 @@ from ..results.evaluation import Evaluation
 from ..results.tables import TABLES, read_table
 from ..settings import ModelSpec, Settings
 from .evaluate import evaluate_sentences
-from .run_store import read_run
+from .run_store import read_run, run_lock
 
 TOP_LAYERS = 10
 TOP_HEADS = 10
@@ -109,7 +109,14 @@ def analyze_run(directory: Path | str, *, interventions: bool = True, per_type: 
                 progress: Progress | None = None,
                 load: Callable[[ModelSpec], LoadedModel] | None = None) -> Analysis:
     """Every analysis of one run. `load(spec)` loads the run's model (for the interventions); the spec is the
-    run's own, as recorded in its run.json."""
+    run's own, as recorded in its run.json. Holds the run's lock (a `run --overwrite` of the same directory
+    would remove the tables being read)."""
+    with run_lock(Path(directory)):
+        return _analyze_run(directory, interventions, per_type, progress, load)
+
+
+def _analyze_run(directory: Path | str, interventions: bool, per_type: int, progress: Progress | None,
+                 load: Callable[[ModelSpec], LoadedModel] | None) -> Analysis:
     report = progress or (lambda what, done, total: None)
     contract = read_contract(directory)
     tables = {name: read_table(directory, name).to_pydict() for name in TABLES}

@@ -30,7 +30,7 @@ from ..scoring.exact import device_budget
 from ..settings import ScoringOptions, Settings, check_positive
 from .attribute import attribute_with
 from .filter import Checked, filter_facts
-from .run_store import claim, completed_ids, merge_parts, prepare_directory, remove_run, run_lock, write_part
+from .run_store import LOCK_FILE, claim, completed_ids, merge_parts, prepare_directory, remove_run, run_lock, write_part
 
 DEFAULT_TOP = 300  # value and query neurons stored per sentence
 
@@ -94,7 +94,7 @@ def run_dataset(model: LoadedModel, directory: Path | str, arguments: RunArgumen
                         "build them with Settings(model.spec, ...)")
     report = progress or (lambda what, done, total: None)
     directory = Path(directory)
-    created = not directory.exists() or not any(directory.iterdir())
+    created = not directory.exists() or all(p.name == LOCK_FILE for p in directory.iterdir())
     prepare_directory(directory)
     with run_lock(directory):
         try:

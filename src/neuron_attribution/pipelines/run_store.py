@@ -12,20 +12,28 @@ Layout of DIR:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+try:
+    import fcntl
+except ImportError:  # no flock on this platform: runs are not guarded against each other (a warning says so)
+    fcntl = None
 
 from ..version import __version__
 from ..errors import UserError
@@ -87,33 +95,103 @@ def claim(directory: Path, identity: dict, overwrite: bool = False) -> dict:
     return record
 
 
+# Directories whose lock this process holds, by (device, inode), with how many `run_lock` blocks hold each: the
+# lock is re-entrant within a process (the CLI takes it before loading the model, `run_dataset` again inside).
+_HELD: dict[tuple[int, int], int] = {}
+_HELD_GUARD = threading.Lock()
+
+
 @contextmanager
 def run_lock(directory: Path) -> Iterator[None]:
-    """Hold DIR/.lock for the duration: a second run on the same directory is refused at once, naming the
-    process that holds it. An exclusive flock, so a lock whose process died (even by SIGKILL) is free again."""
+    """Hold DIR/.lock for the duration (creating DIR if needed, and removing it again if it is left empty): a
+    second run or analysis of the same directory is refused at once, naming the process that holds it. An
+    exclusive flock, so a lock whose process died (even by SIGKILL) is free again. Re-entrant within a process.
+    Where the filesystem cannot lock, a warning says that runs there are not guarded against each other."""
+    directory = Path(directory)
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    key = _directory_key(directory)
+    with _HELD_GUARD:
+        held_here = key in _HELD
+        _HELD[key] = _HELD.get(key, 0) + 1
     try:
-        import fcntl
-    except ImportError:  # no flock on this platform: runs are not guarded against each other
-        yield
-        return
-    path = directory / LOCK_FILE
-    handle = open(path, "a+", encoding="utf-8")
-    try:
+        if held_here:
+            yield
+            return
+        handle = _acquire(directory)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            yield
+        finally:
+            if handle is not None:
+                # Unlinked while still held: a process that opened the old file meanwhile finds, once it has
+                # locked it, that it is no longer the file at DIR/.lock, and starts again (`_try_lock`).
+                (directory / LOCK_FILE).unlink(missing_ok=True)
+                handle.close()
+    finally:
+        with _HELD_GUARD:
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
+        if created and not held_here:
+            with suppress(OSError):
+                directory.rmdir()  # only if empty: nothing was written
+
+
+def _directory_key(directory: Path) -> tuple[int, int]:
+    status = directory.stat()
+    return status.st_dev, status.st_ino
+
+
+def _acquire(directory: Path):
+    """The open, locked DIR/.lock with this process named in it; None where locks are not supported here."""
+    path = directory / LOCK_FILE
+    if fcntl is None:
+        _warn_unguarded(directory, OSError("this platform has no flock"))
+        return None
+    for _ in range(100):
+        try:
+            handle = open(path, "a+", encoding="utf-8")
+        except OSError as error:
+            _warn_unguarded(directory, error)
+            return None
+        state = _try_lock(handle, path)
+        if state == "locked":
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            handle.flush()
+            return handle
+        if state == "busy":
             handle.seek(0)
             holder = handle.read().strip() or "another process"
+            handle.close()
             raise UserError(f"{directory} is in use by a running run ({holder}); wait for it to finish or "
-                            "use another --out directory") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        handle.flush()
-        yield
-        path.unlink(missing_ok=True)  # done with the directory: a finished run leaves no lock file
-    finally:
+                            "use another --out directory")
         handle.close()
+        if state == "unsupported":
+            _warn_unguarded(directory, OSError(f"this filesystem does not support flock on {path}"))
+            return None
+    raise UserError(f"could not lock {path}: it was replaced 100 times while being locked")
+
+
+def _try_lock(handle, path: Path) -> str:
+    """'locked' (and `handle` is the file at `path`), 'busy' (another process holds it), 'stale' (the file was
+    unlinked or replaced after it was opened: open it again) or 'unsupported'."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        return "busy" if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else "unsupported"
+    opened = os.fstat(handle.fileno())
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        return "stale"
+    return "locked" if (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino) else "stale"
+
+
+def _warn_unguarded(directory: Path, error: OSError) -> None:
+    warnings.warn(f"cannot lock {directory} ({error.strerror or error}); runs there are not guarded against each "
+                  "other", stacklevel=4)
 
 
 def remove_run(directory: Path, including_lock: bool = False) -> None:
