@@ -123,3 +123,57 @@ def test_a_tampered_joined_gemma_file_is_joined_again(tmp_path, cache, capsys):
     again = gemma_model.gemma_gguf(tmp_path)
     assert "does not match the published sha256; joining it again" in capsys.readouterr().err
     assert model_cache.content_sha256(again) == gemma_model._expected_sha256()
+
+
+CONVERTING = """
+import sys, time
+from pathlib import Path
+from neuron_attribution.model.model_cache import being_written
+staging = Path(sys.argv[1])
+staging.mkdir()
+(staging / "model.safetensors").write_bytes(b"half")
+with being_written(staging):
+    print("converting", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_conversion_running_in_another_process_is_left_alone(cache, tmp_path):
+    """`cache --clear` and `--stale` while another process converts: its staging directory is listed as being
+    written and neither removes it (it used to be deleted, and the converter then published an empty entry)."""
+    cache.mkdir()
+    staging = cache / ".staging-running"
+    interrupted = cache / ".staging-interrupted"
+    interrupted.mkdir()
+    converter = subprocess.Popen([sys.executable, "-c", CONVERTING, str(staging)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert converter.stdout.readline().strip() == "converting"
+        kinds = {e.name: (e.kind, e.stale, e.in_use) for e in model_cache.cache_entries()}
+        assert kinds == {staging.name: ("being written", False, True), interrupted.name: ("unfinished", True, False)}
+        assert _cli("--stale", cache=cache).returncode == 0
+        assert staging.is_dir() and not interrupted.exists()
+        cleared = _cli("--clear", cache=cache)
+        assert cleared.returncode == 0 and "Removed 0 entries" in cleared.stdout and staging.is_dir()
+        with pytest.raises(UserError, match="is being written by another process"):
+            model_cache.remove_entry(staging.name)
+    finally:
+        converter.kill()
+        converter.wait()
+    assert model_cache.cache_entries()[0].kind == "unfinished"  # its process is gone: stale now
+    assert _cli("--stale", cache=cache).returncode == 0 and not staging.exists()
+
+
+def test_a_conversion_whose_directory_vanished_publishes_nothing(cache, tmp_path):
+    """A staging directory removed while its conversion ran (by an older version's `cache --clear`): the marker
+    write must not recreate it and publish an entry holding only the marker."""
+    import shutil
+
+    def removed_meanwhile(source: Path, directory: Path) -> None:
+        (directory / "model.safetensors").write_bytes(b"weights")
+        shutil.rmtree(directory)
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF weights")
+    with pytest.raises(UserError, match="was removed while it ran"):
+        model_cache.dequantised(path, removed_meanwhile)
+    assert [p.name for p in cache.iterdir()] == ["content-hashes.json"]

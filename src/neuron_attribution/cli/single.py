@@ -43,7 +43,8 @@ def cache(remove: Annotated[Optional[list[str]], typer.Option("--remove", help="
 
     if sum((bool(remove), stale, clear)) > 1:
         raise UserError("give one of --remove NAME, --stale or --clear")
-    names = [e.name for e in cache_entries() if clear or (stale and e.stale)] if clear or stale else (remove or [])
+    names = ([e.name for e in cache_entries() if not e.in_use and (clear or (stale and e.stale))] if clear or stale
+             else (remove or []))
     if remove or stale or clear:
         removed = [remove_entry(name) for name in names]
         console.print(f"Removed {len(removed)} entries, {format_size(sum(e.size for e in removed))}, from "

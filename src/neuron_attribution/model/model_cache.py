@@ -18,13 +18,19 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from ..errors import UserError
 from ..files import write_json
+
+try:
+    import fcntl
+except ImportError:  # no flock: `cache` cannot tell a conversion in progress from an interrupted one
+    fcntl = None
 
 CONVERSION_FORMAT = 2  # bump when the conversion below changes what an entry holds
 COMPLETE_MARKER = "neuron-attribution-cache.json"
@@ -84,6 +90,50 @@ def _version(distribution: str) -> str:
         return "absent"
 
 
+@contextmanager
+def being_written(path: Path) -> Iterator[None]:
+    """Hold an flock on a staging directory or file (`.staging-…`, `.join-…`, `.download-…`) while it is being
+    written, so that `cache --stale`/`--clear` in another process leaves it alone (`is_being_written`). The
+    kernel drops the lock with the process, so a crashed conversion's leftovers read as unfinished again."""
+    if fcntl is None:
+        yield
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def is_being_written(path: Path) -> bool:
+    """Whether another process holds `being_written` on `path`."""
+    if fcntl is None:
+        return False
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)
+
+
+def _check_converted(staging: Path) -> None:
+    """A UserError unless the conversion's files are in `staging`: it can have been removed meanwhile by a
+    `cache --clear` of a version without `being_written`, and an entry holding only its marker must never be
+    published."""
+    if not any(staging.glob("*.safetensors")):
+        raise UserError(f"the conversion in {staging} was removed while it ran; nothing was cached, run the "
+                        "command again")
+
+
 def dequantised(gguf_path: Path, convert: Callable[[Path, Path], None]) -> Path:
     """The cache directory holding `gguf_path` dequantised by `convert(gguf_path, directory)`; made now if no
     entry for these bytes and versions exists."""
@@ -99,14 +149,17 @@ def dequantised(gguf_path: Path, convert: Callable[[Path, Path], None]) -> Path:
     started = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     try:
-        convert(gguf_path, staging)
-        write_json(staging / COMPLETE_MARKER, {"source": str(gguf_path.resolve()), "sha256": sha256,
-                                               "versions": versions, "created": time.time()})
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / COMPLETE_MARKER).is_file():  # not another process finishing first
-                raise
+        with being_written(staging):
+            convert(gguf_path, staging)
+            _check_converted(staging)
+            write_json(staging / COMPLETE_MARKER, {"source": str(gguf_path.resolve()), "sha256": sha256,
+                                                   "versions": versions, "created": time.time()})
+            _check_converted(staging)
+            try:
+                os.rename(staging, target)
+            except OSError:
+                if not (target / COMPLETE_MARKER).is_file():  # not another process finishing first
+                    raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"Cached in {time.perf_counter() - started:.0f} s.", file=sys.stderr, flush=True)
@@ -122,6 +175,7 @@ class CacheEntry:
     size: int  # bytes on disk
     detail: str  # its source and versions, or why it is stale
     stale: bool = False  # never used again by any version of this project
+    in_use: bool = False  # being written by a running process: never removed
 
 
 def cache_entries() -> list[CacheEntry]:
@@ -136,6 +190,9 @@ def cache_entries() -> list[CacheEntry]:
 def _describe(path: Path) -> CacheEntry:
     size = _size(path)
     if path.name.startswith((".staging-", ".join-", ".download-")):
+        if is_being_written(path):
+            return CacheEntry(path.name, "being written", size, "a conversion running in another process",
+                              in_use=True)
         return CacheEntry(path.name, "unfinished", size, "left by an interrupted conversion", stale=True)
     marker = path / COMPLETE_MARKER
     if marker.is_file():
@@ -170,6 +227,8 @@ def remove_entry(name: str) -> CacheEntry:
         known = ", ".join(entries) or "none"
         raise UserError(f"no cache entry {name!r} in {cache_root()}; entries: {known}")
     path = cache_root() / name
+    if entries[name].in_use or is_being_written(path):
+        raise UserError(f"cache entry {name!r} is being written by another process; it was left alone")
     if path.is_dir():
         shutil.rmtree(path)
     else:
