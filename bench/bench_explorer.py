@@ -115,7 +115,7 @@ def main() -> None:
     started = time.perf_counter()
     index = RunIndex(runs)
     indexing = time.perf_counter() - started
-    with BackgroundServer(create_app(Views(model, ScoringOptions()), index)) as url:
+    with BackgroundServer(create_app(Views(model, ScoringOptions()), index, token=None)) as url:
         times = browser_timings(url, args.repeats)
     times.update(start_up(args.run, min(args.repeats, 3)))
     medians = {name: statistics.median(values) for name, values in times.items()}

@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args()
-    app = create_app(Views(na.load_model(), ScoringOptions()), RunIndex(check_runs([args.run])))
+    app = create_app(Views(na.load_model(), ScoringOptions()), RunIndex(check_runs([args.run])), token=None)
     with BackgroundServer(app) as url:
         driver = _driver()
         driver.set_window_size(1400, 1500)

@@ -97,3 +97,20 @@ PROMPTS = ["The capital of France is", "Tim Duncan plays the sport of", "In 1999
 def token_batches() -> list[list[int]]:
     generator = torch.Generator().manual_seed(3)
     return [torch.randint(0, TINY_VOCAB, (n,), generator=generator).tolist() for n in (5, 9, 1, 7)]
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """The console entry point in this process (no interpreter start-up, no second model load): its exit code,
+    stdout and stderr."""
+    import sys
+
+    from neuron_attribution.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["neuron-attribution", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -61,7 +61,7 @@ def views(real_model) -> Views:
 
 @pytest.fixture(scope="module")
 def server(views, run_dir):
-    app = create_app(views, RunIndex(check_runs([run_dir])))
+    app = create_app(views, RunIndex(check_runs([run_dir])), token=None)  # the guard has its own tests
     with BackgroundServer(app) as url:
         yield url
 
@@ -411,7 +411,7 @@ def mixture(real_model):
 
 @pytest.fixture(scope="module")
 def mixture_server(mixture):
-    with BackgroundServer(create_app(Views(mixture, ScoringOptions()), RunIndex([]))) as url:
+    with BackgroundServer(create_app(Views(mixture, ScoringOptions()), RunIndex([]), token=None)) as url:
         yield url
 
 

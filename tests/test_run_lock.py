@@ -16,7 +16,7 @@ from neuron_attribution import UserError
 from neuron_attribution.pipelines.run import RunArguments, run_dataset
 from neuron_attribution.pipelines.run_store import LOCK_FILE, run_lock
 
-from .conftest import tiny_llama
+from .conftest import run_cli, tiny_llama
 
 HOLDER = """
 import sys, time
@@ -149,16 +149,6 @@ def test_only_would_block_means_in_use(tmp_path, monkeypatch):
     assert entered
 
 
-def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """The console entry point in this process: its exit code and what it printed to stderr."""
-    from neuron_attribution.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["neuron-attribution", *args])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    return exit_.value.code, capsys.readouterr().err
-
-
 def test_run_and_analyze_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
     """`run` checks the lock before loading the model (under load that took 20 s before a second run was
     refused), and `analyze` takes the lock too (`run --overwrite` deletes analysis/)."""
@@ -173,12 +163,12 @@ def test_run_and_analyze_are_refused_before_the_model_loads(tmp_path, monkeypatc
     directory.mkdir()
     holder = _hold(directory)
     try:
-        code, err = _cli(monkeypatch, capsys, "run", "--dataset", "sample", "--out", str(directory))
+        code, _, err = run_cli(monkeypatch, capsys, "run", "--dataset", "sample", "--out", str(directory))
         assert code == 2 and f"is in use by a running run (pid {holder.pid} on" in err, err
         assert len(err.strip().splitlines()) == 1
         with pytest.raises(UserError, match="is in use by a running run"):
             analyze_run(directory)
-        code, err = _cli(monkeypatch, capsys, "analyze", str(directory))
+        code, _, err = run_cli(monkeypatch, capsys, "analyze", str(directory))
         assert code == 2 and "is in use by a running run" in err, err
     finally:
         os.kill(holder.pid, signal.SIGKILL)

@@ -4,8 +4,8 @@ pool, so the event loop always answers.
 
 A user's mistake is a 4xx with a one-line `{"error": ...}`, never a traceback. The browser names runs by number
 and assets by a fixed name: no request can reach a file outside the loaded runs and the package's assets.
-Requests must name this server as their host (DNS rebinding) and send JSON as application/json (a form on
-another site cannot).
+Every request passes `guard.Guard` (Host allow-list, the launch's token, same-origin API); bodies are JSON sent as
+application/json (a form on another site cannot) and read with a cap; model work waits in a bounded queue.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -29,7 +28,8 @@ from starlette.routing import Route
 from ..errors import UserError
 from ..model.prompts import encode_prompt
 from ..neurons import parse_neuron
-from .model_queue import ModelQueue
+from .guard import Guard
+from .model_queue import ModelQueue, QueueFull
 from .run_index import RunIndex
 from .server import LOOPBACK_NAMES
 from .views import PromptQuery, Views, neuron_list, scale_of
@@ -84,19 +84,24 @@ async def _json_body(request: Request) -> Any:
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
         raise HTTPException(413, f"the request body is over {MAX_BODY // 1024} KB")
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise HTTPException(413, f"the request body is over {MAX_BODY // 1024} KB")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # read with a cap: a chunked body declares no length
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise HTTPException(413, f"the request body is over {MAX_BODY // 1024} KB")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise HTTPException(400, "the request body is not valid JSON") from None
 
 
-def create_app(views: Views, runs: RunIndex, *, allowed_hosts: list[str] | None = None,
+def create_app(views: Views, runs: RunIndex, *, token: str | None, allowed_hosts: list[str] | None = None,
                queue: ModelQueue | None = None) -> Starlette:
-    """The ASGI app over a loaded model (`views`) and indexed runs. `allowed_hosts`: Host header values
-    accepted (default: loopback names)."""
+    """The ASGI app over a loaded model (`views`) and indexed runs. `token`: the access token every request must
+    carry (`guard.new_token()`; None switches it off and must be chosen explicitly). `allowed_hosts`: Host header
+    values accepted (default: loopback names)."""
     queue = queue or ModelQueue()
     model = views.model
     page = _asset_text("neuron_attribution.explorer", "assets/index.html")
@@ -174,6 +179,9 @@ def create_app(views: Views, runs: RunIndex, *, allowed_hosts: list[str] | None 
     async def user_error(request: Request, error: Exception) -> Response:
         return _error(400, str(error))
 
+    async def queue_full(request: Request, error: Exception) -> Response:
+        return _error(429, str(error))
+
     async def http_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, HTTPException)
         return _error(error.status_code, str(error.detail))
@@ -196,8 +204,9 @@ def create_app(views: Views, runs: RunIndex, *, allowed_hosts: list[str] | None 
               Route("/api/runs/{run:int}", run_view)]
     hosts = allowed_hosts or LOOPBACK_NAMES
     app = Starlette(routes=routes, middleware=[Middleware(_SecurityHeaders),
-                                               Middleware(TrustedHostMiddleware, allowed_hosts=hosts)],
-                    exception_handlers={UserError: user_error, HTTPException: http_error, Exception: server_error},
+                                               Middleware(Guard, hosts=hosts, token=token)],
+                    exception_handlers={UserError: user_error, QueueFull: queue_full, HTTPException: http_error,
+                                        Exception: server_error},
                     lifespan=lifespan)
     app.state.queue = queue
     return app

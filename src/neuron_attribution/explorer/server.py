@@ -29,12 +29,32 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def allowed_hosts(host: str) -> list[str]:
-    """Host header values to accept: loopback names, and the address served on; any host when serving on
-    every interface (the user chose to)."""
+def allowed_hosts(host: str, extra: list[str] | None = None) -> list[str]:
+    """Host header values to accept, in every mode (a hostile page can rebind its own name to any address):
+    loopback names, the address served on, `extra` (`--allow-host`), and when serving on every interface the
+    machine's own names and addresses."""
+    names = [*LOOPBACK_NAMES, host, *(extra or [])]
     if host in ("0.0.0.0", "::", ""):
-        return ["*"]
-    return [*LOOPBACK_NAMES, host]
+        names += machine_names()
+    return [name for name in dict.fromkeys(names) if name not in ("0.0.0.0", "::", "")]
+
+
+def machine_names() -> list[str]:
+    """This machine's host name, fully qualified name and the addresses they resolve to (from the local
+    resolver; nothing is asked of the network beyond it)."""
+    hostname = socket.gethostname()
+    names = [hostname, socket.getfqdn()]
+    try:
+        _, aliases, addresses = socket.gethostbyname_ex(hostname)
+        names += aliases + addresses
+    except OSError:
+        pass
+    try:
+        names += [f"[{info[4][0]}]" if ":" in info[4][0] else info[4][0]
+                  for info in socket.getaddrinfo(hostname, None)]
+    except OSError:
+        pass
+    return [name for name in names if name]
 
 
 def open_socket(host: str, port: int) -> socket.socket:
