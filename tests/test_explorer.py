@@ -440,3 +440,48 @@ def test_expert_neurons_in_the_explorer(mixture_server, mixture, browser):
     _wait_for(browser, lambda d: d.find_elements(By.ID, "neuron-title"))
     assert _text(browser, "neuron-title") == (f"FFN neuron {expert_neuron} (layer {expert_neuron.layer}, expert "
                                               f"{expert_neuron.expert}, neuron {expert_neuron.neuron})")
+
+
+@pytest.fixture(scope="module")
+def wide_run_dir(real_model, tmp_path_factory) -> Path:
+    """Three sentences at top 300: attention neurons there sit at several source positions of one sentence."""
+    directory = tmp_path_factory.mktemp("explorer-wide")
+    facts = directory / "facts.jsonl"
+    facts.write_text("".join(json.dumps(f) + "\n" for f in FACTS[:3]))
+    run_dataset(real_model, directory / "run", RunArguments(str(facts)), settings=run_settings(real_model, 300),
+                batch_size=3)
+    return directory / "run"
+
+
+def test_an_attention_neurons_page_counts_sentences_not_positions(wide_run_dir):
+    """An attention neuron has a row per source position: its page counts sentences (never "12 of 6") and
+    summarises each by its best position there; checked against a loop over the Parquet rows."""
+    run_dir = wide_run_dir
+    index = RunIndex(check_runs([run_dir]))
+    rows = pq.read_table(run_dir / "attention_neurons.parquet").to_pylist()
+    sentences = {row["sentence_id"]: row for row in pq.read_table(run_dir / "sentences.parquet").to_pylist()}
+    by_neuron: dict[tuple[int, int, int], dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        by_neuron[(row["layer"], row["head"], row["dim"])][row["sentence_id"]].append(row)
+    # the neuron with the most rows per sentence: several positions in the same sentences
+    neuron, per_sentence = max(by_neuron.items(),
+                               key=lambda item: (sum(len(v) for v in item[1].values()) - len(item[1]), item[0]))
+    assert sum(len(v) for v in per_sentence.values()) > len(per_sentence)  # the case that was counted twice
+    best = {sid: max(found, key=lambda r: (r["score"], -r["position"])) for sid, found in per_sentence.items()}
+    (run,) = index.neuron_view(parse_neuron("{}_{}_{}".format(*neuron)))
+    assert run["hits"] == len(per_sentence) <= len(sentences)
+    assert [(s["sentence_id"], s["position"], s["positions"]) for s in run["sentences_with"]] == \
+        [(sid, r["position"], len(per_sentence[sid])) for sid, r in sorted(best.items(), key=lambda i: -i[1]["score"])]
+    for row in run["per_type"]:
+        scores = [r["score"] for sid, r in best.items() if r["type"] == row["type"]]
+        assert row["hits"] == len(scores) <= row["sentences"]
+        if scores:
+            assert row["mean"] == pytest.approx(float(np.mean(scores)))
+            assert row["median"] == pytest.approx(float(np.median(scores)))
+            assert row["max"] == pytest.approx(max(scores))
+    assert sum(b["count"] for b in run["histogram"]) == len(per_sentence)
+    # a position-specific name shows that position's rows only
+    sid, first = next(iter(best.items()))
+    (run,) = index.neuron_view(parse_neuron("{}_{}_{}@{}".format(*neuron, first["position"])))
+    at_position = [r for found in per_sentence.values() for r in found if r["position"] == first["position"]]
+    assert run["hits"] == len(at_position)

@@ -120,11 +120,19 @@ class RunIndex:
 
     def neuron_view(self, index: NeuronIndex) -> list[dict[str, Any]]:
         """Per loaded run: the sentences where the neuron is in the run's top-k (best scores first), and per
-        knowledge type how many of the type's sentences have it, its score distribution and a histogram."""
+        knowledge type how many of the type's sentences have it, its score distribution and a histogram.
+
+        Everything counts sentences. An attention neuron has a row per source position in a sentence; it is
+        summarised by its best one there (the highest score, with its position and token, and `positions`: how
+        many of its positions are in the top-k), so a 6-sentence run never shows it "in 12 of 6 sentences"."""
         if not self.runs:
             return []
         table, where, parameters, extra = _neuron_filter(index)
         hits = f"SELECT run, sentence_id, type, rank, score{extra} FROM {table} WHERE {where}"
+        if table == "attention_neurons":
+            hits = (f"SELECT run, sentence_id, type, rank, score{extra}, count(*) OVER (PARTITION BY run, sentence_id) "
+                    f"AS positions FROM {table} WHERE {where} QUALIFY row_number() OVER (PARTITION BY run, "
+                    "sentence_id ORDER BY score DESC, position) = 1")
         sentences = self._query(
             f"WITH hits AS ({hits}) SELECT h.*, s.prompt, s.target_text, s.target_prob FROM hits h "
             f"JOIN sentences s USING (run, sentence_id) ORDER BY h.score DESC LIMIT {SENTENCES_SHOWN}", parameters)
@@ -186,7 +194,9 @@ def _neuron_filter(index: NeuronIndex) -> tuple[str, str, list, str]:
         return ("ffn_neurons", "layer = ? AND neuron = ? AND expert IS NOT DISTINCT FROM ?",
                 [index.layer, index.neuron, index.expert], ", coefficient")
     if isinstance(index, AttentionIndex):
-        return ("attention_neurons", "layer = ? AND head = ? AND dim = ?", [index.layer, index.head, index.dim],
+        at = "" if index.position is None else " AND position = ?"
+        return ("attention_neurons", f"layer = ? AND head = ? AND dim = ?{at}",
+                [index.layer, index.head, index.dim, *([] if index.position is None else [index.position])],
                 ", coefficient, position, token")
     return "heads", f"layer = ? AND head = ? AND rank <= {TOP_HEADS}", [index.layer, index.head], ""
 

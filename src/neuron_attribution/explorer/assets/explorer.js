@@ -327,11 +327,12 @@ function runSection(data, run) {
         el("td", {class: "num"}, (100 * t.hits / t.sentences).toFixed(0) + "%"), num(t.mean), num(t.median), num(t.min), num(t.max),
         el("td", {}, histogram(histograms[t.type] || []))))
     , "per-type-" + run.run),
+    data.kind === "attention" ? el("p", {class: "muted"}, "Counted by sentence: in each, the neuron's best source position (highest score) stands for it; the scores are that position's.") : null,
     el("h3", {}, "Sentences (best scores first" + (run.sentences_with.length < run.hits ? "; the best " + run.sentences_with.length + " of " + run.hits : "") + ")"),
     table(["sentence", "answer", "type", "#rank", "#score", data.kind === "attention" ? "source" : ""],
       run.sentences_with.map(s => el("tr", {}, el("td", {}, promptLink(s.prompt, s.target_text)),
         el("td", {class: "tok"}, quoted(s.target_text)), el("td", {}, s.type), el("td", {class: "num"}, s.rank),
-        num(s.score), el("td", {class: "tok"}, s.position !== undefined ? "@" + s.position + " " + quoted(s.token) : ""))),
+        num(s.score), el("td", {class: "tok"}, s.position !== undefined ? "@" + s.position + " " + quoted(s.token) + (s.positions > 1 ? " (best of " + s.positions + " positions)" : "") : ""))),
       "sentences-" + run.run));
 }
 
