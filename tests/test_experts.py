@@ -254,14 +254,18 @@ def test_one_batch_carries_a_different_expert_intervention_per_prompt():
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
-def test_bfloat16_mixture_is_exact(family):
+def test_bfloat16_mixture_is_exact(family, monkeypatch):
     """In bfloat16 the experts module rounds its own output; the check allows for that and still reads the
     experts, and every neuron's and head's score equals the float64 loop over the bfloat16 weights and
-    activations (tests/test_families.py's full check, as for the dense bfloat16 families)."""
+    activations (tests/test_families.py's full check, as for the dense bfloat16 families). Expert matrices are
+    read in float32 a chunk of 3 rows at a time here, so that every chunked path (bounds included) is taken."""
+    from neuron_attribution.model import weights
+
     from .test_bfloat16 import ATOL, in_bfloat16
     from .test_families import check_every_neuron_and_head
 
     model = in_bfloat16(tiny_family(family))
+    monkeypatch.setattr(weights, "CHUNK_BYTES", 3 * 4 * model.shape.d_model)
     assert next(model.hf_model.parameters()).dtype == torch.bfloat16
     _, result = check_every_neuron_and_head(model, IDS, 11, ATOL)
     assert len(result.ffn_neurons) > 5

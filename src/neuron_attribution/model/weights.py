@@ -136,13 +136,12 @@ class Matrix:
         if not isinstance(self.weight, RowParts):
             return self.times_transposed(vectors)
         result = torch.zeros(len(vectors), self.weight.shape[0], device=vectors.device)
-        here = vectors.to(self.weight.device)
-        if self.gain is not None:
-            here = here * self.gain
         starts = self.weight.starts
         for part, (start, stop) in zip(self.weight.parts, zip(starts, starts[1:])):
             if bool(active[start:stop].any()):
-                result[:, start:stop] = (here @ part.to(torch.float32).T).to(result.device)
+                # an expert read like any matrix: whole in float32, else a CHUNK_BYTES block of rows at a time
+                expert = Matrix(part, self.device, self.gain, self.chunk_bytes)
+                result[:, start:stop] = expert.times_transposed(vectors)
         return result
 
     def part(self, rows: range) -> Matrix:
