@@ -33,6 +33,7 @@ class LoadedModel:
     source: str
     spec: ModelSpec | None = None  # how to load it again (None: built in memory, cannot be reloaded)
     token_texts: dict[int, str] = field(default_factory=dict, repr=False)  # decoded once per token id
+    weight_files: tuple = field(default=(), repr=False)  # the files its numbers come from, if loaded from files
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
     # experts module -> the hook applying the interventions installed on it (model/experts.py)
     expert_scalings: dict = field(default_factory=dict, repr=False, compare=False)
@@ -63,6 +64,13 @@ class LoadedModel:
         s = self.shape
         return (f"LoadedModel({self.name!r}, family={s.family!r}, layers={s.n_layers}, d_model={s.d_model}, "
                 f"dtype={self.dtype}, device={self.device})")
+
+    def weights_fingerprint(self) -> str:
+        """What identifies these weights (`fingerprint`): the weight files' sha256, or a digest of the
+        parameters for a model built in memory."""
+        from .fingerprint import weights_fingerprint
+
+        return weights_fingerprint(self.hf_model, self.weight_files)
 
     @property
     def shape(self) -> ModelShape:

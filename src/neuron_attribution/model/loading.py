@@ -60,7 +60,9 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
             parts.hf_model.to(device)
         except (RuntimeError, AssertionError, ValueError) as error:
             raise UserError(f"cannot move the model to device {device!r}: {first_line(error)}") from None
-    return LoadedModel.from_hf(parts.hf_model, parts.tokenizer, name=parts.name, source=parts.source, spec=spec)
+    loaded = LoadedModel.from_hf(parts.hf_model, parts.tokenizer, name=parts.name, source=parts.source, spec=spec)
+    loaded.weight_files = parts.weight_files
+    return loaded
 
 
 def load(spec: ModelSpec) -> LoadedModel:

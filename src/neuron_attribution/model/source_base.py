@@ -31,6 +31,7 @@ class LoadedParts:
     tokenizer: object
     source: str  # where the weights came from, for `info` and the results
     name: str  # the name results carry
+    weight_files: tuple[Path, ...] = ()  # the files its numbers come from (a run's identity hashes them)
 
 
 class ModelSource(Protocol):
@@ -55,7 +56,9 @@ class OfflineModel:
         return name == self.name
 
     def load(self, name: str | None, request: LoadRequest) -> LoadedParts:
-        directory = model_cache.dequantised(self.locate(model_cache.cache_root()), hf_loading.write_dequantised)
+        gguf = self.locate(model_cache.cache_root())
+        directory = model_cache.dequantised(gguf, hf_loading.write_dequantised)
         model, tokenizer = hf_loading.load_directory(directory, request.dtype, False, request.trust_remote_code,
                                                      request.placement)
-        return LoadedParts(model, tokenizer, f"{self.label}; dequantised cache {directory}", self.display_name)
+        return LoadedParts(model, tokenizer, f"{self.label}; dequantised cache {directory}", self.display_name,
+                           (gguf,))

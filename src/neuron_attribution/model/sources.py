@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..registry import Registry
 from . import default_model, gemma_model, hf_loading, model_cache
+from .fingerprint import weight_files_in
 from .source_base import LoadedParts, LoadRequest, ModelSource, OfflineModel
 
 
@@ -41,7 +42,8 @@ class _GgufFile:
         directory = model_cache.dequantised(path, hf_loading.write_dequantised)
         model, tokenizer = hf_loading.load_directory(directory, request.dtype, False, request.trust_remote_code,
                                                      request.placement)
-        return LoadedParts(model, tokenizer, f"GGUF file {path.resolve()}; dequantised cache {directory}", str(name))
+        return LoadedParts(model, tokenizer, f"GGUF file {path.resolve()}; dequantised cache {directory}", str(name),
+                           (path.resolve(),))
 
 
 class _Directory:
@@ -56,7 +58,7 @@ class _Directory:
             raise UserError(f"{path} is neither a model directory nor a .gguf file")
         model, tokenizer = hf_loading.load_directory(path, request.dtype, request.allow_pickle,
                                                      request.trust_remote_code, request.placement)
-        return LoadedParts(model, tokenizer, f"local directory {path.resolve()}", str(name))
+        return LoadedParts(model, tokenizer, f"local directory {path.resolve()}", str(name), weight_files_in(path))
 
 
 class _HubId:

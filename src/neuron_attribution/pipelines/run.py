@@ -45,11 +45,21 @@ class RunArguments:
 
     def identity(self, model: LoadedModel, settings: Settings, batch_size: int) -> dict:
         """What must match for a directory to be resumed: every setting (derived from the settings object, so
-        none can be forgotten), the dataset's content and everything else that changes results (the batch size
-        too: float32 rounding depends on which prompts are padded together)."""
-        return {"model": model.name, **settings.flat(), "dataset": self.dataset,
-                "dataset_sha256": _dataset_digest(self.dataset), "limit": self.limit, "on_error": self.on_error,
-                "batch_size": batch_size, "neuron_attribution": __version__}
+        none can be forgotten), the model's weights (not only its name: re-saved weights at the same path are
+        another model), the dataset's content, the versions that change the numbers, and everything else that
+        changes results (the batch size too: float32 rounding depends on which prompts are padded together)."""
+        return {"model": model.name, "weights": model.weights_fingerprint(), **settings.flat(),
+                "dataset": self.dataset, "dataset_sha256": _dataset_digest(self.dataset), "limit": self.limit,
+                "on_error": self.on_error, "batch_size": batch_size, "neuron_attribution": __version__,
+                **numeric_versions()}
+
+
+def numeric_versions() -> dict[str, str]:
+    """The versions of what computes the numbers: another torch or transformers can change them."""
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def run_settings(model: LoadedModel, top: int = DEFAULT_TOP) -> Settings:
