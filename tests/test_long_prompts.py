@@ -63,13 +63,27 @@ def test_long_trace_equals_one_eager_pass(monkeypatch, family, long_ids):
     for name in ("layer_inputs", "attention_outputs", "ffn_outputs", "ffn_coefficients", "final_residual"):
         assert _close(getattr(long, name)[..., -1:, :], getattr(reference, name)[..., -1:, :]), name
     assert _close(long.logits, reference.logits, 1e-4)
-    if model.shape.post_norms:
-        return  # behind post-norms the sublayer sums need the norms' scales (test_families covers them)
     # The decomposition holds on the long trace itself, against float64 loops.
     check_residual_sum(long)
+    if model.shape.post_norms:
+        # Behind post-norms a neuron's vector in the residual is its coefficient times the norm's frozen scale
+        # there times its residual direction (fc2 ⊙ γ): the FFN neurons rebuild the recorded output with those.
+        check_ffn_neurons_behind_post_norms(model, long)
+        assert long.ffn_output_scales.shape[1] == 1 and _close(long.ffn_output_scales[:, -1:],
+                                                                reference.ffn_output_scales[:, -1:])
+        return
     check_ffn_neurons(model, long)
     check_attention_neurons(model, long)
     check_readout(model, long)
+
+
+def check_ffn_neurons_behind_post_norms(model, trace) -> None:
+    coefficients = trace.ffn_residual_coefficients(trace.n_tokens - 1).double()  # (L, N): m · post-norm scale
+    for layer, directions in enumerate(model.adapter.ffn_value_stack.layers):
+        rows = torch.cat([block for _, block in directions.chunks()]).double()  # (N, d): fc2 ⊙ γ_post
+        rebuilt = coefficients[layer] @ rows
+        recorded = trace.ffn_outputs[layer, -1].double()
+        assert float((rebuilt - recorded).norm() / recorded.norm()) < 1e-5, layer
 
 
 def test_sliding_window_rows_cover_only_the_window(monkeypatch, long_ids):

@@ -40,13 +40,17 @@ def test_twenty_kills_then_resume(real_model, tmp_path):
     arguments = ["run", "--dataset", "sample", "--limit", "3", "--top", "10", "--batch-size", "2"]
     chance = random.Random(11)
     interrupted = 0
+    mid_run = 0  # kills that landed after this call had written a part of its own, the run unfinished
     for _ in range(20):
+        before = _parts(directory)
         process = subprocess.Popen(_cli_command(*arguments, "--out", str(directory)), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, start_new_session=True)
         time.sleep(chance.uniform(1.5, 5.0))  # start-up is about 3 s; the whole run about 10 s
         if process.poll() is None:
+            written = _parts(directory) - before
             os.killpg(process.pid, signal.SIGKILL)
             interrupted += 1
+            mid_run += bool(written)
         process.wait()
         seen: list[int] = []
         for part in (directory / "parts").glob("part-*"):
@@ -55,6 +59,7 @@ def test_twenty_kills_then_resume(real_model, tmp_path):
             seen += pq.read_table(part / "sentences.parquet").column("sentence_id").to_pylist()
         assert len(seen) == len(set(seen))
     assert interrupted >= 10, interrupted
+    assert mid_run >= 3, mid_run  # not only kills during start-up: kills between parts, the case resuming is for
     final = subprocess.run(_cli_command(*arguments, "--out", str(directory)), capture_output=True, text=True,
                            timeout=600)
     assert final.returncode == 0, final.stderr
@@ -64,6 +69,11 @@ def test_twenty_kills_then_resume(real_model, tmp_path):
         assert pq.read_table(directory / f"{table}.parquet").equals(pq.read_table(reference / f"{table}.parquet"))
     ids = pq.read_table(directory / "sentences.parquet").column("sentence_id").to_pylist()
     assert ids == list(range(len(ids))) and len(ids) == 16  # 3 of each type; month has only 1 fact in sample
+
+
+def _parts(directory) -> set[str]:
+    """The finished parts in a run directory (a part is renamed into place whole)."""
+    return {p.name for p in (directory / "parts").glob("part-*")} if (directory / "parts").is_dir() else set()
 
 
 @pytest.mark.slow

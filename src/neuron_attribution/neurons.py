@@ -164,9 +164,6 @@ class ModelShape:
         return head // self.heads_per_kv_head
 
     # --- flat layouts ---------------------------------------------------------------------------------------
-    def ffn_flat(self, layer, neuron):
-        return layer * self.d_ffn + neuron
-
     def ffn_unflat(self, flat):
         """(layer, neuron) of flat FFN indices; ints or tensors."""
         return flat // self.d_ffn, flat % self.d_ffn

@@ -23,7 +23,9 @@ from ..neurons import AttentionIndex, FfnIndex, HeadIndex, NeuronIndex, parse_ne
 from ..pipelines.attribute import attribute_with
 from ..pipelines.predict import top_predictions
 from ..pipelines.projection import neuron_vector, projection_of
+from ..pipelines.targets import token_info
 from ..results.attribution import Attribution
+from ..scoring.token_search import TokenSearch
 from ..settings import ANSWER_TOKENS, ScoringOptions
 
 MAX_TOP = 1000  # value neurons of each kind a page may ask for
@@ -92,7 +94,7 @@ class Views:
         self.options = options
         self._cache: OrderedDict[PromptQuery, tuple[Attribution, dict[str, Any]]] = OrderedDict()
         self._lock = threading.Lock()
-        self._token_spread: dict[str, torch.Tensor] | None = None  # see _statistics
+        self._token_search = TokenSearch(model.adapter)
 
     # -- the prompt view --------------------------------------------------------------------------------------
 
@@ -146,8 +148,8 @@ class Views:
                 "before": before, "after": self._outcome(after, target.id)}
 
     def _outcome(self, logits: torch.Tensor, target_id: int) -> dict[str, Any]:
-        probs = torch.softmax(logits.double(), dim=-1)
-        return {"prob": float(probs[target_id]), "rank": int((probs > probs[target_id]).sum()) + 1,
+        answer = token_info(torch.softmax(logits.double(), dim=-1), target_id, token_text(self.model, target_id))
+        return {"prob": answer.prob, "rank": answer.rank,
                 "predictions": [p.__dict__ for p in top_predictions(self.model, logits, PREDICTIONS_SHOWN)]}
 
     # -- neurons ----------------------------------------------------------------------------------------------
@@ -193,18 +195,13 @@ class Views:
         return ids[0]
 
     def promoting(self, token_id: int, shown: int = SEARCH_SHOWN) -> dict[str, Any]:
-        """Which neurons' vocabulary projections single the token out: every FFN and attention neuron's
-        projection logit of the token, less the mean over the vocabulary, in standard deviations of that
-        neuron's projection (z). High z: a positive coefficient raises the token more than most; low z: a
-        negative one does. Computed from weights, for every neuron, as d-sized products."""
-        spread = self._statistics()
-        direction = self._centred_direction(token_id)
+        """Which neurons' vocabulary projections single the token out (`scoring.token_search`): the top and
+        bottom z of every FFN and attention neuron. High z: a positive coefficient raises the token more than
+        most; low z: a negative one does."""
         found: dict[str, Any] = {"token": token_text(self.model, token_id), "token_id": token_id}
-        for kind, stack in (("ffn", self.model.adapter.ffn_value_stack),
-                            ("attention", self.model.adapter.output_weight_stack)):
-            logit = stack.dots(direction.expand(stack.n_layers, -1))  # (L, R)
-            z = logit / spread[kind]
-            found[kind] = {end: [self._found(kind, stack.n_rows, int(flat), float(logit.flatten()[flat]),
+        for kind, (logit, z) in self._token_search.scores(token_id).items():
+            rows = logit.shape[1]
+            found[kind] = {end: [self._found(kind, rows, int(flat), float(logit.flatten()[flat]),
                                              float(z.flatten()[flat]))
                                  for flat in z.flatten().topk(shown, largest=largest).indices.tolist()]
                            for end, largest in (("promote", True), ("suppress", False))}
@@ -216,46 +213,6 @@ class Views:
         index = self.model.shape.ffn_index(layer, row) if kind == "ffn" else \
             AttentionIndex(layer, *divmod(row, head_dim))
         return {"name": str(index), "layer": layer, "centred_logit": logit, "z": z}
-
-    def _centred_direction(self, token_id: int) -> torch.Tensor:
-        """k with k·u = (U_t − mean_v U_v)·linear_part(u) for every vector u: the token's centred projection
-        logit as one dot product (the final norm's adjoint)."""
-        unembedding = self.model.adapter.unembedding_matrix
-        row = unembedding.rows(torch.tensor([token_id]))[0]
-        centred = row - self._statistics()["mean"].to(row.device)
-        return self.model.adapter.final_norm().adjoint(centred.unsqueeze(0))[0]
-
-    def _statistics(self) -> dict[str, torch.Tensor]:
-        """The vocabulary's mean unembedding row ("mean") and each neuron's standard deviation over the
-        vocabulary of its projection logits ("ffn", "attention"), sqrt(uᵀ S u) with
-        S = Lᵀ Cov(U) L (L the final norm's linear part): one d×d matrix (V·d² multiply-adds), then a d×d
-        product per neuron (L·N·d²: about a second for SmolLM2 on a CPU, minutes for a 7B model there).
-        Computed once, on the first search, where the weights live."""
-        if self._token_spread is None:
-            unembedding = self.model.adapter.unembedding_matrix
-            n, d = unembedding.shape
-            where = unembedding.weight.device
-            mean = torch.zeros(d, dtype=torch.float64, device=where)
-            for _, block in unembedding.chunks():
-                mean += block.double().sum(0)
-            mean = (mean / n).float()
-            covariance = torch.zeros(d, d, device=where)  # of rows centred first: no cancellation in float32
-            for _, block in unembedding.chunks():
-                centred = block - mean
-                covariance += centred.T @ centred
-            covariance /= n
-            norm = self.model.adapter.final_norm()
-            device = self.model.adapter.ffn_value_stack.device
-            half = norm.adjoint(covariance.to(device))  # Cov·L
-            quadratic = norm.adjoint(half.T.contiguous())  # Lᵀ·Cov·L
-            self._token_spread = {"mean": mean}
-            for kind, stack in (("ffn", self.model.adapter.ffn_value_stack),
-                                ("attention", self.model.adapter.output_weight_stack)):
-                variance = torch.empty(stack.n_layers * stack.n_rows, device=device)
-                for first, block in stack.chunks():
-                    variance[first: first + len(block)] = ((block @ quadratic) * block).sum(-1)
-                self._token_spread[kind] = variance.clamp_min(1e-30).sqrt().reshape(stack.n_layers, -1)
-        return self._token_spread
 
     def check_target(self, query: PromptQuery) -> None:
         """A UserError now for a target that is no token of this model (before the work is queued)."""

@@ -15,6 +15,10 @@ from .loaded import LoadedModel
 
 # From this many tokens a prompt is traced alone, its prefix with the model's fast attention.
 FAST_ATTENTION_FROM_TOKENS = 64
+# Queries per call when a long prompt must run eagerly (interventions on position-specific attention neurons read
+# the attention weights): through the KV cache a block at a time, so the weights are H·QUERY_BLOCK·T per layer,
+# never H·T².
+QUERY_BLOCK = 128
 
 
 def has_fast_attention(model: LoadedModel) -> bool:
@@ -77,6 +81,43 @@ class PaddedBatch:
         return model.hf_model(input_ids=self.input_ids.to(device), attention_mask=self.mask.to(device),
                               position_ids=positions, use_cache=False,
                               logits_to_keep=self._last_positions.to(device))
+
+    def last_logits_linear(self, model: LoadedModel, needs_attention_weights: bool = False) -> Tensor:
+        """(B, V) float32 logits at each prompt's last token, in memory linear in the prompt's length: a short
+        batch in one eager pass (as always); a long one with the model's fast attention, or, where the hooks read
+        attention weights (`needs_attention_weights`) or the family cannot switch, eagerly a block of queries at
+        a time through the KV cache."""
+        if self.input_ids.shape[1] < FAST_ATTENTION_FROM_TOKENS:
+            return self.last_logits(self.run(model))
+        if not needs_attention_weights and has_fast_attention(model):
+            with attention_implementation(model, "sdpa"):
+                return self.last_logits(self.run(model))
+        return self._last_logits_in_blocks(model, QUERY_BLOCK)
+
+    def _last_logits_in_blocks(self, model: LoadedModel, block: int) -> Tensor:
+        device = model.device
+        batch, width = self.input_ids.shape
+        ids, mask, last = self.input_ids.to(device), self.mask.to(device), self.lengths - 1
+        result: Tensor | None = None
+        cache = None
+        for start in range(0, width, block):
+            stop = min(start + block, width)
+            ending = torch.nonzero((last >= start) & (last < stop)).flatten()  # rows whose last token is here
+            keep = torch.unique(last[ending] - start) if len(ending) else torch.tensor([stop - start - 1])
+            positions = torch.arange(start, stop, device=device).unsqueeze(0).expand(batch, -1)
+            output = model.hf_model(input_ids=ids[:, start:stop], attention_mask=mask[:, :stop],
+                                    position_ids=positions, past_key_values=cache, use_cache=True,
+                                    logits_to_keep=keep.to(device))
+            cache = output.past_key_values
+            if len(ending):
+                columns = torch.searchsorted(keep, last[ending] - start).to(output.logits.device)
+                logits = output.logits[ending.to(output.logits.device), columns].detach().float().cpu()
+                if result is None:
+                    result = torch.empty(batch, logits.shape[-1])
+                result[ending] = logits
+            del output
+        assert result is not None
+        return result
 
     def last_logits(self, output) -> Tensor:
         """(B, V) float32 logits at each prompt's own last token."""

@@ -141,24 +141,55 @@ def _masking(mask: torch.Tensor):
     return hook
 
 
+class _CallPositions:
+    """The absolute position of the current model call's first token, read from the `position_ids` every run
+    here passes: a long prompt runs as blocks of queries through the KV cache."""
+
+    def __init__(self) -> None:
+        self.first = 0
+
+    def read(self, module, args, kwargs) -> None:
+        positions = kwargs.get("position_ids")
+        self.first = 0 if positions is None else int(positions.min())
+
+
 class _PositionedAttention:
     """Scales chosen (row, head, dim, source position) contributions in one layer's attention output by
-    subtracting (1 − k) times each."""
+    subtracting (1 − k) times each. Works on a whole prompt or on blocks of queries run through the KV cache (a
+    long prompt): the value rows at the positions read are kept from the block that held them."""
 
-    def __init__(self, model: LoadedModel, layer: int, neurons: list[tuple[int, int, int, int, float]], rows: int):
-        self.adapter, self.layer, self.shape, self.rows = model.adapter, layer, model.shape, rows
+    def __init__(self, model: LoadedModel, layer: int, neurons: list[tuple[int, int, int, int, float]], rows: int,
+                 call: _CallPositions):
+        self.adapter, self.layer, self.shape, self.rows, self.call = model.adapter, layer, model.shape, rows, call
         self.index = torch.tensor([n[:4] for n in neurons], dtype=torch.long, device="cpu").reshape(-1, 4)
         self.removed = torch.tensor([1.0 - n[4] for n in neurons], dtype=torch.float64, device="cpu")
-        self.values: torch.Tensor | None = None
+        self.read = sorted({n[3] for n in neurons})  # the source positions read
+        self.block_values: torch.Tensor | None = None  # (B, t, H_kv, d_h) of the current call's tokens
+        self.kept: dict[int, torch.Tensor] = {}  # source position -> (B, H_kv, d_h), across blocks
 
     def capture_values(self, module, args, output) -> None:
-        self.values = self.adapter.values_from_output(self.layer, output)  # (B, T, H_kv, d_h)
+        self.block_values = self.adapter.values_from_output(self.layer, output)
+
+    def _values_at(self, first: int, tokens: int) -> torch.Tensor:
+        """(B, len(read), H_kv, d_h): value rows at the read positions (zeros for those not reached yet), the
+        current call's tokens being positions first..first+tokens-1."""
+        if first == 0:
+            self.kept = {}
+        for position in self.read:
+            if first <= position < first + tokens:
+                self.kept[position] = self.block_values[:, position - first]
+        rows = [self.kept.get(p, torch.zeros_like(self.block_values[:, 0])) for p in self.read]
+        return torch.stack(rows, dim=1)
 
     def subtract(self, module, args, output):
         attention_output, weights = output[0], output[1]
-        if weights is None or self.values is None:
+        if weights is None or self.block_values is None:
             raise RuntimeError("position-specific ablation needs eager attention weights and value states")
         batch, tokens = attention_output.shape[:2]
+        first = self.call.first
+        # The keys are the positions up to this call's last one: all of them, or a sliding window's last ones.
+        key_start = first + tokens - weights.shape[-1]
+        values = self._values_at(first, tokens)
         row, head, dim, position = self.index.unbind(-1)
         removed = self.removed
         if self.rows == 1:  # the same neurons in every row of the batch
@@ -166,14 +197,16 @@ class _PositionedAttention:
             row = torch.arange(batch, device=row.device).repeat_interleave(count)
             head, dim, position = head.repeat(batch), dim.repeat(batch), position.repeat(batch)
             removed = removed.repeat(batch)
-        inside = position < tokens  # a shorter prompt has nothing at this source position
+        # not reached yet (a later block), or out of a sliding window's cache
+        inside = (position < first + tokens) & (position >= key_start)
         row, head, dim, position, removed = row[inside], head[inside], dim[inside], position[inside], removed[inside]
         device = attention_output.device
         direction = self.adapter.layer_weights(self.layer).output_weight[head, dim].to(device)  # (M, d)
+        slot = torch.searchsorted(torch.tensor(self.read), position).to(device)
         row, head, dim, position = (t.to(device) for t in (row, head, dim, position))
         kv_head = self.shape.kv_head_of(head)
-        value = self.values[row, position, kv_head, dim] * removed.to(device=device, dtype=weights.dtype)  # (M,)
-        alpha = weights[row, head, :, position]  # (M, T): every query position's weight on its source
+        value = values[row, slot, kv_head, dim] * removed.to(device=device, dtype=weights.dtype)  # (M,)
+        alpha = weights[row, head, :, position - key_start]  # (M, t): every query's weight on its source
         contribution = (alpha * value.unsqueeze(-1)).unsqueeze(-1) * direction.to(alpha.dtype).unsqueeze(1)
         correction = torch.zeros_like(attention_output).index_add_(0, row, contribution.to(attention_output.dtype))
         return (attention_output - correction, *output[1:])
@@ -217,8 +250,11 @@ def ablated_rows(model: LoadedModel, ablations: Sequence[Ablation]) -> Iterator[
                 _install_ffn_hooks(model, layer, mask, handles)
             for layer, mask in plan.column_masks.items():
                 handles.append(adapter.attention_output_projection(layer).register_forward_pre_hook(_masking(mask)))
+            call = _CallPositions()
+            if plan.positioned:
+                handles.append(model.hf_model.register_forward_pre_hook(call.read, with_kwargs=True))
             for layer, neurons in plan.positioned.items():
-                positioned = _PositionedAttention(model, layer, neurons, plan.rows)
+                positioned = _PositionedAttention(model, layer, neurons, plan.rows, call)
                 handles.append(adapter.value_source(layer).register_forward_hook(positioned.capture_values))
                 handles.append(adapter.attention(layer).register_forward_hook(positioned.subtract))
             yield model
@@ -230,28 +266,29 @@ def ablated_rows(model: LoadedModel, ablations: Sequence[Ablation]) -> Iterator[
 def last_logits(model: LoadedModel, batch: Sequence[Prompt], ablation: Ablation | None = None,
                 batch_size: int = 16) -> torch.Tensor:
     """(n, V) float32 next-token logits for prompts (texts or lists of token ids), with `ablation` switched off
-    if given."""
-    batch = [encode_prompt(model, prompt) for prompt in batch]
-    chunks = []
-    with ablated(model, ablation or Ablation()), torch.inference_mode():
-        for start in range(0, len(batch), batch_size):
-            padded = PaddedBatch.of(batch[start: start + batch_size])
-            chunks.append(padded.last_logits(padded.run(model)))
-    return torch.cat(chunks) if chunks else torch.empty(0, model.shape.vocab_size, device="cpu")
+    if given. Memory is linear in the prompts' length (`PaddedBatch.last_logits_linear`)."""
+    return _last_logits(model, [encode_prompt(model, prompt) for prompt in batch], [ablation or Ablation()],
+                        batch_size)
 
 
 def last_logits_each(model: LoadedModel, batch: Sequence[Prompt], ablations: Sequence[Ablation],
                      batch_size: int = 16) -> torch.Tensor:
     """(n, V) float32 next-token logits, prompt i (a text or a list of token ids) run with ablations[i]
     switched off."""
-    batch = [encode_prompt(model, prompt) for prompt in batch]
     if len(batch) != len(ablations):
         raise ValueError(f"{len(batch)} prompts but {len(ablations)} ablations")
+    return _last_logits(model, [encode_prompt(model, prompt) for prompt in batch], list(ablations), batch_size)
+
+
+def _last_logits(model: LoadedModel, batch: list[list[int]], ablations: list[Ablation], batch_size: int
+                 ) -> torch.Tensor:
+    """Padded batches of `batch_size` prompts, each run with its rows' ablations (one ablation: every row's)."""
     chunks = []
     with torch.inference_mode():
         for start in range(0, len(batch), batch_size):
             rows = slice(start, start + batch_size)
+            own = ablations if len(ablations) == 1 else ablations[rows]
             padded = PaddedBatch.of(batch[rows])
-            with ablated_rows(model, ablations[rows]):
-                chunks.append(padded.last_logits(padded.run(model)))
+            with ablated_rows(model, own):
+                chunks.append(padded.last_logits_linear(model, any(a.attention_at for a in own)))
     return torch.cat(chunks) if chunks else torch.empty(0, model.shape.vocab_size, device="cpu")

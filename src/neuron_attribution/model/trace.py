@@ -87,10 +87,6 @@ class Trace:
         device = positions.device if isinstance(positions, Tensor) else "cpu"
         return found.to(device)
 
-    def last_residual_before(self, layer: int) -> Tensor:
-        """h_T^{l-1}: base for attention scores of `layer`."""
-        return self.layer_inputs[layer, -1]
-
     def layer_input(self, layer: int, position: int) -> Tensor:
         """h_p^{l-1}: the residual entering `layer` at `position`."""
         return self.layer_inputs[layer, self.slots(position)]

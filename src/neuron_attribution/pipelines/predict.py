@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..model.interventions import last_logits
 from ..model.loaded import LoadedModel
 from ..model.prompts import Prompt, encode_prompt, token_text
 from ..results.attribution import Prediction
@@ -17,10 +18,8 @@ def top_predictions(model: LoadedModel, logits: torch.Tensor, k: int) -> list[Pr
 
 
 def predict_next(model: LoadedModel, prompt: Prompt, k: int = 10) -> list[Prediction]:
-    ids = encode_prompt(model, prompt)
-    with torch.inference_mode():
-        logits = model.hf_model(torch.tensor([ids], device=model.device)).logits[0, -1].float().cpu()
-    return top_predictions(model, logits, k)
+    # the last position's logits only, in memory linear in the prompt (no T×V logits, no T×T attention)
+    return top_predictions(model, last_logits(model, [encode_prompt(model, prompt)])[0], k)
 
 
 def predict(model: LoadedModel, prompt: Prompt, k: int = 10) -> list[Prediction]:
