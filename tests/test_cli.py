@@ -177,3 +177,24 @@ def test_chosen_neurons_with_a_contrast(tmp_path, real_model):
     assert json.loads(out.read_text())["scores"][0] == pytest.approx(expected, abs=1e-6)
     plain = score_neurons(real_model, "The capital of France is", " Paris", ["27_846", "23_4_38@3"]).scores[0]
     assert abs(expected[0] - plain[0]) > 0.1  # the contrast changes the numbers
+
+
+def test_the_clis_defaults_are_the_librarys():
+    """The CLI's option defaults are the library's constants, not literals that could drift from them."""
+    import inspect
+
+    from neuron_attribution.cli import datasets, explorer, single
+    from neuron_attribution.settings import (DEFAULT_MAX_MEMORY, DEFAULT_MEMORY_BUDGET, DEFAULT_QUERY_TOP,
+                                             DEFAULT_QUERY_VIA, DEFAULT_RUN_TOP, DEFAULT_TOP_K, ScoringOptions,
+                                             parse_size)
+
+    assert parse_size(DEFAULT_MAX_MEMORY) == DEFAULT_MEMORY_BUDGET == ScoringOptions().memory_budget
+    assert (DEFAULT_TOP_K, DEFAULT_QUERY_TOP, DEFAULT_QUERY_VIA) == \
+        (ScoringOptions().top_k, ScoringOptions().query_top, ScoringOptions().query_via)
+    defaults = {name: inspect.signature(command).parameters
+                for name, command in (("attribute", single.attribute), ("run", datasets.run),
+                                      ("evaluate", datasets.evaluate), ("serve", explorer.serve))}
+    assert defaults["attribute"]["top"].default == DEFAULT_TOP_K and defaults["run"]["top"].default == DEFAULT_RUN_TOP
+    for parameters in defaults.values():
+        assert parameters["query_top"].default == DEFAULT_QUERY_TOP
+        assert parameters["max_memory"].default == DEFAULT_MAX_MEMORY

@@ -118,11 +118,24 @@ def test_query_and_heads_protocols(tiny_model, token_batches):
     assert payload["by_type"]["a"]["b"]["mrr"] == heads.by_type["a"]["b"].mrr
 
 
-def test_method_names():
-    assert resolve_methods("all")[0] == "log_prob_increase" and "integrated_gradients" not in resolve_methods("all")
-    assert resolve_methods("norm, integrated_gradients") == ["norm", "integrated_gradients"]
-    with pytest.raises(UserError, match="known: all, log_prob_increase"):
-        resolve_methods("norm,magic")
+def test_methods_as_a_user_names_them(monkeypatch, capsys):
+    """`--methods all` is the paper's comparison: its eight methods in the order of its table (docs/method.md §4)
+    and the random control (integrated gradients is an extra you name); an unknown name is one line, exit 2,
+    before any model loads."""
+    from neuron_attribution.cli import datasets as cli_datasets
+
+    from .conftest import run_cli
+
+    assert resolve_methods("all") == ["log_prob_increase", "log_probability", "prob_increase", "norm", "coefficient",
+                                      "rank", "coefficient_x_norm", "coefficient_x_rank", "random"]
+    assert resolve_methods(" norm,integrated_gradients ") == ["norm", "integrated_gradients"]
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli_datasets, "load_driver_model", must_not_load)
+    code, _, err = run_cli(monkeypatch, capsys, "evaluate", "--dataset", "sample", "--methods", "norm,magic")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "known: all, log_prob_increase" in err, err
 
 
 def test_fact_files(tmp_path):

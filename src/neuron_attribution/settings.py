@@ -8,7 +8,7 @@ resumed runs, `analyze` and every worker read it from there. No module keeps set
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import UserError
@@ -26,6 +26,9 @@ ANSWER_TOKENS = ("first", "all")
 # without the change of the log-normaliser; docs/method.md §2).
 RANK_BY = ("score", "direct")
 DEFAULT_IG_STEPS = 20  # integrated gradients' steps from zero to the real activation (the baseline method)
+DEFAULT_MAX_MEMORY = "2GB"  # DEFAULT_MEMORY_BUDGET as the CLI's --max-memory writes it
+DEFAULT_RUN_TOP = 300  # value and query neurons a dataset run stores per sentence
+DEFAULT_BATCH_SIZE = 8  # sentences or prompts per forward pass in runs, evaluations and prompt files
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,15 @@ class ScoringOptions:
         check_choice("rank_by", self.rank_by, RANK_BY)
         if self.rank_by == "direct" and self.answer_tokens == "all":
             raise UserError("rank_by='direct' applies to the first answer token; use answer_tokens='first' with it")
+
+    def overridden(self, **changes: Any) -> ScoringOptions:
+        """These options with some fields changed by name (as `attribute(..., top_k=300)` passes them); a name that
+        is no field is a TypeError naming the fields."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise TypeError(f"unknown scoring option {unknown[0]!r}; the options are {', '.join(sorted(names))}")
+        return replace(self, **changes) if changes else self
 
 
 @dataclass(frozen=True)

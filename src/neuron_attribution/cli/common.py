@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from ..errors import UserError
+from ..settings import DEFAULT_QUERY_VIA
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find the neurons of a causal language model responsible for a prediction.")
@@ -67,7 +68,7 @@ QueryViaOption = Annotated[str, typer.Option("--query-via", help="Score query ne
 
 def settings_from_flags(model: str | None, *, dtype: str | None = None, device: str | None = None,
               allow_pickle: bool = False, top: int | None = None, query_top: int | None = None,
-              max_memory: str | None = None, reference: bool = False, query_via: str = "attention",
+              max_memory: str | None = None, reference: bool = False, query_via: str = DEFAULT_QUERY_VIA,
               answer_tokens: str = "first", rank_by: str = "score"):
     """The command's settings, checked before anything slow happens."""
     from ..settings import ModelSpec, ScoringOptions, Settings, parse_size

@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import UserError
+from ..settings import ANSWER_TOKENS, DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_QUERY_TOP, DEFAULT_QUERY_VIA, DEFAULT_RUN_TOP, RANK_BY
 from .common import (AddressOption, AllowPickleOption, AnswerTokensOption, BackendOption, DeviceOption, DtypeOption,
                      GpusPerWorkerOption, MaxMemoryOption, ModelOption, QueryTopOption, QueryViaOption, RankByOption,
                      RegistryHelp, WorkersOption, app, check_backend, console, load_driver_model, load_model_spec,
@@ -30,9 +31,9 @@ def evaluate(
     on_error: Annotated[str, typer.Option("--on-error", help="Malformed lines and unusable facts: skip them "
                                           "(counted in the output) or stop.")] = "skip",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random controls.")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sentences traced per forward pass.")] = 8,
-    query_top: QueryTopOption = 30,
-    query_via: QueryViaOption = "attention",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sentences traced per forward pass.")] = DEFAULT_BATCH_SIZE,
+    query_top: QueryTopOption = DEFAULT_QUERY_TOP,
+    query_via: QueryViaOption = DEFAULT_QUERY_VIA,
     filter_facts: Annotated[bool, typer.Option("--filter/--no-filter", help="Keep only the facts the model knows "
                                                "(gold answer in its top 10, above every other candidate of its "
                                                "type), as the paper does.")] = True,
@@ -40,7 +41,7 @@ def evaluate(
     workers: WorkersOption = 2,
     address: AddressOption = None,
     gpus_per_worker: GpusPerWorkerOption = None,
-    max_memory: MaxMemoryOption = "2GB",
+    max_memory: MaxMemoryOption = DEFAULT_MAX_MEMORY,
     dtype: DtypeOption = None,
     device: DeviceOption = None,
     allow_pickle: AllowPickleOption = False,
@@ -90,12 +91,12 @@ def run(
     = Path("out/run"),
     model: ModelOption = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="At most N kept sentences of each type.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sentences per forward pass.")] = 8,
-    top: Annotated[int, typer.Option("--top", "-k", help="Value and query neurons stored per sentence.")] = 300,
-    query_top: QueryTopOption = 30,
-    query_via: QueryViaOption = "attention",
-    answer_tokens: AnswerTokensOption = "first",
-    rank_by: RankByOption = "score",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sentences per forward pass.")] = DEFAULT_BATCH_SIZE,
+    top: Annotated[int, typer.Option("--top", "-k", help="Value and query neurons stored per sentence.")] = DEFAULT_RUN_TOP,
+    query_top: QueryTopOption = DEFAULT_QUERY_TOP,
+    query_via: QueryViaOption = DEFAULT_QUERY_VIA,
+    answer_tokens: AnswerTokensOption = ANSWER_TOKENS[0],
+    rank_by: RankByOption = RANK_BY[0],
     on_error: Annotated[str, typer.Option("--on-error", help="Malformed lines: skip them or stop.")] = "skip",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different run already in --out "
                                             "(only the run's own files are removed).")] = False,
@@ -103,7 +104,7 @@ def run(
     workers: WorkersOption = 2,
     address: AddressOption = None,
     gpus_per_worker: GpusPerWorkerOption = None,
-    max_memory: MaxMemoryOption = "2GB",
+    max_memory: MaxMemoryOption = DEFAULT_MAX_MEMORY,
     dtype: DtypeOption = None,
     device: DeviceOption = None,
     allow_pickle: AllowPickleOption = False,

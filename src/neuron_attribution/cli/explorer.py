@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 from rich.text import Text
 
+from ..settings import DEFAULT_MAX_MEMORY, DEFAULT_QUERY_TOP
 from .common import (AllowPickleOption, DeviceOption, DtypeOption, MaxMemoryOption, ModelOption, QueryTopOption,
                      app, console, load_model_spec, settings_from_flags)
 
@@ -30,8 +31,8 @@ def serve(model: ModelOption = None,
           allow_host: Annotated[Optional[list[str]], typer.Option("--allow-host", help="Another name this server "
                                                                   "answers to in the Host header (repeatable), "
                                                                   "e.g. behind a proxy.")] = None,
-          query_top: QueryTopOption = 30,
-          max_memory: MaxMemoryOption = "2GB",
+          query_top: QueryTopOption = DEFAULT_QUERY_TOP,
+          max_memory: MaxMemoryOption = DEFAULT_MAX_MEMORY,
           dtype: DtypeOption = None,
           device: DeviceOption = None,
           allow_pickle: AllowPickleOption = False) -> None:

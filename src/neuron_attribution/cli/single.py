@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import UserError
+from ..settings import ANSWER_TOKENS, DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_QUERY_TOP, DEFAULT_QUERY_VIA, DEFAULT_TOP_K, RANK_BY
 from .common import (AllowPickleOption, AnswerTokensOption, DeviceOption, DtypeOption, MaxMemoryOption, ModelOption,
                      QueryTopOption, QueryViaOption, RankByOption, app, console, load_model_spec, parse_neurons,
                      progress_bar, settings_from_flags, warn_if_dense)
@@ -78,7 +79,7 @@ def attribute(
                                                     "\"Paris rather than London\" (text; its first token).")]
     = None,
     model: ModelOption = None,
-    top: Annotated[int, typer.Option("--top", "-k", help="How many FFN and attention neurons to return.")] = 100,
+    top: Annotated[int, typer.Option("--top", "-k", help="How many FFN and attention neurons to return.")] = DEFAULT_TOP_K,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the full result as JSON.")] = None,
     graph_file: Annotated[Optional[Path], typer.Option("--graph", help="Write the attribution graph (nodes and "
                                                        "links of the circuit, README schema) as JSON.")] = None,
@@ -88,10 +89,10 @@ def attribute(
     reference: Annotated[bool, typer.Option("--reference", help="Drop the final LayerNorm bias, as the "
                                             "authors' GPT-2 code does.")] = False,
     show: Annotated[int, typer.Option("--show", help="Rows per table in the terminal report.")] = 10,
-    query_top: QueryTopOption = 30,
-    query_via: QueryViaOption = "attention",
-    answer_tokens: AnswerTokensOption = "first",
-    rank_by: RankByOption = "score",
+    query_top: QueryTopOption = DEFAULT_QUERY_TOP,
+    query_via: QueryViaOption = DEFAULT_QUERY_VIA,
+    answer_tokens: AnswerTokensOption = ANSWER_TOKENS[0],
+    rank_by: RankByOption = RANK_BY[0],
     neurons: Annotated[Optional[str], typer.Option("--neurons", help="Score only these neurons, exactly and fast, "
                                                    "e.g. 24_177,23_4_38@3,21.19 (FFN layer_neuron, attention "
                                                    "layer_head_dim@position, head layer.head; in a mixture of "
@@ -104,8 +105,8 @@ def attribute(
     on_error: Annotated[str, typer.Option("--on-error", help="With --prompts: lines that are malformed or that "
                                           "the model cannot take are skipped (and listed) or stop the run.")]
     = "skip",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="With --prompts: prompts per forward pass.")] = 8,
-    max_memory: MaxMemoryOption = "2GB",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="With --prompts: prompts per forward pass.")] = DEFAULT_BATCH_SIZE,
+    max_memory: MaxMemoryOption = DEFAULT_MAX_MEMORY,
     dtype: DtypeOption = None,
     device: DeviceOption = None,
     allow_pickle: AllowPickleOption = False,

@@ -103,7 +103,7 @@ class PaddedBatch:
         for start in range(0, width, block):
             stop = min(start + block, width)
             ending = torch.nonzero((last >= start) & (last < stop)).flatten()  # rows whose last token is here
-            keep = torch.unique(last[ending] - start) if len(ending) else torch.tensor([stop - start - 1])
+            keep = torch.unique(last[ending] - start) if len(ending) else torch.tensor([stop - start - 1], device="cpu")
             positions = torch.arange(start, stop, device=device).unsqueeze(0).expand(batch, -1)
             output = model.hf_model(input_ids=ids[:, start:stop], attention_mask=mask[:, :stop],
                                     position_ids=positions, past_key_values=cache, use_cache=True,
@@ -113,7 +113,7 @@ class PaddedBatch:
                 columns = torch.searchsorted(keep, last[ending] - start).to(output.logits.device)
                 logits = output.logits[ending.to(output.logits.device), columns].detach().float().cpu()
                 if result is None:
-                    result = torch.empty(batch, logits.shape[-1])
+                    result = torch.empty(batch, logits.shape[-1], device="cpu")
                 result[ending] = logits
             del output
         assert result is not None

@@ -202,7 +202,7 @@ class _PositionedAttention:
         row, head, dim, position, removed = row[inside], head[inside], dim[inside], position[inside], removed[inside]
         device = attention_output.device
         direction = self.adapter.layer_weights(self.layer).output_weight[head, dim].to(device)  # (M, d)
-        slot = torch.searchsorted(torch.tensor(self.read), position).to(device)
+        slot = torch.searchsorted(torch.tensor(self.read, device="cpu"), position).to(device)
         row, head, dim, position = (t.to(device) for t in (row, head, dim, position))
         kv_head = self.shape.kv_head_of(head)
         value = values[row, slot, kv_head, dim] * removed.to(device=device, dtype=weights.dtype)  # (M,)

@@ -12,8 +12,7 @@ from ..model.trace import Trace, trace_token_ids
 from ..results.attribution import Attribution, DenseScores
 from ..scoring import value
 from ..scoring.context import ValueContext, value_context
-from ..settings import (DEFAULT_MEMORY_BUDGET, DEFAULT_QUERY_TOP, DEFAULT_QUERY_VIA, DEFAULT_TOP_K, ScoringOptions,
-                        check_positive)
+from ..settings import ScoringOptions, check_positive
 from . import assemble
 from .answer import attribute_answer
 from .queries import query_scores
@@ -21,38 +20,32 @@ from .targets import PROJECTION_TOKENS, TOP_HEADS_WITH_POSITIONS, Target, target
 
 
 
-def attribute(model: LoadedModel, prompt: Prompt, target: str | int | None = None, *, top_k: int = DEFAULT_TOP_K,
-              dense: bool = False, reference: bool = False, query_top: int = DEFAULT_QUERY_TOP,
-              memory_budget: int = DEFAULT_MEMORY_BUDGET, query_via: str = DEFAULT_QUERY_VIA,
-              contrast: str | int | None = None, answer_tokens: str = "first", rank_by: str = "score"
-              ) -> Attribution:
+def attribute(model: LoadedModel, prompt: Prompt, target: str | int | None = None, *,
+              options: ScoringOptions | None = None, dense: bool = False, contrast: str | int | None = None,
+              **scoring) -> Attribution:
     """Value neurons for one prompt: which FFN and attention neurons raise log p(target), and the query
     neurons and layers that activate the top `query_top` value neurons of each kind (0: no query scoring),
     scored through `query_via`: "attention" value neurons (the paper's method), "ffn" ones, or "both".
     `target`: answer text (its first token is scored), a token id, or None for the model's top prediction.
-    A `query_top` larger than the model's number of neurons of a kind is clamped to it. `memory_budget`:
-    bytes the vocabulary-sized buffers of exact scoring may take. `contrast` (answer text or token id): score
-    log p(target) − log p(contrast) instead, "Paris rather than London" (docs/method.md §2). `answer_tokens`:
-    "first" (the paper's), or "all": every token of the answer (text or a list of token ids) by teacher forcing,
-    scores summed over them, per-token scores kept. `rank_by`: "score", or "direct" to rank value neurons by
-    the direct part of their score, the push on the target's own logit (every neuron carries both parts)."""
-    return attribute_batch(model, [prompt], None if target is None else [target], top_k=top_k, dense=dense,
-                           reference=reference, query_top=query_top, memory_budget=memory_budget,
-                           query_via=query_via, contrasts=None if contrast is None else [contrast],
-                           answer_tokens=answer_tokens, rank_by=rank_by)[0]
+    `contrast` (answer text or token id): score log p(target) − log p(contrast) instead, "Paris rather than
+    London" (docs/method.md §2). `dense`: every neuron's score too.
+
+    The scoring options are `ScoringOptions`' fields, given as `options=` or one by one (`top_k=300`,
+    `query_top`, `query_via`, `memory_budget`, `answer_tokens`, `rank_by`, `reference`; see `ScoringOptions`
+    for what each means); one by one they override `options`. A `query_top` larger than the model's number of
+    neurons of a kind is clamped to it. `answer_tokens="all"` scores every token of the answer by teacher
+    forcing; `rank_by="direct"` ranks value neurons by the direct part of their score."""
+    return attribute_batch(model, [prompt], None if target is None else [target], options=options, dense=dense,
+                           contrasts=None if contrast is None else [contrast], **scoring)[0]
 
 
 def attribute_batch(model: LoadedModel, prompts: Sequence[Prompt], targets: Sequence[str | int | None] | None = None,
-                    *, top_k: int = DEFAULT_TOP_K, dense: bool = False, reference: bool = False,
-                    query_top: int = DEFAULT_QUERY_TOP, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                    batch_size: int = 8, query_via: str = DEFAULT_QUERY_VIA,
-                    contrasts: Sequence[str | int | None] | None = None, answer_tokens: str = "first",
-                    rank_by: str = "score") -> list[Attribution]:
+                    *, options: ScoringOptions | None = None, dense: bool = False, batch_size: int = 8,
+                    contrasts: Sequence[str | int | None] | None = None, **scoring) -> list[Attribution]:
     """`attribute` for many prompts, sharing forward passes (right-padded batches of `batch_size`); `contrasts`:
     one per prompt (None where a prompt has none)."""
-    options = ScoringOptions(top_k=top_k, query_top=query_top, memory_budget=memory_budget, reference=reference,
-                             query_via=query_via, answer_tokens=answer_tokens, rank_by=rank_by)
-    return attribute_with(model, prompts, targets, options, dense=dense, batch_size=batch_size, contrasts=contrasts)
+    return attribute_with(model, prompts, targets, (options or ScoringOptions()).overridden(**scoring), dense=dense,
+                          batch_size=batch_size, contrasts=contrasts)
 
 
 def attribute_with(model: LoadedModel, prompts: Sequence[Prompt], targets: Sequence[str | int | None] | None,

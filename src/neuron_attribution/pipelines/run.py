@@ -27,12 +27,12 @@ from ..files import write_json
 from ..model.loaded import LoadedModel
 from ..results.tables import tables_of
 from ..scoring.exact import device_budget
-from ..settings import ScoringOptions, Settings, check_positive
+from ..settings import DEFAULT_RUN_TOP, ScoringOptions, Settings, check_positive
 from .attribute import attribute_with
 from .filter import Checked, filter_facts
 from .run_store import LOCK_FILE, claim, completed_ids, merge_parts, prepare_directory, remove_run, run_lock, write_part
 
-DEFAULT_TOP = 300  # value and query neurons stored per sentence
+DEFAULT_TOP = DEFAULT_RUN_TOP  # value and query neurons stored per sentence
 
 Progress = Callable[[str, int, int], None]
 

@@ -43,7 +43,7 @@ class TokenSearch:
     def centred_direction(self, token_id: int) -> Tensor:
         """k with k·u = (U_t − mean_v U_v)·L(u) for every vector u: the token's centred projection logit as one
         dot product (the final norm's adjoint)."""
-        row = self.adapter.unembedding_matrix.rows(torch.tensor([token_id]))[0]
+        row = self.adapter.unembedding_matrix.rows(torch.tensor([token_id], device="cpu"))[0]
         centred = row - self.spread()["mean"].to(row.device)
         return self.adapter.final_norm().adjoint(centred.unsqueeze(0))[0]
 
