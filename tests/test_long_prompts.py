@@ -69,12 +69,31 @@ def test_long_trace_equals_one_eager_pass(monkeypatch, family, long_ids):
         # Behind post-norms a neuron's vector in the residual is its coefficient times the norm's frozen scale
         # there times its residual direction (fc2 ⊙ γ): the FFN neurons rebuild the recorded output with those.
         check_ffn_neurons_behind_post_norms(model, long)
+        check_attention_neurons_behind_post_norms(model, long)
         assert long.ffn_output_scales.shape[1] == 1 and _close(long.ffn_output_scales[:, -1:],
                                                                 reference.ffn_output_scales[:, -1:])
         return
     check_ffn_neurons(model, long)
     check_attention_neurons(model, long)
     check_readout(model, long)
+
+
+def check_attention_neurons_behind_post_norms(model, trace) -> None:
+    """Every attention neuron (head j, dim n, source p) at the last position: α·v times the post-norm's scale,
+    along W_O[j, n] ⊙ γ_post, a loop over heads and source positions in float64."""
+    shape = model.shape
+    scales = trace.attention_output_scales[:, -1].double()
+    for layer, directions in enumerate(model.adapter.output_weight_stack.layers):
+        rows = torch.cat([block for _, block in directions.chunks()]).double()  # (H·d_h, d)
+        coefficients = torch.zeros(shape.n_heads * shape.head_dim, dtype=torch.float64)
+        for head in range(shape.n_heads):
+            for position in range(trace.n_tokens):
+                alpha = trace.attention_weights[layer, head, position].double()
+                value = trace.value_states[layer, position, shape.kv_head_of(head)].double()
+                coefficients[head * shape.head_dim:(head + 1) * shape.head_dim] += alpha * value
+        rebuilt = scales[layer] * (coefficients @ rows)
+        recorded = trace.attention_outputs[layer, -1].double()
+        assert float((rebuilt - recorded).norm() / recorded.norm()) < 1e-5, layer
 
 
 def check_ffn_neurons_behind_post_norms(model, trace) -> None:
