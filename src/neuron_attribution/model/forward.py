@@ -15,9 +15,8 @@ from .loaded import LoadedModel
 
 # From this many tokens a prompt is traced alone, its prefix with the model's fast attention.
 FAST_ATTENTION_FROM_TOKENS = 64
-# Queries per call when a long prompt must run eagerly (interventions on position-specific attention neurons read
-# the attention weights): through the KV cache a block at a time, so the weights are H·QUERY_BLOCK·T per layer,
-# never H·T².
+# Queries per call when a long prompt must run eagerly (a family whose attention cannot be switched at run time):
+# through the KV cache a block at a time, so the attention weights are H·QUERY_BLOCK·T per layer, never H·T².
 QUERY_BLOCK = 128
 
 
@@ -82,14 +81,13 @@ class PaddedBatch:
                               position_ids=positions, use_cache=False,
                               logits_to_keep=self._last_positions.to(device))
 
-    def last_logits_linear(self, model: LoadedModel, needs_attention_weights: bool = False) -> Tensor:
+    def last_logits_linear(self, model: LoadedModel) -> Tensor:
         """(B, V) float32 logits at each prompt's last token, in memory linear in the prompt's length: a short
-        batch in one eager pass (as always); a long one with the model's fast attention, or, where the hooks read
-        attention weights (`needs_attention_weights`) or the family cannot switch, eagerly a block of queries at
-        a time through the KV cache."""
+        batch in one eager pass (as always); a long one with the model's fast attention, or, for a family that
+        cannot switch, eagerly a block of queries at a time through the KV cache."""
         if self.input_ids.shape[1] < FAST_ATTENTION_FROM_TOKENS:
             return self.last_logits(self.run(model))
-        if not needs_attention_weights and has_fast_attention(model):
+        if has_fast_attention(model):
             with attention_implementation(model, "sdpa"):
                 return self.last_logits(self.run(model))
         return self._last_logits_in_blocks(model, QUERY_BLOCK)

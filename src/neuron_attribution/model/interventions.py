@@ -155,20 +155,41 @@ class _CallPositions:
 
 class _PositionedAttention:
     """Scales chosen (row, head, dim, source position) contributions in one layer's attention output by
-    subtracting (1 − k) times each. Works on a whole prompt or on blocks of queries run through the KV cache (a
-    long prompt): the value rows at the positions read are kept from the block that held them."""
+    subtracting (1 − k) times each, α_{t,head,p}·v_{p,kv(head),dim}·W_O[head, dim] at every query t.
+
+    α·v comes from the attention weights where the module returns them (eager attention: a whole prompt, or blocks
+    of queries through the KV cache, whose value rows at the positions read are kept across blocks). Under the
+    model's fast attention, which returns none, the attention module is run once more per source position read,
+    with the value states at that position scaled by 1 + PROBE: the heads' outputs change by exactly PROBE·α·v at
+    every query (attention is linear in the values), which gives the columns needed and no others — never an
+    H·T·T matrix. Recorders skip that extra run (`LoadedModel.probing`)."""
+
+    PROBE = 256.0
 
     def __init__(self, model: LoadedModel, layer: int, neurons: list[tuple[int, int, int, int, float]], rows: int,
                  call: _CallPositions):
-        self.adapter, self.layer, self.shape, self.rows, self.call = model.adapter, layer, model.shape, rows, call
+        self.model, self.adapter, self.layer, self.shape, self.rows, self.call = \
+            model, model.adapter, layer, model.shape, rows, call
         self.index = torch.tensor([n[:4] for n in neurons], dtype=torch.long, device="cpu").reshape(-1, 4)
         self.removed = torch.tensor([1.0 - n[4] for n in neurons], dtype=torch.float64, device="cpu")
         self.read = sorted({n[3] for n in neurons})  # the source positions read
         self.block_values: torch.Tensor | None = None  # (B, t, H_kv, d_h) of the current call's tokens
         self.kept: dict[int, torch.Tensor] = {}  # source position -> (B, H_kv, d_h), across blocks
+        self.probing: int | None = None  # the source position whose values the extra run scales
+        self.heads_output: dict[bool, torch.Tensor] = {}  # the heads' concatenated outputs: {probing?: (B, t, H·d_h)}
 
     def capture_values(self, module, args, output) -> None:
-        self.block_values = self.adapter.values_from_output(self.layer, output)
+        values = self.adapter.values_from_output(self.layer, output)
+        if self.probing is None:
+            self.block_values = values
+            return
+        if values.untyped_storage().data_ptr() != output.untyped_storage().data_ptr():
+            raise RuntimeError(f"{type(module).__name__}'s value states are not a view of its output: "
+                               "cannot probe them under fast attention")
+        values[:, self.probing - self.call.first] *= 1.0 + self.PROBE  # in place: the attention reads this output
+
+    def capture_heads_output(self, module, args) -> None:
+        self.heads_output[self.probing is not None] = args[0].detach()
 
     def _values_at(self, first: int, tokens: int) -> torch.Tensor:
         """(B, len(read), H_kv, d_h): value rows at the read positions (zeros for those not reached yet), the
@@ -181,15 +202,14 @@ class _PositionedAttention:
         rows = [self.kept.get(p, torch.zeros_like(self.block_values[:, 0])) for p in self.read]
         return torch.stack(rows, dim=1)
 
-    def subtract(self, module, args, output):
+    def subtract(self, module, args, kwargs, output):
+        if self.probing is not None:
+            return None  # the extra run: measured, not corrected
         attention_output, weights = output[0], output[1]
-        if weights is None or self.block_values is None:
-            raise RuntimeError("position-specific ablation needs eager attention weights and value states")
         batch, tokens = attention_output.shape[:2]
         first = self.call.first
         # The keys are the positions up to this call's last one: all of them, or a sliding window's last ones.
-        key_start = first + tokens - weights.shape[-1]
-        values = self._values_at(first, tokens)
+        key_start = first if weights is None else first + tokens - weights.shape[-1]
         row, head, dim, position = self.index.unbind(-1)
         removed = self.removed
         if self.rows == 1:  # the same neurons in every row of the batch
@@ -198,18 +218,48 @@ class _PositionedAttention:
             head, dim, position = head.repeat(batch), dim.repeat(batch), position.repeat(batch)
             removed = removed.repeat(batch)
         # not reached yet (a later block), or out of a sliding window's cache
-        inside = (position < first + tokens) & (position >= key_start)
+        inside = (position < first + tokens) & (position >= (0 if weights is None else key_start))
         row, head, dim, position, removed = row[inside], head[inside], dim[inside], position[inside], removed[inside]
         device = attention_output.device
         direction = self.adapter.layer_weights(self.layer).output_weight[head, dim].to(device)  # (M, d)
+        if weights is None:
+            contribution = self._probed(module, args, kwargs, row, head, dim, position)  # (M, t) α·v
+        else:
+            contribution = self._from_weights(weights, first, tokens, key_start, row, head, dim, position)
+        contribution = contribution * removed.to(device=device, dtype=contribution.dtype).unsqueeze(-1)
+        vectors = contribution.unsqueeze(-1) * direction.to(contribution.dtype).unsqueeze(1)  # (M, t, d)
+        correction = torch.zeros_like(attention_output).index_add_(0, row.to(device), vectors.to(attention_output.dtype))
+        return (attention_output - correction, *output[1:])
+
+    def _from_weights(self, weights, first, tokens, key_start, row, head, dim, position) -> torch.Tensor:
+        values = self._values_at(first, tokens)
+        device = weights.device
         slot = torch.searchsorted(torch.tensor(self.read, device="cpu"), position).to(device)
         row, head, dim, position = (t.to(device) for t in (row, head, dim, position))
-        kv_head = self.shape.kv_head_of(head)
-        value = values[row, slot, kv_head, dim] * removed.to(device=device, dtype=weights.dtype)  # (M,)
-        alpha = weights[row, head, :, position - key_start]  # (M, t): every query's weight on its source
-        contribution = (alpha * value.unsqueeze(-1)).unsqueeze(-1) * direction.to(alpha.dtype).unsqueeze(1)
-        correction = torch.zeros_like(attention_output).index_add_(0, row, contribution.to(attention_output.dtype))
-        return (attention_output - correction, *output[1:])
+        value = values[row, slot, self.shape.kv_head_of(head), dim]  # (M,)
+        return weights[row, head, :, position - key_start] * value.unsqueeze(-1)  # (M, t)
+
+    def _probed(self, module, args, kwargs, row, head, dim, position) -> torch.Tensor:
+        if any(_is_cache(value) for value in (*args, *kwargs.values())):
+            raise RuntimeError("a position-specific intervention under fast attention runs without a KV cache")
+        base = self.heads_output[False].float()
+        column = (head * self.shape.head_dim + dim).to(base.device)
+        contribution = torch.zeros(len(row), base.shape[1], device=base.device)
+        for source in sorted(set(position.tolist())):
+            self.probing, self.model.probing = source, True
+            try:
+                module.forward(*args, **kwargs)
+            finally:
+                self.probing, self.model.probing = None, False
+            change = (self.heads_output[True].float() - base) / self.PROBE  # (B, t, H·d_h): α·v at every column
+            mine = (position == source).to(base.device)
+            at = torch.nonzero(mine).flatten()
+            contribution[at] = change[row.to(base.device)[at], :, column[at]]
+        return contribution
+
+
+def _is_cache(value) -> bool:
+    return type(value).__name__.endswith("Cache") and hasattr(value, "update")
 
 
 def _install_ffn_hooks(model: LoadedModel, layer: int, mask: torch.Tensor, handles: list) -> None:
@@ -256,7 +306,9 @@ def ablated_rows(model: LoadedModel, ablations: Sequence[Ablation]) -> Iterator[
             for layer, neurons in plan.positioned.items():
                 positioned = _PositionedAttention(model, layer, neurons, plan.rows, call)
                 handles.append(adapter.value_source(layer).register_forward_hook(positioned.capture_values))
-                handles.append(adapter.attention(layer).register_forward_hook(positioned.subtract))
+                handles.append(adapter.attention_output_projection(layer).register_forward_pre_hook(
+                    positioned.capture_heads_output))
+                handles.append(adapter.attention(layer).register_forward_hook(positioned.subtract, with_kwargs=True))
             yield model
         finally:
             for handle in handles:
@@ -290,5 +342,5 @@ def _last_logits(model: LoadedModel, batch: list[list[int]], ablations: list[Abl
             own = ablations if len(ablations) == 1 else ablations[rows]
             padded = PaddedBatch.of(batch[rows])
             with ablated_rows(model, own):
-                chunks.append(padded.last_logits_linear(model, any(a.attention_at for a in own)))
+                chunks.append(padded.last_logits_linear(model))
     return torch.cat(chunks) if chunks else torch.empty(0, model.shape.vocab_size, device="cpu")

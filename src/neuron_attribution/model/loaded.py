@@ -37,6 +37,9 @@ class LoadedModel:
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
     # experts module -> the hook applying the interventions installed on it (model/experts.py)
     expert_scalings: dict = field(default_factory=dict, repr=False, compare=False)
+    # True while an intervention runs a sublayer once more to measure it (model/interventions.py): recorders
+    # skip what they see then
+    probing: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, tokenizer: object = None, *, name: str = "in-memory",

@@ -135,6 +135,8 @@ class _Recorder:
 
     def _values(self, layer: int):
         def hook(module, args, output):
+            if self.model.probing:
+                return  # an intervention measuring this layer's attention once more, not a pass of the prompt
             self._store("value_states", layer, self.adapter.values_from_output(layer, output))
         return hook
 
