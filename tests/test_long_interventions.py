@@ -15,7 +15,9 @@ from neuron_attribution.model.interventions import ablated_rows, last_logits, la
 from .conftest import tiny_family, tiny_gpt2, tiny_llama
 
 MAKERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "gemma2": lambda: tiny_family("gemma2"),
-          "mixtral": lambda: tiny_family("mixtral")}
+          **{family: (lambda f=family: tiny_family(f))
+             for family in ("mixtral", "qwen2_moe", "gemma3_text", "phi", "gpt_neox", "falcon", "bloom", "gpt_bigcode",
+                            "opt", "olmo2", "cohere", "granite", "gptj")}}
 
 
 def _prompts(n_tokens: list[int], vocab: int) -> list[list[int]]:
