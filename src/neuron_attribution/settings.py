@@ -23,8 +23,9 @@ DEFAULT_QUERY_VIA = "attention"
 # Which answer tokens are scored: the first (the paper's) or all of them by teacher forcing (docs/method.md §2).
 ANSWER_TOKENS = ("first", "all")
 # What value neurons are ranked by: the whole score, or its direct part (the push on the target's own logit,
-# without the change of the log-normaliser; docs/method.md §2).
-RANK_BY = ("score", "direct")
+# without the change of the log-normaliser; docs/method.md §2), or, among the top `measure`, by the measured change
+# of log p(target) when each is switched off alone (docs/method.md §5).
+RANK_BY = ("score", "direct", "measured")
 DEFAULT_IG_STEPS = 20  # integrated gradients' steps from zero to the real activation (the baseline method)
 DEFAULT_MAX_MEMORY = "2GB"  # DEFAULT_MEMORY_BUDGET as the CLI's --max-memory writes it
 DEFAULT_RUN_TOP = 300  # value and query neurons a dataset run stores per sentence
@@ -62,6 +63,9 @@ class ScoringOptions:
     # False: on a GPU the budget is capped at half the memory free there when each prompt is scored. True: used as
     # it is (a run fixes it when it starts, so that a resumed run batches, and rounds, exactly as before).
     budget_fixed: bool = False
+    # The top N value neurons of each kind and heads switched off alone, their measured change of log p(target)
+    # stored beside their scores (0: none measured).
+    measure: int = 0
 
     def __post_init__(self) -> None:
         for name in ("top_k", "memory_budget"):
@@ -72,6 +76,11 @@ class ScoringOptions:
         check_choice("rank_by", self.rank_by, RANK_BY)
         if self.rank_by == "direct" and self.answer_tokens == "all":
             raise UserError("rank_by='direct' applies to the first answer token; use answer_tokens='first' with it")
+        check_positive("measure", self.measure, zero_allowed=True)
+        if self.rank_by == "measured" and not self.measure:
+            raise UserError("rank_by='measured' re-ranks the neurons it measures: give measure=N (--measure N)")
+        if self.measure and self.answer_tokens == "all":
+            raise UserError("measuring applies to the first answer token; use answer_tokens='first' with it")
 
     def overridden(self, **changes: Any) -> ScoringOptions:
         """These options with some fields changed by name (as `attribute(..., top_k=300)` passes them); a name that

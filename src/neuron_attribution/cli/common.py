@@ -58,9 +58,13 @@ QueryTopOption = Annotated[int, typer.Option("--query-top", help="Score query ne
 AnswerTokensOption = Annotated[str, typer.Option("--answer-tokens", help="Score the answer's first token (the "
                                                  "paper's), or all of its tokens by teacher forcing (scores "
                                                  "summed, per-token scores kept).")]
-RankByOption = Annotated[str, typer.Option("--rank-by", help="Rank value neurons by their score, or by its direct "
+RankByOption = Annotated[str, typer.Option("--rank-by", help="Rank value neurons by their score; by its direct "
                                            "part only (the push on the answer's own logit, leaving out what "
-                                           "they gain by lowering other tokens).")]
+                                           "they gain by lowering other tokens); or 'measured': the top --measure "
+                                           "N by what switching each off alone does to log p(answer).")]
+MeasureOption = Annotated[int, typer.Option("--measure", help="Switch off each of the top N FFN and attention "
+                                            "value neurons and heads alone and store the measured change of "
+                                            "log p(answer) beside its score (N more forward passes, batched).")]
 QueryViaOption = Annotated[str, typer.Option("--query-via", help="Score query neurons through the top attention "
                                              "value neurons (the paper's method), the top ffn value neurons, or "
                                              "both (summed).")]
@@ -69,12 +73,12 @@ QueryViaOption = Annotated[str, typer.Option("--query-via", help="Score query ne
 def settings_from_flags(model: str | None, *, dtype: str | None = None, device: str | None = None,
               allow_pickle: bool = False, top: int | None = None, query_top: int | None = None,
               max_memory: str | None = None, reference: bool = False, query_via: str = DEFAULT_QUERY_VIA,
-              answer_tokens: str = "first", rank_by: str = "score"):
+              answer_tokens: str = "first", rank_by: str = "score", measure: int = 0):
     """The command's settings, checked before anything slow happens."""
     from ..settings import ModelSpec, ScoringOptions, Settings, parse_size
 
     scoring: dict = {"reference": reference, "query_via": query_via, "answer_tokens": answer_tokens,
-                     "rank_by": rank_by}
+                     "rank_by": rank_by, "measure": measure}
     for key, value in (("top_k", top), ("query_top", query_top)):
         if value is not None:
             scoring[key] = value

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from ..errors import UserError
 from ..settings import ANSWER_TOKENS, DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_QUERY_TOP, DEFAULT_QUERY_VIA, DEFAULT_RUN_TOP, RANK_BY
-from .common import (AddressOption, AllowPickleOption, AnswerTokensOption, BackendOption, DeviceOption, DtypeOption,
+from .common import (MeasureOption, AddressOption, AllowPickleOption, AnswerTokensOption, BackendOption, DeviceOption, DtypeOption,
                      GpusPerWorkerOption, MaxMemoryOption, ModelOption, QueryTopOption, QueryViaOption, RankByOption,
                      RegistryHelp, WorkersOption, app, check_backend, console, load_driver_model, load_model_spec,
                      make_backend, print_run_summary, progress_bar, settings_from_flags, warn_if_dense)
@@ -97,6 +97,7 @@ def run(
     query_via: QueryViaOption = DEFAULT_QUERY_VIA,
     answer_tokens: AnswerTokensOption = ANSWER_TOKENS[0],
     rank_by: RankByOption = RANK_BY[0],
+    measure: MeasureOption = 0,
     on_error: Annotated[str, typer.Option("--on-error", help="Malformed lines: skip them or stop.")] = "skip",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different run already in --out "
                                             "(only the run's own files are removed).")] = False,
@@ -119,7 +120,7 @@ def run(
             raise UserError(f"{name} must be a positive number")
     settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle, top=top,
                                    query_top=query_top, max_memory=max_memory, query_via=query_via,
-                                   answer_tokens=answer_tokens, rank_by=rank_by)
+                                   answer_tokens=answer_tokens, rank_by=rank_by, measure=measure)
     load_facts(dataset, on_error)  # type: ignore[arg-type]  # a bad dataset fails before the model loads
     check_can_write(out)
     check_backend(backend, workers, address, settings, gpus_per_worker)

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from ..errors import UserError
 from ..settings import ANSWER_TOKENS, DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_QUERY_TOP, DEFAULT_QUERY_VIA, DEFAULT_TOP_K, RANK_BY
-from .common import (AllowPickleOption, AnswerTokensOption, DeviceOption, DtypeOption, MaxMemoryOption, ModelOption,
+from .common import (MeasureOption, AllowPickleOption, AnswerTokensOption, DeviceOption, DtypeOption, MaxMemoryOption, ModelOption,
                      QueryTopOption, QueryViaOption, RankByOption, app, console, load_model_spec, parse_neurons,
                      progress_bar, settings_from_flags, warn_if_dense)
 
@@ -93,6 +93,7 @@ def attribute(
     query_via: QueryViaOption = DEFAULT_QUERY_VIA,
     answer_tokens: AnswerTokensOption = ANSWER_TOKENS[0],
     rank_by: RankByOption = RANK_BY[0],
+    measure: MeasureOption = 0,
     neurons: Annotated[Optional[str], typer.Option("--neurons", help="Score only these neurons, exactly and fast, "
                                                    "e.g. 24_177,23_4_38@3,21.19 (FFN layer_neuron, attention "
                                                    "layer_head_dim@position, head layer.head; in a mixture of "
@@ -133,7 +134,7 @@ def attribute(
         target = target_id  # type: ignore[assignment]
     settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle, top=top,
                                    query_top=query_top, max_memory=max_memory, reference=reference,
-                                   query_via=query_via, answer_tokens=answer_tokens, rank_by=rank_by)
+                                   query_via=query_via, answer_tokens=answer_tokens, rank_by=rank_by, measure=measure)
     if prompts is not None:
         if contrast is not None:
             raise UserError("with --prompts, give each line its own \"contrast\"; --contrast takes one prompt")

@@ -15,6 +15,7 @@ from ..scoring.context import ValueContext, value_context
 from ..settings import ScoringOptions, check_positive
 from . import assemble
 from .answer import attribute_answer
+from .measure import measure_attributions
 from .queries import query_scores
 from .targets import PROJECTION_TOKENS, TOP_HEADS_WITH_POSITIONS, Target, target_info
 
@@ -74,6 +75,8 @@ def attribute_with(model: LoadedModel, prompts: Sequence[Prompt], targets: Seque
             target = None if targets is None else targets[i]
             contrast = None if contrasts is None else contrasts[i]
             results.append(_attribute_trace(model, prompts[i], encoded[i], trace, target, options, dense, contrast))
+    if options.measure:
+        measure_attributions(model, results, encoded, options.measure, rerank=options.rank_by == "measured")
     return results
 
 
@@ -86,7 +89,7 @@ def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: 
     tokens = token_texts(model, ids)
     layers = value.layer_scores(ctx)
     scores = value.value_scores(ctx, max(options.top_k, options.query_top), TOP_HEADS_WITH_POSITIONS,
-                                PROJECTION_TOKENS, options.rank_by)
+                                PROJECTION_TOKENS, "score" if options.rank_by == "measured" else options.rank_by)
     ffn_neurons = assemble.ffn_neurons(model, scores.ffn, ctx.ffn_coefficients)
     attention_neurons = assemble.attention_neurons(model, scores.attention, ctx.trace.n_tokens, tokens,
                                                    lambda index: float(ctx.attention_coefficients[index]))

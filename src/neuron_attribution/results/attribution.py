@@ -67,6 +67,7 @@ class HeadScore:
     layer: int
     head: int
     score: float
+    measured_change: float | None = None  # log p(target) changes by this when the head is switched off alone
 
     @property
     def index(self) -> HeadIndex:
@@ -127,6 +128,8 @@ class FfnNeuron(ScoreParts):
     normaliser_change: float | None = None
     target_push_rank: int | None = None
     expert: int | None = None  # a mixture-of-experts layer's routed expert; `neuron` is the place in it
+    # log p(target) (minus log p(contrast)) changes by this when the neuron is switched off alone (measure=N)
+    measured_change: float | None = None
 
     def __post_init__(self) -> None:
         if not self.promoted_tokens:
@@ -155,6 +158,7 @@ class AttentionNeuron(ScoreParts):
     direct_score: float | None = None  # see ScoreParts
     normaliser_change: float | None = None
     target_push_rank: int | None = None
+    measured_change: float | None = None  # as FfnNeuron's
 
     @property
     def index(self) -> AttentionIndex:
@@ -244,14 +248,21 @@ class Attribution:
     # What the value neurons are ranked by: "score", or "direct" (its direct part, docs/method.md §2).
     rank_by: str = "score"
     vocab_size: int | None = None  # the tokens a neuron's push on the target is ranked among
+    # measure=N: how many neurons of each kind carry a measured_change, and the change with all the measured value
+    # neurons (FFN and attention) switched off together
+    measured_top: int = 0
+    measured_together: float | None = None
     dense: DenseScores | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in asdict(self).items() if k != "dense"}
         data["target"] = self.target.to_dict()
         for kind in ("ffn_neurons", "attention_neurons"):
-            data[kind] = [{k: v for k, v in n.items() if not (k in ("token_scores", "expert") and v is None)}
+            data[kind] = [{k: v for k, v in n.items()
+                           if not (k in ("token_scores", "expert", "measured_change") and v is None)}
                           for n in data[kind]]
+        data["heads"] = [{k: v for k, v in h.items() if not (k == "measured_change" and v is None)}
+                         for h in data["heads"]]
         # gate/up parts exist only for SwiGLU models, experts only in mixtures: keys left out rather than nulled.
         data["query_neurons"] = [_without_missing_subkeys(q) for q in data["query_neurons"]]
         data["query_layers"] = {kind: [_without_missing_subkeys(q) for q in rows]
@@ -300,6 +311,7 @@ class Attribution:
             query_links=[QueryLink(**link) for link in data.get("query_links", [])],
             reference=data.get("reference", False), evaluated=data.get("evaluated", {}),
             rank_by=data.get("rank_by", "score"), vocab_size=data.get("vocab_size"),
+            measured_top=data.get("measured_top", 0), measured_together=data.get("measured_together"),
             # Files written before query_via existed ranked query neurons by both paths.
             query_via=data.get("query_via", "both"))
 

@@ -70,14 +70,15 @@ def layer_table(result: Attribution) -> TableLayout:
 
 def head_table(result: Attribution, rows: int) -> TableLayout:
     with_positions = len({(p.layer, p.head) for p in result.head_positions})
+    measured = _measured(result.heads[:rows])
     body: list[list[Cell]] = []
     for h in result.heads[:rows]:
         sources = result.strongest_sources(h)
         shown = (", ".join(f"{p.position}:{p.token!r} {p.score:+.3f}" for p in sources) if sources
                  else f"(positions are scored for the top {with_positions} heads)")
-        body.append([f"{h.layer}.{h.head}", f"{h.score:+.4f}", shown])
-    return TableLayout("Top heads", [Column("head", True), Column("score"), Column("strongest source positions", True)],
-                       body)
+        body.append([f"{h.layer}.{h.head}", f"{h.score:+.4f}", *_measured_cell(h, measured), shown])
+    return TableLayout("Top heads", [Column("head", True), Column("score"), *measured,
+                                     Column("strongest source positions", True)], body)
 
 
 def _parts_caption(result: Attribution) -> str:
@@ -108,33 +109,68 @@ def _part_columns(neurons) -> tuple[list[Column], bool]:
     return [Column("direct"), Column("−ΔLSE")] + ([Column("rank")] if with_rank else []), with_rank
 
 
+def _measured(items) -> list[Column]:
+    """The measured change's column where some of the rows were measured (measure=N)."""
+    return [Column("off alone")] if any(getattr(item, "measured_change", None) is not None for item in items) else []
+
+
+def _measured_cell(item, shown: list[Column]) -> list[Cell]:
+    return [_signed(item.measured_change)] if shown else []
+
+
+def _measured_caption(result: Attribution) -> str:
+    if not result.measured_top:
+        return ""
+    together = "" if result.measured_together is None else \
+        f"; all {2 * result.measured_top} measured value neurons off together: {result.measured_together:+.4f}"
+    return (f"off alone: the measured change of {_outcome(result)} when the neuron is switched off alone (top "
+            f"{result.measured_top}; a score is the frozen-norm, first-order effect, not this){together}")
+
+
+def _outcome(result: Attribution) -> str:
+    return "log p(target)" if result.target.contrast is None else "log p(target) − log p(contrast)"
+
+
 def ffn_table(result: Attribution, rows: int) -> TableLayout:
     neurons = result.ffn_neurons[:rows]
     parts, with_rank = _part_columns(neurons)
-    body = [[str(n.index), f"{n.score:+.4f}", *(_parts(n, with_rank, result.vocab_size) if parts else []),
+    measured = _measured(neurons)
+    body = [[str(n.index), f"{n.score:+.4f}", *_measured_cell(n, measured),
+             *(_parts(n, with_rank, result.vocab_size) if parts else []),
              f"{n.coefficient:+.3f}", Tokens(tuple(n.promoted_tokens[:6])), Tokens(tuple(n.suppressed_tokens[:3]))]
             for n in neurons]
-    ranked = " (ranked by the direct part)" if result.rank_by == "direct" else ""
+    ranked = _ranked(result)
     names = "layer_neuron; an expert's: layer_eEXPERT_neuron" if any(n.expert is not None for n in neurons) \
         else "layer_neuron"
+    caption = "\n".join(text for text in (_parts_caption(result) if parts else "", _measured_caption(result)) if text)
     return TableLayout(f"Top FFN value neurons ({names}){ranked}",
-                       [Column("neuron", True), Column("score"), *parts, Column("coef"),
+                       [Column("neuron", True), Column("score"), *measured, *parts, Column("coef"),
                         Column("promotes (coefficient × value vector)", True), Column("suppresses", True)],
-                       body, _parts_caption(result) if parts else "")
+                       body, caption)
+
+
+def _ranked(result: Attribution) -> str:
+    if result.rank_by == "direct":
+        return " (ranked by the direct part)"
+    if result.rank_by == "measured":
+        return f" (the top {result.measured_top} ranked by their measured change)"
+    return ""
 
 
 def attention_table(result: Attribution, rows: int) -> TableLayout:
     neurons = result.attention_neurons[:rows]
     parts, with_rank = _part_columns(neurons)
+    measured = _measured(neurons)
     promotes = any(n.promoted_tokens for n in neurons)
-    body = [[f"{n.layer}_{n.head}_{n.dim} @ {n.position}", f"{n.score:+.4f}",
+    body = [[f"{n.layer}_{n.head}_{n.dim} @ {n.position}", f"{n.score:+.4f}", *_measured_cell(n, measured),
              *(_parts(n, with_rank, result.vocab_size) if parts else []),
              f"{n.coefficient:+.3f}", Tokens((n.token,)),
              *([Tokens(tuple(n.promoted_tokens[:4])), Tokens(tuple(n.suppressed_tokens[:3]))] if promotes else [])]
             for n in neurons]
-    ranked = " (ranked by the direct part)" if result.rank_by == "direct" else ""
+    ranked = _ranked(result)
     return TableLayout(f"Top attention value neurons (layer_head_dim @ source position){ranked}",
-                       [Column("neuron", True), Column("score"), *parts, Column("coef"), Column("source token", True),
+                       [Column("neuron", True), Column("score"), *measured, *parts, Column("coef"),
+                        Column("source token", True),
                         *([Column("promotes", True), Column("suppresses", True)] if promotes else [])],
                        body)  # the parts' caption is under the FFN table
 

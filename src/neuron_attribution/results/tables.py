@@ -27,7 +27,9 @@ _OPTIONAL_TYPED = {"contrast_text": pa.string(), "contrast_id": pa.int64(), "tok
                    # a value neuron's score parts; null push rank with a contrast
                    "direct_score": pa.float64(), "normaliser_change": pa.float64(), "target_push_rank": pa.int64(),
                    # an FFN neuron's routed expert: null for a dense FFN's and a shared expert's neurons
-                   "expert": pa.int64()}
+                   "expert": pa.int64(),
+                   # measured beside the score for the top N (run --measure N): null for the others
+                   "measured_change": pa.float64()}
 _TOKEN_LISTS = ("top_tokens", "bottom_tokens", "promoted_tokens", "suppressed_tokens", "tokens")
 
 
