@@ -146,3 +146,26 @@ def test_run_tables_carry_the_measured_change():
     column = tables["ffn_neurons"].column("measured_change").to_pylist()
     assert column[:2] == [n.measured_change for n in measured.ffn_neurons[:2]] and column[2:] == [None] * 8
     assert tables["heads"].column("measured_change").to_pylist()[0] == measured.heads[0].measured_change
+
+
+def test_neurons_reading_the_first_token_are_flagged_and_hidden_from_the_graph():
+    """#34 item 3: a query or attention value neuron whose reading sits at position 0 — the attention sink, where
+    massive activations live — carries sink: true in every output; graphs leave sinks out unless asked."""
+    from neuron_attribution.results.tables import tables_of
+
+    model = tiny_llama()
+    result = attribute(model, IDS, TARGET, top_k=200, query_top=10, query_via="attention")
+    sinks = [n for n in result.attention_neurons if n.position == 0]
+    assert sinks and all(n.sink for n in sinks) and not any(n.sink for n in result.attention_neurons if n.position)
+    assert all(q.sink == (q.position == 0) for q in result.query_neurons)
+    data = result.to_dict()
+    assert all(row["sink"] == (row["position"] == 0) for row in data["attention_neurons"])
+    assert Attribution.from_dict(data).attention_neurons[0].sink == result.attention_neurons[0].sink
+    hidden, shown = result.graph(top=200), result.graph(top=200, sinks=True)
+    assert not any(node.get("sink") for node in hidden["nodes"])
+    assert any(node.get("sink") for node in shown["nodes"]) and hidden["sinks_hidden"] > 0 == shown["sinks_hidden"]
+    from types import SimpleNamespace
+    table = tables_of([(0, SimpleNamespace(answer="x", type_name="t", source="s", line=1), result)])
+    assert table["attention_neurons"].column("sink").to_pylist() == [n.sink for n in result.attention_neurons]
+    rows = {t.title.split(" (")[0]: t for t in attribution_tables(result, 200)}["Top attention value neurons"]
+    assert any("⚓" in str(cell) for row in rows.rows for cell in row) and "attention sink" in rows.notes[0]

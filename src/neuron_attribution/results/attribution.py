@@ -83,6 +83,17 @@ class HeadPositionScore:
     score: float
 
 
+SINK_POSITION = 0
+
+
+def reads_the_sink(position: int | None) -> bool:
+    """Whether a neuron's reading sits at the first token: where attention sinks form (Xiao et al. 2023, "Efficient
+    Streaming Language Models with Attention Sinks") and massive activations live (Sun et al. 2024, "Massive
+    Activations in Large Language Models"), so that a large coefficient there says little about the prompt
+    (docs/method.md §3)."""
+    return position == SINK_POSITION
+
+
 def wins_by_suppressing(score: float, target_push_rank: int, vocab_size: int) -> bool:
     """A positive score although the neuron's contribution raises the target less than it raises most tokens
     (a push rank in the lower half of the vocabulary): the gain comes from pushing the probable competitors
@@ -159,6 +170,10 @@ class AttentionNeuron(ScoreParts):
     normaliser_change: float | None = None
     target_push_rank: int | None = None
     measured_change: float | None = None  # as FfnNeuron's
+    sink: bool | None = None  # reads the first token (`reads_the_sink`); set from `position`
+
+    def __post_init__(self) -> None:
+        self.sink = reads_the_sink(self.position)
 
     @property
     def index(self) -> AttentionIndex:
@@ -187,6 +202,10 @@ class QueryNeuron:
     token: str | None = None
     coefficient: float | None = None
     expert: int | None = None  # a mixture-of-experts layer's routed expert; `neuron` is the place in it
+    sink: bool | None = None  # acts at the first token (`reads_the_sink`); set from `position`
+
+    def __post_init__(self) -> None:
+        self.sink = reads_the_sink(self.position)
 
     @property
     def index(self) -> FfnIndex:
@@ -277,12 +296,13 @@ class Attribution:
         own = [p for p in self.head_positions if (p.layer, p.head) == (head.layer, head.head)]
         return sorted(own, key=lambda p: -p.score)[:n]
 
-    def graph(self, top: int | None = 20, share: float | None = None) -> dict[str, Any]:
+    def graph(self, top: int | None = 20, share: float | None = None, sinks: bool = False) -> dict[str, Any]:
         """The circuit as nodes and links (README, "The attribution graph"): the `top` value neurons by |score|,
-        or those making up `share` of their |scores|, the query neurons linked to them, tokens and answer."""
+        or those making up `share` of their |scores|, the query neurons linked to them, tokens and answer; neurons
+        reading the first token (`sink`) only with `sinks`."""
         from .graph import attribution_graph
 
-        return attribution_graph(self, None if share is not None else top, share)
+        return attribution_graph(self, None if share is not None else top, share, sinks)
 
     def suppressing_neurons(self) -> list[FfnNeuron | AttentionNeuron]:
         """The value neurons, FFN first, that win by suppressing (`ScoreParts.wins_by_suppressing`)."""

@@ -17,11 +17,15 @@ SCHEMA = "neuron-attribution graph 1"
 DEFAULT_TOP = 20
 
 
-def attribution_graph(result: Attribution, top: int | None = DEFAULT_TOP, share: float | None = None
-                      ) -> dict[str, Any]:
+def attribution_graph(result: Attribution, top: int | None = DEFAULT_TOP, share: float | None = None,
+                      sinks: bool = False) -> dict[str, Any]:
     """The graph of the value neurons that matter most: the `top` by |score| (FFN and attention ranked
     together), or, with `share`, the fewest whose |scores| make up that share of all the returned value
-    neurons' |scores|; and the query neurons linked to them (as many, by |score|)."""
+    neurons' |scores|; and the query neurons linked to them (as many, by |score|). Neurons that read the first
+    token (`sink`) are left out unless `sinks`; `sinks_hidden` counts them."""
+    hidden = 0 if sinks else sum(1 for n in [*result.attention_neurons, *result.query_neurons] if n.sink)
+    if not sinks:
+        result = _without_sinks(result)
     values = _chosen_values(result, top, share)
     last = len(result.tokens) - 1
     n_layers = len(result.layers.ffn)
@@ -43,7 +47,7 @@ def attribution_graph(result: Attribution, top: int | None = DEFAULT_TOP, share:
         nodes.append({"id": f"query:{name}", "kind": "query", "name": name, "layer": q.layer, "neuron": q.neuron,
                       "expert": q.expert,
                       "x": last if q.position is None else q.position, "score": q.score,
-                      "position": q.position, "token": q.token, "coefficient": q.coefficient})
+                      "position": q.position, "token": q.token, "coefficient": q.coefficient, "sink": q.sink})
     names = {str(q.index) for q in queries}
     links += [{"source": f"query:{link.query}", "target": chosen_ids[link.value], "kind": "query",
                "weight": link.share}
@@ -52,7 +56,14 @@ def attribution_graph(result: Attribution, top: int | None = DEFAULT_TOP, share:
                   "prob": result.target.prob, "layer": n_layers, "x": last})
     return {"schema": SCHEMA, "prompt": result.prompt, "model": result.model, "tokens": result.tokens,
             "target": result.target.to_dict(), "measure": _measure(result), "query_via": result.query_via,
-            "n_layers": n_layers, "nodes": nodes, "links": links}
+            "n_layers": n_layers, "nodes": nodes, "links": links, "sinks_hidden": hidden}
+
+
+def _without_sinks(result: Attribution) -> Attribution:
+    from dataclasses import replace
+
+    return replace(result, attention_neurons=[n for n in result.attention_neurons if not n.sink],
+                   query_neurons=[q for q in result.query_neurons if not q.sink])
 
 
 def _chosen_values(result: Attribution, top: int | None, share: float | None) -> list[FfnNeuron | AttentionNeuron]:
@@ -86,7 +97,7 @@ def _value_node(neuron: FfnNeuron | AttentionNeuron, last: int) -> dict[str, Any
                 "x": last, **common}
     name = f"{neuron.layer}_{neuron.head}_{neuron.dim}@{neuron.position}"
     return {"id": f"attention:{name}", "kind": "attention", "name": name, "head": neuron.head, "dim": neuron.dim,
-            "position": neuron.position, "token": neuron.token, "x": neuron.position, **common}
+            "position": neuron.position, "token": neuron.token, "x": neuron.position, "sink": neuron.sink, **common}
 
 
 def _chosen_queries(result: Attribution, values: set[str], count: int):

@@ -57,6 +57,10 @@ def measure(result: Attribution) -> str:
             else "increase of log p(target) − log p(contrast)")
 
 
+SINK_NOTE = ("⚓ acts at the first token, the attention sink, where massive activations sit: a large coefficient there "
+             "says little about the prompt (hidden from graphs unless asked for)")
+
+
 def layer_table(result: Attribution) -> TableLayout:
     attention, ffn = result.layers.attention, result.layers.ffn
     scale = max(max(map(abs, attention), default=0.0), max(map(abs, ffn), default=0.0), 1e-9)
@@ -164,7 +168,7 @@ def attention_table(result: Attribution, rows: int) -> TableLayout:
     promotes = any(n.promoted_tokens for n in neurons)
     body = [[f"{n.layer}_{n.head}_{n.dim} @ {n.position}", f"{n.score:+.4f}", *_measured_cell(n, measured),
              *(_parts(n, with_rank, result.vocab_size) if parts else []),
-             f"{n.coefficient:+.3f}", Tokens((n.token,)),
+             f"{n.coefficient:+.3f}", Tokens((n.token,)) if not n.sink else f"{n.token!r} ⚓",
              *([Tokens(tuple(n.promoted_tokens[:4])), Tokens(tuple(n.suppressed_tokens[:3]))] if promotes else [])]
             for n in neurons]
     ranked = _ranked(result)
@@ -172,7 +176,7 @@ def attention_table(result: Attribution, rows: int) -> TableLayout:
                        [Column("neuron", True), Column("score"), *measured, *parts, Column("coef"),
                         Column("source token", True),
                         *([Column("promotes", True), Column("suppresses", True)] if promotes else [])],
-                       body)  # the parts' caption is under the FFN table
+                       body, notes=[SINK_NOTE] if any(n.sink for n in neurons) else [])  # parts: under FFN
 
 
 _PATH_NAMES = {"attention": "attention", "ffn": "FFN", "both": "attention and FFN"}
@@ -190,11 +194,14 @@ def query_table(result: Attribution, rows: int) -> TableLayout:
     columns += [Column("acts at", True), Column("coefficient")] if located else []
     body: list[list[Cell]] = []
     for q in result.query_neurons[:rows]:
-        where: list[Cell] = [f"{q.position} {q.token!r}", f"{q.coefficient:+.3f}"] if q.position is not None else \
+        where: list[Cell] = [f"{q.position} {q.token!r}" + (" ⚓" if q.sink else ""), f"{q.coefficient:+.3f}"] \
+            if q.position is not None else \
             (["", ""] if located else [])
         body.append([str(q.index), f"{q.score:+.4f}", *(_signed(pick(q)) for _, pick in paths), *where])
     notes = [f"Skipped (input·subkey ≈ 0, or gate/up elasticities cancel): {', '.join(result.query_skipped)}"] \
         if result.query_skipped else []
+    if any(q.sink for q in result.query_neurons[:rows]):
+        notes.append(SINK_NOTE)
     return TableLayout(f"Top query FFN neurons (activate the top {_PATH_NAMES[via]} value neurons)", columns, body,
                        notes=notes)
 

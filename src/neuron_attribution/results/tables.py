@@ -29,7 +29,9 @@ _OPTIONAL_TYPED = {"contrast_text": pa.string(), "contrast_id": pa.int64(), "tok
                    # an FFN neuron's routed expert: null for a dense FFN's and a shared expert's neurons
                    "expert": pa.int64(),
                    # measured beside the score for the top N (run --measure N): null for the others
-                   "measured_change": pa.float64()}
+                   "measured_change": pa.float64(),
+                   # reads the first token (attention neurons at source position 0, query neurons acting there)
+                   "sink": pa.bool_()}
 _TOKEN_LISTS = ("top_tokens", "bottom_tokens", "promoted_tokens", "suppressed_tokens", "tokens")
 
 
