@@ -50,3 +50,28 @@ def test_the_page_draws_the_chosen_circuit_in_chromium(tmp_path):
     nodes = len(graph["tokens"]) + 1 + len(shown) + len(queries)
     assert f"drawn {nodes} nodes, {len(links)} links" in dom.stdout, dom.stdout[-2000:]
     assert "<img" not in dom.stdout and "owned" not in dom.stdout.split("<title>")[1].split("</title>")[0]
+
+
+def test_the_page_hides_sink_neurons_behind_a_toggle(tmp_path):
+    """#34 item 3: a graph that holds neurons reading the first token draws them only when "show sinks" is ticked;
+    by default the page says how many it hides."""
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("Chromium is not installed here (CI installs it)")
+    result = attribute(tiny_llama(), [5, 17, 3, 99, 42, 7], 11, top_k=40, query_via="attention")
+    graph = result.graph(top=80, sinks=True)
+    sinks = {n["id"] for n in graph["nodes"] if n.get("sink")}
+    assert sinks
+    path = tmp_path / "graph.html"
+    path.write_text(graph_page(graph), encoding="utf-8")
+    dom = _headless(chromium, "--virtual-time-budget=10000", "--dump-dom", path.as_uri())
+    assert dom.returncode == 0, dom.stderr
+    values = [n for n in graph["nodes"] if n["kind"] in ("ffn", "attention") and n["id"] not in sinks]
+    shown = {n["id"] for n in sorted(values, key=lambda n: -abs(n["score"]))[:20]}
+    links = [l for l in graph["links"] if ((l["kind"] == "value" and l["source"] in shown) or
+             (l["kind"] != "value" and l["target"] in shown)) and l["source"] not in sinks]
+    queries = {l["source"] for l in links if l["kind"] == "query"}
+    nodes = len(graph["tokens"]) + 1 + len(shown) + len(queries)
+    assert f"drawn {nodes} nodes, {len(links)} links ({len(sinks)} sink neurons hidden)" in dom.stdout, \
+        dom.stdout[-1500:]
+    assert 'id="sinks"' in dom.stdout

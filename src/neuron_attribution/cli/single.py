@@ -85,8 +85,8 @@ def attribute(
                                                        "links of the circuit, README schema) as JSON.")] = None,
     graph_top: Annotated[int, typer.Option("--graph-top", help="Value neurons in the graph (by |score|).")] = 20,
     sinks: Annotated[bool, typer.Option("--sinks", help="Keep neurons that read the first token (the attention "
-                                        "sink, marked ⚓ in the tables) in --graph and --html; they are left out "
-                                        "by default.")] = False,
+                                        "sink, marked ⚓ in the tables) in --graph; they are left out by default "
+                                        "(the --html page has a toggle).")] = False,
     html_file: Annotated[Optional[Path], typer.Option("--html", help="Write one self-contained interactive page of "
                                                       "the attribution graph (works offline).")] = None,
     reference: Annotated[bool, typer.Option("--reference", help="Drop the final LayerNorm bias, as the "
@@ -170,7 +170,7 @@ def attribute(
         from ..reports.graph_page import graph_page
 
         everything = len(result.ffn_neurons) + len(result.attention_neurons)  # the page's control picks among them
-        write_bytes_atomic(html_file, graph_page(result.graph(top=max(1, everything), sinks=sinks)).encode("utf-8"))
+        write_bytes_atomic(html_file, graph_page(result.graph(top=max(1, everything), sinks=True)).encode("utf-8"))
         console.print(f"Wrote {escape(str(html_file))} (self-contained; open it in a browser)")
 
 

@@ -131,7 +131,7 @@ class Views:
             "attention_neurons": [_row(n) for n in result.attention_neurons[:TABLE_ROWS]],
             "query_neurons": [{**q.__dict__, "name": str(q.index)}
                               for q in result.query_neurons[:TABLE_ROWS]],
-            "graph": result.graph(top=max(1, everything)),
+            "graph": result.graph(top=max(1, everything), sinks=True),  # the page hides them behind a toggle
         }
 
     # -- interventions ----------------------------------------------------------------------------------------

@@ -48,7 +48,9 @@ body{margin:0;font:13px/1.4 system-ui,sans-serif;display:flex;height:100vh}
  <div id="bar"><b id="title"></b><br>
   show <select id="mode"><option value="top">the top</option><option value="share">a share of</option></select>
   <input id="amount" type="number" min="1" step="1" value="20" style="width:5em">
-  <span id="unit">value neurons by |score|</span> · <span id="graph-status">drawing…</span></div>
+  <span id="unit">value neurons by |score|</span> ·
+  <label title="neurons that read the first token, the attention sink"><input id="sinks" type="checkbox"> show sinks ⚓</label> ·
+  <span id="graph-status">drawing…</span></div>
  <div id="graph"></div>
 </div>
 <div id="side">Click a node for its numbers.</div>

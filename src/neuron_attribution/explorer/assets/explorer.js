@@ -140,7 +140,10 @@ function renderPrompt(results, data, query) {
     el("div", {class: "graph-bar"}, "show ",
        el("select", {id: "mode"}, el("option", {value: "top"}, "the top"), el("option", {value: "share"}, "a share of")),
        " ", el("input", {id: "amount", type: "number", min: 1, step: 1, value: 20, size: 5}), " ",
-       el("span", {id: "unit"}, "value neurons by |score|"), " · ", el("span", {id: "graph-status"}, "drawing…"),
+       el("span", {id: "unit"}, "value neurons by |score|"), " · ",
+       el("label", {title: "neurons that read the first token, the attention sink"},
+          el("input", {id: "sinks", type: "checkbox"}), " show sinks ⚓"), " · ",
+       el("span", {id: "graph-status"}, "drawing…"),
        el("span", {class: "muted"}, "  · green raises the answer, red lowers it; purple: query neurons")),
     el("div", {id: "graph"}));
   const selection = el("div", {class: "selection", id: "selection"});

@@ -5,9 +5,16 @@
 // become Cytoscape labels or textContent, never markup.
 function NeuronGraph(container, graph, onTap) {
   const valueKinds = new Set(["ffn", "attention"]);
-  const values = graph.nodes.filter(n => valueKinds.has(n.kind))
-                            .sort((a, b) => Math.abs(b.score) - Math.abs(a.score));
-  const totalScore = values.reduce((s, n) => s + Math.abs(n.score), 0);
+  const allValues = graph.nodes.filter(n => valueKinds.has(n.kind))
+                               .sort((a, b) => Math.abs(b.score) - Math.abs(a.score));
+  // Neurons reading the first token (the attention sink) are drawn only when asked for (#sinks).
+  let showSinks = false, values = allValues.filter(n => !n.sink);
+  let totalScore = values.reduce((s, n) => s + Math.abs(n.score), 0);
+  function setSinks(shown) {
+    showSinks = shown;
+    values = allValues.filter(n => shown || !n.sink);
+    totalScore = values.reduce((s, n) => s + Math.abs(n.score), 0);
+  }
   const maxWeight = Math.max(1e-9, ...graph.links.map(l => Math.abs(l.weight)));
   const maxScore = Math.max(1e-9, ...values.map(n => Math.abs(n.score)));
   const byId = new Map(graph.nodes.map(n => [n.id, n]));
@@ -26,9 +33,11 @@ function NeuronGraph(container, graph, onTap) {
 
   function elements(mode, amount) {
     const shown = chosenValues(mode, amount);
-    const links = graph.links.filter(l => (l.kind === "value" && shown.has(l.source)) ||
-                                          (l.kind !== "value" && shown.has(l.target)));
-    const queries = new Set(links.filter(l => l.kind === "query").map(l => l.source));
+    const links = graph.links.filter(l => ((l.kind === "value" && shown.has(l.source)) ||
+                                           (l.kind !== "value" && shown.has(l.target))) &&
+                                          (showSinks || !(byId.get(l.source) || {}).sink));
+    const queries = new Set(links.filter(l => l.kind === "query" && (showSinks || !byId.get(l.source).sink))
+                                 .map(l => l.source));
     const nodes = graph.nodes.filter(n => n.kind === "token" || n.kind === "answer" || shown.has(n.id) ||
                                           queries.has(n.id));
     // Columns are positions, rows are layers, in a frame about the size of the drawing area so labels stay
@@ -108,11 +117,14 @@ function NeuronGraph(container, graph, onTap) {
     incoming: id => graph.links.filter(l => l.target === id).sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)),
     // Draws the top `amount` value neurons by |score| (mode "top") or those making up `amount` percent of their
     // |scores| (mode "share"); returns [nodes, links] drawn.
-    draw: function (mode, amount) {
+    draw: function (mode, amount, sinks) {
+      setSinks(Boolean(sinks));
       const {items, counts} = elements(mode, amount);
       cy.resize(); cy.elements().remove(); cy.add(items); cy.fit(undefined, 30);
       return counts;
     },
+    sinksHidden: () => allValues.filter(n => n.sink).length +
+                       graph.nodes.filter(n => n.kind === "query" && n.sink).length,
     setPicked: function (ids) {
       cy.nodes().removeClass("picked");
       for (const id of ids) cy.getElementById(id).addClass("picked");
@@ -120,15 +132,20 @@ function NeuronGraph(container, graph, onTap) {
   };
 }
 
-// The controls beside a graph: #mode (top / share), #amount, #unit, and #graph-status, which reports what was drawn.
+// The controls beside a graph: #mode (top / share), #amount, #unit, #sinks (a checkbox: draw the neurons that read
+// the first token) and #graph-status, which reports what was drawn and how many sink neurons are hidden.
 // `afterDraw` runs after each drawing (the explorer marks its selected neurons again).
 function bindGraphControls(view, afterDraw) {
   const mode = document.getElementById("mode"), amount = document.getElementById("amount");
+  const sinks = document.getElementById("sinks");
   function draw() {
-    const counts = view.draw(mode.value, Number(amount.value));
+    const counts = view.draw(mode.value, Number(amount.value), sinks && sinks.checked);
     if (afterDraw) afterDraw();
-    document.getElementById("graph-status").textContent = "drawn " + counts[0] + " nodes, " + counts[1] + " links";
+    const hidden = sinks && !sinks.checked ? view.sinksHidden() : 0;
+    document.getElementById("graph-status").textContent = "drawn " + counts[0] + " nodes, " + counts[1] + " links" +
+      (hidden ? " (" + hidden + " sink neurons hidden)" : "");
   }
+  if (sinks) sinks.addEventListener("change", draw);
   mode.addEventListener("change", () => {
     const share = mode.value === "share";
     amount.value = share ? 80 : 20;
