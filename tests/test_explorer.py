@@ -485,3 +485,15 @@ def test_an_attention_neurons_page_counts_sentences_not_positions(wide_run_dir):
     (run,) = index.neuron_view(parse_neuron("{}_{}_{}@{}".format(*neuron, first["position"])))
     at_position = [r for found in per_sentence.values() for r in found if r["position"] == first["position"]]
     assert run["hits"] == len(at_position)
+
+
+def test_the_page_chooses_the_query_path(server, real_model):
+    """#34 item 4: the prompt view takes query_via (kept in the page's URL), the library's choice for the query
+    neurons; an unknown path is a 400 with a one-line message."""
+    status, data = _post(server + "api/attribute", {"prompt": PROMPT, "query_via": "ffn", "top": 20})
+    assert status == 200, data
+    expected = attribute(real_model, PROMPT, top_k=20, query_via="ffn")
+    assert data["query_via"] == "ffn" and data["query"]["query_via"] == "ffn"
+    assert [q["name"] for q in data["query_neurons"][:5]] == [str(q.index) for q in expected.query_neurons[:5]]
+    status, data = _post(server + "api/attribute", {"prompt": PROMPT, "query_via": "sideways"})
+    assert status == 400 and "query_via must be one of attention, ffn, both" in data["error"]

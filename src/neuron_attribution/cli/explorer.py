@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 from rich.text import Text
 
-from ..settings import DEFAULT_MAX_MEMORY, DEFAULT_QUERY_TOP
-from .common import (AllowPickleOption, DeviceOption, DtypeOption, MaxMemoryOption, ModelOption, QueryTopOption,
+from ..settings import DEFAULT_MAX_MEMORY, DEFAULT_QUERY_TOP, DEFAULT_QUERY_VIA
+from .common import (QueryViaOption, AllowPickleOption, DeviceOption, DtypeOption, MaxMemoryOption, ModelOption, QueryTopOption,
                      app, console, load_model_spec, settings_from_flags)
 
 
@@ -32,6 +32,7 @@ def serve(model: ModelOption = None,
                                                                   "answers to in the Host header (repeatable), "
                                                                   "e.g. behind a proxy.")] = None,
           query_top: QueryTopOption = DEFAULT_QUERY_TOP,
+          query_via: QueryViaOption = DEFAULT_QUERY_VIA,
           max_memory: MaxMemoryOption = DEFAULT_MAX_MEMORY,
           dtype: DtypeOption = None,
           device: DeviceOption = None,
@@ -53,7 +54,7 @@ def serve(model: ModelOption = None,
         raise UserError("--token must be at least 16 characters (a guessable token guards nothing)")
     access = None if insecure_no_token else token or new_token()
     settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
-                                   query_top=query_top, max_memory=max_memory)
+                                   query_top=query_top, max_memory=max_memory, query_via=query_via)
     runs = check_runs(run or [])
     sock = open_socket(host, port)
     if access is None:

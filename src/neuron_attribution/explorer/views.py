@@ -26,7 +26,7 @@ from ..pipelines.projection import neuron_vector, projection_of
 from ..pipelines.targets import token_info
 from ..results.attribution import Attribution
 from ..scoring.token_search import TokenSearch
-from ..settings import ANSWER_TOKENS, ScoringOptions
+from ..settings import ANSWER_TOKENS, QUERY_PATHS, ScoringOptions
 
 MAX_TOP = 1000  # value neurons of each kind a page may ask for
 PROJECTION_SHOWN = 20  # tokens at each end of a neuron's vocabulary projection
@@ -46,6 +46,7 @@ class PromptQuery:
     contrast: str | None = None
     answer_tokens: str = "first"
     top: int = 100
+    query_via: str | None = None  # which value neurons query neurons are scored through (None: the server's)
 
     @classmethod
     def of(cls, data: Any) -> PromptQuery:
@@ -59,7 +60,10 @@ class PromptQuery:
         top = data.get("top", 100)
         if not isinstance(top, int) or isinstance(top, bool) or not 1 <= top <= MAX_TOP:
             raise UserError(f"top must be a whole number from 1 to {MAX_TOP}")
-        return cls(prompt, target or None, contrast or None, answer_tokens, top)
+        query_via = data.get("query_via")
+        if query_via is not None and query_via not in QUERY_PATHS:
+            raise UserError(f"query_via must be one of {', '.join(QUERY_PATHS)}")
+        return cls(prompt, target or None, contrast or None, answer_tokens, top, query_via)
 
 
 def _text(data: dict, key: str, required: bool = False) -> str | None:
@@ -107,7 +111,8 @@ class Views:
             if query in self._cache:
                 self._cache.move_to_end(query)
                 return self._cache[query]
-        options = replace(self.options, top_k=query.top, answer_tokens=query.answer_tokens)
+        options = replace(self.options, top_k=query.top, answer_tokens=query.answer_tokens,
+                          query_via=query.query_via or self.options.query_via)
         (result,) = attribute_with(self.model, [query.prompt], [query.target], options, contrasts=[query.contrast])
         unchanged = self._outcome(last_logits(self.model, [query.prompt])[0], result.target.id)
         with self._lock:
@@ -121,7 +126,7 @@ class Views:
         everything = len(result.ffn_neurons) + len(result.attention_neurons)
         heads = result.heads[:TABLE_ROWS]
         return {
-            "query": query.__dict__, "model": result.model, "prompt": result.prompt, "tokens": result.tokens,
+            "query": query.__dict__, "query_via": result.query_via, "model": result.model, "prompt": result.prompt, "tokens": result.tokens,
             "target": result.target.to_dict(), "predictions": [p.__dict__ for p in result.predictions],
             "vocab_size": result.vocab_size, "layers": result.layers.__dict__,
             "heads": [{**h.__dict__, "name": str(h.index),

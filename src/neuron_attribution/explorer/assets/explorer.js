@@ -90,11 +90,16 @@ async function promptView(params) {
     el("label", {for: "answer-tokens"}, "Answer tokens"),
     el("select", {id: "answer-tokens"}, el("option", {value: "first"}, "first (the paper's)"),
        el("option", {value: "all"}, "all (teacher forcing)")),
+    el("label", {for: "query-via"}, "Query neurons via"),
+    el("select", {id: "query-via"}, el("option", {value: ""}, "the server's choice"),
+       el("option", {value: "attention"}, "attention value neurons (the paper's)"),
+       el("option", {value: "ffn"}, "FFN value neurons"), el("option", {value: "both"}, "both")),
     el("label", {for: "top"}, "Neurons"), el("input", {id: "top", type: "number", min: 1, max: 1000, value: params.get("top") || 100}),
     el("div", {class: "buttons"}, el("button", {id: "go", type: "submit"}, "Attribute"),
        el("span", {class: "muted"}, "  answer empty: the model's top prediction")));
   form.querySelector("#prompt").value = params.get("prompt") || "The capital of France is";
   if (params.get("answer_tokens")) form.querySelector("#answer-tokens").value = params.get("answer_tokens");
+  if (params.get("query_via")) form.querySelector("#query-via").value = params.get("query_via");
   const status = el("div", {class: "status", id: "status"});
   const results = el("div", {id: "results"});
   view.replaceChildren(form, status, results);
@@ -104,6 +109,7 @@ async function promptView(params) {
     const shown = new URLSearchParams({prompt: query.prompt});
     for (const key of ["target", "contrast"]) if (query[key]) shown.set(key, query[key]);
     if (query.answer_tokens !== "first") shown.set("answer_tokens", query.answer_tokens);
+    if (query.query_via) shown.set("query_via", query.query_via);
     history.replaceState(null, "", "/?" + shown.toString());
     status.replaceChildren(el("span", {class: "waiting"}, "Attributing…"));
     const started = performance.now();
@@ -121,7 +127,8 @@ async function promptView(params) {
 function currentQuery() {
   const value = id => document.getElementById(id).value;
   return {prompt: value("prompt"), target: value("target") || null, contrast: value("contrast") || null,
-          answer_tokens: value("answer-tokens"), top: Math.max(1, Math.floor(Number(value("top")) || 100))};
+          answer_tokens: value("answer-tokens"), top: Math.max(1, Math.floor(Number(value("top")) || 100)),
+          query_via: value("query-via") || null};
 }
 
 function renderPrompt(results, data, query) {
@@ -132,7 +139,7 @@ function renderPrompt(results, data, query) {
     el("div", {}, "Answer ", el("b", {class: "tok"}, quoted(target.text)), " (id " + target.id + "): p = ",
        el("b", {id: "target-prob"}, fmt(target.prob, 6)), ", rank " + target.rank,
        target.contrast ? " · rather than " + quoted(target.contrast.text) + " (p = " + fmt(target.contrast.prob, 6) + ")" : "",
-       " · scores: " + data.graph.measure),
+       " · scores: " + data.graph.measure + " · query neurons via " + data.query_via + " value neurons"),
     el("div", {id: "predictions"}, "Top predictions: ",
        data.predictions.map(p => el("span", {class: "tok"}, quoted(p.token) + " " + fmt(p.prob, 3) + "  "))));
   const side = el("div", {id: "side"}, el("p", {class: "muted"}, "Click a node for its numbers; select neurons to switch them off or amplify them."));
