@@ -352,6 +352,15 @@ def test_the_prompt_view_in_a_browser(server, browser, real_model):
     browser.find_element(By.ID, "amplify").click()
     _wait_for(browser, lambda d: "×3" in _text(d, "intervention") and d.find_elements(By.ID, "after-prob"), 60)
     assert _text(browser, "after-prob") == f"{expected_up:.6f}", _text(browser, "intervention")
+    # Measure each alone: one row per selected neuron, its score beside the measured change, and all together.
+    together = float(torch.log_softmax(last_logits(real_model, [PROMPT], Ablation.of([parse_neuron(n) for n in names]))
+                                       [0].double(), -1)[result.target.id]
+                     - torch.log_softmax(last_logits(real_model, [PROMPT])[0].double(), -1)[result.target.id])
+    browser.find_element(By.ID, "measure").click()
+    _wait_for(browser, lambda d: d.find_elements(By.ID, "measured-together"), 60)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#measured tbody tr")
+    assert [row.find_elements(By.TAG_NAME, "td")[0].text for row in rows] == names
+    assert float(_text(browser, "measured-together")) == pytest.approx(together, abs=2e-4)
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
 
@@ -497,3 +506,24 @@ def test_the_page_chooses_the_query_path(server, real_model):
     assert [q["name"] for q in data["query_neurons"][:5]] == [str(q.index) for q in expected.query_neurons[:5]]
     status, data = _post(server + "api/attribute", {"prompt": PROMPT, "query_via": "sideways"})
     assert status == 400 and "query_via must be one of attention, ffn, both" in data["error"]
+
+
+def test_measuring_the_selection_over_http_equals_the_library(server, real_model):
+    """#34 items 2 and 4: the page's "measure each alone" switches each selected neuron off alone (and all
+    together); every change equals the library's `last_logits` with that Ablation, computed here."""
+    neurons = ["25_1120", "27_846", "23_4_38@3", "23.4"]
+    status, data = _post(server + "api/measure", {"prompt": PROMPT, "neurons": neurons})
+    assert status == 200, data
+    target = data["target"]["id"]
+
+    def log_p(ablation=None):
+        return float(torch.log_softmax(last_logits(real_model, [PROMPT], ablation)[0].double(), -1)[target])
+
+    before = log_p()
+    for row, name in zip(data["alone"], neurons):
+        assert row["neuron"] == name
+        assert row["measured_change"] == pytest.approx(log_p(Ablation.of([parse_neuron(name)])) - before, abs=2e-5)
+    together = log_p(Ablation.of([parse_neuron(n) for n in neurons])) - before
+    assert data["together"] == pytest.approx(together, abs=2e-5)  # batched vs alone: float32 rounding
+    status, data = _post(server + "api/measure", {"prompt": PROMPT, "neurons": ["99_1"]})
+    assert status == 400 and "not a neuron of" in data["error"]

@@ -145,6 +145,17 @@ def create_app(views: Views, runs: RunIndex, *, token: str | None, allowed_hosts
                                  lambda: views.intervene(query, neurons, scale))
         return JSONResponse({**result, "seconds": time.perf_counter() - started})
 
+    async def measure(request: Request) -> Response:
+        body = await _json_body(request)
+        query = PromptQuery.of(body)
+        neurons = neuron_list(body.get("neurons"))
+        for index in neurons:
+            model.shape.check(index)
+        await run_in_threadpool(encode_prompt, model, query.prompt)
+        started = time.perf_counter()
+        result = await queue.run(f"measuring {len(neurons)} neurons one by one", lambda: views.measure(query, neurons))
+        return JSONResponse({**result, "seconds": time.perf_counter() - started})
+
     async def neuron(request: Request) -> Response:
         index = parse_neuron(request.path_params["name"])
         try:
@@ -200,6 +211,7 @@ def create_app(views: Views, runs: RunIndex, *, token: str | None, allowed_hosts
               Route("/api/info", info), Route("/api/queue", queue_status),
               Route("/api/attribute", attribute, methods=["POST"]),
               Route("/api/intervene", intervene, methods=["POST"]),
+              Route("/api/measure", measure, methods=["POST"]),
               Route("/api/neuron/{name}", neuron), Route("/api/search", search),
               Route("/api/runs/{run:int}", run_view)]
     hosts = allowed_hosts or LOOPBACK_NAMES

@@ -202,8 +202,33 @@ function renderSelection() {
        el("button", {id: "switch-off", disabled: picked.length ? null : "disabled", onclick: () => run(0)}, "switch off"),
        " ", el("button", {id: "amplify", disabled: picked.length ? null : "disabled",
                           onclick: () => run(Number(scale.value))}, "amplify ×"), scale,
+       " ", el("button", {id: "measure", disabled: picked.length ? null : "disabled", onclick: measure,
+                          title: "switch each off alone: its measured change of log p(answer), beside its score"},
+               "measure each alone"),
        " ", el("button", {id: "clear", onclick: () => { explorer.picked.clear(); explorer.graph.setPicked([]); renderSelection(); }}, "clear")),
     result);
+  async function measure() {
+    result.replaceChildren(el("span", {class: "waiting"}, "Switching each off alone…"));
+    try {
+      showMeasured(result, await api("/api/measure", {...currentQuery(), neurons: picked}));
+    } catch (error) { fail(result, error); }
+  }
+}
+
+function scoreOf(name) {
+  const node = explorer.graph.node(graphId(name) || "");
+  return node && node.score !== undefined ? node.score : null;
+}
+
+function showMeasured(box, data) {
+  const what = "log p(" + quoted(data.target.text) + ")" + (data.contrast ? " − log p(" + quoted(data.contrast) + ")" : "");
+  box.replaceChildren(
+    el("div", {}, "Each switched off alone: the change of " + what + ", beside its score (a score is the frozen-norm, first-order effect; switching off lets the rest of the model respond)"),
+    table(["neuron", "#score", "#off alone"],
+      data.alone.map(row => el("tr", {}, el("td", {}, row.neuron), num(scoreOf(row.neuron)), num(row.measured_change))),
+      "measured"),
+    el("div", {}, "All " + data.alone.length + " off together: ", el("b", {id: "measured-together"}, fmt(data.together, 4))),
+    el("div", {class: "muted"}, "model work " + data.seconds.toFixed(2) + " s"));
 }
 
 function showIntervention(box, data) {
