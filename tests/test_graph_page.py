@@ -75,3 +75,22 @@ def test_the_page_hides_sink_neurons_behind_a_toggle(tmp_path):
     assert f"drawn {nodes} nodes, {len(links)} links ({len(sinks)} sink neurons hidden)" in dom.stdout, \
         dom.stdout[-1500:]
     assert 'id="sinks"' in dom.stdout
+
+
+def test_a_nodes_panel_reads_as_names_and_numbers(tmp_path):
+    """#34 item 4: the side panel of `attribute --html` is a readable text (kind, name, score, parts, tokens, links by
+    name), not a dump of the node's keys (no `expert: null`, no raw `x`)."""
+    from .test_explorer import _driver
+
+    graph, path = _page(tmp_path, 8)
+    driver = _driver()
+    try:
+        driver.get(path.as_uri())
+        ffn = next(n for n in graph["nodes"] if n["kind"] == "ffn")
+        panel = driver.execute_script("return view.describe(arguments[0])", ffn["id"])
+    finally:
+        driver.quit()
+    assert panel.startswith(f"FFN value neuron {ffn['name']}\nscore: {ffn['score']:+.4f}")
+    assert "coefficient:" in panel and "to:\n  answer" in panel
+    for raw in ("expert:", "x:", "null", "undefined", '"id"'):
+        assert raw not in panel, (raw, panel)

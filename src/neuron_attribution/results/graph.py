@@ -86,7 +86,8 @@ def _chosen_values(result: Attribution, top: int | None, share: float | None) ->
 
 
 def _value_node(neuron: FfnNeuron | AttentionNeuron, last: int) -> dict[str, Any]:
-    common = {"layer": neuron.layer, "score": neuron.score, "coefficient": neuron.coefficient,
+    common = {"layer": neuron.layer, "score": neuron.score, "measured_change": neuron.measured_change,
+              "coefficient": neuron.coefficient,
               "direct_score": neuron.direct_score, "target_push_rank": neuron.target_push_rank,
               "promoted_tokens": neuron.promoted_tokens[:10], "suppressed_tokens": neuron.suppressed_tokens[:10]}
     if neuron.token_scores is not None:

@@ -254,7 +254,8 @@ function showNode(side, node, graph) {
   else if (node.kind === "answer") { add("answer", quoted(node.text)); add("token id", node.token_id); add("p", fmt(node.prob, 6)); }
   else {
     name = node.name;
-    add("score", fmt(node.score)); add("coefficient", fmt(node.coefficient));
+    add("score", fmt(node.score)); add("switched off alone", node.measured_change == null ? null : fmt(node.measured_change)); add("coefficient", fmt(node.coefficient));
+    if (node.sink) rows.push("⚓ reads the first token, the attention sink");
     if (node.kind !== "query") {
       add("direct part", fmt(node.direct_score)); add("answer's push rank", node.target_push_rank);
     }

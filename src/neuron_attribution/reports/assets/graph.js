@@ -102,13 +102,31 @@ function NeuronGraph(container, graph, onTap) {
     if (onTap) onTap(byId.get(e.target.id()));
   });
 
+  // A node's panel as lines of text: names and numbers a reader wants, never a dump of the node's keys.
   function describe(id) {
-    const node = byId.get(id);
+    const n = byId.get(id), lines = [];
+    const add = (label, value) => { if (value !== null && value !== undefined && value !== "") lines.push(label + ": " + value); };
+    const number = (x, digits = 4) => typeof x === "number" ? (x >= 0 ? "+" : "") + x.toFixed(digits) : null;
+    const tokens = list => (list || []).map(t => JSON.stringify(t)).join(" ");
+    const kinds = {ffn: "FFN value neuron", attention: "attention value neuron", query: "query FFN neuron"};
+    if (n.kind === "token") { lines.push("token " + JSON.stringify(n.text)); add("position", n.position); }
+    else if (n.kind === "answer") {
+      lines.push("answer " + JSON.stringify(n.text)); add("token id", n.token_id); add("p", n.prob.toFixed(6));
+    } else {
+      lines.push(kinds[n.kind] + " " + n.name);
+      add("score", number(n.score)); add("switched off alone", number(n.measured_change));
+      add("coefficient", number(n.coefficient, 3)); add("direct part", number(n.direct_score));
+      add("answer's push rank", n.target_push_rank);
+      if (n.position !== null && n.position !== undefined)
+        add(n.kind === "query" ? "acts at" : "reads source position", n.position + " " + JSON.stringify(n.token));
+      if (n.sink) lines.push("⚓ reads the first token, the attention sink");
+      add("promotes", tokens(n.promoted_tokens)); add("suppresses", tokens(n.suppressed_tokens));
+    }
+    const label = other => { const m = byId.get(other); return m ? (m.name || (m.kind === "token" ? JSON.stringify(m.text) : m.kind)) : other; };
     const incoming = graph.links.filter(l => l.target === id).sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight));
     const outgoing = graph.links.filter(l => l.source === id);
-    const lines = Object.entries(node).map(([k, v]) => k + ": " + (Array.isArray(v) ? v.map(t => JSON.stringify(t)).join(" ") : v));
-    if (incoming.length) lines.push("", "in:", ...incoming.slice(0, 30).map(l => "  " + l.source + "  " + l.weight.toFixed(4)));
-    if (outgoing.length) lines.push("", "out:", ...outgoing.map(l => "  " + l.target + "  " + l.weight.toFixed(4)));
+    if (incoming.length) lines.push("", "from:", ...incoming.slice(0, 30).map(l => "  " + label(l.source) + "  " + number(l.weight)));
+    if (outgoing.length) lines.push("", "to:", ...outgoing.map(l => "  " + label(l.target) + "  " + number(l.weight)));
     return lines.join("\n");
   }
 
