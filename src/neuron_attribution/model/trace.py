@@ -214,3 +214,34 @@ def _trace_of(parts: dict[str, Tensor], token_ids: Tensor, logits: Tensor) -> Tr
                  value_states=parts["value_states"], final_residual=parts["final_residual"], logits=logits,
                  attention_output_scales=parts.get("attention_output_scales"),
                  ffn_output_scales=parts.get("ffn_output_scales"))
+
+
+def attention_rows(model: LoadedModel, ids: Sequence[int]) -> Tensor:
+    """(L, H, T, T) float32: every query position's attention row of every head, from one eager pass of a short
+    prompt (a circuit reads attention neurons at every position, not only the last). Quadratic in the prompt's
+    length by nature: refused from FAST_ATTENTION_FROM_TOKENS tokens on."""
+    n_tokens = len(ids)
+    if n_tokens >= FAST_ATTENTION_FROM_TOKENS:
+        raise ValueError(f"every attention row of a {n_tokens}-token prompt is quadratic in its length")
+    rows: list[Tensor | None] = [None] * model.shape.n_layers
+    device = model.adapter.device
+
+    def keep(layer: int):
+        def hook(module, args, output):
+            rows[layer] = output[1][0].detach().to(device=device, dtype=torch.float32, copy=True)
+        return hook
+
+    inputs = torch.as_tensor(list(ids), dtype=torch.long).unsqueeze(0).to(model.device)
+    with model.lock, torch.inference_mode():
+        handles = []
+        try:
+            for layer in range(model.shape.n_layers):
+                handles.append(model.adapter.attention(layer).register_forward_hook(keep(layer)))
+            model.hf_model(input_ids=inputs, position_ids=torch.arange(n_tokens, device=model.device).unsqueeze(0),
+                           use_cache=False, logits_to_keep=1)
+        finally:
+            for handle in handles:
+                handle.remove()
+    if any(row is None for row in rows):
+        raise RuntimeError("attention weights were not returned; eager attention is needed")
+    return torch.stack(rows)
