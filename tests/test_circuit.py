@@ -130,3 +130,34 @@ def test_pruning_keeps_flow_conserved_and_paths_from_tokens_to_the_answer():
 
     assert longest("answer") >= 3
     assert 0 < graph["completeness"] <= 1
+
+
+def test_the_eiffel_circuit_on_the_default_model(real_model):
+    """The issue's case: "The Eiffel Tower is located in the city of" → " Paris" on SmolLM2. FFN value neurons get
+    links from other neurons, paths of three links or more run from a token to the answer, no (neuron, position)
+    is two nodes, and flow is conserved at every node."""
+    graph = circuit(real_model, "The Eiffel Tower is located in the city of", " Paris")
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    assert len(nodes) == len(graph["nodes"])
+    sources, incoming, outgoing = defaultdict(set), defaultdict(float), defaultdict(float)
+    for link in graph["links"]:
+        sources[link["target"]].add(link["source"])
+        incoming[link["target"]] += link["weight"]
+        outgoing[link["source"]] += link["weight"]
+    value_ffn = [n for n in graph["nodes"] if n["kind"] == "ffn" and "score" in n]
+    fed = [n for n in value_ffn if any(s.startswith(("ffn:", "attention:")) for s in sources[n["id"]])]
+    assert value_ffn and len(fed) == len(value_ffn)
+    for node in graph["nodes"]:
+        if node["kind"] in ("ffn", "attention"):
+            assert incoming[node["id"]] == pytest.approx(outgoing[node["id"]], abs=1e-7)
+    memo: dict[str, int] = {}
+
+    def longest(node_id: str) -> int:
+        if node_id.startswith("token:"):
+            return 0
+        if node_id not in memo:
+            memo[node_id] = max([longest(s) + 1 for s in sources[node_id] if not s.startswith("residual:")],
+                                default=-10**6)
+        return memo[node_id]
+
+    assert longest("answer") >= 3

@@ -26,6 +26,7 @@ _EXPORTS = {
     "Projection": "results.attribution", "QueryLayer": "results.attribution", "QueryNeuron": "results.attribution",
     "Evaluation": "results.evaluation", "Metrics": "results.metrics",
     "attribute": "pipelines.attribute", "attribute_batch": "pipelines.attribute",
+    "circuit": "pipelines.circuit", "CircuitSettings": "pipelines.circuit",
     "predict": "pipelines.predict",
     "score_neurons": "pipelines.score", "NeuronScores": "results.neuron_scores",
     "project": "pipelines.projection", "interpret_query_neuron": "pipelines.projection",
@@ -60,6 +61,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .model.trace import Trace, trace_token_ids
     from .neurons import AttentionIndex, ExpertIndex, FfnIndex, HeadIndex, parse_neuron
     from .pipelines.analyze import analyze_run
+    from .pipelines.circuit import CircuitSettings, circuit
     from .pipelines.attribute import attribute, attribute_batch
     from .pipelines.evaluate import evaluate
     from .pipelines.paper import query_value_split, split_queries

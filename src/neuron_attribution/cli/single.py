@@ -84,6 +84,10 @@ def attribute(
     graph_file: Annotated[Optional[Path], typer.Option("--graph", help="Write the attribution graph (nodes and "
                                                        "links of the circuit, README schema) as JSON.")] = None,
     graph_top: Annotated[int, typer.Option("--graph-top", help="Value neurons in the graph (by |score|).")] = 20,
+    circuit_file: Annotated[Optional[Path], typer.Option("--circuit", help="Write the multi-hop circuit as JSON: "
+                                                         "the top value neurons and, hop by hop, the neurons and "
+                                                         "tokens that feed them, exact flows, pruned by influence "
+                                                         "(README, \"Circuits\"; prompts under 64 tokens).")] = None,
     sinks: Annotated[bool, typer.Option("--sinks", help="Keep neurons that read the first token (the attention "
                                         "sink, marked ⚓ in the tables) in --graph; they are left out by default "
                                         "(the --html page has a toggle).")] = False,
@@ -123,8 +127,9 @@ def attribute(
         raise UserError("--show must be a positive number")
     if graph_top <= 0:
         raise UserError("--graph-top must be a positive number")
-    if (graph_file is not None or html_file is not None) and (neurons is not None or prompts is not None):
-        raise UserError("--graph and --html take one prompt's attribution, not --neurons or --prompts")
+    if (graph_file is not None or html_file is not None or circuit_file is not None) and \
+            (neurons is not None or prompts is not None):
+        raise UserError("--graph, --html and --circuit take one prompt's attribution, not --neurons or --prompts")
     if (prompt is None) == (prompts is None):
         raise UserError("give either a prompt or --prompts FILE")
     if target_id is not None:
@@ -165,6 +170,16 @@ def attribute(
 
         write_json(graph_file, result.graph(top=graph_top, sinks=sinks))
         console.print(f"Wrote {escape(str(graph_file))}")
+    if circuit_file:
+        from ..files import write_json
+        from ..pipelines.circuit import circuit
+
+        with console.status("Tracing the circuit...", spinner="dots"):
+            graph = circuit(loaded, prompt, target, options=settings.scoring, contrast=contrast)
+        write_json(circuit_file, graph)
+        neurons_drawn = sum(1 for n in graph["nodes"] if n["kind"] in ("ffn", "attention"))
+        console.print(f"Wrote {escape(str(circuit_file))} ({neurons_drawn} neurons, {len(graph['links'])} links, "
+                      f"completeness {graph['completeness']:.3f})")
     if html_file:
         from ..files import write_bytes_atomic
         from ..reports.graph_page import graph_page

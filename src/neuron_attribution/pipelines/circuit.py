@@ -15,7 +15,6 @@ links until `edge_threshold` is. Flows are recomputed on what is kept, so conser
 
 from __future__ import annotations
 
-import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +27,7 @@ from ..model.loaded import LoadedModel
 from ..model.prompts import Prompt, encode_prompt, token_texts
 from ..model.trace import attention_rows, trace_token_ids
 from ..results.attribution import Attribution, reads_the_sink
-from ..scoring.circuit import CircuitInputs, Fractions, attention_fractions, ffn_fractions
+from ..scoring.circuit import CircuitInputs, Fractions, Reader, attention_reader, ffn_reader, fractions
 from ..settings import ScoringOptions
 from .attribute import attribute_with
 
@@ -59,7 +58,7 @@ class CircuitSettings:
 class Circuit:
     """Nodes, links with fractions of their target's flow, and the flows."""
 
-    answer_total: float  # the sum of the returned value neurons' scores: what reaches the answer
+    answer_total: float  # the sum of the scores of the top `values` value neurons of each kind: what reaches the answer
     fractions: dict[Node, dict[Node, float]] = field(default_factory=dict)  # target -> {source: fraction}
     scores: dict[Node, float] = field(default_factory=dict)  # value nodes -> score
     influence: dict[Node, float] = field(default_factory=dict)
@@ -91,7 +90,9 @@ def circuit(model: LoadedModel, prompt: Prompt, target: str | int | None = None,
     if len(ids) >= FAST_ATTENTION_FROM_TOKENS:
         raise UserError(f"a circuit reads every position's attention rows: prompts under {FAST_ATTENTION_FROM_TOKENS} "
                         f"tokens (this one has {len(ids)})")
-    options = (options or ScoringOptions()).overridden(top_k=max(settings.values, (options or ScoringOptions()).top_k))
+    options = options or ScoringOptions()
+    # the value neurons the graph starts from; query neurons are the graph's own business here
+    options = options.overridden(top_k=settings.values, query_top=0)
     (result,) = attribute_with(model, [ids], [target], options, contrasts=[contrast])
     inputs = circuit_inputs(model, ids)
     grown = grow(inputs, result, settings)
@@ -119,35 +120,33 @@ def value_nodes(inputs: CircuitInputs, result: Attribution, count: int) -> dict[
     return nodes
 
 
-def fractions_of(inputs: CircuitInputs, node: Node) -> Fractions:
+def reader_of(inputs: CircuitInputs, node: Node) -> Reader:
     if node.kind == "ffn":
-        return ffn_fractions(inputs, node.layer, node.row, node.position)
+        return ffn_reader(inputs, node.layer, node.row, node.position)
     head, dim = divmod(node.row, inputs.shape.head_dim)
-    return attention_fractions(inputs, node.layer, head, dim, node.position)
+    return attention_reader(inputs, node.layer, head, dim, node.position)
 
 
 def grow(inputs: CircuitInputs, result: Attribution, settings: CircuitSettings) -> Circuit:
-    """The graph before pruning: from the value nodes back, each node's `per_node` strongest inputs by |weight|
-    (and its token's), in reverse topological order so that a node's flow is final when it is expanded."""
+    """The graph before pruning: from the value nodes back, hop by hop, each node's `per_node` inputs with the
+    largest fractions in magnitude (its weights are its fractions times its flow, so the order is the same) and
+    its token's; at most `max_nodes` neurons, the ones fewer hops from the answer first. A hop's nodes are read
+    together (`scoring.circuit.fractions`)."""
     scores = value_nodes(inputs, result, settings.values)
     grown = Circuit(sum(n.score for n in [*result.ffn_neurons, *result.attention_neurons]), scores=dict(scores))
-    flow: dict[Node, float] = defaultdict(float, scores)
-    queue = [(_topological_key(node), node) for node in scores]
-    heapq.heapify(queue)
-    seen = set(scores)
-    while queue:
-        _, node = heapq.heappop(queue)
-        if node.kind == "token":
-            continue
-        chosen = _strongest(inputs, node, fractions_of(inputs, node), settings.per_node)
-        grown.fractions[node] = chosen
-        for source, fraction in chosen.items():
-            flow[source] += fraction * flow[node]
-            if source in seen or (source.kind != "token" and len(seen) >= settings.max_nodes):
-                continue
-            seen.add(source)
-            heapq.heappush(queue, (_topological_key(source), source))
-    # a source dropped for the cap may have been given a fraction: keep only nodes that are in the graph
+    frontier, seen = list(scores), set(scores)
+    while frontier:
+        for node, found in zip(frontier, fractions(inputs, [reader_of(inputs, n) for n in frontier])):
+            grown.fractions[node] = _strongest(inputs, node, found, settings.per_node)
+        following = []
+        for node in frontier:
+            for source in grown.fractions[node]:
+                if source in seen or (source.kind != "token" and len(seen) >= settings.max_nodes):
+                    continue
+                seen.add(source)
+                if source.kind != "token":
+                    following.append(source)
+        frontier = following
     for target, sources in grown.fractions.items():
         grown.fractions[target] = {s: f for s, f in sources.items() if s in seen}
     return grown
