@@ -88,6 +88,9 @@ def attribute(
                                                          "the top value neurons and, hop by hop, the neurons and "
                                                          "tokens that feed them, exact flows, pruned by influence "
                                                          "(README, \"Circuits\"; prompts under 64 tokens).")] = None,
+    circuit_format: Annotated[str, typer.Option("--circuit-format", help="native (this project's schema) or "
+                                                "circuit-tracer (the JSON circuit-tracer's frontend and "
+                                                "Neuronpedia's graph viewer read).")] = "native",
     sinks: Annotated[bool, typer.Option("--sinks", help="Keep neurons that read the first token (the attention "
                                         "sink, marked ⚓ in the tables) in --graph; they are left out by default "
                                         "(the --html page has a toggle).")] = False,
@@ -125,6 +128,8 @@ def attribute(
 
     if show <= 0:
         raise UserError("--show must be a positive number")
+    if circuit_format not in ("native", "circuit-tracer"):
+        raise UserError(f"--circuit-format {circuit_format!r}: native or circuit-tracer")
     if graph_top <= 0:
         raise UserError("--graph-top must be a positive number")
     if (graph_file is not None or html_file is not None or circuit_file is not None) and \
@@ -176,10 +181,15 @@ def attribute(
 
         with console.status("Tracing the circuit...", spinner="dots"):
             graph = circuit(loaded, prompt, target, options=settings.scoring, contrast=contrast)
+        if circuit_format == "circuit-tracer":
+            from ..model.prompts import encode_prompt
+            from ..results.circuit_tracer import circuit_tracer_graph
+
+            shape = loaded.shape
+            graph = circuit_tracer_graph(graph, encode_prompt(loaded, prompt), shape.d_ffn, shape.head_dim,
+                                         slug=circuit_file.stem)
         write_json(circuit_file, graph)
-        neurons_drawn = sum(1 for n in graph["nodes"] if n["kind"] in ("ffn", "attention"))
-        console.print(f"Wrote {escape(str(circuit_file))} ({neurons_drawn} neurons, {len(graph['links'])} links, "
-                      f"completeness {graph['completeness']:.3f})")
+        console.print(f"Wrote {escape(str(circuit_file))} ({len(graph['nodes'])} nodes, {len(graph['links'])} links)")
     if html_file:
         from ..files import write_bytes_atomic
         from ..reports.graph_page import graph_page

@@ -253,7 +253,7 @@ def graph_of(model: LoadedModel, result: Attribution, circuit: Circuit, settings
                                  "token": tokens[node.position]}
         if node.kind == "ffn":
             index = shape.ffn_index(node.layer, node.row)
-            entry.update(name=f"{index}@{node.position}", neuron=str(index))
+            entry.update(name=f"{index}@{node.position}", neuron=str(index), row=node.row)
         elif node.kind == "attention":
             head, dim = divmod(node.row, shape.head_dim)
             entry.update(name=f"{node.layer}_{head}_{dim}@{node.position}", head=head, dim=dim,
