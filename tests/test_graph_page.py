@@ -3,6 +3,7 @@ real (headless) Chromium, offline, with markup from the prompt and the tokens ke
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -94,3 +95,43 @@ def test_a_nodes_panel_reads_as_names_and_numbers(tmp_path):
     assert "coefficient:" in panel and "to:\n  answer" in panel
     for raw in ("expert:", "x:", "null", "undefined", '"id"'):
         assert raw not in panel, (raw, panel)
+
+
+def test_the_circuit_page_draws_layers_and_the_strongest_path(tmp_path):
+    """#34 item 4: `attribute --html` draws the circuit — the header with prompt, answer, p and top predictions,
+    nodes without the residual ones by default, and "highlight the strongest path" naming a path from a token to
+    the answer (its share: the product of each link's fraction of its target's incoming |weight|)."""
+    from selenium.webdriver.common.by import By
+
+    from neuron_attribution.pipelines.circuit import circuit
+    from neuron_attribution.reports.graph_page import circuit_page
+
+    from .test_explorer import _driver, _wait_for
+
+    graph = circuit(tiny_llama(), [5, 17, 3, 99, 42, 7], 11)
+    graph["prompt"] = EVIL
+    path = tmp_path / "circuit.html"
+    path.write_text(circuit_page(graph), encoding="utf-8")
+    shown = [n for n in graph["nodes"] if n["kind"] != "residual" and not n.get("sink")]
+    links = [l for l in graph["links"] if {l["source"], l["target"]} <= {n["id"] for n in shown}]
+    driver = _driver()
+    try:
+        driver.get(path.as_uri())
+        _wait_for(driver, lambda d: "drawn" in d.find_element(By.ID, "graph-status").text, 30)
+        assert driver.find_element(By.ID, "graph-status").text == f"drawn {len(shown)} nodes, {len(links)} links"
+        assert json.dumps(EVIL) in driver.find_element(By.ID, "title").text and driver.title != "owned"  # as text
+        assert "Top predictions:" in driver.find_element(By.ID, "predictions").text
+        driver.find_element(By.ID, "strongest").click()
+        text = driver.find_element(By.ID, "path").text
+        assert text.endswith(")") and " → " in text and "→ answer (share" in text, text
+        driver.find_element(By.ID, "residuals").click()
+        assert driver.find_element(By.ID, "graph-status").text == \
+            f"drawn {len(graph['nodes']) - sum(1 for n in graph['nodes'] if n.get('sink'))} nodes, " \
+            f"{sum(1 for l in graph['links'] if not (graph_node(graph, l['source']).get('sink') or graph_node(graph, l['target']).get('sink')))} links"
+        assert not driver.find_elements(By.TAG_NAME, "img")
+    finally:
+        driver.quit()
+
+
+def graph_node(graph: dict, node_id: str) -> dict:
+    return next(n for n in graph["nodes"] if n["id"] == node_id)

@@ -81,19 +81,21 @@ def attribute(
     model: ModelOption = None,
     top: Annotated[int, typer.Option("--top", "-k", help="How many FFN and attention neurons to return.")] = DEFAULT_TOP_K,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the full result as JSON.")] = None,
-    graph_file: Annotated[Optional[Path], typer.Option("--graph", help="Write the attribution graph (nodes and "
-                                                       "links of the circuit, README schema) as JSON.")] = None,
-    graph_top: Annotated[int, typer.Option("--graph-top", help="Value neurons in the graph (by |score|).")] = 20,
-    circuit_file: Annotated[Optional[Path], typer.Option("--circuit", help="Write the multi-hop circuit as JSON: "
-                                                         "the top value neurons and, hop by hop, the neurons and "
-                                                         "tokens that feed them, exact flows, pruned by influence "
-                                                         "(README, \"Circuits\"; prompts under 64 tokens).")] = None,
-    circuit_format: Annotated[str, typer.Option("--circuit-format", help="native (this project's schema) or "
-                                                "circuit-tracer (the JSON circuit-tracer's frontend and "
-                                                "Neuronpedia's graph viewer read).")] = "native",
+    graph_file: Annotated[Optional[Path], typer.Option("--graph", help="Write the circuit as JSON: the top value "
+                                                       "neurons and, hop by hop, the neurons and tokens that feed "
+                                                       "them, exact flows, pruned by influence (README, "
+                                                       "\"Circuits\").")] = None,
+    graph_format: Annotated[str, typer.Option("--graph-format", help="native (this project's schema) or "
+                                              "circuit-tracer (the JSON circuit-tracer's frontend and Neuronpedia's "
+                                              "graph viewer read).")] = "native",
+    one_hop: Annotated[bool, typer.Option("--one-hop", help="--graph and --html give the one-hop graph instead: "
+                                          "value neurons, their query neurons and source tokens (README, \"The "
+                                          "attribution graph\").")] = False,
+    graph_top: Annotated[int, typer.Option("--graph-top", help="Value neurons the graph starts from (by "
+                                           "|score|).")] = 20,
     sinks: Annotated[bool, typer.Option("--sinks", help="Keep neurons that read the first token (the attention "
-                                        "sink, marked ⚓ in the tables) in --graph; they are left out by default "
-                                        "(the --html page has a toggle).")] = False,
+                                        "sink, marked ⚓ in the tables) in the one-hop --graph; left out by default "
+                                        "(the --html pages have a toggle).")] = False,
     html_file: Annotated[Optional[Path], typer.Option("--html", help="Write one self-contained interactive page of "
                                                       "the attribution graph (works offline).")] = None,
     reference: Annotated[bool, typer.Option("--reference", help="Drop the final LayerNorm bias, as the "
@@ -128,13 +130,14 @@ def attribute(
 
     if show <= 0:
         raise UserError("--show must be a positive number")
-    if circuit_format not in ("native", "circuit-tracer"):
-        raise UserError(f"--circuit-format {circuit_format!r}: native or circuit-tracer")
+    if graph_format not in ("native", "circuit-tracer"):
+        raise UserError(f"--graph-format {graph_format!r}: native or circuit-tracer")
+    if graph_format == "circuit-tracer" and one_hop:
+        raise UserError("--graph-format circuit-tracer writes a circuit; leave out --one-hop")
     if graph_top <= 0:
         raise UserError("--graph-top must be a positive number")
-    if (graph_file is not None or html_file is not None or circuit_file is not None) and \
-            (neurons is not None or prompts is not None):
-        raise UserError("--graph, --html and --circuit take one prompt's attribution, not --neurons or --prompts")
+    if (graph_file is not None or html_file is not None) and (neurons is not None or prompts is not None):
+        raise UserError("--graph and --html take one prompt's attribution, not --neurons or --prompts")
     if (prompt is None) == (prompts is None):
         raise UserError("give either a prompt or --prompts FILE")
     if target_id is not None:
@@ -170,32 +173,48 @@ def attribute(
     if json_file:
         result.save(json_file)
         console.print(f"Wrote {escape(str(json_file))}")
-    if graph_file:
-        from ..files import write_json
+    if graph_file or html_file:
+        _write_graphs(loaded, prompt, target, contrast, result, settings, graph_file, html_file, graph_format,
+                      one_hop, graph_top, sinks)
 
-        write_json(graph_file, result.graph(top=graph_top, sinks=sinks))
-        console.print(f"Wrote {escape(str(graph_file))}")
-    if circuit_file:
-        from ..files import write_json
-        from ..pipelines.circuit import circuit
 
+def _write_graphs(loaded, prompt, target, contrast, result, settings, graph_file, html_file, graph_format: str,
+                  one_hop: bool, top: int, sinks: bool) -> None:
+    """--graph and --html: the circuit (a prompt under 64 tokens), else, or with --one-hop, the one-hop graph."""
+    from ..files import write_bytes_atomic, write_json
+    from ..model.forward import FAST_ATTENTION_FROM_TOKENS
+    from ..model.prompts import encode_prompt
+    from ..pipelines.circuit import CircuitSettings, circuit
+    from ..reports.graph_page import circuit_page, graph_page
+
+    ids = encode_prompt(loaded, prompt)
+    if not one_hop and len(ids) >= FAST_ATTENTION_FROM_TOKENS:
+        if graph_format == "circuit-tracer":
+            raise UserError(f"a circuit reads every position's attention rows: prompts under "
+                            f"{FAST_ATTENTION_FROM_TOKENS} tokens (this one has {len(ids)})")
+        console.print(f"The prompt has {len(ids)} tokens; circuits are for prompts under {FAST_ATTENTION_FROM_TOKENS} "
+                      "(they read every position's attention rows): writing the one-hop graph.")
+        one_hop = True
+    if one_hop:
+        everything = len(result.ffn_neurons) + len(result.attention_neurons)  # the page's control picks among them
+        graph, page = result.graph(top=top, sinks=sinks), graph_page(result.graph(top=max(1, everything), sinks=True))
+    else:
         with console.status("Tracing the circuit...", spinner="dots"):
-            graph = circuit(loaded, prompt, target, options=settings.scoring, contrast=contrast)
-        if circuit_format == "circuit-tracer":
-            from ..model.prompts import encode_prompt
+            graph = circuit(loaded, ids, target, settings=CircuitSettings(values=top), options=settings.scoring,
+                            contrast=contrast)
+        graph["prompt"] = result.prompt
+        page = circuit_page(graph)
+        if graph_format == "circuit-tracer":
             from ..results.circuit_tracer import circuit_tracer_graph
 
             shape = loaded.shape
-            graph = circuit_tracer_graph(graph, encode_prompt(loaded, prompt), shape.d_ffn, shape.head_dim,
-                                         slug=circuit_file.stem)
-        write_json(circuit_file, graph)
-        console.print(f"Wrote {escape(str(circuit_file))} ({len(graph['nodes'])} nodes, {len(graph['links'])} links)")
+            graph = circuit_tracer_graph(graph, ids, shape.d_ffn, shape.head_dim,
+                                         slug=(graph_file or html_file).stem)
+    if graph_file:
+        write_json(graph_file, graph)
+        console.print(f"Wrote {escape(str(graph_file))} ({len(graph['nodes'])} nodes, {len(graph['links'])} links)")
     if html_file:
-        from ..files import write_bytes_atomic
-        from ..reports.graph_page import graph_page
-
-        everything = len(result.ffn_neurons) + len(result.attention_neurons)  # the page's control picks among them
-        write_bytes_atomic(html_file, graph_page(result.graph(top=max(1, everything), sinks=True)).encode("utf-8"))
+        write_bytes_atomic(html_file, page.encode("utf-8"))
         console.print(f"Wrote {escape(str(html_file))} (self-contained; open it in a browser)")
 
 

@@ -289,7 +289,8 @@ def graph_of(model: LoadedModel, result: Attribution, circuit: Circuit, settings
     token_flow = sum(abs(n["flow"]) for n in nodes if n["kind"] == "token")
     rest_flow = sum(abs(link["weight"]) for link in links if link["kind"] == "residual")
     return {"schema": SCHEMA, "prompt": result.prompt, "model": result.model, "tokens": tokens,
-            "target": result.target.to_dict(), "n_layers": n_layers, "settings": settings.__dict__,
+            "target": result.target.to_dict(), "predictions": [p.__dict__ for p in result.predictions[:5]],
+            "n_layers": n_layers, "settings": settings.__dict__,
             "completeness": token_flow / (token_flow + rest_flow) if token_flow + rest_flow else 0.0,
             "nodes": nodes, "links": links}
 
