@@ -30,7 +30,7 @@ def test_attribute_json_fields(tmp_path, real_model):
     for key, fields in (("ffn_neurons", {"layer", "neuron", "score", "coefficient", "top_tokens", "bottom_tokens",
                                          *parts}),
                         ("attention_neurons", {"layer", "head", "dim", "position", "token", "score",
-                                               "coefficient", *parts})):
+                                               "coefficient", "sink", *parts})):
         rows = data[key]
         assert len(rows) == 12 and set(rows[0]) == fields
         assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
@@ -40,7 +40,9 @@ def test_attribute_json_fields(tmp_path, real_model):
     assert data["query_via"] == "attention" and data["rank_by"] == "score" and data["vocab_size"] == 49152
     first = data["ffn_neurons"][0]
     assert first["direct_score"] - first["normaliser_change"] == pytest.approx(first["score"], abs=1e-6)
-    assert set(queries[0]) == {"layer", "neuron", "score", "attention_score", "position", "token", "coefficient"}
+    assert set(queries[0]) == {"layer", "neuron", "score", "attention_score", "position", "token", "coefficient",
+                               "sink"}
+    assert data["measured_top"] == 0 and data["measured_together"] is None  # no --measure: nothing measured
     assert all(q["score"] == q["attention_score"] for q in queries)
     assert data["query_layers"]["for_ffn"] == []
     rows = data["query_layers"]["for_attention"]
@@ -57,7 +59,7 @@ def test_attribute_json_fields(tmp_path, real_model):
     (["attribute", "Hello", "--query-via", "heads"], "error: query_via must be one of attention, ffn, both, got "
                                                      "'heads'"),
     (["attribute", "Hello", "--answer-tokens", "some"], "error: answer_tokens must be one of first, all, got 'some'"),
-    (["attribute", "Hello", "--rank-by", "logit"], "error: rank_by must be one of score, direct, got 'logit'"),
+    (["attribute", "Hello", "--rank-by", "logit"], "error: rank_by must be one of score, direct, measured, got 'logit'"),
     (["attribute", "The capital of France is", "--target", " Paris", "--contrast", "Paris"],
      "error: the contrast ' Paris' is the target's own first token; a contrast must differ"),
     (["attribute", "The capital of France is", "--answer-tokens", "all"],
