@@ -16,24 +16,36 @@ LIBRARY = "cytoscape-3.35.0.min.js"
 
 
 def graph_page(graph: dict[str, Any]) -> str:
-    package = resources.files("neuron_attribution.reports")
-    library = package.joinpath("vendor", LIBRARY).read_text(encoding="utf-8")
-    code = package.joinpath("assets", "graph.js").read_text(encoding="utf-8")
     title = f"{graph['prompt']!r} → {graph['target']['text']!r}"
-    parts = {"__TITLE_JSON__": _script_json(title), "__GRAPH_JSON__": _script_json(graph),
-             "__GRAPH_CODE__": code, "__LIBRARY__": library}
-    # one pass: a prompt that contains a placeholder's name stays text
-    return re.sub("__(?:TITLE_JSON|GRAPH_JSON|GRAPH_CODE|LIBRARY)__", lambda m: parts[m.group(0)], _PAGE)
+    return _inline(_PAGE, "graph.js", {"__TITLE_JSON__": _script_json(title), "__GRAPH_JSON__": _script_json(graph)})
 
 
 def circuit_page(graph: dict[str, Any]) -> str:
     """One self-contained page of a circuit (`attribute --html` without --one-hop): its header says the prompt,
     the answer, its probability and the top predictions; layers up the page, positions across."""
+    return _inline(_CIRCUIT_PAGE, "circuit.js", {"__GRAPH_JSON__": _script_json(graph)})
+
+
+def _inline(template: str, code: str, parts: dict[str, str]) -> str:
+    """The template with the vendored library, the drawing code `code` (reports/assets) and `parts` put in, in one
+    pass: a prompt that contains a placeholder's name stays text."""
     package = resources.files("neuron_attribution.reports")
-    library = package.joinpath("vendor", LIBRARY).read_text(encoding="utf-8")
-    code = package.joinpath("assets", "circuit.js").read_text(encoding="utf-8")
-    parts = {"__GRAPH_JSON__": _script_json(graph), "__GRAPH_CODE__": code, "__LIBRARY__": library}
-    return re.sub("__(?:GRAPH_JSON|GRAPH_CODE|LIBRARY)__", lambda m: parts[m.group(0)], _CIRCUIT_PAGE)
+    parts = {**parts, "__LIBRARY__": package.joinpath("vendor", LIBRARY).read_text(encoding="utf-8"),
+             "__GRAPH_CODE__": package.joinpath("assets", code).read_text(encoding="utf-8")}
+    return re.sub("|".join(re.escape(name) for name in parts), lambda m: parts[m.group(0)], template)
+
+
+# The head both pages share: nothing may be fetched, only the inlined scripts run.
+_HEAD = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'">
+<title>neuron-attribution __KIND__</title>
+<style>
+body{margin:0;font:13px/1.4 system-ui,sans-serif;display:flex;height:100vh}
+#main{flex:1;display:flex;flex-direction:column;min-width:0}
+#bar{padding:6px 10px;border-bottom:1px solid #ddd}
+#graph{flex:1;min-height:300px}
+"""
 
 
 def _script_json(value: Any) -> str:
@@ -43,16 +55,7 @@ def _script_json(value: Any) -> str:
             .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'">
-<title>neuron-attribution graph</title>
-<style>
-body{margin:0;font:13px/1.4 system-ui,sans-serif;display:flex;height:100vh}
-#main{flex:1;display:flex;flex-direction:column;min-width:0}
-#bar{padding:6px 10px;border-bottom:1px solid #ddd}
-#graph{flex:1;min-height:300px}
-#side{width:320px;border-left:1px solid #ddd;padding:8px;overflow:auto;white-space:pre-wrap;font-family:monospace}
+_PAGE = _HEAD.replace("__KIND__", "graph") + """#side{width:320px;border-left:1px solid #ddd;padding:8px;overflow:auto;white-space:pre-wrap;font-family:monospace}
 </style></head><body>
 <div id="main">
  <div id="bar"><b id="title"></b><br>
@@ -76,16 +79,7 @@ bindGraphControls(view);
 </script></body></html>
 """
 
-_CIRCUIT_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'">
-<title>neuron-attribution circuit</title>
-<style>
-body{margin:0;font:13px/1.4 system-ui,sans-serif;display:flex;height:100vh}
-#main{flex:1;display:flex;flex-direction:column;min-width:0}
-#bar{padding:6px 10px;border-bottom:1px solid #ddd}
-#graph{flex:1;min-height:300px}
-#side{width:340px;border-left:1px solid #ddd;padding:8px;overflow:auto;white-space:pre-wrap;font-family:monospace}
+_CIRCUIT_PAGE = _HEAD.replace("__KIND__", "circuit") + """#side{width:340px;border-left:1px solid #ddd;padding:8px;overflow:auto;white-space:pre-wrap;font-family:monospace}
 .key{display:inline-block;width:10px;height:10px;border-radius:5px;margin:0 3px 0 8px;vertical-align:middle}
 </style></head><body>
 <div id="main">
