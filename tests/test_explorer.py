@@ -527,3 +527,27 @@ def test_measuring_the_selection_over_http_equals_the_library(server, real_model
     assert data["together"] == pytest.approx(together, abs=2e-5)  # batched vs alone: float32 rounding
     status, data = _post(server + "api/measure", {"prompt": PROMPT, "neurons": ["99_1"]})
     assert status == 400 and "not a neuron of" in data["error"]
+
+
+def test_the_prompt_view_draws_the_circuit(server, browser, real_model):
+    """#34 item 4: the prompt view draws the multi-hop circuit — the library's `circuit` for the prompt, without
+    residual nodes and sinks until asked — and highlights the strongest path from a token to the answer."""
+    from selenium.webdriver.common.by import By
+
+    from neuron_attribution import circuit
+
+    status, data = _post(server + "api/attribute", {"prompt": PROMPT, "top": 20})
+    assert status == 200, data
+    expected = circuit(real_model, PROMPT)
+    assert sorted(n["id"] for n in data["circuit"]["nodes"]) == sorted(n["id"] for n in expected["nodes"])
+    shown = [n for n in data["circuit"]["nodes"] if n["kind"] != "residual" and not n.get("sink")]
+    ids = {n["id"] for n in shown}
+    links = [l for l in data["circuit"]["links"] if l["source"] in ids and l["target"] in ids]
+    browser.get(server + "?" + urllib.parse.urlencode({"prompt": PROMPT}))
+    _wait_for(browser, lambda d: d.find_elements(By.ID, "circuit-status") and
+              "drawn" in _text(d, "circuit-status"), 120)
+    assert _text(browser, "circuit-status") == f"drawn {len(shown)} nodes, {len(links)} links"
+    browser.find_element(By.ID, "circuit-strongest").click()
+    assert "→ answer (share" in _text(browser, "circuit-path")
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors

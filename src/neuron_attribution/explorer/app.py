@@ -42,6 +42,7 @@ ASSETS = {
     "explorer.js": ("neuron_attribution.explorer", "assets/explorer.js", "text/javascript"),
     "explorer.css": ("neuron_attribution.explorer", "assets/explorer.css", "text/css"),
     "graph.js": ("neuron_attribution.reports", "assets/graph.js", "text/javascript"),
+    "circuit.js": ("neuron_attribution.reports", "assets/circuit.js", "text/javascript"),
     "cytoscape.min.js": ("neuron_attribution.reports", "vendor/cytoscape-3.35.0.min.js", "text/javascript"),
 }
 SECURITY_HEADERS = [

@@ -20,7 +20,9 @@ from ..model.loaded import LoadedModel
 from ..model.prompts import encode_prompt, encode_target, token_text, token_texts
 from ..model.readout import project_to_vocabulary
 from ..neurons import AttentionIndex, FfnIndex, HeadIndex, NeuronIndex, parse_neuron
+from ..model.forward import FAST_ATTENTION_FROM_TOKENS
 from ..pipelines.attribute import attribute_with
+from ..pipelines.circuit import circuit
 from ..pipelines.predict import top_predictions
 from ..pipelines.projection import neuron_vector, projection_of
 from ..pipelines.targets import token_info
@@ -137,7 +139,19 @@ class Views:
             "query_neurons": [{**q.__dict__, "name": str(q.index)}
                               for q in result.query_neurons[:TABLE_ROWS]],
             "graph": result.graph(top=max(1, everything), sinks=True),  # the page hides them behind a toggle
+            **self._circuit(query, len(result.tokens)),
         }
+
+    def _circuit(self, query: PromptQuery, n_tokens: int) -> dict[str, Any]:
+        """The prompt's multi-hop circuit (`pipelines.circuit`), or why there is none."""
+        if query.answer_tokens != "first":
+            return {"circuit": None, "circuit_note": "circuits are drawn for the first answer token"}
+        if n_tokens >= FAST_ATTENTION_FROM_TOKENS:
+            return {"circuit": None, "circuit_note": f"circuits are drawn for prompts under "
+                                                     f"{FAST_ATTENTION_FROM_TOKENS} tokens"}
+        options = replace(self.options, query_via=query.query_via or self.options.query_via)
+        return {"circuit": circuit(self.model, query.prompt, query.target, options=options, contrast=query.contrast),
+                "circuit_note": None}
 
     # -- interventions ----------------------------------------------------------------------------------------
 

@@ -155,6 +155,7 @@ function renderPrompt(results, data, query) {
     el("div", {id: "graph"}));
   const selection = el("div", {class: "selection", id: "selection"});
   results.replaceChildren(summary, el("div", {class: "workspace"}, graphBox, side), selection,
+    circuitSection(data, side),
     el("h2", {}, "Layers"), layerBars(data.layers, "layers"),
     el("div", {class: "grid"},
       el("div", {}, el("h2", {}, "Top heads"), headsTable(data.heads)),
@@ -166,6 +167,50 @@ function renderPrompt(results, data, query) {
   const graph = explorer.graph = NeuronGraph(document.getElementById("graph"), data.graph, node => showNode(side, node, graph));
   bindGraphControls(graph, () => graph.setPicked([...picked].map(graphId).filter(Boolean)));
   renderSelection();
+}
+
+// The multi-hop circuit (docs/method.md §3b), drawn by the same code as `attribute --html`: layers up, positions
+// across; residual nodes and sinks behind toggles; the strongest path on request; a click shows a node in the panel.
+function circuitSection(data, side) {
+  if (!data.circuit) return el("div", {class: "muted", id: "circuit-note"}, "No circuit: " + data.circuit_note);
+  const status = el("span", {id: "circuit-status"}, "drawing…"), path = el("span", {id: "circuit-path"});
+  const residuals = el("input", {id: "circuit-residuals", type: "checkbox"}), sinks = el("input", {id: "circuit-sinks", type: "checkbox"});
+  const box = el("div", {id: "circuit"});
+  const section = el("div", {class: "circuit-box"},
+    el("h2", {}, "Circuit"),
+    el("div", {class: "graph-bar"}, el("label", {}, residuals, " show residual nodes"), " · ",
+       el("label", {title: "neurons that read the first token, the attention sink"}, sinks, " show sinks ⚓"), " · ",
+       el("button", {id: "circuit-strongest", onclick: () => {
+         const found = view.strongestPath();
+         view.markPath(found.ids);
+         path.textContent = found.ids.map(id => (view.node(id) || {}).name || id).join(" → ") + " (share " + fmt(found.value) + ")";
+       }}, "highlight the strongest path"), " ", path, " · ", status,
+       el("div", {class: "muted"}, "Green: FFN neurons, orange: attention neurons at their source positions, grey: tokens; links are the share of a node's flow each input supplies (exact; completeness " + fmt(data.circuit.completeness) + ")")),
+    box);
+  let view = null;
+  const draw = () => {
+    const counts = view.draw({residuals: residuals.checked, sinks: sinks.checked});
+    status.textContent = "drawn " + counts[0] + " nodes, " + counts[1] + " links";
+  };
+  residuals.addEventListener("change", draw); sinks.addEventListener("change", draw);
+  requestAnimationFrame(() => {
+    view = CircuitView(box, data.circuit, node => showCircuitNode(side, node));
+    draw();
+  });
+  return section;
+}
+
+function showCircuitNode(side, node) {
+  const rows = [];
+  const add = (label, value) => { if (value !== null && value !== undefined) rows.push(label + ": " + value); };
+  add("position", node.position + " " + quoted(node.token));
+  add("score (into the answer)", node.score === undefined ? null : fmt(node.score));
+  add("flow passed on", fmt(node.flow)); add("influence on the answer", node.influence === undefined ? null : fmt(node.influence));
+  if (node.sink) rows.push("⚓ reads the first token, the attention sink");
+  const named = node.kind === "ffn" ? node.neuron : node.kind === "attention" ? node.name : null;
+  side.replaceChildren(el("h3", {id: "side-title"}, (node.kind === "ffn" ? "FFN neuron " : node.kind === "attention" ? "attention neuron " : node.kind + " ") + (node.name || node.text || "")),
+    named ? el("div", {}, neuronLink(named.replace(/@\d+$/, "")), "  ", pickButton(named)) : null,
+    el("div", {class: "numbers", id: "side-numbers"}, rows.join("\n")));
 }
 
 function graphId(name) {
