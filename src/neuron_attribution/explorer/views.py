@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..model.interventions import Ablation, last_logits, last_logits_each
+from ..model.interventions import Ablation, last_logits
 from ..model.loaded import LoadedModel
 from ..model.prompts import encode_prompt, encode_target, token_text, token_texts
 from ..model.readout import project_to_vocabulary
@@ -23,6 +23,7 @@ from ..neurons import AttentionIndex, FfnIndex, HeadIndex, NeuronIndex, parse_ne
 from ..model.forward import FAST_ATTENTION_FROM_TOKENS
 from ..pipelines.attribute import attribute_with
 from ..pipelines.circuit import circuit
+from ..pipelines.measure import measured_changes
 from ..pipelines.predict import top_predictions
 from ..pipelines.projection import neuron_vector, projection_of
 from ..pipelines.targets import token_info
@@ -170,17 +171,11 @@ class Views:
         """Each neuron switched off alone, and all of them together: the measured change of log p(answer) (minus
         log p(contrast) with one), the numbers `measure=N` stores beside scores (docs/method.md §5)."""
         result, _ = self._attributed(query)
-        ablations = [Ablation(), *(Ablation.of([n]) for n in neurons), Ablation.of(neurons)]
-        logits = last_logits_each(self.model, [query.prompt] * len(ablations), ablations)
-        log_probs = torch.log_softmax(logits.double(), dim=-1)
-        outcome = log_probs[:, result.target.id]
-        if result.target.contrast is not None:
-            outcome = outcome - log_probs[:, result.target.contrast.id]
-        changes = (outcome - outcome[0]).tolist()
+        alone, together = measured_changes(self.model, query.prompt, result, neurons, neurons)
         return {"target": {"text": result.target.text, "id": result.target.id},
                 "contrast": None if result.target.contrast is None else result.target.contrast.text,
-                "alone": [{"neuron": str(n), "measured_change": change} for n, change in zip(neurons, changes[1:-1])],
-                "together": changes[-1]}
+                "alone": [{"neuron": str(n), "measured_change": change} for n, change in zip(neurons, alone)],
+                "together": together}
 
     def _outcome(self, logits: torch.Tensor, target_id: int) -> dict[str, Any]:
         answer = token_info(torch.softmax(logits.double(), dim=-1), target_id, token_text(self.model, target_id))

@@ -176,14 +176,13 @@ def _strongest(inputs: CircuitInputs, node: Node, fractions: Fractions, count: i
 
 def prune(grown: Circuit, settings: CircuitSettings) -> Circuit:
     """Neurons and links kept by influence on the answer (circuit-tracer's rule); flows recomputed on them."""
-    flow = grown.flows()
-    influence = _influence(grown, flow)
+    influence = _influence(grown)
     neurons = sorted((n for n in influence if n.kind in ("ffn", "attention")), key=lambda n: -influence[n])
     kept = _covering(neurons, [influence[n] for n in neurons], settings.node_threshold)
     kept |= {n for n in influence if n.kind == "token"}
     links = [(target, source) for target, sources in grown.fractions.items() for source in sources
              if target in kept and source in kept and source.kind != "token"]
-    weights = [influence[t] * _normalised(grown, flow, t, s) for t, s in links]
+    weights = [influence[t] * _normalised(grown, t, s) for t, s in links]
     # links from tokens are the graph's ground: every kept neuron keeps its token's
     kept_links = _covering(links, weights, settings.edge_threshold) | \
         {(t, s) for t, sources in grown.fractions.items() for s in sources if s.kind == "token" and t in kept}
@@ -204,7 +203,7 @@ def _reachable(circuit: Circuit, influence: dict[Node, float]) -> Circuit:
     return circuit
 
 
-def _normalised(circuit: Circuit, flow: dict[Node, float], target: Node, source: Node) -> float:
+def _normalised(circuit: Circuit, target: Node, source: Node) -> float:
     """|weight of source → target| over the absolute sum of target's incoming weights, its residual included."""
     sources = circuit.fractions.get(target, {})
     drawn = sum(abs(f) for f in sources.values())
@@ -213,7 +212,7 @@ def _normalised(circuit: Circuit, flow: dict[Node, float], target: Node, source:
     return abs(sources.get(source, 0.0)) / total if total else 0.0
 
 
-def _influence(circuit: Circuit, flow: dict[Node, float]) -> dict[Node, float]:
+def _influence(circuit: Circuit) -> dict[Node, float]:
     """Sum over paths to the answer of the products of normalised incoming weights."""
     answer_total = sum(abs(s) for s in circuit.scores.values()) + abs(circuit.answer_total - sum(circuit.scores.values()))
     influence: dict[Node, float] = defaultdict(float)
@@ -221,7 +220,7 @@ def _influence(circuit: Circuit, flow: dict[Node, float]) -> dict[Node, float]:
         influence[node] += abs(score) / answer_total if answer_total else 0.0
     for target in sorted(circuit.fractions, key=_topological_key):
         for source in circuit.fractions[target]:
-            influence[source] += influence[target] * _normalised(circuit, flow, target, source)
+            influence[source] += influence[target] * _normalised(circuit, target, source)
     return dict(influence)
 
 

@@ -17,6 +17,7 @@ import torch
 from ..errors import UserError
 from ..model.interventions import Ablation, last_logits_each
 from ..model.loaded import LoadedModel
+from ..model.prompts import Prompt
 from ..results.attribution import Attribution
 
 
@@ -35,16 +36,24 @@ def measure_attributions(model: LoadedModel, results: Sequence[Attribution], enc
 def _measure(model: LoadedModel, result: Attribution, ids: list[int], top: int) -> None:
     value_neurons = [*result.ffn_neurons[:top], *result.attention_neurons[:top]]
     measured = [*value_neurons, *result.heads[:top]]
-    ablations = [Ablation(), *(Ablation.of([item.index]) for item in measured),
-                 Ablation.of([n.index for n in value_neurons])]
-    log_probs = torch.log_softmax(last_logits_each(model, [ids] * len(ablations), ablations).double(), dim=-1)
+    alone, together = measured_changes(model, ids, result, [item.index for item in measured],
+                                       [n.index for n in value_neurons])
+    for item, change in zip(measured, alone):
+        item.measured_change = change
+    result.measured_top, result.measured_together = top, together
+
+
+def measured_changes(model: LoadedModel, prompt: Prompt, result: Attribution, alone: Sequence,
+                     together: Sequence) -> tuple[list[float], float]:
+    """The change of log p(target) (minus log p(contrast) with one) with each of `alone` switched off by itself,
+    and with all of `together` off at once, in one batched run."""
+    ablations = [Ablation(), *(Ablation.of([index]) for index in alone), Ablation.of(list(together))]
+    log_probs = torch.log_softmax(last_logits_each(model, [prompt] * len(ablations), ablations).double(), dim=-1)
     outcome = log_probs[:, result.target.id]
     if result.target.contrast is not None:
         outcome = outcome - log_probs[:, result.target.contrast.id]
     changes = (outcome - outcome[0]).tolist()
-    for item, change in zip(measured, changes[1:-1]):
-        item.measured_change = change
-    result.measured_top, result.measured_together = top, changes[-1]
+    return changes[1:-1], changes[-1]
 
 
 def _rerank(result: Attribution, top: int) -> None:

@@ -22,7 +22,7 @@ from ..model.adapters import LayerWeights
 from ..model.trace import Trace
 from ..model.weights import LayerStack
 from ..neurons import ModelShape
-from .query import swiglu_split
+from .query import sum_of_components, swiglu_split
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,6 @@ class Fractions:
     ffn: Tensor
     attention: Tensor
     token: float
-
-    @property
-    def rest(self) -> float:
-        return 1.0 - float(self.ffn.sum()) - float(self.attention.sum()) - self.token
 
 
 @dataclass(frozen=True)
@@ -125,7 +121,7 @@ def _at_position(inputs: CircuitInputs, position: int, readers: list[Reader]) ->
     layers = torch.arange(n_layers, device=device)
     found, g = [], 0
     for reader in readers:
-        components = _parts_sum(trace, reader.layer, slot, reader.own_attention)
+        components = sum_of_components(trace, reader.layer, position, reader.own_attention)
         ffn_mask = (layers < reader.layer).unsqueeze(1)
         attention_mask = ((layers < reader.layer) | (reader.own_attention & (layers == reader.layer))
                           ).reshape(-1, 1, 1, 1)
@@ -151,9 +147,3 @@ def _dots(stack: LayerStack, keys: Tensor, below: int, rows: int) -> Tensor:
     for layer, matrix in enumerate(stack.layers[:below]):
         result[layer] = matrix.times_transposed(keys)
     return result
-
-
-def _parts_sum(trace: Trace, layer: int, slot, own_attention: bool) -> Tensor:
-    top = layer + 1 if own_attention else layer
-    return (trace.layer_inputs[0, slot].double() + trace.attention_outputs[:top, slot].double().sum(0)
-            + trace.ffn_outputs[:layer, slot].double().sum(0))
