@@ -9,7 +9,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from neuron_attribution.model.trace import attention_rows, trace_token_ids
+from neuron_attribution.model.trace import trace_token_ids
 from neuron_attribution.pipelines.circuit import CircuitSettings, circuit
 
 from . import reference as ref
@@ -19,6 +19,13 @@ IDS = [5, 17, 3, 99, 42, 7, 250]
 MAKERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "gemma2": lambda: tiny_family("gemma2"),
           "mixtral": lambda: tiny_family("mixtral")}
 EVERYTHING = CircuitSettings(values=8, per_node=5, max_nodes=40, node_threshold=1.0, edge_threshold=1.0)
+
+
+def _attention_rows(model, ids) -> torch.Tensor:
+    """(L, H, T, T): the model's own attention weights, as transformers returns them (eager attention)."""
+    with torch.inference_mode():
+        output = model.hf_model(torch.tensor([ids]), output_attentions=True, use_cache=False)
+    return torch.stack([weights[0].float() for weights in output.attentions])
 
 
 def _parse(model, node: dict) -> tuple:
@@ -83,7 +90,7 @@ def test_every_link_is_its_definition_and_flow_is_conserved(family):
     model = MAKERS[family]()
     graph = circuit(model, IDS, 11, settings=EVERYTHING)
     trace = trace_token_ids(model, [IDS])[0]
-    rows = attention_rows(model, IDS)
+    rows = _attention_rows(model, IDS)
     nodes = {n["id"]: n for n in graph["nodes"]}
     incoming, outgoing = defaultdict(float), defaultdict(float)
     for link in graph["links"]:
@@ -130,6 +137,34 @@ def test_pruning_keeps_flow_conserved_and_paths_from_tokens_to_the_answer():
 
     assert longest("answer") >= 3
     assert 0 < graph["completeness"] <= 1
+    replacement, completeness = _circuit_tracer_scores(graph)
+    assert graph["replacement_score"] == pytest.approx(replacement, rel=1e-9)
+    assert graph["completeness_score"] == pytest.approx(completeness, rel=1e-9)
+    assert 0 < graph["replacement_score"] < 1 and 0 < graph["completeness_score"] < 1
+
+
+def _circuit_tracer_scores(graph: dict) -> tuple[float, float]:
+    """circuit-tracer's compute_graph_scores, as a loop over the graph's JSON: influence flows from the answer (1)
+    down every link by the link's |weight| over its target's incoming |weight| (residual links included)."""
+    incoming = defaultdict(float)
+    for link in graph["links"]:
+        incoming[link["target"]] += abs(link["weight"])
+    order = sorted((n for n in graph["nodes"]), key=lambda n: (-n["layer"], n["kind"] == "attention"))
+    influence = defaultdict(float, {"answer": 1.0})
+    for node in order:  # consumers (higher layers; in a layer the FFN) before their inputs
+        for link in graph["links"]:
+            if link["target"] == node["id"]:
+                influence[link["source"]] += influence[node["id"]] * abs(link["weight"]) / incoming[node["id"]]
+    kinds = {n["id"]: n["kind"] for n in graph["nodes"]}
+    tokens = sum(v for k, v in influence.items() if kinds[k] == "token")
+    residual = sum(v for k, v in influence.items() if kinds[k] == "residual")
+    shares, weights = [], []
+    for node_id, total in incoming.items():
+        drawn = sum(abs(l["weight"]) for l in graph["links"]
+                    if l["target"] == node_id and kinds[l["source"]] != "residual")
+        shares.append(drawn / total)
+        weights.append(influence[node_id])
+    return tokens / (tokens + residual), sum(s * w for s, w in zip(shares, weights)) / sum(weights)
 
 
 def test_the_eiffel_circuit_on_the_default_model(real_model):

@@ -279,6 +279,7 @@ def _driver():
                      "--disable-dev-shm-usage", "--no-first-run", "--disable-background-networking"):
         options.add_argument(argument)
     options.binary_location = chromium
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the pages' script errors, for get_log
     return webdriver.Chrome(service=Service(chromedriver), options=options)
 
 

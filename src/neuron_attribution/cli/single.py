@@ -213,10 +213,32 @@ def _write_graphs(loaded, prompt, target, contrast, result, settings, graph_file
     if graph_file:
         write_json(graph_file, graph)
         console.print(f"Wrote {escape(str(graph_file))} ({len(graph['nodes'])} nodes, {len(graph['links'])} links)")
+        if graph_format == "circuit-tracer":
+            _list_for_circuit_tracer(graph_file, graph["metadata"])
     if html_file:
         write_bytes_atomic(html_file, page.encode("utf-8"))
         console.print(f"Wrote {escape(str(html_file))} (self-contained; open it in a browser)")
 
+
+
+def _list_for_circuit_tracer(graph_file: Path, metadata: dict) -> None:
+    """circuit-tracer's local server offers the graphs listed in its data folder's graph-metadata.json: list this
+    one there (a listing that is not JSON is left alone, with a note)."""
+    import json
+
+    from ..files import write_json
+    from ..results.circuit_tracer import graphs_listed
+
+    listing_file = graph_file.parent / "graph-metadata.json"
+    try:
+        listing = json.loads(listing_file.read_text(encoding="utf-8")) if listing_file.exists() else None
+    except (OSError, ValueError) as error:
+        console.print(f"Left {escape(str(listing_file))} alone (not readable JSON: {escape(str(error))}); "
+                      "circuit-tracer's server lists the graphs named there")
+        return
+    write_json(listing_file, graphs_listed(listing if isinstance(listing, dict) else None, metadata))
+    console.print(f"Listed it in {escape(str(listing_file))} for circuit-tracer's local server "
+                  "(`circuit_tracer.frontend.local_server.serve(data_dir)`)")
 
 
 def _attribute_file(path: Path, json_dir: Path | None, on_error: str, batch_size: int, settings, neurons,

@@ -21,8 +21,9 @@ class _Recorder:
     """Hooks that write a forward pass's internals into per-layer slots, one piece per model call (a prompt may
     run as a prefix and then its last token)."""
 
-    def __init__(self, model: LoadedModel, last_index: Tensor, kept: Tensor | None):
+    def __init__(self, model: LoadedModel, last_index: Tensor, kept: Tensor | None, every_row: bool = False):
         self.model, self.adapter = model, model.adapter
+        self.every_row = every_row  # keep every query's attention row too (a circuit's short prompt)
         self.device = model.adapter.device  # where the scores will be computed
         self.last_index = last_index  # per batch row, the absolute position of its last token
         self.kept = kept  # absolute positions to keep, or None for all
@@ -30,6 +31,8 @@ class _Recorder:
         n = model.shape.n_layers
         keys = ["layer_inputs", "attention_outputs", "attention_weights", "value_states", "ffn_coefficients",
                 "ffn_outputs"]
+        if every_row:
+            keys.append("attention_rows")
         if model.shape.post_norms:
             keys += ["attention_output_scales", "ffn_output_scales"]
         if model.shape.n_experts:
@@ -131,6 +134,8 @@ class _Recorder:
             query = (self.last_index - self.offset).to(weights.device)
             # (B, H, t, K) -> each prompt's own last query row over the K keys it sees: (B, H, K)
             self._store("attention_weights", layer, weights[rows, :, query, :])
+            if self.every_row:
+                self._store("attention_rows", layer, weights)
         return hook
 
     def _values(self, layer: int):
@@ -203,7 +208,9 @@ class _Recorder:
         result = {}
         self._join_mixture_coefficients()
         for key, per_layer in self.slots.items():
-            if key == "attention_weights":
+            if key == "attention_rows":
+                result[key] = torch.stack([pieces[-1] for pieces in per_layer], dim=1)
+            elif key == "attention_weights":
                 rows = [pieces[-1] for pieces in per_layer]
                 rows = [torch.nn.functional.pad(row, (n_tokens - row.shape[-1], 0)) for row in rows]
                 result[key] = torch.stack(rows, dim=1)
@@ -215,8 +222,9 @@ class _Recorder:
 
 
 @contextmanager
-def recording(model: LoadedModel, last_index: Tensor, kept: Tensor | None = None) -> Iterator[_Recorder]:
-    recorder = _Recorder(model, last_index, kept)
+def recording(model: LoadedModel, last_index: Tensor, kept: Tensor | None = None,
+              every_row: bool = False) -> Iterator[_Recorder]:
+    recorder = _Recorder(model, last_index, kept, every_row)
     with model.lock:
         try:
             recorder.install()  # inside the try: hooks installed before a failure are removed too

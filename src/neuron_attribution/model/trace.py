@@ -53,6 +53,7 @@ class Trace:
     attention_output_scales: Tensor | None = None
     ffn_output_scales: Tensor | None = None
     kept_positions: Tensor | None = None  # (P,) ascending, on the CPU; None: every position is kept
+    attention_rows: Tensor | None = None  # (L, H, T, T): every query's row, where asked for (a circuit's prompt)
 
     @property
     def n_tokens(self) -> int:
@@ -113,16 +114,20 @@ class Trace:
 
 
 def trace_token_ids(model: LoadedModel, batch: Sequence[Sequence[int]],
-                    positions: Sequence[int] | None = None) -> list[Trace]:
+                    positions: Sequence[int] | None = None, every_attention_row: bool = False) -> list[Trace]:
     """A trace per prompt of `batch` (lists of token ids). Per-position data is kept at every position of a
     short prompt and at the last position of one whose full record would pass `FULL_RECORD_BYTES`; `positions`
-    adds positions to keep (for every prompt). Short prompts share one padded forward pass."""
+    adds positions to keep (for every prompt). Short prompts share one padded forward pass.
+    `every_attention_row`: the traces keep every query's attention row too (`Trace.attention_rows`), from the
+    same pass; quadratic in length by nature, so only for prompts under FAST_ATTENTION_FROM_TOKENS tokens."""
     plans = [_kept_positions(model, len(ids), positions) for ids in batch]
     traces: list[Trace | None] = [None] * len(batch)
     together = [i for i, (ids, kept) in enumerate(zip(batch, plans))
                 if kept is None and len(ids) < FAST_ATTENTION_FROM_TOKENS]
+    if every_attention_row and len(together) < len(batch):
+        raise ValueError(f"every attention row is kept for prompts under {FAST_ATTENTION_FROM_TOKENS} tokens only")
     if together:
-        for i, trace in zip(together, _trace_padded(model, [batch[i] for i in together])):
+        for i, trace in zip(together, _trace_padded(model, [batch[i] for i in together], every_attention_row)):
             traces[i] = trace
     for i, ids in enumerate(batch):
         if traces[i] is None:
@@ -150,10 +155,10 @@ def _kept_positions(model: LoadedModel, n_tokens: int, extra: Sequence[int] | No
     return torch.tensor(sorted(wanted), dtype=torch.long, device="cpu")
 
 
-def _trace_padded(model: LoadedModel, batch: Sequence[Sequence[int]]) -> list[Trace]:
+def _trace_padded(model: LoadedModel, batch: Sequence[Sequence[int]], every_row: bool = False) -> list[Trace]:
     padded = PaddedBatch.of(batch)
     lengths, input_ids = padded.lengths, padded.input_ids
-    with torch.inference_mode(), recording(model, padded.lengths - 1) as recorder:
+    with torch.inference_mode(), recording(model, padded.lengths - 1, every_row=every_row) as recorder:
         output = padded.run(model)
         logits = padded.last_logits(output)
         del output
@@ -178,6 +183,8 @@ def _cut(key: str, value: Tensor, length: int) -> Tensor:
         return value[:length]
     if key == "attention_weights":
         return value[:, :, :length]
+    if key == "attention_rows":
+        return value[:, :, :length, :length]
     return value[:, :length]
 
 
@@ -213,35 +220,4 @@ def _trace_of(parts: dict[str, Tensor], token_ids: Tensor, logits: Tensor) -> Tr
                  ffn_outputs=parts["ffn_outputs"], attention_weights=parts["attention_weights"],
                  value_states=parts["value_states"], final_residual=parts["final_residual"], logits=logits,
                  attention_output_scales=parts.get("attention_output_scales"),
-                 ffn_output_scales=parts.get("ffn_output_scales"))
-
-
-def attention_rows(model: LoadedModel, ids: Sequence[int]) -> Tensor:
-    """(L, H, T, T) float32: every query position's attention row of every head, from one eager pass of a short
-    prompt (a circuit reads attention neurons at every position, not only the last). Quadratic in the prompt's
-    length by nature: refused from FAST_ATTENTION_FROM_TOKENS tokens on."""
-    n_tokens = len(ids)
-    if n_tokens >= FAST_ATTENTION_FROM_TOKENS:
-        raise ValueError(f"every attention row of a {n_tokens}-token prompt is quadratic in its length")
-    rows: list[Tensor | None] = [None] * model.shape.n_layers
-    device = model.adapter.device
-
-    def keep(layer: int):
-        def hook(module, args, output):
-            rows[layer] = output[1][0].detach().to(device=device, dtype=torch.float32, copy=True)
-        return hook
-
-    inputs = torch.as_tensor(list(ids), dtype=torch.long).unsqueeze(0).to(model.device)
-    with model.lock, torch.inference_mode():
-        handles = []
-        try:
-            for layer in range(model.shape.n_layers):
-                handles.append(model.adapter.attention(layer).register_forward_hook(keep(layer)))
-            model.hf_model(input_ids=inputs, position_ids=torch.arange(n_tokens, device=model.device).unsqueeze(0),
-                           use_cache=False, logits_to_keep=1)
-        finally:
-            for handle in handles:
-                handle.remove()
-    if any(row is None for row in rows):
-        raise RuntimeError("attention weights were not returned; eager attention is needed")
-    return torch.stack(rows)
+                 ffn_output_scales=parts.get("ffn_output_scales"), attention_rows=parts.get("attention_rows"))

@@ -74,14 +74,15 @@ def attribute_with(model: LoadedModel, prompts: Sequence[Prompt], targets: Seque
             i = start + offset
             target = None if targets is None else targets[i]
             contrast = None if contrasts is None else contrasts[i]
-            results.append(_attribute_trace(model, prompts[i], encoded[i], trace, target, options, dense, contrast))
+            results.append(attribute_trace(model, prompts[i], encoded[i], trace, target, options, dense, contrast))
     if options.measure:
         measure_attributions(model, results, encoded, options.measure, rerank=options.rank_by == "measured")
     return results
 
 
-def _attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: Trace, target: Target,
-                     options: ScoringOptions, dense: bool, contrast: Target = None) -> Attribution:
+def attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: Trace, target: Target,
+                    options: ScoringOptions, dense: bool = False, contrast: Target = None) -> Attribution:
+    """One prompt's attribution from its trace (no measuring: `attribute_with` measures a batch together)."""
     target = target_info(model, prompt, ids, trace, target, contrast)
     ctx = value_context(model, trace, target.id, reference=options.reference, memory_budget=options.memory_budget,
                         contrast=None if target.contrast is None else target.contrast.id,

@@ -25,11 +25,11 @@ from ..errors import UserError
 from ..model.forward import FAST_ATTENTION_FROM_TOKENS
 from ..model.loaded import LoadedModel
 from ..model.prompts import Prompt, encode_prompt, token_texts
-from ..model.trace import attention_rows, trace_token_ids
+from ..model.trace import Trace, trace_token_ids
 from ..results.attribution import Attribution, reads_the_sink
-from ..scoring.circuit import CircuitInputs, Fractions, Reader, attention_reader, ffn_reader, fractions
+from ..scoring.circuit import CircuitInputs, Inputs, Reader, attention_reader, ffn_reader, strongest_inputs
 from ..settings import ScoringOptions
-from .attribute import attribute_with
+from .attribute import attribute_trace
 
 SCHEMA = "neuron-attribution circuit 1"
 
@@ -92,17 +92,19 @@ def circuit(model: LoadedModel, prompt: Prompt, target: str | int | None = None,
                         f"tokens (this one has {len(ids)})")
     options = options or ScoringOptions()
     # the value neurons the graph starts from; query neurons are the graph's own business here
-    options = options.overridden(top_k=settings.values, query_top=0)
-    (result,) = attribute_with(model, [ids], [target], options, contrasts=[contrast])
-    inputs = circuit_inputs(model, ids)
+    options = options.overridden(top_k=settings.values, query_top=0, measure=0, answer_tokens="first")
+    # one forward pass for both: the value neurons' scores and every position's internals and attention rows
+    (trace,) = trace_token_ids(model, [ids], every_attention_row=True)
+    result = attribute_trace(model, prompt, ids, trace, target, options, contrast=contrast)
+    inputs = circuit_inputs(model, trace)
     grown = grow(inputs, result, settings)
     pruned = prune(grown, settings)
     return graph_of(model, result, pruned, settings)
 
 
-def circuit_inputs(model: LoadedModel, ids: list[int]) -> CircuitInputs:
+def circuit_inputs(model: LoadedModel, trace: Trace) -> CircuitInputs:
     adapter = model.adapter
-    return CircuitInputs(trace_token_ids(model, [ids])[0], attention_rows(model, ids),
+    return CircuitInputs(trace, trace.attention_rows,
                          [adapter.layer_weights(layer) for layer in range(model.shape.n_layers)],
                          adapter.ffn_value_stack, adapter.output_weight_stack, model.shape, model.shape.parallel,
                          adapter.ffn_activation)
@@ -136,8 +138,9 @@ def grow(inputs: CircuitInputs, result: Attribution, settings: CircuitSettings) 
     grown = Circuit(sum(n.score for n in [*result.ffn_neurons, *result.attention_neurons]), scores=dict(scores))
     frontier, seen = list(scores), set(scores)
     while frontier:
-        for node, found in zip(frontier, fractions(inputs, [reader_of(inputs, n) for n in frontier])):
-            grown.fractions[node] = _strongest(inputs, node, found, settings.per_node)
+        readers = [reader_of(inputs, n) for n in frontier]
+        for node, found in zip(frontier, strongest_inputs(inputs, readers, settings.per_node)):
+            grown.fractions[node] = _as_nodes(node, found)
         following = []
         for node in frontier:
             for source in grown.fractions[node]:
@@ -152,25 +155,13 @@ def grow(inputs: CircuitInputs, result: Attribution, settings: CircuitSettings) 
     return grown
 
 
-def _strongest(inputs: CircuitInputs, node: Node, fractions: Fractions, count: int) -> dict[Node, float]:
-    """The node's token and its `count` inputs with the largest fractions in magnitude (a node's weights are its
-    fractions times its flow, so the order is the same)."""
-    shape = inputs.shape
-    candidates = torch.cat([fractions.ffn.reshape(-1), fractions.attention.reshape(-1)])
-    top = torch.topk(candidates.abs(), min(count, len(candidates))).indices.tolist()
-    n_ffn = fractions.ffn.numel()
-    chosen = {Node("token", -1, -1, node.position): fractions.token}
-    for flat in top:
-        fraction = float(candidates[flat])
-        if fraction == 0.0:
-            continue
-        if flat < n_ffn:
-            layer, row = divmod(flat, shape.d_ffn)
-            chosen[Node("ffn", layer, row, node.position)] = fraction
-        else:
-            layer, rest = divmod(flat - n_ffn, shape.n_heads * shape.head_dim * inputs.trace.n_tokens)
-            row, source = divmod(rest, inputs.trace.n_tokens)
-            chosen[Node("attention", layer, row, source)] = fraction
+def _as_nodes(node: Node, found: Inputs) -> dict[Node, float]:
+    """The node's token and its strongest inputs as nodes, with their fractions."""
+    chosen = {Node("token", -1, -1, node.position): found.token}
+    for layer, row, fraction in found.ffn:
+        chosen[Node("ffn", layer, row, node.position)] = fraction
+    for layer, row, source, fraction in found.attention:
+        chosen[Node("attention", layer, row, source)] = fraction
     return chosen
 
 
@@ -222,6 +213,30 @@ def _influence(circuit: Circuit) -> dict[Node, float]:
         for source in circuit.fractions[target]:
             influence[source] += influence[target] * _normalised(circuit, target, source)
     return dict(influence)
+
+
+def graph_scores(circuit: Circuit) -> tuple[float, float]:
+    """circuit-tracer's two scores of a graph (its `compute_graph_scores`), on the kept graph with its residual
+    nodes as the error nodes. Replacement: of the influence that reaches the graph's leaves, the share at tokens
+    rather than residual nodes. Completeness: over the nodes with inputs (the neurons and the answer, weighted by
+    their influence; the answer by 1), the share of each node's normalised input that comes from drawn nodes."""
+    influence = _influence(circuit)
+    scores = circuit.scores
+    answer_rest = abs(circuit.answer_total - sum(scores.values()))
+    answer_abs = sum(abs(v) for v in scores.values()) + answer_rest
+    residual = answer_rest / answer_abs if answer_abs else 0.0
+    drawn_share = {None: 1.0 - residual}  # the answer
+    for target, sources in circuit.fractions.items():
+        drawn = sum(abs(f) for f in sources.values())
+        rest = abs(1.0 - sum(sources.values()))
+        total = drawn + rest
+        residual += influence.get(target, 0.0) * (rest / total if total else 0.0)
+        drawn_share[target] = drawn / total if total else 1.0
+    tokens = sum(v for n, v in influence.items() if n.kind == "token")
+    weights = {n: (1.0 if n is None else influence.get(n, 0.0)) for n in drawn_share}
+    weighted = sum(weights.values())
+    return (tokens / (tokens + residual) if tokens + residual else 0.0,
+            sum(drawn_share[n] * w for n, w in weights.items()) / weighted if weighted else 0.0)
 
 
 def _covering(items: list, weights: list[float], threshold: float) -> set:
@@ -287,10 +302,12 @@ def graph_of(model: LoadedModel, result: Attribution, circuit: Circuit, settings
                   "flow": circuit.answer_total})
     token_flow = sum(abs(n["flow"]) for n in nodes if n["kind"] == "token")
     rest_flow = sum(abs(link["weight"]) for link in links if link["kind"] == "residual")
+    replacement, influence_completeness = graph_scores(circuit)
     return {"schema": SCHEMA, "prompt": result.prompt, "model": result.model, "tokens": tokens,
             "target": result.target.to_dict(), "predictions": [p.__dict__ for p in result.predictions[:5]],
             "n_layers": n_layers, "settings": settings.__dict__,
             "completeness": token_flow / (token_flow + rest_flow) if token_flow + rest_flow else 0.0,
+            "replacement_score": replacement, "completeness_score": influence_completeness,
             "nodes": nodes, "links": links}
 
 

@@ -71,3 +71,10 @@ def circuit_tracer_graph(graph: dict[str, Any], token_ids: list[int], d_ffn: int
     q_params = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": q_params, "nodes": nodes, "links": links}
 
+
+
+def graphs_listed(listing: dict[str, Any] | None, metadata: dict[str, Any]) -> dict[str, Any]:
+    """circuit-tracer's `graph-metadata.json` (the list of graphs its local server offers) with this graph's entry
+    added, or put in place of an entry with the same slug."""
+    graphs = [g for g in (listing or {}).get("graphs", []) if isinstance(g, dict) and g.get("slug") != metadata["slug"]]
+    return {**(listing or {}), "graphs": [*graphs, metadata]}
