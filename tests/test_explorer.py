@@ -362,6 +362,15 @@ def test_the_prompt_view_in_a_browser(server, browser, real_model):
     rows = browser.find_elements(By.CSS_SELECTOR, "#measured tbody tr")
     assert [row.find_elements(By.TAG_NAME, "td")[0].text for row in rows] == names
     assert float(_text(browser, "measured-together")) == pytest.approx(together, abs=2e-4)
+    # "Select the top N": the N value neurons with the largest |score|, FFN and attention, replace the selection.
+    count = browser.find_element(By.ID, "top-count")
+    count.clear()
+    count.send_keys("5")
+    browser.find_element(By.ID, "select-top").click()
+    top5 = sorted([*result.ffn_neurons, *result.attention_neurons], key=lambda n: -abs(n.score))[:5]
+    chips = {chip.text.split("\n")[0].rstrip("×").strip()
+             for chip in browser.find_elements(By.CSS_SELECTOR, "#picked .chip")}
+    assert chips == {str(n.index) for n in top5}, chips
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
 

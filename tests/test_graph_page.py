@@ -135,3 +135,38 @@ def test_the_circuit_page_draws_layers_and_the_strongest_path(tmp_path):
 
 def graph_node(graph: dict, node_id: str) -> dict:
     return next(n for n in graph["nodes"] if n["id"] == node_id)
+
+
+@pytest.mark.slow
+def test_the_circuit_pages_labels_do_not_overlap(real_model, tmp_path):
+    """#34 item 4: on SmolLM2's Eiffel circuit (ten neurons can share the last position's cell of one layer) no two
+    node labels overlap: a cell's nodes sit side by side with room for their labels, each position's column as
+    wide as its widest cell."""
+    from neuron_attribution.pipelines.circuit import circuit
+    from neuron_attribution.reports.graph_page import circuit_page
+
+    from .test_explorer import _driver, _wait_for
+
+    graph = circuit(real_model, "The Eiffel Tower is located in the city of", " Paris")
+    graph["prompt"] = "The Eiffel Tower is located in the city of"
+    path = tmp_path / "circuit.html"
+    path.write_text(circuit_page(graph), encoding="utf-8")
+    driver = _driver()
+    try:
+        driver.get(path.as_uri())
+        _wait_for(driver, lambda d: "drawn" in d.find_element("id", "graph-status").text, 30)
+        for residuals in (False, True):
+            if residuals:
+                driver.find_element("id", "residuals").click()
+            boxes = driver.execute_script(
+                "return view.cy.nodes().filter(n => n.data('kind') !== 'axis').map(n => {"
+                "const b = n.boundingBox({includeNodes: false, includeLabels: true});"
+                "return [n.data('label'), b.x1, b.y1, b.x2, b.y2]; })")
+            assert len(boxes) > 20
+            for i, (label, x1, y1, x2, y2) in enumerate(boxes):
+                assert x2 > x1 and y2 > y1
+                for other, u1, v1, u2, v2 in boxes[i + 1:]:
+                    overlap = min(x2, u2) - max(x1, u1), min(y2, v2) - max(y1, v1)
+                    assert overlap[0] <= 0.5 or overlap[1] <= 0.5, (label, other)
+    finally:
+        driver.quit()

@@ -228,6 +228,17 @@ function pickButton(name) {
   return el("button", {class: "pick", "data-neuron": name, onclick: () => togglePick(name)}, "select");
 }
 
+// The N value neurons with the largest |score|, FFN and attention together, in place of the selection.
+function selectTop(count) {
+  const data = explorer.data;
+  const ranked = [...data.ffn_neurons, ...data.attention_neurons].sort((a, b) => Math.abs(b.score) - Math.abs(a.score));
+  explorer.topCount = count;
+  explorer.picked.clear();
+  for (const n of ranked.slice(0, count)) explorer.picked.add(n.name);
+  explorer.graph.setPicked([...explorer.picked].map(graphId).filter(Boolean));
+  renderSelection();
+}
+
 function renderSelection() {
   const box = document.getElementById("selection");
   const picked = [...explorer.picked];
@@ -235,6 +246,8 @@ function renderSelection() {
                                       el("button", {title: "remove", onclick: () => togglePick(name)}, "×")));
   const result = el("div", {id: "intervention"});
   const scale = el("input", {id: "scale", type: "number", step: "any", value: 2, size: 4});
+  const topCount = el("input", {id: "top-count", type: "number", min: 1, step: 1, value: explorer.topCount || 10, size: 4});
+  topCount.addEventListener("change", () => { explorer.topCount = topCount.value; });
   const run = async value => {
     result.replaceChildren(el("span", {class: "waiting"}, "Running the model…"));
     try {
@@ -251,6 +264,10 @@ function renderSelection() {
                           title: "switch each off alone: its measured change of log p(answer), beside its score"},
                "measure each alone"),
        " ", el("button", {id: "clear", onclick: () => { explorer.picked.clear(); explorer.graph.setPicked([]); renderSelection(); }}, "clear")),
+    el("div", {},
+       el("button", {id: "select-top", title: "select the N value neurons (FFN and attention) with the largest |score|",
+                     onclick: () => selectTop(Math.max(1, Math.floor(Number(topCount.value) || 1)))}, "select the top"),
+       " ", topCount, " value neurons by |score|"),
     result);
   async function measure() {
     result.replaceChildren(el("span", {class: "waiting"}, "Switching each off alone…"));

@@ -12,11 +12,13 @@ function CircuitView(container, graph, onTap) {
   const maxFlow = Math.max(1e-12, ...graph.nodes.filter(n => n.kind === "ffn" || n.kind === "attention")
                                              .map(n => Math.abs(n.flow)));
   const colour = x => x >= 0 ? "#2f7d32" : "#c0392b";
-  const xStep = 1000 / Math.max(1, graph.tokens.length), yStep = 40;
+  const yStep = 40;
   // one row per layer that holds a node (tokens below, the answer above), so that a few deep layers stay readable
   const rows = [...new Set(graph.nodes.map(n => n.kind === "token" ? -1 : n.layer))].sort((a, b) => a - b);
   const y = layer => -yStep * rows.indexOf(layer);
-
+  const labelOf = n => n.kind === "token" ? n.text : n.kind === "answer" ? "→ " + n.text : n.kind === "residual" ? "rest" : n.name;
+  // room for a label: about 5 units a character at the 8-unit font, so that labels side by side never overlap
+  const room = n => Math.max(24, 5.2 * String(labelOf(n)).length + 6);
   function visible(options) {
     return n => (options.residuals || n.kind !== "residual") && (options.sinks || !n.sink);
   }
@@ -24,22 +26,38 @@ function CircuitView(container, graph, onTap) {
     const nodes = graph.nodes.filter(visible(options));
     const shown = new Set(nodes.map(n => n.id));
     const links = graph.links.filter(l => shown.has(l.source) && shown.has(l.target));
-    const cells = {};
-    for (const n of nodes) (cells[n.x + ":" + n.layer] = cells[n.x + ":" + n.layer] || []).push(n);
+    // a cell per (position, layer row), its nodes side by side; each position's column as wide as its widest cell
+    const cells = new Map();
+    for (const n of nodes) {
+      const key = n.x + ":" + (n.kind === "token" ? -1 : n.layer);
+      if (!cells.has(key)) cells.set(key, []);
+      cells.get(key).push(n);
+    }
+    const width = new Map();
+    for (const cell of cells.values()) {
+      const x = cell[0].x, needed = cell.reduce((sum, n) => sum + room(n), 0);
+      width.set(x, Math.max(width.get(x) || 60, needed));
+    }
+    const start = new Map();
+    let left = 0;
+    for (let x = 0; x < graph.tokens.length; x++) { start.set(x, left); left += (width.get(x) || 60) + 12; }
     const where = new Map();
-    for (const cell of Object.values(cells)) {
-      cell.forEach((n, i) => where.set(n.id, {x: xStep * n.x + (cell.length > 1 ? (i / (cell.length - 1) - 0.5) * 0.8 * xStep : 0),
-                                               y: y(n.kind === "token" ? -1 : n.layer) + (cell.length > 3 ? (i % 2) * 10 : 0)}));
+    for (const cell of cells.values()) {
+      const x = cell[0].x, used = cell.reduce((sum, n) => sum + room(n), 0);
+      let at = start.get(x) + ((width.get(x) || 60) - used) / 2;
+      for (const n of cell) {
+        where.set(n.id, {x: at + room(n) / 2, y: y(n.kind === "token" ? -1 : n.layer)});
+        at += room(n);
+      }
     }
     const items = nodes.map(n => ({group: "nodes", position: where.get(n.id), data: {
-      id: n.id, kind: n.kind, label: n.kind === "token" ? n.text : n.kind === "answer" ? "→ " + n.text :
-        n.kind === "residual" ? "rest" : n.name,
+      id: n.id, kind: n.kind, label: labelOf(n),
       size: n.kind === "ffn" || n.kind === "attention" ? 7 + 13 * Math.min(1, Math.abs(n.flow) / maxFlow) : 12,
       colour: n.kind === "token" ? "#777" : n.kind === "answer" ? "#1f4e99" : n.kind === "residual" ? "#bbb" :
         n.kind === "attention" ? "#e67e22" : "#16a085"}}));
     // the layer axis, left of position 0: every row's layer (the rows skip layers that hold no node)
     for (const layer of rows) {
-      items.push({group: "nodes", position: {x: -0.8 * xStep, y: y(layer)}, selectable: false, grabbable: false,
+      items.push({group: "nodes", position: {x: -40, y: y(layer)}, selectable: false, grabbable: false,
                   data: {id: "axis:" + layer, kind: "axis", size: 1, colour: "#fff",
                          label: layer === graph.n_layers ? "out" : layer < 0 ? "tokens" : "layer " + layer}});
     }
@@ -53,7 +71,8 @@ function CircuitView(container, graph, onTap) {
     {selector: "node", style: {"background-color": "data(colour)", width: "data(size)", height: "data(size)",
                                label: "data(label)", "font-size": 8, "text-valign": "bottom", "text-halign": "center",
                                "min-zoomed-font-size": 6}},
-    {selector: "node[kind = 'axis']", style: {"font-size": 10, color: "#555", "text-valign": "center"}},
+    {selector: "node[kind = 'axis']", style: {"font-size": 10, color: "#555", "text-valign": "center",
+                                              "text-halign": "left"}},
     {selector: "edge", style: {width: "data(width)", "line-color": "data(colour)", "target-arrow-color": "data(colour)",
                                "target-arrow-shape": "triangle", "curve-style": "bezier", opacity: 0.6}},
     {selector: ".dim", style: {opacity: 0.12}},
