@@ -105,3 +105,24 @@ def test_ablation_logits_take_text_from_the_package(real_model):
     assert not torch.equal(by_text, na.last_logits(real_model, [prompt]))  # the neuron is switched off
     each = na.last_logits_each(real_model, [prompt, ids], [ablation, na.Ablation()])
     assert torch.allclose(each[0], by_text[0], atol=1e-4)
+
+
+def test_neurons_are_named_by_their_text_anywhere_the_library_takes_one(tiny_model, token_batches):
+    """#35 item 2: `Ablation.of(["1_7", "2_1_3@4"])` is the ablation of those indices (the researcher's call raised
+    TypeError), switches exactly that FFN neuron off, and `project` takes the text too."""
+    from neuron_attribution import project
+    from neuron_attribution.neurons import AttentionIndex, FfnIndex, HeadIndex
+
+    by_text = Ablation.of(["1_7", "2_1_3@4", "2.0"])
+    assert by_text == Ablation.of([FfnIndex(1, 7), AttentionIndex(2, 1, 3, 4), HeadIndex(2, 0)])
+    assert by_text.ffn == [FfnIndex(1, 7)] and by_text.attention_at == [AttentionIndex(2, 1, 3, 4)]
+    assert Ablation.of("1_7") == Ablation.of([FfnIndex(1, 7)])  # one name, not its characters
+    ids = token_batches[1]
+    before = trace_token_ids(tiny_model, [ids])[0]
+    with ablated(tiny_model, Ablation.of(["1_7"])):
+        after = trace_token_ids(tiny_model, [ids])[0]
+    assert float(after.ffn_coefficients[1, :, 7].abs().max()) == 0.0
+    assert torch.equal(after.ffn_coefficients[1, :, 8], before.ffn_coefficients[1, :, 8])
+    assert project(tiny_model, "1_7").top_tokens == project(tiny_model, FfnIndex(1, 7)).top_tokens
+    with pytest.raises(UserError, match="not a neuron"):
+        Ablation.of(["1-7"])

@@ -242,11 +242,18 @@ class ModelShape:
                 "expert_ffn": self.expert_ffn}
 
 
-def as_index(neuron: NeuronIndex | tuple) -> NeuronIndex:
-    """An index type from itself or from the tuple forms ("ffn", layer, neuron[, expert]), ("attention", layer,
-    head, dim[, position]), ("head", layer, head) and ("expert", layer, expert)."""
+def as_index(neuron: NeuronIndex | str | tuple) -> NeuronIndex:
+    """An index type from itself, from its text ("25_1120", "23_1_17@2", "21.19", "12_e3_45", "12_e3": see
+    `parse_neuron`), from a result's neuron (anything with an `index`), or from the tuple forms ("ffn", layer,
+    neuron[, expert]), ("attention", layer, head, dim[, position]), ("head", layer, head) and ("expert", layer,
+    expert)."""
     if isinstance(neuron, (FfnIndex, AttentionIndex, HeadIndex, ExpertIndex)):
         return neuron
+    if isinstance(neuron, str):
+        return parse_neuron(neuron)
+    index = getattr(neuron, "index", None)
+    if isinstance(index, (FfnIndex, AttentionIndex, HeadIndex, ExpertIndex)):
+        return index
     try:
         kind, *rest = neuron
         numbers = [int(x) if x is not None else None for x in rest]
@@ -262,5 +269,5 @@ def as_index(neuron: NeuronIndex | tuple) -> NeuronIndex:
             return ExpertIndex(*numbers)
     except (TypeError, ValueError) as error:
         raise UserError(f"not a neuron: {neuron!r} ({error})") from None
-    raise UserError(f"not a neuron: {neuron!r}; use ('ffn', layer, neuron), ('attention', layer, head, dim"
-                    "[, position]) or ('head', layer, head)")
+    raise UserError(f"not a neuron: {neuron!r}; name it as text ('25_1120', '23_1_17@2', '21.19') or use "
+                    "('ffn', layer, neuron), ('attention', layer, head, dim[, position]) or ('head', layer, head)")

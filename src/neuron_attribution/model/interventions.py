@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
-from ..neurons import AttentionIndex, ExpertIndex, FfnIndex, HeadIndex
+from ..neurons import AttentionIndex, ExpertIndex, FfnIndex, HeadIndex, as_index
 from .experts import ExpertScaling
 from .loaded import LoadedModel
 from .forward import PaddedBatch
@@ -56,10 +56,13 @@ class Ablation:
 
     @classmethod
     def of(cls, neurons, scale: float = 0.0) -> Ablation:
-        """Switch off (scale 0) or scale the given index types, sorted by kind (an AttentionIndex without a
-        position: every position)."""
+        """Switch off (scale 0) or scale the given neurons, sorted by kind (an attention neuron without a
+        position: every position). A neuron is named by its text ("25_1120", "23_1_17@2", "21.19"), its index
+        type, a result's neuron, or a tuple form (`neurons.as_index`)."""
+        if isinstance(neurons, (str, FfnIndex, AttentionIndex, HeadIndex, ExpertIndex)):
+            neurons = [neurons]  # one neuron, not a sequence of them
         ffn, attention, attention_at, heads, experts = [], [], [], [], []
-        for n in neurons:
+        for n in map(as_index, neurons):
             if isinstance(n, FfnIndex):
                 ffn.append(n)
             elif isinstance(n, ExpertIndex):

@@ -14,12 +14,12 @@ from ..results.attribution import AttentionNeuron, FfnNeuron, Projection
 from ..scoring import query
 
 
-def project(model: LoadedModel, neuron: FfnNeuron | AttentionNeuron | FfnIndex | AttentionIndex | tuple,
+def project(model: LoadedModel, neuron: str | FfnNeuron | AttentionNeuron | FfnIndex | AttentionIndex | tuple,
             k: int = 10) -> Projection:
     """The neuron's value vector through the final norm's gain and the unembedding, U(γ ⊙ u), sorted.
 
-    `neuron`: an FfnNeuron or AttentionNeuron from a result, an FfnIndex or AttentionIndex, ("ffn", layer,
-    neuron) or ("attention", layer, head, dim). Top tokens are promoted when the neuron's coefficient is
+    `neuron`: its text ("25_1120", "23_1_17"), an FfnNeuron or AttentionNeuron from a result, an FfnIndex or
+    AttentionIndex, ("ffn", layer, neuron) or ("attention", layer, head, dim). Top tokens are promoted when the neuron's coefficient is
     positive, bottom tokens when it is negative."""
     return projection_of(model, neuron_vector(model, neuron), k)
 
@@ -34,7 +34,7 @@ def projection_of(model: LoadedModel, vector: torch.Tensor, k: int) -> Projectio
 def neuron_vector(model: LoadedModel, neuron) -> torch.Tensor:
     """The (d,) direction an FFN or attention neuron writes into the residual per unit of coefficient (its
     value vector, times a post-norm's gain where the block has one)."""
-    index = neuron.index if isinstance(neuron, (FfnNeuron, AttentionNeuron)) else as_index(neuron)
+    index = as_index(neuron)
     if isinstance(index, (HeadIndex, ExpertIndex)):
         kind = "a head" if isinstance(index, HeadIndex) else "a whole expert"
         raise UserError(f"{kind} has no single vector: {index}; give an FFN or attention neuron")

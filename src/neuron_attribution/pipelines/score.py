@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..model.loaded import LoadedModel
 from ..model.prompts import Prompt, encode_prompt
 from ..model.trace import trace_token_ids
-from ..neurons import NeuronIndex, as_index, parse_neuron
+from ..neurons import NeuronIndex, as_index
 from ..results.neuron_scores import NeuronScores, coefficient_or_none
 from ..scoring import value
 from ..scoring.context import value_context
@@ -36,7 +36,7 @@ def score_neurons(model: LoadedModel, prompts: Prompt | Sequence[Prompt], target
     "24_177", "23_4_38@3", "21.19". `contrast` (answer text or token id; one for all prompts or one per prompt):
     score log p(target) − log p(contrast) instead, as `attribute(contrast=...)` does."""
     check_positive("batch_size", batch_size)
-    indices = [parse_neuron(n) if isinstance(n, str) else as_index(n) for n in neurons]
+    indices = [as_index(n) for n in neurons]
     if not indices:
         raise UserError("no neurons given")
     for index in indices:
