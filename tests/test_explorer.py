@@ -405,8 +405,17 @@ def test_a_neuron_page_of_a_loaded_run_in_a_browser(server, browser, run_dir):
     # The run view lists every sentence and opens a head page.
     browser.get(server + "run/0")
     _wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#run-sentences tbody tr"))
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#run-sentences tbody tr")) == \
-        pq.read_metadata(run_dir / "sentences.parquet").num_rows
+    n_sentences = pq.read_metadata(run_dir / "sentences.parquet").num_rows
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#run-sentences tbody tr")) == n_sentences
+    # #35 item 1: the header counts the sentences (it read "[object Object],…") and no two layer labels touch
+    header = browser.find_element(By.CSS_SELECTOR, "#run-title + p").text
+    assert f" · {n_sentences} sentences · " in header and "object" not in header, header
+    for chart in browser.find_elements(By.CSS_SELECTOR, "svg[id^='layers-']"):
+        boxes = browser.execute_script(
+            "return [...arguments[0].querySelectorAll('text')].filter(t => /^\\d+$/.test(t.textContent))"
+            ".map(t => { const b = t.getBBox(); return [b.x, b.x + b.width]; })", chart)
+        assert len(boxes) >= 5
+        assert all(right + 2 <= left for (_, right), (left, _) in zip(boxes, boxes[1:])), boxes
     browser.get(server + "search?q=" + urllib.parse.quote("' Paris'"))
     _wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#ffn-promote tbody tr"))
     assert len(browser.find_elements(By.CSS_SELECTOR, "#ffn-promote tbody tr")) == 30

@@ -364,6 +364,7 @@ function layerBars(layers, id, width = 900, height = 150) {
   const n = layers.ffn.length;
   const most = Math.max(1e-9, ...layers.ffn.map(Math.abs), ...layers.attention.map(Math.abs));
   const slot = (width - 50) / n, middle = (height - 14) / 2, scale = (middle - 4) / most;
+  const every = [1, 2, 5, 10, 20, 50].find(k => k * slot >= 7 * String(n - 1).length + 6) || 100;
   const chart = svg("svg", {width: width, height: height, id: id, role: "img"});
   chart.append(svg("line", {x1: 40, x2: width, y1: middle, y2: middle, stroke: "#999"}));
   chart.append(svg("text", {x: 0, y: 10}, "+" + most.toFixed(2)), svg("text", {x: 0, y: height - 16}, "−" + most.toFixed(2)));
@@ -375,7 +376,9 @@ function layerBars(layers, id, width = 900, height = 150) {
       bar.append(svg("title", {}, kind + " layer " + layer + ": " + value.toFixed(4)));
       chart.append(bar);
     });
-    if (n <= 40 || layer % 2 === 0) chart.append(svg("text", {x: 40 + layer * slot, y: height - 2}, String(layer)));
+    // a label every `every` layers, so that two never touch (about 7 px a digit, 6 px apart)
+    if (layer % every === 0) chart.append(svg("text", {x: 40 + (layer + 0.4) * slot, y: height - 2, "text-anchor": "middle",
+                                                   "font-size": 11}, String(layer)));
   }
   return el("div", {}, chart, el("div", {class: "muted"}, "blue: attention layers, orange: FFN layers (hover for values)"));
 }
@@ -498,7 +501,7 @@ async function runView(run) {
   fill();
   view.replaceChildren(
     el("h2", {id: "run-title"}, "Run " + data.name), el("p", {class: "muted"}, data.path + " · model " + data.model + " · dataset " +
-       data.dataset + " · " + data.sentences + " sentences · top " + data.top + " neurons kept per sentence"),
+       data.dataset + " · " + data.sentences.length + " sentences · top " + data.top + " neurons kept per sentence"),
     table(["type", "#sentences", "#mean p(answer)"], data.types.map(t => el("tr", {}, el("td", {}, t.type),
       el("td", {class: "num"}, t.sentences), num(t.mean_prob, 3))), "types"),
     el("h2", {}, "Layer scores, mean per sentence"),
