@@ -69,3 +69,28 @@ def test_html_shows_in_chromium(tmp_path):
     assert done.returncode == 0 and shot.exists(), done.stderr
     pixels = matplotlib.image.imread(str(shot))
     assert pixels.std() > 0.05 and (pixels[..., :3].min(axis=-1) < 0.2).mean() > 0.002
+
+
+@pytest.mark.parametrize("width", [60, 80, 200])
+def test_terminal_tables_never_cut_a_neuron_name(width):
+    """#35 item 3: at 80 columns (piped through tee) the tables printed '23_1_… @ 2'. Every name of every table
+    is printed whole at any width; token columns fold or, where they cannot fit, are left out with a note."""
+    from rich.console import Console
+
+    from neuron_attribution.reports.terminal import print_attribution
+    from neuron_attribution.results.layout import attribution_tables
+
+    result = attribute(tiny_llama(), [5, 17, 3, 99, 42, 7], 11, top_k=12, query_via="both")
+    console = Console(width=width, record=True, file=open("/dev/null", "w"), color_system=None)
+    print_attribution(console, result, rows=12)
+    printed = console.export_text()
+    names = [row[i] for layout in attribution_tables(result, 12) for row in layout.rows
+             for i, column in enumerate(layout.columns) if column.whole]
+    assert len(names) > 20 and any("@" in name for name in names)
+    lines = printed.splitlines()
+    for name in names:
+        assert any(f"│ {name} " in line for line in lines), (name, width)
+    assert "…" not in printed
+    assert all(len(line) <= width for line in lines)
+    if width <= 80:
+        assert "left out at" in printed

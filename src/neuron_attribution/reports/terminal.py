@@ -92,14 +92,50 @@ def print_attribution(console: Console, result, rows: int = 10) -> None:
         _print_layout(console, layout)
 
 
+TEXT_MIN_WIDTH = 10  # a column of tokens narrower than this is unreadable: it is left out instead
+
+
 def _print_layout(console: Console, layout: TableLayout) -> None:
+    """A layout as a rich table. Names are never cut (their column keeps its longest cell's width) and numbers
+    never wrap; columns of tokens fold into what is left, and where even TEXT_MIN_WIDTH each does not fit they
+    are left out from the right, with a note saying so."""
+    cells = [[_cell(cell) for cell in row] for row in layout.rows]
+    kept = list(range(len(layout.columns)))
+
+    def least_width(i: int) -> int:
+        column = layout.columns[i]
+        if column.text and not column.whole:
+            return TEXT_MIN_WIDTH
+        header = Text(column.name).cell_len if column.whole else max(map(len, column.name.split() or [""]))
+        return max([header, 1, *(row[i].cell_len for row in cells)])
+
+    def needed() -> int:
+        return sum(least_width(i) + 3 for i in kept) + 1  # a cell's padding and border, and the last border
+
+    dropped = []
+    while needed() > console.width:
+        texts = [i for i in kept if layout.columns[i].text and not layout.columns[i].whole]
+        if not texts:
+            break
+        kept.remove(texts[-1])
+        dropped.insert(0, layout.columns[texts[-1]].name)
     table = Table(title=Text(layout.title), title_justify="left", caption=Text(layout.caption) if layout.caption
                   else None, caption_justify="left")
-    for column in layout.columns:
-        table.add_column(Text(column.name), justify="left" if column.text else "right")
-    for row in layout.rows:
-        table.add_row(*(_cell(cell) for cell in row))
+    for i in kept:
+        column = layout.columns[i]
+        if column.whole:
+            table.add_column(Text(column.name), justify="left", no_wrap=True, min_width=least_width(i))
+        elif column.text:
+            table.add_column(Text(column.name), justify="left", overflow="fold", min_width=TEXT_MIN_WIDTH)
+        else:  # a number keeps its width; its header may wrap between words
+            table.add_column(Text(column.name), justify="right", overflow="fold", min_width=least_width(i))
+    for row in cells:
+        table.add_row(*(row[i] for i in kept))
     console.print(table)
+    if dropped:
+        names = ", ".join(repr(name) for name in dropped if name) or "token"
+        console.print(Text(f"({names} left out at {console.width} columns: widen the terminal or read --json)",
+                           style="dim"))
     for note in layout.notes:
         console.print(Text(note, style="yellow"))
 
@@ -124,7 +160,10 @@ def print_neuron_scores(console: Console, scores) -> None:
             f"increase of log p({target.text!r}) − log p({contrast.text!r})"
         table = Table(title=Text(f"Chosen neurons: {measure}"), title_justify="left")
         for column in ("neuron", "score", "coef"):
-            table.add_column(column, justify="left" if column == "neuron" else "right")
+            if column == "neuron":  # a name is never cut
+                table.add_column(column, no_wrap=True, min_width=max(len(str(n)) for n in scores.neurons))
+            else:
+                table.add_column(column, justify="right", no_wrap=True)
         for neuron, score, coefficient in zip(scores.neurons, row, coefficients):
             table.add_row(str(neuron), f"{score:+.4f}", "" if coefficient is None else f"{coefficient:+.3f}")
         console.print(table)

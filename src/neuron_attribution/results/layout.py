@@ -33,6 +33,7 @@ Cell = Union[str, Tokens, Bar]
 class Column:
     name: str
     text: bool = False  # left-aligned text (tokens, names) rather than a right-aligned number
+    whole: bool = False  # names: never cut nor wrapped (other columns give way)
 
 
 @dataclass
@@ -81,7 +82,7 @@ def head_table(result: Attribution, rows: int) -> TableLayout:
         shown = (", ".join(f"{p.position}:{p.token!r} {p.score:+.3f}" for p in sources) if sources
                  else f"(positions are scored for the top {with_positions} heads)")
         body.append([f"{h.layer}.{h.head}", f"{h.score:+.4f}", *_measured_cell(h, measured), shown])
-    return TableLayout("Top heads", [Column("head", True), Column("score"), *measured,
+    return TableLayout("Top heads", [Column("head", True, whole=True), Column("score"), *measured,
                                      Column("strongest source positions", True)], body)
 
 
@@ -148,7 +149,7 @@ def ffn_table(result: Attribution, rows: int) -> TableLayout:
         else "layer_neuron"
     caption = "\n".join(text for text in (_parts_caption(result) if parts else "", _measured_caption(result)) if text)
     return TableLayout(f"Top FFN value neurons ({names}){ranked}",
-                       [Column("neuron", True), Column("score"), *measured, *parts, Column("coef"),
+                       [Column("neuron", True, whole=True), Column("score"), *measured, *parts, Column("coef"),
                         Column("promotes (coefficient × value vector)", True), Column("suppresses", True)],
                        body, caption)
 
@@ -173,7 +174,7 @@ def attention_table(result: Attribution, rows: int) -> TableLayout:
             for n in neurons]
     ranked = _ranked(result)
     return TableLayout(f"Top attention value neurons (layer_head_dim @ source position){ranked}",
-                       [Column("neuron", True), Column("score"), *measured, *parts, Column("coef"),
+                       [Column("neuron", True, whole=True), Column("score"), *measured, *parts, Column("coef"),
                         Column("source token", True),
                         *([Column("promotes", True), Column("suppresses", True)] if promotes else [])],
                        body, notes=[SINK_NOTE] if any(n.sink for n in neurons) else [])  # parts: under FFN
@@ -190,7 +191,7 @@ def query_table(result: Attribution, rows: int) -> TableLayout:
         parts = [("via attention", lambda q: q.attention_score), ("via FFN", lambda q: q.ffn_score), *parts]
     paths = [(name, pick) for name, pick in parts if any(pick(q) is not None for q in result.query_neurons)]
     located = any(q.position is not None for q in result.query_neurons)
-    columns = [Column("neuron", True), Column("score"), *(Column(name) for name, _ in paths)]
+    columns = [Column("neuron", True, whole=True), Column("score"), *(Column(name) for name, _ in paths)]
     columns += [Column("acts at", True), Column("coefficient")] if located else []
     body: list[list[Cell]] = []
     for q in result.query_neurons[:rows]:
