@@ -94,3 +94,23 @@ def test_terminal_tables_never_cut_a_neuron_name(width):
     assert all(len(line) <= width for line in lines)
     if width <= 80:
         assert "left out at" in printed
+
+
+def test_a_contrasts_tables_leave_out_the_normaliser_that_cancels():
+    """#35 item 6: with a contrast the −ΔLSE column printed -0.0000 in every row; it is left out, once explained,
+    and every neuron's normaliser change is indeed zero there (score = direct)."""
+    from neuron_attribution.results.layout import attribution_tables
+
+    model = tiny_llama()
+    plain = attribute(model, [5, 17, 3, 99, 42, 7], 11, top_k=6)
+    contrasted = attribute(model, [5, 17, 3, 99, 42, 7], 11, top_k=6, contrast=40)
+    for n in [*contrasted.ffn_neurons, *contrasted.attention_neurons]:
+        assert abs(n.normaliser_change) < 1e-5 and n.direct_score == pytest.approx(n.score, abs=1e-5)
+    for result, shown in ((plain, True), (contrasted, False)):
+        tables = [t for t in attribution_tables(result, 6) if t.title.startswith(("Top FFN value", "Top attention value"))]
+        assert len(tables) == 2
+        for table in tables:
+            assert ("−ΔLSE" in [c.name for c in table.columns]) == shown
+            assert all(len(row) == len(table.columns) for row in table.rows)
+        captions = " ".join(t.caption for t in tables)  # said once, under the FFN table
+        assert captions.count("the log-normaliser cancels") == (0 if shown else 1)

@@ -87,6 +87,9 @@ def head_table(result: Attribution, rows: int) -> TableLayout:
 
 
 def _parts_caption(result: Attribution) -> str:
+    if result.target.contrast is not None:
+        return ("direct: the push on the answer's logit less the contrast's; the −ΔLSE part is left out: the "
+                "log-normaliser cancels in log p(target) − log p(contrast), so it is zero and score = direct")
     of = "" if result.vocab_size is None else f" of {result.vocab_size:,}"
     return ("score = direct + (−ΔLSE): direct is the push on the answer's own logit, −ΔLSE the change of the "
             f"log-normaliser, negated; rank: the answer's rank{of} among the tokens the neuron's contribution raises "
@@ -98,20 +101,22 @@ def _has_parts(neurons) -> bool:
     return any(n.direct_score is not None for n in neurons)
 
 
-def _parts(n, with_rank: bool, vocab_size: int | None) -> list[Cell]:
-    cells: list[Cell] = [_signed(n.direct_score), _signed(None if n.normaliser_change is None
-                                                          else -n.normaliser_change)]
+def _parts(n, with_rank: bool, vocab_size: int | None, with_lse: bool) -> list[Cell]:
+    cells: list[Cell] = [_signed(n.direct_score)]
+    if with_lse:
+        cells.append(_signed(None if n.normaliser_change is None else -n.normaliser_change))
     marker = " ↓" if n.wins_by_suppressing(vocab_size) else ""
     return cells + ([_rank(n.target_push_rank) + marker] if with_rank else [])
 
 
-def _part_columns(neurons) -> tuple[list[Column], bool]:
+def _part_columns(neurons, contrast: bool) -> tuple[list[Column], bool]:
     """The score-part columns where the results have them (not in results written before they existed); the
-    rank where it was computed (not with a contrast)."""
+    rank where it was computed (not with a contrast); no −ΔLSE with a contrast (it cancels: always zero)."""
     if not _has_parts(neurons):
         return [], False
     with_rank = any(n.target_push_rank is not None for n in neurons)
-    return [Column("direct"), Column("−ΔLSE")] + ([Column("rank")] if with_rank else []), with_rank
+    return ([Column("direct")] + ([] if contrast else [Column("−ΔLSE")])
+            + ([Column("rank")] if with_rank else [])), with_rank
 
 
 def _measured(items) -> list[Column]:
@@ -138,10 +143,10 @@ def _outcome(result: Attribution) -> str:
 
 def ffn_table(result: Attribution, rows: int) -> TableLayout:
     neurons = result.ffn_neurons[:rows]
-    parts, with_rank = _part_columns(neurons)
+    parts, with_rank = _part_columns(neurons, result.target.contrast is not None)
     measured = _measured(neurons)
     body = [[str(n.index), f"{n.score:+.4f}", *_measured_cell(n, measured),
-             *(_parts(n, with_rank, result.vocab_size) if parts else []),
+             *(_parts(n, with_rank, result.vocab_size, result.target.contrast is None) if parts else []),
              f"{n.coefficient:+.3f}", Tokens(tuple(n.promoted_tokens[:6])), Tokens(tuple(n.suppressed_tokens[:3]))]
             for n in neurons]
     ranked = _ranked(result)
@@ -164,11 +169,11 @@ def _ranked(result: Attribution) -> str:
 
 def attention_table(result: Attribution, rows: int) -> TableLayout:
     neurons = result.attention_neurons[:rows]
-    parts, with_rank = _part_columns(neurons)
+    parts, with_rank = _part_columns(neurons, result.target.contrast is not None)
     measured = _measured(neurons)
     promotes = any(n.promoted_tokens for n in neurons)
     body = [[f"{n.layer}_{n.head}_{n.dim} @ {n.position}", f"{n.score:+.4f}", *_measured_cell(n, measured),
-             *(_parts(n, with_rank, result.vocab_size) if parts else []),
+             *(_parts(n, with_rank, result.vocab_size, result.target.contrast is None) if parts else []),
              f"{n.coefficient:+.3f}", Tokens((n.token,)) if not n.sink else f"{n.token!r} ⚓",
              *([Tokens(tuple(n.promoted_tokens[:4])), Tokens(tuple(n.suppressed_tokens[:3]))] if promotes else [])]
             for n in neurons]
