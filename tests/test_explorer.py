@@ -6,6 +6,7 @@ loops over the run's rows, inert markup, 4xx for bad requests, and 50 requests f
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -123,11 +124,16 @@ def test_bad_requests_get_a_4xx_with_a_message(server):
         (_get(server + "api/search?q=" + urllib.parse.quote(" Parisian")), 400, "2 tokens"),
         (_get(server + "api/runs/7"), 404, "no run 7"),
         (_post(server + "api/attribute", b"x" * (70 * 1024)), 413, "over 64 KB"),
+        # #35 item 9: messages in the page's words — its controls' labels, neurons by their names
+        (_post(server + "api/attribute", {"prompt": PROMPT, "target": " Paris", "contrast": " London",
+                                          "answer_tokens": "all"}), 400, "use “Answer tokens: first” with it"),
+        (_get(server + "api/neuron/99_99999"), 404, "not a neuron of this model: 99_99999 (model"),
     ]
     for (status, body), expected_status, message in cases:
         assert status == expected_status, (body, message)
         assert message in body.get("error", ""), body
         assert "Traceback" not in json.dumps(body)
+        assert not re.search(r"Index\(|\w='", body.get("error", "")), body  # no repr, no Python spelling
     # Nothing outside the package's assets and the loaded runs can be named.
     for path in ("assets/..%2F..%2Fapp.py", "assets/explorer.js/../../app.py", "../../etc/passwd", "api/runs/-1"):
         status, body = _get(server + path)

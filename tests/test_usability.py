@@ -287,3 +287,30 @@ def test_report_says_how_many_sentences_it_shows_and_draws_emoji_type_names_with
     assert "the first 1 of 5 sentences of this type" in page
     assert fancy in page
     assert html._drawable(fancy) == "capital"
+
+
+def test_messages_name_options_as_each_surface_spells_them():
+    """#35 item 9: an error names an option as the Python API spells it; the CLI says the flag, a page its control
+    (options it has no control for keep the Python spelling)."""
+    from neuron_attribution.errors import for_a_page, for_the_command_line
+
+    message = "a contrast applies to a single answer token; use answer_tokens='first' with it (rank_by='direct')"
+    assert for_the_command_line(message) == ("a contrast applies to a single answer token; use --answer-tokens first "
+                                             "with it (--rank-by direct)")
+    assert for_a_page(message, {"answer_tokens": "Answer tokens"}) == (
+        "a contrast applies to a single answer token; use “Answer tokens: first” with it (rank_by='direct')")
+    assert for_the_command_line("not a neuron: '25-1120'") == "not a neuron: '25-1120'"  # not an option
+
+
+def test_work_refused_before_any_progress_prints_no_empty_line(capsys):
+    """#35 item 9: `run`'s errors started with a blank line: the progress bar, started before the run was refused,
+    printed its empty self on the way out. It now appears with the first progress only."""
+    from neuron_attribution import UserError
+    from neuron_attribution.cli.common import progress_bar
+
+    with pytest.raises(UserError), progress_bar():
+        raise UserError("refused")
+    assert capsys.readouterr().out == ""
+    with progress_bar() as progress:
+        progress("sentences", 1, 2)
+    assert "sentences" in capsys.readouterr().out

@@ -222,7 +222,7 @@ class ModelShape:
         else:
             inside = inside and 0 <= index.head < self.n_heads
         if not inside:
-            raise UserError(f"not a neuron of this model: {type(index).__name__}{tuple(index)} (model: "
+            raise UserError(f"not a neuron of this model: {index} (model: "
                             f"{self.n_layers} layers, {self._ffn_words()}, {self.n_heads} heads of "
                             f"{self.head_dim})")
 

@@ -8,7 +8,7 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import UserError
+from ..errors import UserError, for_the_command_line
 from . import datasets, explorer, single  # noqa: F401  (importing them defines and so registers the commands)
 from .common import app, collection_deferred
 
@@ -18,7 +18,7 @@ def main() -> None:
         try:
             app()
         except UserError as error:
-            Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False,
+            Console(stderr=True).print(f"[bold red]error:[/] {escape(for_the_command_line(str(error)))}", highlight=False,
                                        soft_wrap=True)
             sys.exit(2)
         except KeyboardInterrupt:

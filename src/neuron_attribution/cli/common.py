@@ -265,19 +265,26 @@ def make_backend(name: str, loaded, settings, workers: int, address: str | None,
 
 @contextmanager
 def progress_bar():
-    """A rich progress bar driven by (what, done, total) calls, one task per distinct `what`."""
+    """A rich progress bar driven by (what, done, total) calls, one task per distinct `what`. The bar appears with
+    the first call: work that fails before any progress (a refused run) leaves no empty line before its error."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        tasks: dict[str, int] = {}
+    bar = Progress(*columns, console=console, transient=False)
+    tasks: dict[str, int] = {}
 
-        def update(what: str, done: int, total: int) -> None:
-            if what not in tasks:
-                tasks[what] = bar.add_task(what, total=total)
-            bar.update(tasks[what], completed=done, total=total)
+    def update(what: str, done: int, total: int) -> None:
+        if not tasks:
+            bar.start()
+        if what not in tasks:
+            tasks[what] = bar.add_task(what, total=total)
+        bar.update(tasks[what], completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        if tasks:
+            bar.stop()
 

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import UserError
+from ..errors import UserError, for_a_page
 from ..model.prompts import encode_prompt
 from ..neurons import parse_neuron
 from .guard import Guard
@@ -73,6 +73,11 @@ class _SecurityHeaders:
                 message["headers"] = [*message["headers"], *SECURITY_HEADERS]
             await send(message)
         await self.app(scope, receive, with_headers)
+
+
+# the prompt view's controls, by the option each sets: errors name them as the page does
+PAGE_CONTROLS = {"answer_tokens": "Answer tokens", "query_via": "Query neurons via", "target": "Answer",
+                 "contrast": "rather than"}
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -189,7 +194,7 @@ def create_app(views: Views, runs: RunIndex, *, token: str | None, allowed_hosts
             raise HTTPException(404, str(error)) from None
 
     async def user_error(request: Request, error: Exception) -> Response:
-        return _error(400, str(error))
+        return _error(400, for_a_page(str(error), PAGE_CONTROLS))
 
     async def queue_full(request: Request, error: Exception) -> Response:
         return _error(429, str(error))
