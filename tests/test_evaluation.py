@@ -164,3 +164,25 @@ def test_dataset_names_stay_inside_the_package(tmp_path, monkeypatch):
     for name in ("../sample", "../../data/sample", "sample.jsonl", "/etc/passwd-nope"):
         with pytest.raises(UserError, match="no dataset"):
             load_facts(name)
+
+
+def test_a_dataset_argument_may_list_types_and_files(tmp_path, monkeypatch):
+    """#35 item 5: `--dataset capital,language` (refused before) reads both types' facts, in order, each file once;
+    a file may stand in the list; a file whose name holds a comma is that file; a bad part is named."""
+    capital, _ = load_facts("capital")
+    language, _ = load_facts("language")
+    both, skipped = load_facts("capital, language,capital")
+    assert not skipped
+    assert [(f.prompt, f.answer) for f in both] == [(f.prompt, f.answer) for f in capital + language]
+    assert {f.type_name for f in both} == {"capital", "language"}
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"prompt": "A", "answer": "b", "type": "t"}\n')
+    facts, _ = load_facts(f"capital,{mine}")
+    assert len(facts) == len(capital) + 1 and facts[-1].prompt == "A"
+    odd = tmp_path / "a,b.jsonl"
+    odd.write_text('{"prompt": "C", "answer": "d"}\n')
+    assert [f.prompt for f in load_facts(str(odd))[0]] == ["C"]
+    with pytest.raises(UserError, match="no dataset 'nope'"):
+        load_facts("capital,nope")
+    with pytest.raises(UserError, match="empty name between commas"):
+        load_facts("capital,,language")

@@ -68,7 +68,15 @@ def candidate_answers() -> dict[str, list[str]]:
 
 
 def dataset_paths(name_or_path: str) -> list[Path]:
-    """The files a dataset argument names: "knowledge" (the six types), a packaged dataset, or a file."""
+    """The files a dataset argument names: "knowledge" (the six types), a packaged dataset, a file, or a
+    comma-separated list of them ("capital,language", "capital,mine.jsonl"; each file once, in order). A file
+    whose own name holds a comma is read as that file."""
+    if "," in name_or_path and not Path(name_or_path).is_file():
+        parts = [part.strip() for part in name_or_path.split(",")]
+        if not all(parts):
+            raise UserError(f"--dataset {name_or_path!r}: an empty name between commas")
+        found = [path for part in parts for path in dataset_paths(part)]
+        return list(dict.fromkeys(found))
     if name_or_path == ALL_TYPES:
         return [dataset_path(kind) for kind in KNOWLEDGE_TYPES]
     return [dataset_path(name_or_path)]

@@ -18,8 +18,9 @@ from .common import (MeasureOption, AddressOption, AllowPickleOption, AnswerToke
 
 @app.command(cls=RegistryHelp)
 def evaluate(
-    dataset: Annotated[str, typer.Option("--dataset", "-d", help="A packaged dataset name (e.g. sample) or a "
-                                         "JSONL file of {\"prompt\", \"answer\", \"type\"?} lines.")],
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="A packaged dataset name (e.g. sample), a "
+                                         "JSONL file of {\"prompt\", \"answer\", \"type\"?} lines, or a "
+                                         "comma-separated list of them (capital,language).")],
     model: ModelOption = None,
     methods: Annotated[str, typer.Option("--methods", help="all, or a comma-separated list of methods.")] = "all",
     top: Annotated[Optional[int], typer.Option("--top", "-k", help="Neurons switched off per sentence. Default: "
@@ -86,7 +87,8 @@ def datasets() -> None:
 @app.command()
 def run(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="knowledge (all six types), one type (language, "
-                                         "capital, country, color, number, month), sample, or a JSONL file.")],
+                                         "capital, country, color, number, month), sample, a JSONL file, or a "
+                                         "comma-separated list of them (capital,language).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the Parquet tables (resumable).")]
     = Path("out/run"),
     model: ModelOption = None,
