@@ -85,3 +85,35 @@ def test_bad_answers(answer, answer_tokens, message):
 def test_contrast_with_all_tokens_is_refused():
     with pytest.raises(UserError, match="contrast applies to a single answer token"):
         attribute(tiny_llama(), PROMPT, ANSWER, top_k=3, answer_tokens="all", contrast=9)
+
+
+def test_a_coefficient_per_answer_token_and_the_whole_answer_named():
+    """#35 item 7: 26_168 was scored at two positions but had one coefficient. Every neuron carries its
+    coefficient at each predicting position (a trace of that teacher-forced prefix, read independently), an
+    attention neuron None where the position comes before its source; the target names the whole answer."""
+    from neuron_attribution.model.trace import trace_token_ids
+
+    model = tiny_llama()
+    s = model.shape
+    result = attribute(model, PROMPT, ANSWER, top_k=400, answer_tokens="all", query_top=0)
+    traces = [trace_token_ids(model, [PROMPT + ANSWER[:i]])[0] for i in range(len(ANSWER))]
+    assert result.target.answer == "".join(result.tokens[len(PROMPT):]) + result.target.tokens[-1].text
+    assert result.target.to_dict()["answer"] == result.target.answer
+    for n in result.ffn_neurons:
+        expected = [float(t.ffn_coefficients[n.layer, -1, n.neuron]) for t in traces]
+        assert n.token_coefficients == pytest.approx(expected, rel=1e-4, abs=1e-5)  # batched vs alone
+        assert n.coefficient == pytest.approx(expected[0], rel=1e-4, abs=1e-5)
+    late = 0
+    for n in result.attention_neurons:
+        kv = s.kv_head_of(n.head)
+        expected = [None if n.position >= t.n_tokens else
+                    float(t.attention_weights[n.layer, n.head, n.position] * t.value_states[n.layer, n.position, kv, n.dim])
+                    for t in traces]
+        assert [c is None for c in n.token_coefficients] == [e is None for e in expected]
+        late += n.position >= len(PROMPT)
+        assert [c for c in n.token_coefficients if c is not None] == \
+            pytest.approx([e for e in expected if e is not None], rel=1e-4, abs=1e-6)
+    assert late  # attention neurons inside the answer, unseen by the first predicting position
+    single = attribute(model, PROMPT, ANSWER[0], top_k=5, query_top=0)
+    assert single.target.answer is None and "answer" not in single.target.to_dict()
+    assert all(n.token_coefficients is None for n in single.ffn_neurons)

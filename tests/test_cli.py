@@ -63,7 +63,7 @@ def test_attribute_json_fields(tmp_path, real_model):
     (["attribute", "The capital of France is", "--target", " Paris", "--contrast", "Paris"],
      "error: the contrast ' Paris' is the target's own first token; a contrast must differ"),
     (["attribute", "The capital of France is", "--answer-tokens", "all"],
-     "error: answer_tokens='all' needs the answer (text or token ids), not the top prediction"),
+     "error: --answer-tokens all needs the answer (text or token ids), not the top prediction"),
 ])
 def test_bad_input_exits_2_in_one_line(args, message, real_model):
     result = run(*args)

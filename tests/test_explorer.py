@@ -393,6 +393,27 @@ def test_markup_in_a_prompt_stays_inert_text(server, browser):
     assert "<img" in tokens.replace(" ", "") and "<script>" in tokens.replace(" ", "")
 
 
+def test_the_page_says_what_it_scored_when_it_is_not_what_was_typed(server, browser, real_model):
+    """#35 items 7 and 8: the target `<b>x</b>` was scored as `' <'` (a space added, the first token only) and the
+    page said nothing; it says both now, names the whole answer, and with every token scored says so."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(server + "?" + urllib.parse.urlencode({"prompt": PROMPT, "target": "<b>x</b>"}))
+    _wait_for(browser, lambda d: _text(d, "graph-status").startswith("drawn") or "Error" in _text(d, "status"))
+    note = _text(browser, "answer-note")
+    assert 'a leading space was added to "<b>x</b>"' in note, note
+    answer = attribute(real_model, PROMPT, "<b>x</b>", top_k=5, query_top=0).target
+    assert answer.answer == " <b>x</b>" and answer.text == " <"
+    assert f'is {answer.n_answer_tokens} tokens and only the first, " <", is scored' in note, note
+    assert 'Answer " <b>x</b>", first token " <"' in _text(browser, "summary")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#view b b")  # the markup stayed text
+    browser.get(server + "?" + urllib.parse.urlencode({"prompt": "The Golden Gate Bridge is in", "target": " San Francisco",
+                                                       "answer_tokens": "all"}))
+    _wait_for(browser, lambda d: _text(d, "graph-status").startswith("drawn") or "Error" in _text(d, "status"))
+    assert "every answer token is scored" in _text(browser, "answer-note")
+    assert 'Answer " San Francisco"' in _text(browser, "summary")
+
+
 def test_a_neuron_page_of_a_loaded_run_in_a_browser(server, browser, run_dir):
     from selenium.webdriver.common.by import By
 

@@ -40,9 +40,16 @@ def attribute_answer(model: LoadedModel, prompt: Prompt, answer: str | int | lis
     target.tokens = [token_info(torch.softmax(trace.logits.double(), dim=-1), token, token_texts(model, [token])[0])
                      for trace, token in zip(traces, answer_ids)]
     target.n_answer_tokens = len(answer_ids)
+    target.answer = "".join(token_texts(model, answer_ids)) if len(answer_ids) > 1 else None
     ffn_neurons = assemble.ffn_neurons(model, scores.ffn, contexts[0].ffn_coefficients)
     attention_neurons = assemble.attention_neurons(model, scores.attention, len(tokens), tokens,
                                                    lambda index: _first_coefficient(contexts, index))
+    for n in ffn_neurons:
+        row = model.shape.ffn_row(n.index)
+        n.token_coefficients = [float(c.ffn_coefficients[n.layer, row]) for c in contexts]
+    for a in attention_neurons:
+        a.token_coefficients = [float(c.attention_coefficients[a.index]) if a.position < c.trace.n_tokens else None
+                                for c in contexts]
     queries = None
     if options.query_top:
         queries = summed_query_scores([

@@ -25,6 +25,8 @@ def target_info(model: LoadedModel, prompt: Prompt, ids: list[int], trace: Trace
     probs = torch.softmax(trace.logits.double(), dim=-1)
     first = token_info(probs, token.id, token.text)
     info = TargetInfo(first.text, first.id, first.prob, first.rank, token.n_answer_tokens)
+    if token.n_answer_tokens > 1:
+        info.answer = "".join(token_texts(model, list(token.answer_ids)))
     if contrast is not None:
         other = encode_contrast(model, ids, prompt, contrast, token.id)
         info.contrast = token_info(probs, other.id, other.text)

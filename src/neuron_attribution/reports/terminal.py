@@ -68,11 +68,12 @@ def print_attribution(console: Console, result, rows: int = 10) -> None:
     target = result.target
     contrast = target.contrast
     rather = "" if contrast is None else f" rather than {contrast.text!r}"
-    console.rule(Text(f"{result.prompt!r} → {target.text!r}{rather}"))
+    console.rule(Text(f"{result.prompt!r} → {target.shown!r}{rather}"))
     spans = f" (first of {target.n_answer_tokens} answer tokens)" if target.n_answer_tokens > 1 else ""
     if target.tokens is not None:
         spans = f" (first of {len(target.tokens)} answer tokens, all scored)"
-    console.print(Text(f"Target {target.text!r} id {target.id}{spans}: probability {target.prob:.2%}, "
+    answer = "" if target.answer is None else f"Answer {target.answer!r}. "
+    console.print(Text(f"{answer}Target {target.text!r} id {target.id}{spans}: probability {target.prob:.2%}, "
                        f"rank {target.rank}.  Top prediction: {result.predictions[0].token!r} "
                        f"({result.predictions[0].prob:.2%})" + ("  [reference convention]" if result.reference
                                                                  else "")))
@@ -82,8 +83,8 @@ def print_attribution(console: Console, result, rows: int = 10) -> None:
                            style="bold yellow"))
     if target.tokens is not None:
         console.print(Text("Answer tokens, each scored where it is predicted (teacher forcing); every score below "
-                           "is their sum: " + ", ".join(f"{t.text!r} {t.prob:.2%} (rank {t.rank})"
-                                                        for t in target.tokens)))
+                           "is their sum, and coef gives the coefficient at each of their positions: "
+                           + ", ".join(f"{t.text!r} {t.prob:.2%} (rank {t.rank})" for t in target.tokens)))
     if contrast is not None:
         console.print(Text(f"Contrast {contrast.text!r} id {contrast.id}: probability {contrast.prob:.2%}, rank "
                            f"{contrast.rank}. Every score below is the increase of log p(target) − "

@@ -44,10 +44,16 @@ class TargetInfo:
     contrast: TokenInfo | None = None
     # answer_tokens="all": every answer token, each at its teacher-forced predicting position; the scores are sums.
     tokens: list[TokenInfo] | None = None
+    answer: str | None = None  # the whole answer as tokenised (" San Francisco"); `text` is its first token
+
+    @property
+    def shown(self) -> str:
+        """What to call the answer: the whole of it (its first token alone where it is one token)."""
+        return self.answer or self.text
 
     def to_dict(self) -> dict[str, Any]:
-        """Without `contrast` and `tokens` where there are none."""
-        return {k: v for k, v in asdict(self).items() if not (k in ("contrast", "tokens") and v is None)}
+        """Without `contrast`, `tokens` and `answer` where there are none."""
+        return {k: v for k, v in asdict(self).items() if not (k in ("contrast", "tokens", "answer") and v is None)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TargetInfo:
@@ -141,6 +147,8 @@ class FfnNeuron(ScoreParts):
     expert: int | None = None  # a mixture-of-experts layer's routed expert; `neuron` is the place in it
     # log p(target) (minus log p(contrast)) changes by this when the neuron is switched off alone (measure=N)
     measured_change: float | None = None
+    # answer_tokens="all": the coefficient at each answer token's predicting position (`coefficient`: the first's)
+    token_coefficients: list[float] | None = None
 
     def __post_init__(self) -> None:
         if not self.promoted_tokens:
@@ -171,6 +179,9 @@ class AttentionNeuron(ScoreParts):
     target_push_rank: int | None = None
     measured_change: float | None = None  # as FfnNeuron's
     sink: bool | None = None  # reads the first token (`reads_the_sink`); set from `position`
+    # answer_tokens="all": the coefficient at each answer token's predicting position, None where that position
+    # comes before the source position (`coefficient`: the first one that sees it)
+    token_coefficients: list[float | None] | None = None
 
     def __post_init__(self) -> None:
         self.sink = reads_the_sink(self.position)
@@ -278,7 +289,8 @@ class Attribution:
         data["target"] = self.target.to_dict()
         for kind in ("ffn_neurons", "attention_neurons"):
             data[kind] = [{k: v for k, v in n.items()
-                           if not (k in ("token_scores", "expert", "measured_change") and v is None)}
+                           if not (k in ("token_scores", "token_coefficients", "expert", "measured_change")
+                                   and v is None)}
                           for n in data[kind]]
         data["heads"] = [{k: v for k, v in h.items() if not (k == "measured_change" and v is None)}
                          for h in data["heads"]]

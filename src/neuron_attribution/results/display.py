@@ -48,7 +48,7 @@ def _table(caption: str, header: list[str], body: list[list[str]], text_columns:
 
 def _header(result: Attribution) -> str:
     target = result.target
-    line = (f"<p><b>{_text(repr(result.prompt))}</b> → {_token(target.text)}: probability {target.prob:.2%}, "
+    line = (f"<p><b>{_text(repr(result.prompt))}</b> → {_token(target.shown)}: probability {target.prob:.2%}, "
             f"rank {target.rank}; top prediction {_token(result.predictions[0].token)} "
             f"({result.predictions[0].prob:.2%})")
     if target.contrast is not None:

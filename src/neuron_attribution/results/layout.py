@@ -137,6 +137,14 @@ def _measured_caption(result: Attribution) -> str:
             f"{result.measured_top}; a score is the frozen-norm, first-order effect, not this){together}")
 
 
+def _coefficient_cell(n) -> str:
+    """The coefficient; with every answer token scored, one per answer token's predicting position ("·" where the
+    position does not see an attention neuron's source)."""
+    if not n.token_coefficients:
+        return f"{n.coefficient:+.3f}"
+    return " | ".join("·" if c is None else f"{c:+.3f}" for c in n.token_coefficients)
+
+
 def _outcome(result: Attribution) -> str:
     return "log p(target)" if result.target.contrast is None else "log p(target) − log p(contrast)"
 
@@ -147,7 +155,7 @@ def ffn_table(result: Attribution, rows: int) -> TableLayout:
     measured = _measured(neurons)
     body = [[str(n.index), f"{n.score:+.4f}", *_measured_cell(n, measured),
              *(_parts(n, with_rank, result.vocab_size, result.target.contrast is None) if parts else []),
-             f"{n.coefficient:+.3f}", Tokens(tuple(n.promoted_tokens[:6])), Tokens(tuple(n.suppressed_tokens[:3]))]
+             _coefficient_cell(n), Tokens(tuple(n.promoted_tokens[:6])), Tokens(tuple(n.suppressed_tokens[:3]))]
             for n in neurons]
     ranked = _ranked(result)
     names = "layer_neuron; an expert's: layer_eEXPERT_neuron" if any(n.expert is not None for n in neurons) \
@@ -174,7 +182,7 @@ def attention_table(result: Attribution, rows: int) -> TableLayout:
     promotes = any(n.promoted_tokens for n in neurons)
     body = [[f"{n.layer}_{n.head}_{n.dim} @ {n.position}", f"{n.score:+.4f}", *_measured_cell(n, measured),
              *(_parts(n, with_rank, result.vocab_size, result.target.contrast is None) if parts else []),
-             f"{n.coefficient:+.3f}", Tokens((n.token,)) if not n.sink else f"{n.token!r} ⚓",
+             _coefficient_cell(n), Tokens((n.token,)) if not n.sink else f"{n.token!r} ⚓",
              *([Tokens(tuple(n.promoted_tokens[:4])), Tokens(tuple(n.suppressed_tokens[:3]))] if promotes else [])]
             for n in neurons]
     ranked = _ranked(result)

@@ -21,7 +21,7 @@ TABLES = ("sentences", "ffn_neurons", "attention_neurons", "query_neurons", "lay
 _OPTIONAL_FLOATS = ("gate_score", "up_score", "attention_score", "ffn_score")
 # null without a contrast, or for a single-token answer
 _OPTIONAL_TYPED = {"contrast_text": pa.string(), "contrast_id": pa.int64(), "token_scores": pa.list_(pa.float64()),
-                   "answer_ids": pa.list_(pa.int64()),
+                   "token_coefficients": pa.list_(pa.float64()), "answer_ids": pa.list_(pa.int64()),
                    # a query neuron's position, token and coefficient: null where no reading placed it
                    "position": pa.int64(), "token": pa.string(), "coefficient": pa.float64(),
                    # a value neuron's score parts; null push rank with a contrast

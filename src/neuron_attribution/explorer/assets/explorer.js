@@ -131,12 +131,29 @@ function currentQuery() {
           query_via: value("query-via") || null};
 }
 
+// What the page scored when it is not exactly what was typed: a leading space added (the word as the model
+// writes it after the prompt), or an answer of several tokens of which only the first is scored.
+function answerNote(target, query) {
+  const typed = query.target || "";
+  const notes = [];
+  if (typed && !/^\s/.test(typed) && /^\s/.test(target.answer || target.text))
+    notes.push("a leading space was added to " + quoted(typed) + " (the word as the model writes it after the prompt)");
+  if (target.answer && !target.tokens)
+    notes.push("the answer " + quoted(target.answer) + " is " + target.n_answer_tokens + " tokens and only the first, " +
+               quoted(target.text) + ", is scored; “Answer tokens: all” scores every one");
+  if (target.tokens)
+    notes.push("every answer token is scored where it is predicted; scores are their sums, coefficients one per token");
+  return notes.length ? el("div", {class: "warning", id: "answer-note"}, "Note: " + notes.join("; ")) : null;
+}
+
 function renderPrompt(results, data, query) {
   explorer.data = data;
   const target = data.target;
   const summary = el("div", {class: "summary", id: "summary"},
     el("div", {class: "tokens"}, data.tokens.map((t, i) => el("span", {title: "position " + i}, t))),
-    el("div", {}, "Answer ", el("b", {class: "tok"}, quoted(target.text)), " (id " + target.id + "): p = ",
+    answerNote(target, query),
+    el("div", {}, target.answer ? ["Answer ", el("b", {class: "tok"}, quoted(target.answer)), ", first token "] : "Answer ",
+       el("b", {class: "tok"}, quoted(target.text)), " (id " + target.id + "): p = ",
        el("b", {id: "target-prob"}, fmt(target.prob, 6)), ", rank " + target.rank,
        target.contrast ? " · rather than " + quoted(target.contrast.text) + " (p = " + fmt(target.contrast.prob, 6) + ")" : "",
        " · scores: " + data.graph.measure + " · query neurons via " + data.query_via + " value neurons"),
