@@ -446,6 +446,22 @@ def test_a_neuron_page_of_a_loaded_run_in_a_browser(server, browser, run_dir):
     browser.get(server + "search?q=" + urllib.parse.quote("' Paris'"))
     _wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#ffn-promote tbody tr"))
     assert len(browser.find_elements(By.CSS_SELECTOR, "#ffn-promote tbody tr")) == 30
+    assert not browser.find_elements(By.ID, "other-variant")  # quoted: exactly what was asked for
+    # #35 item 10: what the runs found comes before the weight tables
+    order = browser.execute_script("const all = [...document.querySelectorAll('#view *')];"
+                                   "return [all.indexOf(document.getElementById('run-promoting')),"
+                                   "all.indexOf(document.getElementById('ffn-promote'))]")
+    assert 0 <= order[0] < order[1], order
+    # Paris without quotes searches the no-space token and says so, linking the word after a space
+    browser.get(server + "search?q=Paris")
+    _wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#ffn-promote tbody tr"))
+    note = _text(browser, "other-variant")
+    assert 'Searched "Paris"' in note and 'another token, " Paris"' in note, note
+    browser.find_element(By.ID, "other-variant-link").click()
+    _wait_for(browser, lambda d: "%20Paris" in d.current_url or "+Paris" in d.current_url)
+    _wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#ffn-promote tbody tr"))
+    assert '" Paris"' in browser.find_element(By.TAG_NAME, "h2").text
+    assert not browser.find_elements(By.ID, "other-variant")
 
 
 # -- a mixture of experts: expert neurons by name, through the API and on the page --------------------------------

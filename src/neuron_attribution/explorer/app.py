@@ -185,7 +185,8 @@ def create_app(views: Views, runs: RunIndex, *, token: str | None, allowed_hosts
             return JSONResponse({"neuron": str(index)})
         token_id = views.token_id(text)
         found = await queue.run(f"searching {text!r}", lambda: views.promoting(token_id))
-        return JSONResponse({**found, "runs": await run_in_threadpool(runs.promoting, found["token"])})
+        return JSONResponse({**found, "other_variant": views.other_variant(text),
+                             "runs": await run_in_threadpool(runs.promoting, found["token"])})
 
     async def run_view(request: Request) -> Response:
         try:

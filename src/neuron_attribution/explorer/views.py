@@ -224,6 +224,17 @@ class Views:
                             "search for one token")
         return ids[0]
 
+    def other_variant(self, text: str) -> dict[str, Any] | None:
+        """For a search typed without quotes or a leading space ("Paris"), the word as it follows a space
+        (" Paris", another token) where that is one token too: the page names both and links the other."""
+        if not text or text[0] in "'\"" or text[0].isspace() or self.model.tokenizer is None:
+            return None
+        ids = self.model.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            return None
+        shown = token_text(self.model, ids[0])
+        return {"token": shown, "token_id": ids[0], "query": repr(shown)}
+
     def promoting(self, token_id: int, shown: int = SEARCH_SHOWN) -> dict[str, Any]:
         """Which neurons' vocabulary projections single the token out (`scoring.token_search`): the top and
         bottom z of every FFN and attention neuron. High z: a positive coefficient raises the token more than

@@ -480,20 +480,30 @@ async function searchView(q) {
   explorer.data = data;
   const found = (rows, id) => table(["neuron", "#z", "#centred logit"], rows.map(r => el("tr", {},
     el("td", {}, neuronLink(r.name)), num(r.z, 2), num(r.centred_logit, 3))), id);
+  const other = data.other_variant;
   const parts = [el("h2", {}, "Neurons that single out ", el("span", {class: "tok"}, quoted(data.token)), " (token " + data.token_id + ")"),
-    el("p", {class: "muted"}, "From the weights, every neuron: the token's logit in the neuron's vocabulary projection, less the mean " +
-                              "over the vocabulary, in standard deviations of that projection (z). High z: the neuron raises the " +
-                              "token when its coefficient is positive; low z: when it is negative.")];
-  for (const kind of ["ffn", "attention"]) {
-    parts.push(el("div", {class: "grid"},
-      el("div", {}, el("h3", {}, (kind === "ffn" ? "FFN" : "Attention") + " neurons, highest z"), found(data[kind].promote, kind + "-promote")),
-      el("div", {}, el("h3", {}, (kind === "ffn" ? "FFN" : "Attention") + " neurons, lowest z"), found(data[kind].suppress, kind + "-suppress"))));
-  }
+    other ? el("div", {class: "warning", id: "other-variant"}, "Searched ", el("span", {class: "tok"}, quoted(data.token)),
+               " (id " + data.token_id + ", no leading space). After a space the word is another token, ",
+               el("span", {class: "tok"}, quoted(other.token)), " (id " + other.token_id + "): ",
+               el("a", {href: "/search?" + new URLSearchParams({q: other.query}).toString(), id: "other-variant-link"},
+                  "search " + other.query), ". Quotes keep a space: ' Paris'.") : null];
+  // what the runs found first: it is the short list, the weight tables below are long
   if (data.runs.length) {
     parts.push(el("h2", {}, "In the loaded runs: value neurons that promoted it"),
       table(["run", "neuron", "kind", "#sentences", "#mean score"], data.runs.map(r => el("tr", {},
         el("td", {}, el("a", {href: "/run/" + r.run}, String(r.run))), el("td", {}, neuronLink(r.name)), el("td", {}, r.kind),
         el("td", {class: "num"}, r.sentences), num(r.mean))), "run-promoting"));
+  } else {
+    parts.push(el("p", {class: "muted", id: "run-promoting"}, "No loaded run has a value neuron that promoted it."));
+  }
+  parts.push(el("h2", {}, "From the weights"),
+    el("p", {class: "muted"}, "Every neuron: the token's logit in the neuron's vocabulary projection, less the mean " +
+                              "over the vocabulary, in standard deviations of that projection (z). High z: the neuron raises the " +
+                              "token when its coefficient is positive; low z: when it is negative."));
+  for (const kind of ["ffn", "attention"]) {
+    parts.push(el("div", {class: "grid"},
+      el("div", {}, el("h3", {}, (kind === "ffn" ? "FFN" : "Attention") + " neurons, highest z"), found(data[kind].promote, kind + "-promote")),
+      el("div", {}, el("h3", {}, (kind === "ffn" ? "FFN" : "Attention") + " neurons, lowest z"), found(data[kind].suppress, kind + "-suppress"))));
   }
   view.replaceChildren(...parts);
 }
