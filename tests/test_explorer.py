@@ -163,6 +163,17 @@ def test_neuron_page_data_equals_a_loop_over_the_runs_rows(server, run_dir, real
         if scores:
             assert row["mean"] == pytest.approx(float(np.mean(scores)))
             assert row["median"] == pytest.approx(float(np.median(scores)))
+        # #35 item 4: which end it pushes (the coefficient's sign) and how often it wins by suppressing
+        of_type = [r for r in mine if r["type"] == row["type"]]
+        assert row["top_end"] == sum(r["coefficient"] >= 0 for r in of_type)
+        assert row["bottom_end"] == sum(r["coefficient"] < 0 for r in of_type)
+        assert row["by_suppressing"] == sum(r["score"] > 0 and r["target_push_rank"] > real_model.shape.vocab_size / 2
+                                            for r in of_type)
+    by_sentence = {r["sentence_id"]: r for r in mine}
+    for s in run["sentences_with"]:
+        row = by_sentence[s["sentence_id"]]
+        assert s["coefficient"] == pytest.approx(row["coefficient"]) and s["target_push_rank"] == row["target_push_rank"]
+        assert s["wins_by_suppressing"] == (row["score"] > 0 and row["target_push_rank"] > real_model.shape.vocab_size / 2)
     assert sum(b["count"] for b in run["histogram"]) == len(mine)
     # Its vocabulary projection is the library's.
     assert data["projection"]["top_tokens"] == project(real_model, FfnIndex(layer, neuron), 20).top_tokens
@@ -187,6 +198,11 @@ def test_run_view_equals_a_loop_over_the_runs_rows(server, run_dir):
     capital_23 = [r["attention"] for r in layers if r["type"] == "capital" and r["layer"] == 23]
     (row,) = [r for r in data["layers"] if r["type"] == "capital" and r["layer"] == 23]
     assert row["attention"] == pytest.approx(float(np.mean(capital_23)))
+    ffn = pq.read_table(run_dir / "ffn_neurons.parquet").to_pylist()
+    for n in data["neurons"]:  # how often each listed neuron pushed its projection's bottom end (#35 item 4)
+        mine = [r for r in ffn if r["type"] == n["type"] and f"{r['layer']}_{r['neuron']}" == n["name"]
+                and r["rank"] <= 10]
+        assert n["sentences"] == len(mine) and n["bottom_end"] == sum(r["coefficient"] < 0 for r in mine)
 
 
 def test_token_search_equals_the_definition(server, real_model):
@@ -425,6 +441,10 @@ def test_a_neuron_page_of_a_loaded_run_in_a_browser(server, browser, run_dir):
     assert browser.find_element(By.CSS_SELECTOR, ".run-section .hits").text == str(hits)
     rows = browser.find_elements(By.CSS_SELECTOR, "#sentences-0 tbody tr")
     assert len(rows) == hits
+    # each sentence says which end of the projection 27_846 pushes there: its coefficient's sign
+    signs = {row["sentence_id"]: row["coefficient"] >= 0 for row in ffn if (row["layer"], row["neuron"]) == (27, 846)}
+    shown = [r.find_element(By.CSS_SELECTOR, "td.pushes").text for r in rows]
+    assert sorted(shown) == sorted("top end" if positive else "bottom end" for positive in signs.values())
     assert len(browser.find_elements(By.CSS_SELECTOR, "#top-tokens tbody tr")) == 20
     # A sentence links to its prompt view.
     link = rows[0].find_element(By.TAG_NAME, "a")

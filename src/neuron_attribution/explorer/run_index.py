@@ -13,6 +13,7 @@ from typing import Any
 from ..errors import UserError
 from ..neurons import AttentionIndex, FfnIndex, HeadIndex, NeuronIndex
 from ..pipelines.run_store import read_run
+from ..results.attribution import wins_by_suppressing
 from ..results.tables import TABLES
 
 TOP_HEADS = 10  # a head "is in a sentence's top" when it ranks among its 10 best heads
@@ -136,12 +137,25 @@ class RunIndex:
         sentences = self._query(
             f"WITH hits AS ({hits}) SELECT h.*, s.prompt, s.target_text, s.target_prob FROM hits h "
             f"JOIN sentences s USING (run, sentence_id) ORDER BY h.score DESC LIMIT {SENTENCES_SHOWN}", parameters)
+        # what it pushes: the top end of its projection where its coefficient is positive, the bottom end where
+        # negative; it wins by suppressing where it raises log p although the target's push rank is in the lower
+        # half of the vocabulary (`wins_by_suppressing`)
+        pushes = ("" if table == "heads" else
+                  ", count(*) FILTER (WHERE h.coefficient >= 0) AS top_end, count(*) FILTER (WHERE h.coefficient < 0) "
+                  "AS bottom_end, count(*) FILTER (WHERE h.score > 0 AND h.target_push_rank > t.vocab / 2) "
+                  "AS by_suppressing")
         per_type = self._query(
-            f"WITH hits AS ({hits}), totals AS (SELECT run, type, count(*) AS sentences FROM sentences "
+            f"WITH hits AS ({hits}), vocab AS ({self._vocab_sizes()}), totals AS (SELECT run, type, "
+            "count(*) AS sentences, any_value(vocab.size) AS vocab FROM sentences JOIN vocab USING (run) "
             "GROUP BY run, type) SELECT t.run, t.type, t.sentences, count(h.score) AS hits, avg(h.score) AS mean, "
-            "median(h.score) AS median, min(h.score) AS min, max(h.score) AS max FROM totals t "
+            f"median(h.score) AS median, min(h.score) AS min, max(h.score) AS max{pushes} FROM totals t "
             "LEFT JOIN hits h USING (run, type) GROUP BY t.run, t.type, t.sentences ORDER BY t.run, hits DESC, t.type",
             parameters)
+        if table != "heads":
+            for row in sentences:
+                vocab = self.vocab_size(row["run"])
+                row["wins_by_suppressing"] = None if row.get("target_push_rank") is None or vocab is None else \
+                    wins_by_suppressing(row["score"], row["target_push_rank"], vocab)
         bins = self._query(
             f"WITH hits AS ({hits}), span AS (SELECT min(score) AS lo, greatest(max(score) - min(score), 1e-12) "
             f"AS width FROM hits) SELECT run, type, least(floor((score - lo) / width * {HISTOGRAM_BINS}), "
@@ -152,6 +166,16 @@ class RunIndex:
                  "sentences_with": [r for r in sentences if r["run"] == run.index],
                  "per_type": [r for r in per_type if r["run"] == run.index],
                  "histogram": [r for r in bins if r["run"] == run.index]} for run in self.runs]
+
+    def vocab_size(self, run: int) -> int | None:
+        """The run's model's vocabulary size, as its record gives the model's shape."""
+        return self.runs[run].record.get("shape", {}).get("vocab_size")
+
+    def _vocab_sizes(self) -> str:
+        """SQL rows (run, size): each run's vocabulary size (NULL where its record does not say)."""
+        sizes = [f"({run.index}, {int(self.vocab_size(run.index)) if self.vocab_size(run.index) else 'NULL'})"
+                 for run in self.runs]
+        return "SELECT * FROM (VALUES " + ", ".join(sizes) + ") AS v(run, size)"
 
     def promoting(self, token: str) -> list[dict[str, Any]]:
         """Value neurons that had `token` among the tokens they promote in the runs' sentences, most often
@@ -178,7 +202,8 @@ class RunIndex:
             "GROUP BY type, layer, head QUALIFY row_number() OVER (PARTITION BY type ORDER BY mean DESC) <= "
             f"{RUN_TOP} ORDER BY type, mean DESC", [run])
         neurons = self._query(
-            f"SELECT type, {_FFN_NAME} AS name, count(*) AS sentences, avg(score) AS mean "
+            f"SELECT type, {_FFN_NAME} AS name, count(*) AS sentences, avg(score) AS mean, "
+            "count(*) FILTER (WHERE coefficient < 0) AS bottom_end "
             f"FROM ffn_neurons WHERE run = ? AND rank <= {RUN_TOP} GROUP BY type, layer, expert, neuron "
             f"QUALIFY row_number() OVER (PARTITION BY type ORDER BY sentences DESC, mean DESC) <= {RUN_TOP} "
             "ORDER BY type, sentences DESC, mean DESC", [run])
@@ -192,12 +217,12 @@ def _neuron_filter(index: NeuronIndex) -> tuple[str, str, list, str]:
     """(table, WHERE clause, its parameters, extra columns) selecting one neuron's rows."""
     if isinstance(index, FfnIndex):
         return ("ffn_neurons", "layer = ? AND neuron = ? AND expert IS NOT DISTINCT FROM ?",
-                [index.layer, index.neuron, index.expert], ", coefficient")
+                [index.layer, index.neuron, index.expert], ", coefficient, target_push_rank")
     if isinstance(index, AttentionIndex):
         at = "" if index.position is None else " AND position = ?"
         return ("attention_neurons", f"layer = ? AND head = ? AND dim = ?{at}",
                 [index.layer, index.head, index.dim, *([] if index.position is None else [index.position])],
-                ", coefficient, position, token")
+                ", coefficient, target_push_rank, position, token")
     return "heads", f"layer = ? AND head = ? AND rank <= {TOP_HEADS}", [index.layer, index.head], ""
 
 

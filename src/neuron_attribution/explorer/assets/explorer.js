@@ -435,22 +435,35 @@ async function neuronView(name) {
 function runSection(data, run) {
   const label = data.kind === "head" ? "top " + run.top_k + " heads" : "top " + run.top_k;
   const histograms = {};
+  const pushes = data.kind === "ffn" || data.kind === "attention";  // a value neuron: which end of its projection it pushes
   for (const bin of run.histogram) (histograms[bin.type] = histograms[bin.type] || []).push(bin);
   return el("section", {class: "run-section", "data-run": run.run},
     el("h2", {}, "Run ", el("a", {href: "/run/" + run.run}, run.name), ": in the " + label + " of ",
        el("span", {class: "hits"}, String(run.hits)), " of " + run.sentences + " sentences"),
     el("h3", {}, "By knowledge type"),
-    table(["type", "#sentences with it", "#share", "#mean score", "#median", "#min", "#max", "distribution"],
+    table(["type", "#sentences with it", "#share", "#mean score", "#median", "#min", "#max", "distribution",
+           ...(pushes ? ["#pushes top / bottom end", "#wins by suppressing ↓"] : [])],
       run.per_type.map(t => el("tr", {}, el("td", {}, t.type), el("td", {class: "num"}, t.hits + " / " + t.sentences),
         el("td", {class: "num"}, (100 * t.hits / t.sentences).toFixed(0) + "%"), num(t.mean), num(t.median), num(t.min), num(t.max),
-        el("td", {}, histogram(histograms[t.type] || []))))
+        el("td", {}, histogram(histograms[t.type] || [])),
+        pushes ? el("td", {class: "num"}, t.top_end + " / " + t.bottom_end) : null,
+        pushes ? el("td", {class: "num"}, String(t.by_suppressing)) : null))
     , "per-type-" + run.run),
+    pushes ? el("p", {class: "muted"}, "In a sentence the neuron pushes the top end of its projection (above) where its coefficient is positive, " +
+                "the bottom end where it is negative; push rank: the answer's rank among the tokens its contribution raises; " +
+                "↓: it raises the answer's log p by pushing the probable competitors down (push rank in the lower half of the vocabulary).") : null,
     data.kind === "attention" ? el("p", {class: "muted"}, "Counted by sentence: in each, the neuron's best source position (highest score) stands for it; the scores are that position's.") : null,
     el("h3", {}, "Sentences (best scores first" + (run.sentences_with.length < run.hits ? "; the best " + run.sentences_with.length + " of " + run.hits : "") + ")"),
-    table(["sentence", "answer", "type", "#rank", "#score", data.kind === "attention" ? "source" : ""],
+    table(["sentence", "answer", "type", "#rank", "#score", ...(pushes ? ["#coef.", "pushes", "#push rank"] : []),
+           data.kind === "attention" ? "source" : ""],
       run.sentences_with.map(s => el("tr", {}, el("td", {}, promptLink(s.prompt, s.target_text)),
         el("td", {class: "tok"}, quoted(s.target_text)), el("td", {}, s.type), el("td", {class: "num"}, s.rank),
-        num(s.score), el("td", {class: "tok"}, s.position !== undefined ? "@" + s.position + " " + quoted(s.token) + (s.positions > 1 ? " (best of " + s.positions + " positions)" : "") : ""))),
+        num(s.score),
+        pushes ? num(s.coefficient, 3) : null,
+        pushes ? el("td", {class: "pushes"}, s.coefficient >= 0 ? "top end" : "bottom end") : null,
+        pushes ? el("td", {class: "num"}, s.target_push_rank === null || s.target_push_rank === undefined ? "" :
+                    s.target_push_rank.toLocaleString("en") + (s.wins_by_suppressing ? " ↓" : "")) : null,
+        el("td", {class: "tok"}, s.position !== undefined ? "@" + s.position + " " + quoted(s.token) + (s.positions > 1 ? " (best of " + s.positions + " positions)" : "") : ""))),
       "sentences-" + run.run));
 }
 
@@ -541,8 +554,11 @@ async function runView(run) {
     table(["head", "types"], data.shared_heads.map(h => el("tr", {}, el("td", {}, neuronLink(h.name)), el("td", {}, h.types.join(", ")))), "shared-heads"),
     el("h2", {}, "FFN value neurons most often in a sentence's top 10"),
     el("div", {class: "grid"}, Object.entries(neurons).map(([type, rows]) => el("div", {}, el("h3", {}, type),
-      table(["neuron", "#sentences", "#mean"], rows.map(n => el("tr", {}, el("td", {}, neuronLink(n.name)),
-        el("td", {class: "num"}, n.sentences), num(n.mean))))))),
+      table(["neuron", "#sentences", "#mean", "pushes"], rows.map(n => el("tr", {}, el("td", {}, neuronLink(n.name)),
+        el("td", {class: "num"}, n.sentences), num(n.mean),
+        el("td", {class: "pushes"}, n.bottom_end === 0 ? "top end" : n.bottom_end === n.sentences ? "bottom end" :
+                                    "top end in " + (n.sentences - n.bottom_end) + ", bottom in " + n.bottom_end))))))),
+    el("p", {class: "muted"}, "pushes: the end of the neuron's vocabulary projection its contribution raises in those sentences (its coefficient's sign)"),
     el("h2", {}, "Sentences ", filter),
     el("table", {id: "run-sentences"}, el("thead", {}, el("tr", {}, ["#", "type", "prompt (opens its attribution)", "answer", "p", "rank"].map(h => el("th", {}, h)))), body));
 }
