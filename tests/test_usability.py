@@ -314,3 +314,29 @@ def test_work_refused_before_any_progress_prints_no_empty_line(capsys):
     with progress_bar() as progress:
         progress("sentences", 1, 2)
     assert "sentences" in capsys.readouterr().out
+
+
+def test_scoring_every_neuron_reports_its_progress(monkeypatch):
+    """#35 item 11: `--top 100000000` ran 13 min with no progress. Exact scoring reports (what, done, total) to a
+    reporter the surface sets (the CLI draws a bar with an ETA from it): done rises to the total, which counts every
+    row scored; without a reporter nothing is reported."""
+    from neuron_attribution import attribute
+    from neuron_attribution.scoring import progress
+
+    from .conftest import tiny_llama
+
+    model = tiny_llama()
+    monkeypatch.setattr(progress, "REPORTED_FROM_ROWS", 1)
+    reports = []
+    with progress.reporting(lambda what, done, total: reports.append((what, done, total))):
+        result = attribute(model, [5, 17, 3, 99, 42, 7], 11, top_k=10**8, query_top=0)
+    assert reports
+    totals = {total for _, _, total in reports}
+    biggest = max(totals)
+    assert biggest >= len(result.ffn_neurons) + len(result.attention_neurons)
+    done = [d for _, d, total in reports if total == biggest]
+    assert done == sorted(done) and done[-1] == biggest
+    assert all(what.startswith("scoring ") for what, _, _ in reports)
+    before = len(reports)
+    attribute(model, [5, 17, 3, 99, 42, 7], 11, top_k=5, query_top=0)
+    assert len(reports) == before  # no reporter outside the block

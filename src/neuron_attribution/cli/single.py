@@ -165,8 +165,12 @@ def attribute(
                                memory_budget=settings.scoring.memory_budget, contrast=contrast)
         print_neuron_scores(console, result)
     else:
+        from ..scoring.progress import reporting
+
         warn_if_dense(loaded.shape, top)
-        with console.status("Attributing...", spinner="dots"):
+        # long scoring (every neuron) shows a bar with an ETA; a second's work a spinner
+        with console.status("Attributing...", spinner="dots") as spinner, progress_bar() as progress, \
+                reporting(lambda what, done, total: (spinner.stop(), progress(what, done, total))):
             (result,) = attribute_with(loaded, [prompt], None if target is None else [target], settings.scoring,
                                        contrasts=[contrast])
         print_attribution(console, result, rows=show)

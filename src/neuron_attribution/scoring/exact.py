@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .buffers import smallest_budget
 from .context import ValueContext
+from .progress import report
 
 EXACT_BATCH = 512  # most rows per vocabulary-sized product: (512, V) float32 is 100 MB for V = 49k
 # Rows whose logit changes c·δ are read at once (projection ids, the target's push rank): a (rows, V) buffer.
@@ -96,6 +97,7 @@ def score_rows(ctx: ValueContext, groups: list[Rows]) -> list[Scored]:
             log_sum_exp = _logsumexp_shifted(logits, shift) if bool((reach < _SAFE_EXPONENT).all()) \
                 else _logsumexp_inplace(logits)
             scores[rows] = target_logit - log_sum_exp - ctx.target_log_probs[bases[rows]]
+            report(f"scoring {len(bases):,} neurons exactly", rows.stop, len(bases))
     return _split(groups, scores, projection, direct, push_rank)
 
 
