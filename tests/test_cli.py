@@ -25,7 +25,8 @@ def test_attribute_json_fields(tmp_path, real_model):
     assert data["tokens"] == ["The", " capital", " of", " France", " is"]
     assert set(data["target"]) >= {"text", "id", "prob", "rank"} and data["target"]["text"] == " Paris"
     assert len(data["layers"]["attention"]) == len(data["layers"]["ffn"]) == 30
-    assert len(data["heads"]) == 30 * 9 and set(data["heads"][0]) == {"layer", "head", "score"}
+    assert len(data["heads"]) == 30 * 9
+    assert set(data["heads"][0]) == {"layer", "head", "score", "direct_score", "normaliser_change"}
     parts = {"direct_score", "normaliser_change", "target_push_rank", "suppressed_tokens", "promoted_tokens"}
     for key, fields in (("ffn_neurons", {"layer", "neuron", "score", "coefficient", "top_tokens", "bottom_tokens",
                                          *parts}),

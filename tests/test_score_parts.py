@@ -156,3 +156,40 @@ def test_the_graph_holds_the_chosen_circuit(tmp_path):
     assert sum(abs(n["score"]) for n in chosen) >= 0.5 * total > sum(abs(n["score"]) for n in chosen[:-1])
     with pytest.raises(UserError, match="share must be in"):
         result.graph(share=1.5)
+
+
+def test_heads_and_layers_have_the_two_parts_and_every_neurons_direct_part_is_public(model):
+    """#35 item 13: heads and layers carry direct and −ΔLSE like value neurons (a head: its output vector added to
+    its layer's base; a layer: its sublayer output added to its base), against the float64 definitions; and
+    `direct_parts` gives every neuron's direct part, equal to the definition and to attribute's."""
+    from neuron_attribution import direct_parts
+
+    trace = trace_token_ids(model, [IDS])[0]
+    result = attribute(model, IDS, TARGET, top_k=6, query_top=0)
+    s = model.shape
+    for head in result.heads[:4]:
+        vector = sum(ref.attention_neuron_vector(model, trace, head.layer, head.head, n, p)
+                     for n in range(s.head_dim) for p in range(len(IDS)))
+        direct, normaliser, *_ = _reference_parts(model, trace, trace.layer_inputs[head.layer, -1], vector, TARGET)
+        assert head.direct_score == pytest.approx(direct, abs=1e-5)
+        assert head.normaliser_change == pytest.approx(normaliser, abs=1e-5)
+        assert head.direct_score - head.normaliser_change == pytest.approx(head.score, abs=1e-5)
+    for layer in (0, s.n_layers - 1):
+        attention_base = trace.layer_inputs[layer, -1]
+        direct, _, *_ = _reference_parts(model, trace, attention_base, trace.attention_outputs[layer, -1].double(),
+                                         TARGET)
+        assert result.layers.attention_direct[layer] == pytest.approx(direct, abs=1e-5)
+        ffn_base = attention_base if ref.is_parallel(model) else ref.ffn_base(model, trace, layer)
+        direct, _, *_ = _reference_parts(model, trace, ffn_base, trace.ffn_outputs[layer, -1].double(), TARGET)
+        assert result.layers.ffn_direct[layer] == pytest.approx(direct, abs=1e-5)
+    parts = direct_parts(model, IDS, TARGET)
+    assert parts.ffn.shape == (s.n_layers, s.d_ffn) and parts.attention.shape == (s.n_layers, s.n_heads, s.head_dim,
+                                                                                 len(IDS))
+    for n in result.ffn_neurons:
+        assert parts.ffn[n.layer, n.neuron] == pytest.approx(n.direct_score, abs=1e-5)
+    for n in result.attention_neurons:
+        assert parts.attention[n.layer, n.head, n.dim, n.position] == pytest.approx(n.direct_score, abs=1e-5)
+    layer, k = s.n_layers - 1, 3
+    direct, *_ = _reference_parts(model, trace, ref.ffn_base(model, trace, layer) if not ref.is_parallel(model)
+                                  else trace.layer_inputs[layer, -1], ref.ffn_vector(model, trace, layer, k, -1), TARGET)
+    assert parts.ffn[layer, k] == pytest.approx(direct, abs=1e-5)

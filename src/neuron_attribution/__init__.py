@@ -29,6 +29,7 @@ _EXPORTS = {
     "circuit": "pipelines.circuit", "CircuitSettings": "pipelines.circuit",
     "predict": "pipelines.predict",
     "score_neurons": "pipelines.score", "NeuronScores": "results.neuron_scores",
+    "direct_parts": "pipelines.direct", "DirectParts": "pipelines.direct",
     "project": "pipelines.projection", "interpret_query_neuron": "pipelines.projection",
     "query_value_split": "pipelines.paper", "split_queries": "pipelines.paper",
     "evaluate": "pipelines.evaluate",
@@ -58,6 +59,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .model.interventions import Ablation, ablated
     from .model.loaded import LoadedModel
     from .model.loading import load_model
+    from .pipelines.direct import DirectParts, direct_parts
     from .model.trace import Trace, trace_token_ids
     from .neurons import AttentionIndex, ExpertIndex, FfnIndex, HeadIndex, parse_neuron
     from .pipelines.analyze import analyze_run

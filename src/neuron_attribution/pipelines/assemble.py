@@ -79,6 +79,7 @@ class HeadScores:
     heads: Tensor
     position_heads: list[tuple[int, int]]
     positions: Tensor
+    direct: Tensor | None = None  # (L, H): each head's direct part
 
 
 QUERY_LINKED = 30  # query neurons whose links to each value neuron an attribution keeps
@@ -87,15 +88,17 @@ QUERY_LINKED = 30  # query neurons whose links to each value neuron an attributi
 def attribution_of(model: LoadedModel, prompt: Prompt, ids: list[int], tokens: list[str], target: TargetInfo,
                    logits: Tensor, layers: tuple[Tensor, Tensor], heads: HeadScores, ffn: list[FfnNeuron],
                    attention: list[AttentionNeuron], queries: QueryScores | None, options: ScoringOptions,
-                   evaluated: dict[str, int], vocab_size: int, dense: DenseScores | None = None) -> Attribution:
+                   evaluated: dict[str, int], vocab_size: int, dense: DenseScores | None = None,
+                   layer_direct: tuple[Tensor, Tensor] | None = None) -> Attribution:
     """The `Attribution` of one prompt. `tokens`: the positions neurons are indexed over; `logits`: the
     prompt's last-position logits (its predictions)."""
     top_k = options.top_k
     return Attribution(
         prompt=prompt_text(model, prompt, ids), model=model.name, tokens=tokens, target=target,
         predictions=top_predictions(model, logits, 10),
-        layers=LayerScores(layers[0].tolist(), layers[1].tolist()),
-        heads=ranked_heads(model.shape, heads.heads),
+        layers=LayerScores(layers[0].tolist(), layers[1].tolist(),
+                           *(() if layer_direct is None else (layer_direct[0].tolist(), layer_direct[1].tolist()))),
+        heads=ranked_heads(model.shape, heads.heads, heads.direct),
         ffn_neurons=ffn[:top_k], attention_neurons=attention[:top_k],
         head_positions=[HeadPositionScore(l, h, p, tokens[p], float(heads.positions[row, p]))
                         for row, (l, h) in enumerate(heads.position_heads) for p in range(heads.positions.shape[1])],

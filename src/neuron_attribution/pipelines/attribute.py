@@ -98,9 +98,9 @@ def attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: T
                            options.query_via) if options.query_top else None
     return assemble.attribution_of(
         model, prompt, ids, tokens, target, trace.logits, layers,
-        assemble.HeadScores(scores.heads, scores.position_heads, scores.positions), ffn_neurons, attention_neurons,
-        queries, options, {"ffn": scores.ffn.n_evaluated, "attention": scores.attention.n_evaluated},
-        ctx.readout.unembedding.shape[0], _dense(ctx) if dense else None)
+        assemble.HeadScores(scores.heads, scores.position_heads, scores.positions, scores.head_direct), ffn_neurons,
+        attention_neurons, queries, options, {"ffn": scores.ffn.n_evaluated, "attention": scores.attention.n_evaluated},
+        ctx.readout.unembedding.shape[0], _dense(ctx) if dense else None, value.layer_direct_parts(ctx))
 
 
 def _dense(ctx: ValueContext) -> DenseScores:

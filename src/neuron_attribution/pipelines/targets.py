@@ -38,10 +38,12 @@ def token_info(probs: Tensor, token_id: int, text: str) -> TokenInfo:
     return TokenInfo(text, token_id, float(probs[token_id]), int((probs > probs[token_id]).sum()) + 1)
 
 
-def ranked_heads(shape: ModelShape, scores: Tensor) -> list[HeadScore]:
+def ranked_heads(shape: ModelShape, scores: Tensor, direct: Tensor | None = None) -> list[HeadScore]:
     """Every head with its score, best first (ties in (layer, head) order), from (L, H) scores on any device."""
     scores = scores.detach().cpu()
-    heads = [HeadScore(i.layer, i.head, float(scores[i]))
+    direct = None if direct is None else direct.detach().cpu()
+    heads = [HeadScore(i.layer, i.head, float(scores[i]), direct_score=None if direct is None else float(direct[i]),
+                       normaliser_change=None if direct is None else float(direct[i] - scores[i]))
              for i in shape.head_indices(torch.arange(scores.numel(), device="cpu"))]
     return sorted(heads, key=lambda h: -h.score)
 

@@ -66,6 +66,9 @@ class TargetInfo:
 class LayerScores:
     attention: list[float]
     ffn: list[float]
+    # each layer score's direct part (the change of the target's logit; the rest is −ΔLSE), first-token scoring
+    attention_direct: list[float] | None = None
+    ffn_direct: list[float] | None = None
 
 
 @dataclass
@@ -74,6 +77,9 @@ class HeadScore:
     head: int
     score: float
     measured_change: float | None = None  # log p(target) changes by this when the head is switched off alone
+    # its score's two parts as a value neuron's (docs/method.md §2): score = direct_score − normaliser_change
+    direct_score: float | None = None
+    normaliser_change: float | None = None
 
     @property
     def index(self) -> HeadIndex:
@@ -292,8 +298,10 @@ class Attribution:
                            if not (k in ("token_scores", "token_coefficients", "expert", "measured_change")
                                    and v is None)}
                           for n in data[kind]]
-        data["heads"] = [{k: v for k, v in h.items() if not (k == "measured_change" and v is None)}
+        data["heads"] = [{k: v for k, v in h.items()
+                          if not (k in ("measured_change", "direct_score", "normaliser_change") and v is None)}
                          for h in data["heads"]]
+        data["layers"] = {k: v for k, v in data["layers"].items() if v is not None}
         # gate/up parts exist only for SwiGLU models, experts only in mixtures: keys left out rather than nulled.
         data["query_neurons"] = [_without_missing_subkeys(q) for q in data["query_neurons"]]
         data["query_layers"] = {kind: [_without_missing_subkeys(q) for q in rows]

@@ -76,13 +76,18 @@ def layer_table(result: Attribution) -> TableLayout:
 def head_table(result: Attribution, rows: int) -> TableLayout:
     with_positions = len({(p.layer, p.head) for p in result.head_positions})
     measured = _measured(result.heads[:rows])
+    with_parts = any(h.direct_score is not None for h in result.heads[:rows])  # not in results written before
+    contrast = result.target.contrast is not None
     body: list[list[Cell]] = []
     for h in result.heads[:rows]:
         sources = result.strongest_sources(h)
         shown = (", ".join(f"{p.position}:{p.token!r} {p.score:+.3f}" for p in sources) if sources
                  else f"(positions are scored for the top {with_positions} heads)")
-        body.append([f"{h.layer}.{h.head}", f"{h.score:+.4f}", *_measured_cell(h, measured), shown])
-    return TableLayout("Top heads", [Column("head", True, whole=True), Column("score"), *measured,
+        parts = [_signed(h.direct_score), *([] if contrast else [_signed(h.normaliser_change and -h.normaliser_change)])]
+        body.append([f"{h.layer}.{h.head}", f"{h.score:+.4f}", *_measured_cell(h, measured),
+                     *(parts if with_parts else []), shown])
+    part_columns = [Column("direct"), *([] if contrast else [Column("−ΔLSE")])] if with_parts else []
+    return TableLayout("Top heads", [Column("head", True, whole=True), Column("score"), *measured, *part_columns,
                                      Column("strongest source positions", True)], body)
 
 

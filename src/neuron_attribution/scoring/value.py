@@ -35,6 +35,18 @@ def layer_scores(ctx: ValueContext) -> tuple[Tensor, Tensor]:
     return steps[0::2].clone(), steps[1::2].clone()
 
 
+def layer_direct_parts(ctx: ValueContext) -> tuple[Tensor, Tensor]:
+    """(attention, ffn) per layer: the direct part of each layer score, the change of the target's logit. In a
+    sequential block the differences of the bases' target logits; in a parallel block scored as rows."""
+    if ctx.shape.parallel:
+        layers = torch.arange(ctx.shape.n_layers, device=ctx.device)
+        attention, ffn = score_rows(ctx, [Rows(2 * layers, ctx.trace.attention_outputs[:, -1]),
+                                          Rows(2 * layers + 1, ctx.trace.ffn_outputs[:, -1])])
+        return attention.direct, ffn.direct
+    steps = ctx.base_target_logits[: ctx.final_state + 1].diff()  # (2L,)
+    return steps[0::2].clone(), steps[1::2].clone()
+
+
 def head_outputs(ctx: ValueContext, layer: int, head: int | None, weights: Tensor) -> Tensor:
     """(K, d) vectors Σ_n weights[k, n]·(output vector (head, n) of `layer`) for (K, d_h) weights; with head
     None, Σ_{j,n} weights[k, j, n]·(output vector (j, n)) for (K, H, d_h) weights. Read where the weights live."""
@@ -224,6 +236,7 @@ class ValueScores:
     positions: Tensor  # (len(position_heads), T)
     ffn: TopK  # extra: "projection" ids, "direct" parts, "target_push_rank"
     attention: TopK  # the same
+    head_direct: Tensor | None = None  # (L, H): each head's direct part
 
 
 def _details(scored: Scored) -> dict[str, Tensor]:
@@ -265,12 +278,13 @@ def value_scores(ctx: ValueContext, k: int, n_position_heads: int, projection: i
         extra_groups = []
         if head_scores_ is None:
             head_scores_ = extra_scored[0].scores.reshape(ctx.shape.n_layers, ctx.shape.n_heads)
+            head_direct = extra_scored[0].direct.reshape(ctx.shape.n_layers, ctx.shape.n_heads)
             flat = rank_by_score(head_scores_.reshape(-1))
             position_heads = ctx.shape.head_indices(flat[:n_position_heads])
             extra_groups = [head_position_rows(ctx, position_heads)]
         elif positions is None:
             positions = extra_scored[0].scores.reshape(len(position_heads), ctx.trace.n_tokens)
-    return ValueScores(head_scores_, position_heads, positions, ffn.result(), attention.result())
+    return ValueScores(head_scores_, position_heads, positions, ffn.result(), attention.result(), head_direct)
 
 
 class _Chosen:
