@@ -26,24 +26,22 @@ def layer_scores(ctx: ValueContext) -> tuple[Tensor, Tensor]:
     """(attention, ffn) per layer: the whole sublayer output added to its base. In a sequential block
     consecutive bases differ by exactly that output, so these are differences of the bases' target
     log-probabilities; in a parallel block both outputs are added to h^{l-1} and scored as rows."""
-    if ctx.shape.parallel:
-        layers = torch.arange(ctx.shape.n_layers, device=ctx.device)
-        attention, ffn = score_rows(ctx, [Rows(2 * layers, ctx.trace.attention_outputs[:, -1]),
-                                          Rows(2 * layers + 1, ctx.trace.ffn_outputs[:, -1])])
-        return attention.scores, ffn.scores
-    steps = ctx.target_log_probs[: ctx.final_state + 1].diff()  # (2L,)
-    return steps[0::2].clone(), steps[1::2].clone()
+    return _per_layer(ctx, ctx.target_log_probs, lambda scored: scored.scores)
 
 
 def layer_direct_parts(ctx: ValueContext) -> tuple[Tensor, Tensor]:
-    """(attention, ffn) per layer: the direct part of each layer score, the change of the target's logit. In a
-    sequential block the differences of the bases' target logits; in a parallel block scored as rows."""
+    """(attention, ffn) per layer: each layer score's direct part, the change of the target's logit (differences
+    of the bases' target logits in a sequential block)."""
+    return _per_layer(ctx, ctx.base_target_logits, lambda scored: scored.direct)
+
+
+def _per_layer(ctx: ValueContext, per_state: Tensor, part) -> tuple[Tensor, Tensor]:
     if ctx.shape.parallel:
         layers = torch.arange(ctx.shape.n_layers, device=ctx.device)
         attention, ffn = score_rows(ctx, [Rows(2 * layers, ctx.trace.attention_outputs[:, -1]),
                                           Rows(2 * layers + 1, ctx.trace.ffn_outputs[:, -1])])
-        return attention.direct, ffn.direct
-    steps = ctx.base_target_logits[: ctx.final_state + 1].diff()  # (2L,)
+        return part(attention), part(ffn)
+    steps = per_state[: ctx.final_state + 1].diff()  # (2L,)
     return steps[0::2].clone(), steps[1::2].clone()
 
 
