@@ -16,8 +16,13 @@ from . import reference as ref
 from .conftest import tiny_family, tiny_gpt2, tiny_llama
 
 IDS = [5, 17, 3, 99, 42, 7, 250]
+def _in_bfloat16(model):
+    model.hf_model.to(torch.bfloat16)
+    return model
+
+
 MAKERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "gemma2": lambda: tiny_family("gemma2"),
-          "mixtral": lambda: tiny_family("mixtral")}
+          "mixtral": lambda: tiny_family("mixtral"), "mixtral-bfloat16": lambda: _in_bfloat16(tiny_family("mixtral"))}
 EVERYTHING = CircuitSettings(values=8, per_node=5, max_nodes=40, node_threshold=1.0, edge_threshold=1.0)
 
 
