@@ -201,3 +201,14 @@ def test_the_eiffel_circuit_on_the_default_model(real_model):
         return memo[node_id]
 
     assert longest("answer") >= 3
+
+
+def test_a_circuit_under_options_that_measure_starts_from_the_scores():
+    """`attribute --rank-by measured --measure N --html FILE` hands its options to the circuit, which measures
+    nothing and starts from the top value neurons by score: the same graph as with the default options."""
+    from neuron_attribution.settings import ScoringOptions
+
+    model = tiny_llama()
+    plain = circuit(model, IDS, 11)
+    measured = circuit(model, IDS, 11, options=ScoringOptions(rank_by="measured", measure=3))
+    assert [n["id"] for n in measured["nodes"]] == [n["id"] for n in plain["nodes"]]

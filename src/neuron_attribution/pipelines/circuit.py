@@ -92,7 +92,8 @@ def circuit(model: LoadedModel, prompt: Prompt, target: str | int | None = None,
                         f"tokens (this one has {len(ids)})")
     options = options or ScoringOptions()
     # the value neurons the graph starts from; query neurons are the graph's own business here
-    options = options.overridden(top_k=settings.values, query_top=0, measure=0, answer_tokens="first")
+    options = options.overridden(top_k=settings.values, query_top=0, measure=0, answer_tokens="first",
+                                 rank_by="score" if options.rank_by == "measured" else options.rank_by)
     # one forward pass for both: the value neurons' scores and every position's internals and attention rows
     (trace,) = trace_token_ids(model, [ids], every_attention_row=True)
     result = attribute_trace(model, prompt, ids, trace, target, options, contrast=contrast)
