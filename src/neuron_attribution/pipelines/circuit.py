@@ -19,7 +19,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from ..errors import UserError
 from ..model.forward import FAST_ATTENTION_FROM_TOKENS
 from ..model.loaded import LoadedModel
