@@ -193,3 +193,45 @@ def test_heads_and_layers_have_the_two_parts_and_every_neurons_direct_part_is_pu
     direct, *_ = _reference_parts(model, trace, ref.ffn_base(model, trace, layer) if not ref.is_parallel(model)
                                   else trace.layer_inputs[layer, -1], ref.ffn_vector(model, trace, layer, k, -1), TARGET)
     assert parts.ffn[layer, k] == pytest.approx(direct, abs=1e-5)
+
+
+def test_every_attention_neuron_at_every_position_has_its_own_rank_and_projection(model):
+    """#37 item 2: scored all at once, an attention neuron's projection and push rank are read once per vector and
+    shared by its source positions (the counts above and below the target give either sign's rank): every one,
+    at every position, equals the definition read on its own row."""
+    result = attribute(model, IDS, TARGET, top_k=10**8, query_top=0)
+    trace = trace_token_ids(model, [IDS])[0]
+    vocabulary = model.adapter.unembedding[0].shape[0]
+    id_of = {text: i for i, text in enumerate(token_texts(model, list(range(vocabulary))))}
+    signs = {+1: 0, -1: 0}
+    for neuron in result.attention_neurons:
+        if neuron.coefficient == 0:
+            continue
+        signs[1 if neuron.coefficient > 0 else -1] += 1
+        vector = ref.attention_neuron_vector(model, trace, neuron.layer, neuron.head, neuron.dim, neuron.position)
+        _, _, rank, near, _ = _reference_parts(model, trace, trace.layer_inputs[neuron.layer, -1], vector, TARGET)
+        assert abs(neuron.target_push_rank - rank) < near, neuron
+        # the most suppressed tokens: the five smallest changes c·δ, up to tokens whose changes are nearer than
+        # float32 can tell apart (a coefficient of 1e-4 makes many of them so)
+        changes = ref.final_logits(model, trace, vector, capped=False) - ref.final_logits(model, trace, 0 * vector,
+                                                                                           capped=False)
+        ours = changes[[id_of[t] for t in neuron.suppressed_tokens[:5]]]
+        assert torch.allclose(ours, changes.sort().values[:5], atol=1e-5, rtol=0), neuron
+    assert min(signs.values()) > 10  # both signs, so both counts are used
+
+
+@pytest.mark.parametrize("width", [49_152, 1_000, 130])
+def test_the_two_step_top_k_equals_topk(width):
+    """`largest_and_smallest` (the blocks' extremes, then 2k blocks) gives topk's ids, in its order, on rows whose
+    largest entries crowd into one block, spread out, or sit in the tail past the last whole block."""
+    from neuron_attribution.scoring.exact import largest_and_smallest
+
+    generator = torch.Generator().manual_seed(width)
+    rows = torch.randn(6, width, generator=generator)
+    rows[1, 64:74] += 50  # ten largest in one block
+    rows[2, -3:] += 50  # in the tail (width not a multiple of the block)
+    rows[3, 128:138] -= 50  # ten smallest in one block
+    for k in (1, 10):
+        top, bottom = largest_and_smallest(rows, k)
+        assert torch.equal(top, rows.topk(k, dim=-1).indices)
+        assert torch.equal(bottom, rows.topk(k, dim=-1, largest=False).indices)

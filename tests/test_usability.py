@@ -340,3 +340,42 @@ def test_scoring_every_neuron_reports_its_progress(monkeypatch):
     before = len(reports)
     attribute(model, [5, 17, 3, 99, 42, 7], 11, top_k=5, query_top=0)
     assert len(reports) == before  # no reporter outside the block
+
+
+def test_every_neuron_is_scored_in_bounded_rounds_with_progress_from_the_start(monkeypatch):
+    """#37 item 2: every neuron (a k beyond the model's count) is scored a round of at most ROUND_ROWS neurons at a
+    time, so the vectors, projections and products in flight are bounded whatever the model's size; the bar starts
+    at 0 of the whole count before the first round, rises with each round, and the scores are those of one
+    unbounded pass (the dense scores, each neuron scored on its own definition)."""
+    from neuron_attribution import attribute
+    from neuron_attribution.scoring import exact, progress, value
+
+    from .conftest import tiny_llama
+
+    model = tiny_llama()
+    prompt, target = [5, 17, 3, 99, 42, 7], 11
+    whole = attribute(model, prompt, target, top_k=10**8, query_top=0, dense=True)
+    monkeypatch.setattr(progress, "REPORTED_FROM_ROWS", 1)
+    monkeypatch.setattr(value, "ROUND_ROWS", 37)
+    largest = []
+    original = exact.score_rows
+
+    def counting(ctx, groups, reported=True):
+        largest.append(sum(len(g) for g in groups))
+        return original(ctx, groups, reported)
+
+    monkeypatch.setattr(value, "score_rows", counting)
+    reports = []
+    with progress.reporting(lambda what, done, total: reports.append((done, total))):
+        rounds = attribute(model, prompt, target, top_k=10**8, query_top=0)
+    total = len(whole.ffn_neurons) + len(whole.attention_neurons)
+    assert total == whole.dense.ffn.size + whole.dense.attention.size
+    assert reports[0] == (0, total) and reports[-1] == (total, total)
+    assert [d for d, _ in reports] == sorted(d for d, _ in reports) and len(reports) > total // 37
+    # every round past the first two (heads; head positions with the first neurons) holds at most 37 neurons
+    assert max(largest[2:]) <= 37
+    for kind in ("ffn_neurons", "attention_neurons"):
+        ours = {str(n.index): n.score for n in getattr(rounds, kind)}
+        assert ours == {str(n.index): n.score for n in getattr(whole, kind)}
+    for n in rounds.ffn_neurons:
+        assert n.score == pytest.approx(float(whole.dense.ffn[n.layer, n.neuron]), abs=1e-5)

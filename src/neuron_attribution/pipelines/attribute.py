@@ -88,9 +88,9 @@ def attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: T
                         contrast=None if target.contrast is None else target.contrast.id,
                         budget_fixed=options.budget_fixed)
     tokens = token_texts(model, ids)
-    layers = value.layer_scores(ctx)
     scores = value.value_scores(ctx, max(options.top_k, options.query_top), TOP_HEADS_WITH_POSITIONS,
                                 PROJECTION_TOKENS, "score" if options.rank_by == "measured" else options.rank_by)
+    layers = value.layer_scores(ctx)  # after the first product, which read the bases it differences
     ffn_neurons = assemble.ffn_neurons(model, scores.ffn, ctx.ffn_coefficients)
     attention_neurons = assemble.attention_neurons(model, scores.attention, ctx.trace.n_tokens, tokens,
                                                    lambda index: float(ctx.attention_coefficients[index]))

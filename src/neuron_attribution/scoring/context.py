@@ -6,7 +6,7 @@ math on it. Nothing here runs the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -33,13 +33,18 @@ class ValueContext:
     readout: LinearReadout
     target: int
     normalised_states: Tensor  # (2L+2, d): the readout's linear part applied to each state
-    base_log_probs: Tensor | None  # (2L+2, V): log softmax of each state's logits (None with a contrast)
-    base_log_sum_exp: Tensor | None  # (2L+2,): log-sum-exp of each state's logits (None with a contrast)
+    # The states whose vocabulary-sized quantities (log-probabilities, log-sum-exp) are wanted, None with a
+    # contrast (which needs none). They are computed on first use, or by exact scoring's first product, which
+    # reads them beside its own rows: on their own they would be a product of a few dozen rows, run at a
+    # fraction of the speed of one of a few hundred.
+    read_states: Tensor | None
     memory_budget: int  # bytes the vocabulary-sized buffers of exact scoring may take
     # A contrastive target (docs/method.md §2): every score is then Imp_target − Imp_contrast, the change of
     # log p(target) − log p(contrast), which needs the two tokens' logits only.
     contrast: int | None = None
     budget_fixed: bool = False  # use memory_budget as it is, without capping it at a GPU's free memory
+    _log_probs: Tensor | None = field(default=None, repr=False)
+    _log_sum_exp: Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, trace: Trace, ffn_values: LayerStack, output_weights: LayerStack, shape: ModelShape,
@@ -56,24 +61,52 @@ class ValueContext:
         normalised = readout.normalise(states)
         if contrast is not None:
             # Only the two tokens' logits matter: no vocabulary-sized product.
-            context = cls(trace, ffn_values, output_weights, shape, readout, target, normalised, None, None,
+            context = cls(trace, ffn_values, output_weights, shape, readout, target, normalised, None,
                           memory_budget, contrast, budget_fixed)
             context.target_log_probs = context.pair_logit_difference(normalised)
             return context
-        vocabulary = readout.unembedding.shape[0]
-        wanted = slice(None) if only_states is None else torch.tensor(sorted(set(only_states)), dtype=torch.long,
-                                                                     device=states.device)
-        picked = normalised[wanted]
-        scratch = caches_for(ffn_values).scratch
-        logits = readout.logits_of_normalised(picked, out=scratch.buffer("logits", len(picked), vocabulary,
-                                                                          states.device))
+        wanted = torch.arange(len(states), device=states.device) if only_states is None else \
+            torch.tensor(sorted(set(only_states)), dtype=torch.long, device=states.device)
+        return cls(trace, ffn_values, output_weights, shape, readout, target, normalised, wanted, memory_budget,
+                   contrast, budget_fixed)
+
+    def states_to_read(self) -> Tensor | None:
+        """(n, d) normalised states whose base quantities are still to be computed, or None when there are none
+        (already read, or a contrast): exact scoring passes their logits to `take_base_logits`."""
+        if self.read_states is None or self._log_probs is not None:
+            return None
+        return self.normalised_states[self.read_states]
+
+    def take_base_logits(self, logits: Tensor) -> None:
+        """The base quantities from the logits of `states_to_read()`, in its order (`logits` is left as it is)."""
         log_sum_exp = torch.logsumexp(logits, dim=-1)
         log_probs = logits - log_sum_exp.unsqueeze(-1)
-        if only_states is not None:
-            log_probs = log_probs.new_full((len(states), vocabulary), float("nan")).index_copy_(0, wanted, log_probs)
-            log_sum_exp = log_sum_exp.new_full((len(states),), float("nan")).index_copy_(0, wanted, log_sum_exp)
-        return cls(trace, ffn_values, output_weights, shape, readout, target, normalised, log_probs,
-                   log_sum_exp, memory_budget, contrast, budget_fixed)
+        n_states, wanted = len(self.normalised_states), self.read_states
+        if len(wanted) < n_states:
+            # states nobody asked for stay NaN, so that a score read from one could not pass for a number
+            log_probs = log_probs.new_full((n_states, log_probs.shape[1]), float("nan")).index_copy_(0, wanted,
+                                                                                                     log_probs)
+            log_sum_exp = log_sum_exp.new_full((n_states,), float("nan")).index_copy_(0, wanted, log_sum_exp)
+        self._log_probs, self._log_sum_exp = log_probs, log_sum_exp
+
+    def read_bases(self) -> None:
+        """Compute the base quantities in a product of their own, if nothing has yet. Not in a scratch buffer:
+        this may run while exact scoring holds its logits in one."""
+        states = self.states_to_read()
+        if states is not None:
+            self.take_base_logits(self.readout.logits_of_normalised(states))
+
+    @property
+    def base_log_probs(self) -> Tensor | None:
+        """(2L+2, V): log softmax of each state's logits (None with a contrast)."""
+        self.read_bases()
+        return self._log_probs
+
+    @property
+    def base_log_sum_exp(self) -> Tensor | None:
+        """(2L+2,): log-sum-exp of each state's logits (None with a contrast)."""
+        self.read_bases()
+        return self._log_sum_exp
 
     @cached_property
     def _directions(self) -> Tensor:

@@ -19,6 +19,7 @@ from ..neurons import ExpertIndex, FfnIndex, HeadIndex, NeuronIndex
 from ..model.weights import LayerStack
 from .context import ValueContext
 from .exact import Rows, Scored, score_rows
+from . import progress
 from .topk import TopK, TopKSearch, exact_top_k, rank_by_score, top_indices
 
 
@@ -249,16 +250,27 @@ def value_scores(ctx: ValueContext, k: int, n_position_heads: int, projection: i
     neurons, with all the exact scoring of a round in shared vocabulary-sized products. `rank_by="direct"`:
     the neurons with the largest direct parts instead (docs/method.md §2), found exactly from every neuron's
     direct part, which costs one d-sized product per neuron."""
+    # Round one: every head (the bases, which the bounds need, ride along in its product). Round two: the head
+    # positions inside the top heads with the first candidates of both searches; then more candidates until
+    # both searches are settled. No product is left with only a few dozen rows.
+    (heads,) = score_rows(ctx, [head_rows(ctx)], reported=False)
+    head_scores_ = heads.scores.reshape(ctx.shape.n_layers, ctx.shape.n_heads)
+    head_direct = heads.direct.reshape(ctx.shape.n_layers, ctx.shape.n_heads)
+    position_heads = ctx.shape.head_indices(rank_by_score(head_scores_.reshape(-1))[:n_position_heads])
     if rank_by == "direct" and ctx.contrast is None:
         ffn: TopKSearch | _Chosen = _Chosen(ffn_direct_parts(ctx), k)
         attention: TopKSearch | _Chosen = _Chosen(attention_direct_parts(ctx), k)
     else:
         ffn, attention = TopKSearch(ffn_bounds(ctx), k), TopKSearch(attention_bounds(ctx), k)
-    heads = head_rows(ctx)
-    extra_groups: list[Rows] = [heads]
-    head_scores_, position_heads, positions = None, [], None
+    extra_groups: list[Rows] = [head_position_rows(ctx, position_heads)]
+    positions = None
+    done = 0
     while True:
         ffn_chunk, attention_chunk = ffn.pending(), attention.pending()
+        planned = done + sum(len(c) for c in (ffn_chunk, attention_chunk) if c is not None)
+        # Every neuron, or a very large k, is scored a round of at most ROUND_ROWS at a time: memory stays
+        # bounded by the budget's products, and progress is reported from the first round.
+        ffn_chunk, attention_chunk = _capped(ffn_chunk, attention_chunk, ROUND_ROWS)
         groups = list(extra_groups)
         if ffn_chunk is not None:
             groups.append(ffn_rows(ctx, ffn_chunk, projection))
@@ -266,43 +278,61 @@ def value_scores(ctx: ValueContext, k: int, n_position_heads: int, projection: i
             groups.append(attention_rows(ctx, attention_chunk, projection))
         if not groups:
             break
-        scored = score_rows(ctx, groups)
+        if planned >= progress.REPORTED_FROM_ROWS:
+            progress.report(f"scoring {planned:,} neurons exactly", done, planned)
+        scored = score_rows(ctx, groups, reported=False)
+        done += sum(len(c) for c in (ffn_chunk, attention_chunk) if c is not None)
+        if planned >= progress.REPORTED_FROM_ROWS:
+            progress.report(f"scoring {planned:,} neurons exactly", done, planned)
         extra_scored, rest = scored[: len(extra_groups)], scored[len(extra_groups):]
         if ffn_chunk is not None:
             ffn.record(ffn_chunk, rest[0].scores, _details(rest[0]))
             rest = rest[1:]
         if attention_chunk is not None:
             attention.record(attention_chunk, rest[0].scores, _details(rest[0]))
-        extra_groups = []
-        if head_scores_ is None:
-            head_scores_ = extra_scored[0].scores.reshape(ctx.shape.n_layers, ctx.shape.n_heads)
-            head_direct = extra_scored[0].direct.reshape(ctx.shape.n_layers, ctx.shape.n_heads)
-            flat = rank_by_score(head_scores_.reshape(-1))
-            position_heads = ctx.shape.head_indices(flat[:n_position_heads])
-            extra_groups = [head_position_rows(ctx, position_heads)]
-        elif positions is None:
+        if extra_groups:
             positions = extra_scored[0].scores.reshape(len(position_heads), ctx.trace.n_tokens)
+        extra_groups = []
     return ValueScores(head_scores_, position_heads, positions, ffn.result(), attention.result(), head_direct)
 
 
+# Most neurons scored in one round of a search: (rows, d) vectors and their (rows, 2k) projections at a time.
+ROUND_ROWS = 2048
+
+
+def _capped(first: Tensor | None, second: Tensor | None, most: int) -> tuple[Tensor | None, Tensor | None]:
+    """The two searches' pending chunks cut to at most `most` rows together, the first's first; a search whose
+    chunk is cut keeps the rest pending (it records only what was scored)."""
+    if first is not None and len(first) >= most:
+        return first[:most], None
+    left = most - (0 if first is None else len(first))
+    return first, None if second is None else second[:left]
+
+
 class _Chosen:
-    """The `TopKSearch` protocol for neurons chosen in advance by a key (their direct parts): one round scores
-    them, and the result keeps their order by that key."""
+    """The `TopKSearch` protocol for neurons chosen in advance by a key (their direct parts): they are scored in
+    as many rounds as the caller takes, and the result keeps their order by that key."""
 
     def __init__(self, keys: Tensor, k: int):
         self.chosen = top_indices(keys.reshape(-1), min(k, keys.numel()))
-        self.recorded: TopK | None = None
+        self.scores: list[Tensor] = []
+        self.extras: dict[str, list[Tensor]] = {}
+        self.position = 0
 
     def pending(self) -> Tensor | None:
-        return self.chosen if self.recorded is None and self.chosen.numel() else None
+        return self.chosen[self.position:] if self.position < self.chosen.numel() else None
 
     def record(self, chunk: Tensor, scores: Tensor, extra: dict[str, Tensor] | None = None) -> None:
-        self.recorded = TopK(chunk, scores, chunk.numel(), extra)
+        self.position += chunk.numel()
+        self.scores.append(scores)
+        for name, values in (extra or {}).items():
+            self.extras.setdefault(name, []).append(values)
 
     def result(self) -> TopK:
-        if self.recorded is None:
+        if not self.scores:
             return TopK(self.chosen, torch.empty(0, device=self.chosen.device), 0, None)
-        return self.recorded
+        extra = {name: torch.cat(parts) for name, parts in self.extras.items()}
+        return TopK(self.chosen[: self.position], torch.cat(self.scores), self.position, extra or None)
 
 
 def dense_ffn_scores(ctx: ValueContext) -> Tensor:
