@@ -114,3 +114,45 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
         code = exit_.code if isinstance(exit_.code, int) else 1
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys, request):
+    """The console entry point in this process, reported as `subprocess.run` reports a process (returncode,
+    stdout, stderr): no interpreter start-up, and each model spec is loaded once per session (the default model
+    is the session's `real_model`). Exit codes, signals and start-up keep their real-process tests."""
+    import subprocess
+
+    from neuron_attribution.model import loading
+
+    real_load = loading.load
+
+    def load_once(spec):
+        if spec not in _session_models:
+            default = spec.name is None and spec.dtype in (None, "float32") and spec.device in (None, "cpu") \
+                and not spec.allow_pickle and not spec.trust_remote_code
+            _session_models[spec] = request.getfixturevalue("real_model") if default else real_load(spec)
+        return _session_models[spec]
+
+    monkeypatch.setattr(loading, "load", load_once)
+
+    def invoke(*args: str) -> subprocess.CompletedProcess:
+        code, out, err = run_cli(monkeypatch, capsys, *args)
+        return subprocess.CompletedProcess(["neuron-attribution", *args], code, out, err)
+
+    return invoke
+
+
+# model spec → the model the in-process CLI loaded for it: each is loaded once in a test session
+_session_models: dict = {}
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fails a test whose command reads a model's files: the errors under test must come before any work."""
+    from neuron_attribution.model import loading
+
+    def refuse(name):
+        raise AssertionError(f"the model {name or 'default'} was read before the error")
+
+    monkeypatch.setattr(loading, "source_for", refuse)

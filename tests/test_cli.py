@@ -15,9 +15,9 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_attribute_json_fields(tmp_path, real_model):
+def test_attribute_json_fields(tmp_path, real_model, cli):
     out = tmp_path / "paris.json"
-    result = run("attribute", "The capital of France is", "--target", "Paris", "--top", "12", "--json", str(out))
+    result = cli("attribute", "The capital of France is", "--target", "Paris", "--top", "12", "--json", str(out))
     assert result.returncode == 0, result.stderr
     assert "Top FFN value neurons" in result.stdout and "' Paris'" in result.stdout
     data = json.loads(out.read_text())
@@ -66,17 +66,17 @@ def test_attribute_json_fields(tmp_path, real_model):
     (["attribute", "The capital of France is", "--answer-tokens", "all"],
      "error: --answer-tokens all needs the answer (text or token ids), not the top prediction"),
 ])
-def test_bad_input_exits_2_in_one_line(args, message, real_model):
-    result = run(*args)
+def test_bad_input_exits_2_in_one_line(args, message, real_model, cli):
+    result = cli(*args)
     assert result.returncode == 2
     assert result.stderr.strip() == message
     assert "Traceback" not in result.stderr
 
 
-def test_an_unwritable_run_directory_is_refused_before_the_model_loads(tmp_path):
+def test_an_unwritable_run_directory_is_refused_before_the_model_loads(tmp_path, cli, no_model_loads):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    result = run("run", "--dataset", "sample", "--out", str(blocker / "run"))
+    result = cli("run", "--dataset", "sample", "--out", str(blocker / "run"))
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: cannot write to {blocker / 'run'}: {blocker} is not a directory"
     assert "filtering" not in result.stdout and not (blocker.parent / "run").exists()
@@ -89,14 +89,14 @@ def test_unknown_flag_exits_2():
 
 
 @pytest.mark.slow
-def test_evaluate_json_fields(tmp_path, real_model):
+def test_evaluate_json_fields(tmp_path, real_model, cli):
     facts = tmp_path / "facts.jsonl"
     facts.write_text('{"prompt": "The capital of France is", "answer": "Paris", "type": "capital"}\n'
                      '{"prompt": "The capital of Italy is", "answer": "Rome"}\n'
                      "{broken\n"
                      '{"prompt": "One plus one equals", "answer": ""}\n')
     out = tmp_path / "evaluation.json"
-    result = run("evaluate", "--dataset", str(facts), "--methods", "log_prob_increase,norm,random", "--top", "5",
+    result = cli("evaluate", "--dataset", str(facts), "--methods", "log_prob_increase,norm,random", "--top", "5",
                  "--json", str(out))
     assert result.returncode == 0, result.stderr
     assert "log_prob_increase" in result.stdout and "Skipped 2" in result.stdout
@@ -115,37 +115,37 @@ def test_evaluate_json_fields(tmp_path, real_model):
     (["evaluate", "--dataset", "sample", "--limit", "0"], "error: --limit must be a positive number"),
     (["evaluate", "--dataset", "sample", "--on-error", "maybe"], "error: --on-error must be skip or stop"),
 ])
-def test_evaluate_bad_input(args, message):
-    result = run(*args)
+def test_evaluate_bad_input(args, message, cli, no_model_loads):
+    result = cli(*args)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith(message) and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_evaluate_stops_at_a_malformed_line(tmp_path):
+def test_evaluate_stops_at_a_malformed_line(tmp_path, cli, no_model_loads):
     facts = tmp_path / "facts.jsonl"
     facts.write_text('{"prompt": "A", "answer": "b"}\n{"prompt": 3, "answer": "b"}\n')
-    result = run("evaluate", "--dataset", str(facts), "--on-error", "stop")
+    result = cli("evaluate", "--dataset", str(facts), "--on-error", "stop")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: {facts}:2: missing or non-text field 'prompt'"
 
 
 @pytest.mark.slow
-def test_a_token_id_target_and_a_fragment_warning(tmp_path, real_model):
+def test_a_token_id_target_and_a_fragment_warning(tmp_path, real_model, cli):
     out = tmp_path / "id.json"
-    result = run("attribute", "The capital of France is", "--target-id", "42", "--top", "5", "--query-top", "0",
+    result = cli("attribute", "The capital of France is", "--target-id", "42", "--top", "5", "--query-top", "0",
                  "--json", str(out))
     assert result.returncode == 0, result.stderr
     assert json.loads(out.read_text())["target"]["id"] == 42
     for args, message in ((("--target-id", "99999999"), "error: target id 99999999 is outside the vocabulary"),
                           (("--target-id", "-5"), "error: --target-id -5: a token id is 0 or more"),
                           (("--target-id", "7", "--target", "Paris"), "error: give --target (answer text) or")):
-        failed = run("attribute", "The capital of France is", *args)
+        failed = cli("attribute", "The capital of France is", *args)
         assert failed.returncode == 2 and failed.stderr.startswith(message), failed.stderr
         assert len(failed.stderr.strip().splitlines()) == 1
-    fragment = run("attribute", "The capital of France is", "--target", "zqxjvkw", "--top", "3", "--query-top", "0")
+    fragment = cli("attribute", "The capital of France is", "--target", "zqxjvkw", "--top", "3", "--query-top", "0")
     assert fragment.returncode == 0, fragment.stderr
     assert "Warning: the answer is" in fragment.stdout and "only its first" in fragment.stdout
-    whole = run("attribute", "The capital of France is", "--target", " Paris", "--top", "3", "--query-top", "0")
+    whole = cli("attribute", "The capital of France is", "--target", " Paris", "--top", "3", "--query-top", "0")
     assert "Warning" not in whole.stdout
 
 
@@ -165,13 +165,13 @@ def test_a_top_that_reaches_every_ffn_neuron_is_announced_as_dense_scoring():
     assert "as slow as dense scoring" in text
 
 
-def test_chosen_neurons_with_a_contrast(tmp_path, real_model):
+def test_chosen_neurons_with_a_contrast(tmp_path, real_model, cli):
     """#26 item 9: `--neurons` takes `--contrast` as attribute does: each score is the change of
     log p(target) − log p(contrast), the numbers of score_neurons(contrast=...)."""
     from neuron_attribution import score_neurons
 
     out = tmp_path / "chosen.json"
-    result = run("attribute", "The capital of France is", "-t", " Paris", "--contrast", " London", "--neurons",
+    result = cli("attribute", "The capital of France is", "-t", " Paris", "--contrast", " London", "--neurons",
                  "27_846,23_4_38@3", "--json", str(out))
     assert result.returncode == 0, result.stderr
     assert "rather than ' London'" in result.stdout

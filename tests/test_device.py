@@ -141,14 +141,6 @@ def test_the_default_device_is_left_as_it_was():
     assert isinstance(np.asarray(attribute(model, PROMPT, 7, top_k=3, dense=True).dense.ffn), np.ndarray)
 
 
-def _cli(*args: str):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "neuron_attribution.cli", *args], capture_output=True, text=True,
-                          timeout=300)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
 @pytest.mark.parametrize("args, message", [
     (("attribute", "The capital of France is", "--device", "cuda"), "--device cuda: no CUDA GPU is available here"),
@@ -161,8 +153,8 @@ def _cli(*args: str):
     (("run", "--dataset", "sample", "--backend", "ray", "--device", "cuda", "--gpus-per-worker", "0"),
      "--gpus-per-worker must be more than 0"),
 ])
-def test_device_mistakes_are_one_line_errors_before_any_work(args, message):
-    result = _cli(*args)
+def test_device_mistakes_are_one_line_errors_before_any_work(args, message, cli, no_model_loads):
+    result = cli(*args)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"error: {message}") and len(result.stderr.strip().splitlines()) == 1, \
         result.stderr

@@ -9,8 +9,6 @@ import json
 import re
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.parse
@@ -259,26 +257,21 @@ def test_fifty_requests_from_ten_clients_while_the_server_stays_responsive(serve
 # -- the command line ------------------------------------------------------------------------------------------
 
 
-def _serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "neuron_attribution", "serve", *args], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def test_serve_refuses_what_is_no_run_and_a_port_in_use(tmp_path):
+def test_serve_refuses_what_is_no_run_and_a_port_in_use(tmp_path, cli, no_model_loads):
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "run.json").write_text(json.dumps({"complete": False}))
     for args, message in ((["--run", str(tmp_path / "nothing")], "no such directory"),
                           (["--run", str(tmp_path)], "no readable run.json"),
                           (["--run", str(tmp_path / "half")], "is not finished"),
                           (["--port", "70000"], "a port is 0 to 65535")):
-        result = _serve(*args)
+        result = cli("serve", *args)
         assert result.returncode == 2, result.stderr
         assert message in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     taken = open_socket("127.0.0.1", 0)
     try:
         port = taken.getsockname()[1]
-        result = _serve("--port", str(port))
+        result = cli("serve", "--port", str(port))
         assert result.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in result.stderr, result.stderr
     finally:
         taken.close()

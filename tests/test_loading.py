@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,14 +14,6 @@ from neuron_attribution.model.default_model import default_model_gguf
 from neuron_attribution.model.model_cache import cache_root
 
 from .conftest import tiny_llama
-
-
-def _run_cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    if cache is not None:
-        env["NEURON_ATTRIBUTION_CACHE"] = str(cache)
-    return subprocess.run([sys.executable, "-m", "neuron_attribution.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +66,12 @@ def test_truncated_safetensors(saved_tiny_llama, tmp_path):
         load_model(directory)
 
 
-def test_truncated_gguf_leaves_cache_untouched(tmp_path):
+def test_truncated_gguf_leaves_cache_untouched(tmp_path, cli, monkeypatch):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(default_model_gguf(cache_root()).read_bytes()[: 1 << 20])
     cache = tmp_path / "cache"
-    result = _run_cli("info", "--model", str(broken), cache=cache)
+    monkeypatch.setenv("NEURON_ATTRIBUTION_CACHE", str(cache))
+    result = cli("info", "--model", str(broken))
     assert result.returncode == 2
     assert "cannot read GGUF file" in result.stderr
     assert "Traceback" not in result.stderr
@@ -114,15 +104,15 @@ def test_unknown_models(name, message, monkeypatch):
         load_model(name)
 
 
-def test_cli_reports_bad_model_in_one_line():
-    result = _run_cli("info", "--model", "./no/such/dir")
+def test_cli_reports_bad_model_in_one_line(cli):
+    result = cli("info", "--model", "./no/such/dir")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: no such model path: ./no/such/dir"
 
 
-def test_default_model_info_json(tmp_path, real_model):
+def test_default_model_info_json(tmp_path, real_model, cli):
     out = tmp_path / "info.json"
-    result = _run_cli("info", "--json", str(out))
+    result = cli("info", "--json", str(out))
     assert result.returncode == 0, result.stderr
     import json
 

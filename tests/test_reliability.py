@@ -33,8 +33,8 @@ def _cli_command(*args: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_twenty_kills_then_resume(real_model, tmp_path):
-    """SIGKILL 20 times during a run: half at random moments, half just after the call wrote a part of its own (so
+def test_kills_then_resume(real_model, tmp_path):
+    """SIGKILL 10 times during a run (the one SIGKILL-resume test; #37 merged a second into it): half at random moments, half just after the call wrote a part of its own (so
     kills land between parts however long start-up takes on the machine); after each, the finished parts are
     readable and hold each sentence at most once; the last call completes, and the tables equal an uninterrupted
     run's."""
@@ -43,7 +43,7 @@ def test_twenty_kills_then_resume(real_model, tmp_path):
     chance = random.Random(11)
     interrupted = 0
     mid_run = 0  # kills that landed after this call had written a part of its own, the run unfinished
-    for i in range(20):
+    for i in range(10):
         before = _parts(directory)
         process = subprocess.Popen(_cli_command(*arguments, "--out", str(directory)), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, start_new_session=True)
@@ -66,8 +66,8 @@ def test_twenty_kills_then_resume(real_model, tmp_path):
                 pq.read_metadata(part / f"{table}.parquet")
             seen += pq.read_table(part / "sentences.parquet").column("sentence_id").to_pylist()
         assert len(seen) == len(set(seen))
-    assert interrupted >= 10, interrupted
-    assert mid_run >= 3, mid_run  # not only kills during start-up: kills between parts, the case resuming is for
+    assert interrupted >= 5, interrupted
+    assert mid_run >= 2, mid_run  # not only kills during start-up: kills between parts, the case resuming is for
     final = subprocess.run(_cli_command(*arguments, "--out", str(directory)), capture_output=True, text=True,
                            timeout=600)
     assert final.returncode == 0, final.stderr

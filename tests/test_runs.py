@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import random
 import shutil
 import signal
 import subprocess
@@ -155,38 +153,8 @@ def test_ctrl_c_says_what_is_saved_and_how_to_resume(real_model, facts_file, fin
         assert tables[name] == reference[name], name
 
 
-def test_kill_9_at_random_points_then_resume(real_model, facts_file, finished_run, tmp_path):
-    """The CLI killed with SIGKILL at random moments, then run to the end: every sentence exactly once and the
-    same numbers as an uninterrupted run."""
-    directory = tmp_path / "killed"
-    command = [sys.executable, "-m", "neuron_attribution.cli", "run", "--dataset", str(facts_file), "--out",
-               str(directory), "--top", "20", "--batch-size", "4"]
-    chance = random.Random(7)
-    interrupted = 0
-    for _ in range(3):
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   start_new_session=True)
-        time.sleep(chance.uniform(3.0, 9.0))
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            interrupted += 1
-        process.wait()
-    assert interrupted >= 1
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert finished.returncode == 0, finished.stderr
-    tables = _tables(directory)
-    assert tables["sentences"]["sentence_id"] == list(range(6))
-    reference = _tables(finished_run)
-    for name in TABLES:
-        assert tables[name] == reference[name], name
-
-
 @pytest.mark.slow
-def test_run_bad_input(tmp_path, facts_file):
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "neuron_attribution.cli", *args], capture_output=True,
-                              text=True, timeout=600)
-
+def test_run_bad_input(tmp_path, facts_file, cli):
     unknown = tmp_path / "unknown.jsonl"
     unknown.write_text('{"prompt": "The capital of France is", "answer": "Oslo", "type": "capital"}\n')
     result = cli("run", "--dataset", str(unknown), "--out", str(tmp_path / "empty"))
@@ -214,17 +182,12 @@ TWO_FACTS = FACTS[:2]
 @pytest.mark.parametrize("flags", [("--query-top", "0"), ("--query-via", "ffn"), ("--query-via", "both"),
                                    ("--answer-tokens", "all"), ("--on-error", "stop"), ("--rank-by", "direct")],
                          ids=lambda f: " ".join(f))
-def test_every_documented_option_value_works_through_run_and_analyze(tmp_path, flags):
+def test_every_documented_option_value_works_through_run_and_analyze(tmp_path, flags, cli):
     """Each value `run --help` offers (beyond the defaults, which the other tests use) gives a run that
     `analyze` reads: `--query-top 0` once crashed after all the work, sorting a query table with no columns."""
     facts = tmp_path / "two.jsonl"
     facts.write_text("".join(json.dumps(f) + "\n" for f in TWO_FACTS))
     directory = tmp_path / "run"
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "neuron_attribution.cli", *args], capture_output=True,
-                              text=True, timeout=600)
-
     result = cli("run", "--dataset", str(facts), "--out", str(directory), "--top", "20", *flags)
     assert result.returncode == 0, result.stderr
     tables = _tables(directory)
@@ -296,12 +259,10 @@ def test_the_scoring_budget_is_fixed_when_a_run_starts_and_kept_on_resume(real_m
 
 
 @pytest.mark.slow
-def test_run_names_the_lines_it_skips(tmp_path):
+def test_run_names_the_lines_it_skips(tmp_path, cli):
     """As evaluate and attribute --prompts do: by file and line, with the reason."""
     facts = tmp_path / "facts.jsonl"
     facts.write_text(json.dumps(TWO_FACTS[0]) + "\nnot json\n" + json.dumps(TWO_FACTS[1]) + "\n")
-    result = subprocess.run([sys.executable, "-m", "neuron_attribution.cli", "run", "--dataset", str(facts),
-                             "--out", str(tmp_path / "run"), "--top", "5", "--query-top", "0"],
-                            capture_output=True, text=True, timeout=600)
+    result = cli("run", "--dataset", str(facts), "--out", str(tmp_path / "run"), "--top", "5", "--query-top", "0")
     assert result.returncode == 0, result.stderr
     assert "Skipped 1:" in result.stdout and f"{facts}:2: not valid JSON" in result.stdout.replace("\n", "")

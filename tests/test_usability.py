@@ -22,11 +22,6 @@ from .test_report import _hand_made_analysis
 from .test_runs import FACTS
 
 
-def _cli(*args: str, cwd: Path | None = None, umask: int | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "neuron_attribution.cli", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd, preexec_fn=None if umask is None else (lambda: os.umask(umask)))
-
-
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_written_files_follow_the_umask(tmp_path, umask, mode):
     previous = os.umask(umask)
@@ -37,9 +32,13 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == mode
 
 
-def test_attribute_json_is_readable_by_others(tmp_path, real_model):
-    result = _cli("attribute", "The capital of France is", "--top", "3", "--query-top", "0", "--json",
-                  str(tmp_path / "a.json"), umask=0o022)
+def test_attribute_json_is_readable_by_others(tmp_path, real_model, cli):
+    previous = os.umask(0o022)
+    try:
+        result = cli("attribute", "The capital of France is", "--top", "3", "--query-top", "0", "--json",
+                     str(tmp_path / "a.json"))
+    finally:
+        os.umask(previous)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
 
@@ -135,7 +134,7 @@ def test_figures_have_no_overlapping_titles_legends_and_bars(monkeypatch):
 
 
 @pytest.mark.slow
-def test_evaluate_filters_like_the_paper_unless_told_not_to(real_model, tmp_path):
+def test_evaluate_filters_like_the_paper_unless_told_not_to(real_model, tmp_path, cli):
     facts = _facts(tmp_path / "facts.jsonl", FACTS[:3])  # the third: the model does not say "Oslo"
     loaded, _ = load_facts(str(facts))
     filtered = evaluate(real_model, loaded, methods="norm", top=2)
@@ -144,24 +143,24 @@ def test_evaluate_filters_like_the_paper_unless_told_not_to(real_model, tmp_path
     assert filtered.to_dict()["filter"]["kept"] == 2
     everything = evaluate(real_model, loaded, methods="norm", top=2, filter=False)
     assert everything.n_sentences == 3 and everything.filter is None
-    shown = _cli("evaluate", "--dataset", str(facts), "--methods", "norm", "--top", "2")
+    shown = cli("evaluate", "--dataset", str(facts), "--methods", "norm", "--top", "2")
     assert shown.returncode == 0, shown.stderr
     assert "Kept by the filter (the model knows the fact): 2 of 3 (capital 2/3)" in " ".join(shown.stdout.split())
 
 
-def test_help_texts_keep_their_brackets():
-    shown = _cli("run", "--help")
+def test_help_texts_keep_their_brackets(cli):
+    shown = cli("run", "--help")
     assert shown.returncode == 0
     assert "neuron-attribution[ray]" in "".join(shown.stdout.split())
 
 
 @pytest.mark.slow
-def test_many_prompts_in_one_process(real_model, tmp_path):
+def test_many_prompts_in_one_process(real_model, tmp_path, cli):
     lines = [{"prompt": "The capital of France is", "target": " Paris"}, {"prompt": "The capital of Italy is"},
              "{broken", {"prompt": "The capital of Spain is", "target": ""},
              {"prompt": "The largest planet is", "target": 7042, "contrast": "kept for later"}]
     path = _facts(tmp_path / "prompts.jsonl", lines)
-    done = _cli("attribute", "--prompts", str(path), "--json-dir", str(tmp_path / "out"), "--top", "5")
+    done = cli("attribute", "--prompts", str(path), "--json-dir", str(tmp_path / "out"), "--top", "5")
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["line-000001.json", "line-000002.json",
                                                                      "line-000005.json"]
@@ -172,7 +171,7 @@ def test_many_prompts_in_one_process(real_model, tmp_path):
     assert [n["score"] for n in saved["ffn_neurons"]] == pytest.approx([n.score for n in expected.ffn_neurons],
                                                                        abs=1e-5)
     assert json.loads((tmp_path / "out" / "line-000005.json").read_text())["target"]["id"] == 7042
-    stopped = _cli("attribute", "--prompts", str(path), "--on-error", "stop")
+    stopped = cli("attribute", "--prompts", str(path), "--on-error", "stop")
     assert stopped.returncode == 2 and stopped.stderr.strip() == f"error: {path}:3: not valid JSON " \
         "(Expecting property name enclosed in double quotes)"
 
