@@ -1,6 +1,6 @@
-"""One table of the benchmark figures that bench_attribute.py and bench_run.py wrote with --json: each step as a
-multiple of the same machine's forward pass, one column per model and device, the stored CPU figures
-(bench/figures/, measured on the project's 2-core CPU machine) beside the new ones. Usage:
+"""One table of the benchmark figures that bench_attribute.py, bench_run.py and bench_every_neuron.py wrote with
+--json: each step as a multiple of the same machine's forward pass, one column per model and device, the stored
+CPU figures (bench/figures/, measured on the project's 2-core CPU machine) beside the new ones. Usage:
     .venv/bin/python bench/summary.py DIR [DIR ...]        (every *.json in each DIR, then bench/figures/)
 """
 
@@ -24,6 +24,7 @@ ROWS = [  # (label, how to read it from a figures file)
     ("run: sentences/s (best batch size)", lambda f: max(f["sentences_per_second"].values())
      if "sentences_per_second" in f else None, "{:.2f}"),
     ("run: one sentence / forward", lambda f: f.get("ratios_to_forward", {}).get("run_sentence"), "{:.1f}x"),
+    ("every neuron / its floor", lambda f: f.get("ratio_to_floor"), "{:.2f}x"),
 ]
 
 
@@ -34,7 +35,7 @@ def load(directory: Path) -> list[dict]:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(data, dict) and data.get("bench") in ("attribute", "run"):
+        if isinstance(data, dict) and data.get("bench") in ("attribute", "run", "every_neuron"):
             figures.append(data)
     return figures
 

@@ -87,7 +87,10 @@ def score_rows(ctx: ValueContext, groups: list[Rows], reported: bool = True) -> 
             ctx.read_bases()  # a budget this small reads them in a product of their own
             riders = None
         n_riders = 0 if riders is None else len(riders)
-        scratch = ctx.caches.scratch
+        # One buffer of the budget's size for the whole session, never re-made at each call's largest batch:
+        # re-made at varying sizes it fragmented the heap (hundreds of MB of resident memory over a few calls).
+        # Pages a call does not write are never touched, so a small call costs no more resident memory.
+        buffer = ctx.caches.scratch.buffer("logits", most, vocabulary, device)
         # the bases ride in the first product (balanced batches are at least half of `most` rows each)
         for combined in _balanced_batches(n_riders + len(bases), most):
             riding = n_riders if combined.start == 0 else 0
@@ -96,8 +99,7 @@ def score_rows(ctx: ValueContext, groups: list[Rows], reported: bool = True) -> 
             moved = ctx.normalised_states[bases[rows]] + readout.normalise(scaled[rows])
             if riding:
                 moved = torch.cat([riders, moved])
-            logits = readout.logits_of_normalised(moved, out=scratch.buffer("logits", riding + size, vocabulary,
-                                                                             device))
+            logits = readout.logits_of_normalised(moved, out=buffer[: riding + size])
             if riding:
                 ctx.take_base_logits(logits[:riding])
                 logits = logits[riding:]
@@ -178,8 +180,9 @@ class _SharedProjections:
             positions = part.tolist()
             sharing = [j for j, i in enumerate(positions) if i in counted]
             if sharing:
-                below = (changes[sharing] < at_target[sharing]).sum(dim=-1).tolist()
-                for j, fewer in zip(sharing, below):
+                below = (changes < at_target).sum(dim=-1).tolist()  # the whole chunk: no gathered copy
+                for j in sharing:
+                    fewer = below[j]
                     i, more = positions[j], int(above[j])
                     raised, lowered = (more, fewer) if sign_list[i] > 0 else (fewer, more)
                     self.known[counted[i]] = (ids[i].clone(), raised, lowered, sizes[i])
@@ -233,9 +236,11 @@ def _logit_changes(ctx: ValueContext, logits: Tensor | None, bases: Tensor, want
     are soft-capped (not linear), δ is computed directly."""
     if ctx.readout.softcap is not None or logits is None:
         return ctx.readout.unembedding.times_transposed(ctx.readout.normalise(scaled[wanted]))
-    base = torch.index_select(ctx.base_log_probs, 0, bases[wanted],
-                              out=ctx.caches.scratch.buffer("bases", wanted.numel(), logits.shape[1], logits.device))
-    return base.neg_().add_(logits[wanted])
+    # Both gathered into buffers kept across calls: a vocabulary-sized temporary per chunk fragments the heap
+    # (the resident memory grew by hundreds of MB over a few hundred chunks).
+    scratch, shape = ctx.caches.scratch, (wanted.numel(), logits.shape[1], logits.device)
+    base = torch.index_select(ctx.base_log_probs, 0, bases[wanted], out=scratch.buffer("bases", *shape))
+    return torch.index_select(logits, 0, wanted, out=scratch.buffer("fused rows", *shape)).sub_(base)
 
 
 def _projection_ids(changes: Tensor, k: int, signs: Tensor) -> Tensor:
@@ -295,9 +300,6 @@ def _balanced_batches(n: int, most: int) -> list[slice]:
     count = max(1, -(-n // most))
     edges = [round(i * n / count) for i in range(count + 1)]
     return [slice(a, b) for a, b in zip(edges, edges[1:]) if b > a]
-
-
-
 
 
 def _logsumexp_inplace(x: Tensor) -> Tensor:
