@@ -87,12 +87,15 @@ def score_rows(ctx: ValueContext, groups: list[Rows], reported: bool = True) -> 
             ctx.read_bases()  # a budget this small reads them in a product of their own
             riders = None
         n_riders = 0 if riders is None else len(riders)
-        # One buffer of the budget's size for the whole session, never re-made at each call's largest batch:
-        # re-made at varying sizes it fragmented the heap (hundreds of MB of resident memory over a few calls).
-        # Pages a call does not write are never touched, so a small call costs no more resident memory.
-        buffer = ctx.caches.scratch.buffer("logits", most, vocabulary, device)
+        batches = _balanced_batches(n_riders + len(bases), most)
+        # On the CPU one buffer of the budget's size for the session, never re-made at each call's largest
+        # batch: re-made at varying sizes it fragmented the heap (hundreds of MB of resident memory over a few
+        # calls), and pages a call does not write are never touched. A GPU's caching allocator has no such
+        # trouble but does hold what is allocated, so there the buffer is the call's largest batch.
+        rows_held = most if device.type == "cpu" else max(b.stop - b.start for b in batches)
+        buffer = ctx.caches.scratch.buffer("logits", rows_held, vocabulary, device)
         # the bases ride in the first product (balanced batches are at least half of `most` rows each)
-        for combined in _balanced_batches(n_riders + len(bases), most):
+        for combined in batches:
             riding = n_riders if combined.start == 0 else 0
             rows = slice(combined.start + riding - n_riders, combined.stop - n_riders)
             size = rows.stop - rows.start
