@@ -165,3 +165,27 @@ def test_short_prompts_keep_every_position(long_ids):
     traces = trace_token_ids(model, [long_ids[:5], long_ids[:9]])
     assert [t.kept_positions for t in traces] == [None, None]
     assert traces[1].layer_inputs.shape[1] == 9
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_attention_search_by_position_blocks_equals_the_whole_bounds(monkeypatch, family, long_ids):
+    """A long prompt's attention neurons searched by blocks of source positions (#37 item 5) find the same top-k,
+    scores and order as the search over every neuron's bound; Gemma 2's soft-capped bounds take the other
+    branch (absolute coefficients)."""
+    from neuron_attribution.scoring import value
+
+    model = MODELS[family]
+    options = dict(top_k=40, query_top=0)
+    whole = na.attribute(model, long_ids, **options)
+    with monkeypatch.context() as patch:
+        patch.setattr(value, "DENSE_ATTENTION_BOUNDS_BYTES", 0)
+        patch.setattr(value, "POSITION_BLOCK", 16)  # 40 positions: two blocks and a shorter third
+        searched = []
+        original = value.attention_bound_search
+        patch.setattr(value, "attention_bound_search", lambda ctx: searched.append(original(ctx)) or searched[-1])
+        blocked = na.attribute(model, long_ids, **options)
+    assert isinstance(searched[0], value.BlockBounds)
+    assert ([(n.layer, n.head, n.dim, n.position) for n in blocked.attention_neurons]
+            == [(n.layer, n.head, n.dim, n.position) for n in whole.attention_neurons])
+    assert [n.score for n in blocked.attention_neurons] == [n.score for n in whole.attention_neurons]
+    assert blocked.evaluated == whole.evaluated

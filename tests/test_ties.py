@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from neuron_attribution import attribute
-from neuron_attribution.scoring.topk import TopKSearch, top_indices
+from neuron_attribution.scoring.topk import BlockBounds, TopKSearch, top_indices
 
 from .conftest import tiny_llama_like
 
@@ -59,3 +59,38 @@ def test_duplicated_ffn_neuron_ranks_like_dense():
     # The twins tie exactly: the lower index comes first, the other right after it.
     twins = [got.index(model.shape.d_ffn + 2), got.index(model.shape.d_ffn + 5)]
     assert twins[1] == twins[0] + 1
+
+
+def _block_bounds(values: torch.Tensor, width: int, block: int, first_blocks: int = 1) -> BlockBounds:
+    """`values` (rows · width) held by blocks, as a long prompt's attention bounds are."""
+    rows = values.reshape(-1, width)
+    blocks_per_row = -(-width // block)
+    maxima = torch.stack([rows[:, b * block: (b + 1) * block].amax(-1) for b in range(blocks_per_row)], dim=1)
+    return BlockBounds(maxima, width, block, lambda flat: values[flat], first_blocks)
+
+
+@pytest.mark.parametrize("width,block", [(40, 8), (37, 16), (5, 16), (64, 1)])
+def test_block_bounds_give_the_dense_order_ties_included(width, block):
+    """The two-level search's order is the whole bounds' order: descending, ties to the lower index, for every
+    count, with a row's last block shorter than the others and values tied across blocks."""
+    generator = torch.Generator().manual_seed(width + block)
+    values = torch.randint(-6, 7, (9 * width,), generator=generator).float() / 2  # many exact ties
+    reference = _reference_order(values)
+    for count in [0, 1, 2, 3, 7, 20, 50, len(values) - 1, len(values)]:
+        held = _block_bounds(values, width, block)
+        assert held.top(count).tolist() == reference[:count], count
+    held = _block_bounds(values, width, block)  # one object asked for growing counts, as a search asks
+    for count in range(0, len(values) + 1, 13):
+        assert held.top(count).tolist() == reference[:count]
+
+
+def test_block_bounds_expand_only_blocks_that_can_reach_the_top():
+    values = torch.zeros(200 * 256)
+    values[[5, 70_000 % values.numel(), 12_345]] = torch.tensor([3.0, 2.0, 1.0])
+    held = _block_bounds(values - 1, 256, 32, first_blocks=64)
+    assert held.top(3).tolist() == [5, 70_000 % values.numel(), 12_345]
+    assert held.items.numel() <= 64 * 32  # one round of blocks, not the 51,200 items
+    search = TopKSearch(held, 3)
+    while (chunk := search.pending()) is not None:
+        search.record(chunk, values[chunk] - 1)
+    assert search.result().indices.tolist() == [5, 70_000 % values.numel(), 12_345]

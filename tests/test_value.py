@@ -56,6 +56,25 @@ def test_layer_and_head_scores_tiny(tiny_model, token_batches):
     assert [h.score for h in result.heads] == sorted((h.score for h in result.heads), reverse=True)
 
 
+def test_head_position_scores_match_definition_across_rounds(tiny_model, token_batches, monkeypatch):
+    """Each top head's output from one source position, scored as the definition says; with rounds of 3 rows the
+    positions are spread over several rounds beside the searches' candidates (a long prompt's are)."""
+    from neuron_attribution.scoring import value
+
+    ids = token_batches[0]
+    trace = trace_token_ids(tiny_model, [ids])[0]
+    monkeypatch.setattr(value, "ROUND_ROWS", 3)
+    result = attribute(tiny_model, ids, 5, top_k=5)
+    top_heads = [(h.layer, h.head) for h in result.heads[:5]]
+    assert [(p.layer, p.head) for p in result.head_positions[:: len(ids)]] == top_heads
+    assert len(result.head_positions) == 5 * len(ids)
+    for scored in result.head_positions:
+        vector = sum(ref.attention_neuron_vector(tiny_model, trace, scored.layer, scored.head, n, scored.position)
+                     for n in range(tiny_model.shape.head_dim))
+        expected = ref.increase(tiny_model, trace, trace.layer_inputs[scored.layer, -1], vector, 5)
+        assert scored.score == pytest.approx(expected, abs=ATOL)
+
+
 def test_target_probability_is_the_models(tiny_model, token_batches):
     ids = token_batches[2]
     result = attribute(tiny_model, ids, None, top_k=3)

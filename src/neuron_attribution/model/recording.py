@@ -215,10 +215,25 @@ class _Recorder:
                 rows = [torch.nn.functional.pad(row, (n_tokens - row.shape[-1], 0)) for row in rows]
                 result[key] = torch.stack(rows, dim=1)
             else:
-                result[key] = torch.stack([torch.cat(pieces, dim=1) for pieces in per_layer], dim=1)
+                result[key] = _joined(per_layer)
             per_layer.clear()
         result["final_residual"] = torch.cat(self.final_residual, dim=1)
         return result
+
+
+def _joined(per_layer: list[list[Tensor]]) -> Tensor:
+    """(B, L, t, ...): each layer's pieces joined along positions, written into one tensor and let go a layer at a
+    time, so a long prompt's value states are held about once, not three times (pieces, joined, stacked)."""
+    first = per_layer[0][0]
+    length = sum(piece.shape[1] for piece in per_layer[0])
+    result = first.new_empty((first.shape[0], len(per_layer), length, *first.shape[2:]))
+    for layer, pieces in enumerate(per_layer):
+        offset = 0
+        for piece in pieces:
+            result[:, layer, offset: offset + piece.shape[1]] = piece
+            offset += piece.shape[1]
+        pieces.clear()
+    return result
 
 
 @contextmanager

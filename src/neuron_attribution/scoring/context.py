@@ -243,6 +243,39 @@ class AttentionCoefficients:
             result[layer] = product.reshape(self.shape[1:])
         return result
 
+    def block_maxima(self, factors: Tensor, block: int, absolute: bool = False) -> Tensor:
+        """(L, H, d_h, ⌈T/block⌉): the largest of `times(factors, absolute)` over each block of `block` source
+        positions (the last block may be shorter), made a layer and KV head at a time: nothing as large as the
+        prompt's attention neurons is held. Each entry is the maximum of exactly the values `bounds_at` gives."""
+        n_layers, n_heads, head_dim, n_tokens = self.shape
+        n_kv = self.values.shape[2]
+        full, n_blocks = n_tokens // block, -(-n_tokens // block)
+        result = torch.empty(n_layers, n_heads, head_dim, n_blocks, device=self.weights.device)
+        grouped = self._grouped_weights()
+        for layer in range(n_layers):
+            layer_factors = factors[layer].reshape(n_kv, -1, head_dim, 1)
+            for kv_head in range(n_kv):
+                values = self.values[layer, :, kv_head].T.unsqueeze(0)  # (1, d_h, T)
+                product = grouped[layer, kv_head].unsqueeze(1) * values  # (g, d_h, T)
+                if absolute:
+                    product.abs_()
+                product.mul_(layer_factors[kv_head])
+                heads = slice(kv_head * product.shape[0], (kv_head + 1) * product.shape[0])
+                if full:
+                    result[layer, heads, :, :full] = product[..., : full * block].unflatten(-1, (full, block)).amax(-1)
+                if n_blocks > full:
+                    result[layer, heads, :, full] = product[..., full * block:].amax(-1)
+        return result
+
+    def bounds_at(self, flat: Tensor, factors: Tensor, absolute: bool = False) -> Tensor:
+        """`times(factors, absolute)` at flat indices into (L, H, d_h, T) only."""
+        layer, head, dim, position = torch.unravel_index(flat, self.shape)
+        kv_head = self.model_shape.kv_head_of(head)
+        coefficients = self.weights[layer, head, position] * self.values[layer, position, kv_head, dim]
+        if absolute:
+            coefficients = coefficients.abs()
+        return coefficients * factors[layer, head, dim]
+
     def _grouped_weights(self) -> Tensor:
         """(L, H_kv, g, T): the attention rows with the heads that share a KV head side by side."""
         n_layers, n_heads, n_tokens = self.weights.shape

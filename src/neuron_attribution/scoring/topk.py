@@ -31,14 +31,14 @@ class TopKSearch:
     The caller scores `pending()` however it likes (sharing products with other work) and hands the scores
     back with `record()`, until `pending()` is None. Ties in score, and in bound, go to the lower index."""
 
-    def __init__(self, bounds: Tensor, k: int):
-        self.bounds = bounds.reshape(-1)
-        self.total = self.bounds.numel()
+    def __init__(self, bounds: Tensor | BlockBounds, k: int):
+        self.bounds = bounds if isinstance(bounds, BlockBounds) else DenseBounds(bounds.reshape(-1))
+        self.total = self.bounds.total
         self.k = min(k, self.total)
         self.position = 0
         # The bound is tight for all but the largest contributions, so a little over k usually settles it.
         self.batch = self.k + max(self.k // 8, 16)
-        self.order = top_indices(self.bounds, min(self.total, 2 * self.batch))
+        self.order = self.bounds.top(min(self.total, 2 * self.batch))
         self.done: list[Tensor] = []
         self.scored: list[Tensor] = []
         self.extras: dict[str, list[Tensor]] = {}
@@ -50,7 +50,7 @@ class TopKSearch:
         end = min(self.total, self.position + self.batch)
         if end > self.order.numel():
             # Only the next stretch of the bound order is needed: a partial sort, not a sort of every item.
-            self.order = top_indices(self.bounds, min(self.total, self.position + 2 * self.batch))
+            self.order = self.bounds.top(min(self.total, self.position + 2 * self.batch))
         return self.order[self.position: end]
 
     def record(self, chunk: Tensor, scores: Tensor, extra: dict[str, Tensor] | None = None) -> None:
@@ -65,12 +65,12 @@ class TopKSearch:
         elif self.position >= self.k:
             kth = torch.cat(self.scored).topk(self.k).values[-1]
             if self.position >= self.order.numel():
-                self.order = top_indices(self.bounds, min(self.total, self.position + 1))
-            self.finished = bool(kth >= self.bounds[self.order[self.position]] + BOUND_SLACK)
+                self.order = self.bounds.top(min(self.total, self.position + 1))
+            self.finished = bool(kth >= self.bounds.at(self.order[self.position: self.position + 1])[0] + BOUND_SLACK)
 
     def result(self) -> TopK:
         if not self.done:
-            device = self.bounds.device
+            device = self.order.device
             return TopK(torch.empty(0, dtype=torch.long, device=device), torch.empty(0, device=device), 0, None)
         indices, scores = torch.cat(self.done), torch.cat(self.scored)
         ranking = rank_by_score(scores, indices)[: self.k]
@@ -78,13 +78,82 @@ class TopKSearch:
         return TopK(indices[ranking], scores[ranking], self.position, extra or None)
 
 
-def exact_top_k(bounds: Tensor, evaluate: Callable[[Tensor], tuple[Tensor, dict[str, Tensor] | None]], k: int
+def exact_top_k(bounds: Tensor | BlockBounds, evaluate: Callable[[Tensor], tuple[Tensor, dict[str, Tensor] | None]], k: int
                 ) -> TopK:
     """`TopKSearch` run to the end with one evaluator."""
     search = TopKSearch(bounds, k)
     while (chunk := search.pending()) is not None:
         search.record(chunk, *evaluate(chunk))
     return search.result()
+
+
+@dataclass
+class DenseBounds:
+    """One bound per item, held whole."""
+
+    values: Tensor  # (n,)
+
+    @property
+    def total(self) -> int:
+        return self.values.numel()
+
+    def top(self, count: int) -> Tensor:
+        return top_indices(self.values, count)
+
+    def at(self, indices: Tensor) -> Tensor:
+        return self.values[indices]
+
+
+class BlockBounds:
+    """Bounds of items laid out in rows of `width`, held only as the largest bound in each block of `block`
+    consecutive items of a row (a row's last block may be shorter); the items' own bounds are made, by
+    `bounds_of(flat indices)`, for the blocks a search reaches, in descending order of their maxima. `top` gives
+    exactly what `top_indices` would over every item's bound: it expands blocks until the count-th best expanded
+    bound is above every unexpanded block's maximum, so nothing outside can belong, ties included. A long prompt's
+    attention neurons are searched this way without a bound per neuron held at once."""
+
+    def __init__(self, maxima: Tensor, width: int, block: int, bounds_of: Callable[[Tensor], Tensor],
+                 first_blocks: int = 64):
+        self.maxima = maxima.reshape(-1)
+        self.first_blocks = first_blocks  # the fewest blocks expanded at once (then twice as many as so far)
+        self.width, self.block = width, block
+        self.blocks_per_row = -(-width // block)
+        self.total = self.maxima.numel() // self.blocks_per_row * width
+        self.bounds_of = bounds_of
+        device = self.maxima.device
+        self.items = torch.empty(0, dtype=torch.long, device=device)
+        self.values = torch.empty(0, device=device)
+        self.block_order = torch.empty(0, dtype=torch.long, device=device)
+        self.n_expanded = 0  # blocks expanded, a prefix of the descending order of maxima
+
+    def top(self, count: int) -> Tensor:
+        n_blocks = self.maxima.numel()
+        while self.n_expanded < n_blocks:
+            if self.values.numel() >= count:
+                kth = self.values.topk(count).values[-1] if count else self.values.new_tensor(float("inf"))
+                if bool(kth > self.maxima[self._next_blocks(1)[0]]):
+                    break
+            wanted = max(2 * -(-count // self.block), self.n_expanded, self.first_blocks)
+            self._expand(self._next_blocks(wanted))
+        return self.items[rank_by_score(self.values, self.items)[:count]]
+
+    def at(self, indices: Tensor) -> Tensor:
+        return self.bounds_of(indices)
+
+    def _next_blocks(self, count: int) -> Tensor:
+        end = min(self.maxima.numel(), self.n_expanded + count)
+        if end > self.block_order.numel():
+            self.block_order = top_indices(self.maxima, min(self.maxima.numel(), max(end, 2 * self.block_order.numel())))
+        return self.block_order[self.n_expanded: end]
+
+    def _expand(self, blocks: Tensor) -> None:
+        rows, starts = blocks // self.blocks_per_row, blocks % self.blocks_per_row * self.block
+        offsets = torch.arange(self.block, device=blocks.device)
+        positions = starts.unsqueeze(1) + offsets
+        items = (rows.unsqueeze(1) * self.width + positions)[positions < self.width]
+        self.items = torch.cat([self.items, items])
+        self.values = torch.cat([self.values, self.bounds_of(items)])
+        self.n_expanded += blocks.numel()
 
 
 def top_indices(values: Tensor, count: int, chunk: int = TOP_INDICES_CHUNK) -> Tensor:

@@ -9,6 +9,7 @@ least the next bound. Everything here is float32 math on a trace; nothing touche
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from ..model.weights import LayerStack
 from .context import ValueContext
 from .exact import Rows, Scored, score_rows
 from . import progress
-from .topk import TopK, TopKSearch, exact_top_k, rank_by_score, top_indices
+from .topk import BlockBounds, TopK, TopKSearch, exact_top_k, rank_by_score, top_indices
 
 
 def layer_scores(ctx: ValueContext) -> tuple[Tensor, Tensor]:
@@ -73,15 +74,22 @@ def head_scores(ctx: ValueContext) -> Tensor:
     return scored.scores.reshape(ctx.shape.n_layers, ctx.shape.n_heads)
 
 
-def head_position_rows(ctx: ValueContext, heads: list[tuple[int, int]]) -> Rows:
-    """For each (layer, head), its output coming from each source position; rows in (head, position) order."""
+def head_position_rows(ctx: ValueContext, heads: list[tuple[int, int]], start: int = 0, stop: int | None = None
+                       ) -> Rows:
+    """For each (layer, head), its output coming from each source position; rows in (head, position) order, the
+    ones from `start` to `stop` of them (a long prompt's are scored a round at a time)."""
     n_tokens, d = ctx.trace.n_tokens, ctx.shape.d_model
-    if not heads:
-        return Rows(torch.empty(0, dtype=torch.long, device=ctx.device), torch.empty(0, d, device=ctx.device))
+    stop = len(heads) * n_tokens if stop is None else min(stop, len(heads) * n_tokens)
     coefficients = ctx.attention_coefficients
-    vectors = torch.stack([head_outputs(ctx, l, j, coefficients.of_head(l, j)) for l, j in heads])  # (K, T, d)
-    bases = torch.tensor([2 * l for l, _ in heads], device=ctx.device).repeat_interleave(n_tokens)
-    return Rows(bases, vectors.reshape(-1, d))
+    pieces = []
+    for row in range(start // n_tokens, -(-stop // n_tokens)):
+        layer, head = heads[row]
+        first, last = max(start - row * n_tokens, 0), min(stop - row * n_tokens, n_tokens)
+        pieces.append(head_outputs(ctx, layer, head, coefficients.of_head(layer, head)[first:last]))
+    if not pieces:
+        return Rows(torch.empty(0, dtype=torch.long, device=ctx.device), torch.empty(0, d, device=ctx.device))
+    bases = torch.tensor([2 * heads[i // n_tokens][0] for i in range(start, stop)], device=ctx.device)
+    return Rows(bases, torch.cat(pieces))
 
 
 # --- neuron sets: bounds and exact evaluation -------------------------------------------------------------
@@ -105,11 +113,35 @@ def active_ffn_rows(ctx: ValueContext) -> Tensor | None:
 
 def attention_bounds(ctx: ValueContext) -> Tensor:
     """(L, H, d_h, T) upper bounds of the attention neurons' scores."""
+    factors, absolute = _attention_bound_factors(ctx)
+    return ctx.attention_coefficients.times(factors, absolute=absolute)
+
+
+# Past this many bytes of bounds (4 per attention neuron), the search holds each block of POSITION_BLOCK source
+# positions' largest bound and makes the neurons' own bounds only for the blocks it reaches: at 32k tokens on the
+# default model the bounds whole would be 2.3 GB.
+DENSE_ATTENTION_BOUNDS_BYTES = 64 * 2**20
+POSITION_BLOCK = 256
+
+
+def attention_bound_search(ctx: ValueContext) -> Tensor | BlockBounds:
+    """The attention neurons' bounds as the top-k search reads them: whole for a short prompt, by blocks of
+    source positions for a long one (the same search result either way)."""
+    coefficients = ctx.attention_coefficients
+    if 4 * math.prod(coefficients.shape) <= DENSE_ATTENTION_BOUNDS_BYTES:
+        return attention_bounds(ctx)
+    factors, absolute = _attention_bound_factors(ctx)
+    return BlockBounds(coefficients.block_maxima(factors, POSITION_BLOCK, absolute), coefficients.shape[-1],
+                       POSITION_BLOCK, lambda flat: coefficients.bounds_at(flat, factors, absolute))
+
+
+def _attention_bound_factors(ctx: ValueContext) -> tuple[Tensor, bool]:
+    """(L, H, d_h) factors of the attention neurons' bounds, coefficient · factor, and whether the coefficient is
+    taken absolute (under soft-capped logits, where the bound is a reach, not a tangent)."""
+    shape = ctx.attention_coefficients.shape[:3]
     if ctx.readout.softcap is not None:
-        reach = soft_capped_reach(ctx, ctx.output_weights)
-        return ctx.attention_coefficients.times(reach.reshape(ctx.attention_coefficients.shape[:3]), absolute=True)
-    slopes = ctx.output_weights.dots(ctx.bound_directions[0::2]).reshape(ctx.attention_coefficients.shape[:3])
-    return ctx.attention_coefficients.times(slopes)
+        return soft_capped_reach(ctx, ctx.output_weights).reshape(shape), True
+    return ctx.output_weights.dots(ctx.bound_directions[0::2]).reshape(shape), False
 
 
 def soft_capped_reach(ctx: ValueContext, vectors: LayerStack) -> Tensor:
@@ -195,7 +227,7 @@ def top_ffn(ctx: ValueContext, k: int) -> TopK:
 
 def top_attention(ctx: ValueContext, k: int) -> TopK:
     """The exact top-k attention value neurons, flat indices into (L, H, d_h, T)."""
-    return exact_top_k(attention_bounds(ctx), lambda flat: (evaluate_attention(ctx, flat), None), k)
+    return exact_top_k(attention_bound_search(ctx), lambda flat: (evaluate_attention(ctx, flat), None), k)
 
 
 # --- ranking by the direct part -----------------------------------------------------------------------------
@@ -261,9 +293,11 @@ def value_scores(ctx: ValueContext, k: int, n_position_heads: int, projection: i
         ffn: TopKSearch | _Chosen = _Chosen(ffn_direct_parts(ctx), k)
         attention: TopKSearch | _Chosen = _Chosen(attention_direct_parts(ctx), k)
     else:
-        ffn, attention = TopKSearch(ffn_bounds(ctx), k), TopKSearch(attention_bounds(ctx), k)
-    extra_groups: list[Rows] = [head_position_rows(ctx, position_heads)]
-    positions = None
+        ffn, attention = TopKSearch(ffn_bounds(ctx), k), TopKSearch(attention_bound_search(ctx), k)
+    # A long prompt's head positions are many (5·T rows): they are scored ROUND_ROWS at a time, alongside the
+    # searches' candidates, so their vectors are never held all at once.
+    n_position_rows = len(position_heads) * ctx.trace.n_tokens
+    position_scores: list[Tensor] = []
     done = 0
     while True:
         ffn_chunk, attention_chunk = ffn.pending(), attention.pending()
@@ -271,7 +305,10 @@ def value_scores(ctx: ValueContext, k: int, n_position_heads: int, projection: i
         # Every neuron, or a very large k, is scored a round of at most ROUND_ROWS at a time: memory stays
         # bounded by the budget's products, and progress is reported from the first round.
         ffn_chunk, attention_chunk = _capped(ffn_chunk, attention_chunk, ROUND_ROWS)
-        groups = list(extra_groups)
+        scored_positions = sum(len(p) for p in position_scores)
+        groups = []
+        if scored_positions < n_position_rows:
+            groups.append(head_position_rows(ctx, position_heads, scored_positions, scored_positions + ROUND_ROWS))
         if ffn_chunk is not None:
             groups.append(ffn_rows(ctx, ffn_chunk, projection))
         if attention_chunk is not None:
@@ -284,15 +321,16 @@ def value_scores(ctx: ValueContext, k: int, n_position_heads: int, projection: i
         done += sum(len(c) for c in (ffn_chunk, attention_chunk) if c is not None)
         if planned >= progress.REPORTED_FROM_ROWS:
             progress.report(f"scoring {planned:,} neurons exactly", done, planned)
-        extra_scored, rest = scored[: len(extra_groups)], scored[len(extra_groups):]
+        if scored_positions < n_position_rows:
+            position_scores.append(scored[0].scores)
+            scored = scored[1:]
         if ffn_chunk is not None:
-            ffn.record(ffn_chunk, rest[0].scores, _details(rest[0]))
-            rest = rest[1:]
+            ffn.record(ffn_chunk, scored[0].scores, _details(scored[0]))
+            scored = scored[1:]
         if attention_chunk is not None:
-            attention.record(attention_chunk, rest[0].scores, _details(rest[0]))
-        if extra_groups:
-            positions = extra_scored[0].scores.reshape(len(position_heads), ctx.trace.n_tokens)
-        extra_groups = []
+            attention.record(attention_chunk, scored[0].scores, _details(scored[0]))
+    positions = torch.cat(position_scores) if position_scores else torch.empty(0, device=ctx.device)
+    positions = positions.reshape(len(position_heads), ctx.trace.n_tokens)
     return ValueScores(head_scores_, position_heads, positions, ffn.result(), attention.result(), head_direct)
 
 
