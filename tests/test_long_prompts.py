@@ -143,13 +143,24 @@ def test_positions_not_kept_are_refused_then_traced_again(monkeypatch, long_ids)
     long = long_path(monkeypatch, model, long_ids)
     with pytest.raises(PositionsNotKept):
         long.layer_input(0, 3)
-    with monkeypatch.context() as patch:
-        patch.setattr(trace_module, "FULL_RECORD_BYTES", 0)
-        again = with_positions(model, long, [3, 30])
+    lengths = []
+    counter = model.hf_model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(trace_module, "FULL_RECORD_BYTES", 0)
+            again = with_positions(model, long, [3, 30])
+    finally:
+        counter.remove()
+    assert sum(lengths) == 31  # the prompt up to position 30 only, not the whole prompt again
     assert again.kept_positions.tolist() == [3, 30, LONG - 1]
     reference = short_path(monkeypatch, model, long_ids)
+    for name in ("layer_inputs", "attention_outputs", "ffn_outputs", "ffn_coefficients"):
+        assert _close(getattr(again, name), getattr(reference, name)[:, [3, 30, LONG - 1]]), name
+    assert _close(again.final_residual, reference.final_residual[[3, 30, LONG - 1]])
     assert _close(again.layer_input(2, 30), reference.layer_inputs[2, 30])
     assert _close(again.ffn_residual_coefficients(torch.tensor([3, 30])), reference.ffn_coefficients[:, [3, 30]])
+    assert again.value_states is long.value_states and again.logits is long.logits  # the prompt's own record
     assert with_positions(model, again, [30]) is again
 
 

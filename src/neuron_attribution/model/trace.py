@@ -15,7 +15,7 @@ and positions are unchanged; each prompt's trace is cut to its own length afterw
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ from .loaded import LoadedModel
 from .recording import recording
 
 # A prompt whose full per-position record (L·(3d + N) float32 per token) would exceed this keeps it at its last
-# position only; query scoring traces again the few source positions it reads (`positions=`).
+# position only; query scoring traces the prompt up to the source positions it reads (`with_positions`).
 FULL_RECORD_BYTES = 128 * 2**20
 
 
@@ -136,10 +136,38 @@ def trace_token_ids(model: LoadedModel, batch: Sequence[Sequence[int]],
 
 
 def with_positions(model: LoadedModel, trace: Trace, positions: Sequence[int]) -> Trace:
-    """`trace` if it keeps per-position data at `positions`, else its prompt traced again keeping them."""
+    """`trace` if it keeps per-position data at `positions`, else `trace` with that data added. It comes from a
+    pass over the prompt up to the last of the missing positions only: in a causal model nothing at a position
+    depends on later tokens, so a long prompt's early positions cost a short pass, and the prompt's own record
+    (its value states above all) is not made a second time."""
     if trace.keeps(positions):
         return trace
-    return trace_token_ids(model, [trace.token_ids.tolist()], positions=positions)[0]
+    held = set(trace.kept_positions.tolist())
+    missing = sorted({p for p in positions if 0 <= p < trace.n_tokens} - held)
+    if not missing:
+        return trace
+    prefix = trace_token_ids(model, [trace.token_ids[: missing[-1] + 1].tolist()], positions=missing)[0]
+    return _with_positions_of(trace, prefix, missing)
+
+
+def _with_positions_of(trace: Trace, prefix: Trace, missing: list[int]) -> Trace:
+    """`trace` keeping per-position data at `missing` too, taken from `prefix` (a trace of the prompt's start)."""
+    kept = sorted(set(trace.kept_positions.tolist()) | set(missing))
+    from_prefix = set(missing)
+
+    def joined(field: str) -> Tensor | None:
+        ours, theirs = getattr(trace, field), getattr(prefix, field)
+        if ours is None:
+            return None
+        axis = 0 if field == "final_residual" else 1
+        pieces = [(theirs if p in from_prefix else ours).select(axis, (prefix if p in from_prefix else trace).slots(p))
+                  for p in kept]
+        return torch.stack(pieces, dim=axis)
+
+    fields = ("layer_inputs", "attention_outputs", "ffn_coefficients", "ffn_outputs", "final_residual",
+              "attention_output_scales", "ffn_output_scales")
+    return replace(trace, **{field: joined(field) for field in fields},
+                   kept_positions=torch.tensor(kept, dtype=torch.long, device="cpu"))
 
 
 def full_record_bytes(model: LoadedModel, n_tokens: int) -> int:
