@@ -193,7 +193,8 @@ def test_attention_search_by_position_blocks_equals_the_whole_bounds(monkeypatch
         patch.setattr(value, "POSITION_BLOCK", 16)  # 40 positions: two blocks and a shorter third
         searched = []
         original = value.attention_bound_search
-        patch.setattr(value, "attention_bound_search", lambda ctx: searched.append(original(ctx)) or searched[-1])
+        patch.setattr(value, "attention_bound_search",
+                      lambda ctx, k: searched.append(original(ctx, k)) or searched[-1])
         blocked = na.attribute(model, long_ids, **options)
     assert isinstance(searched[0], value.BlockBounds)
     assert ([(n.layer, n.head, n.dim, n.position) for n in blocked.attention_neurons]

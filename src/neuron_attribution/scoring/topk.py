@@ -78,8 +78,8 @@ class TopKSearch:
         return TopK(indices[ranking], scores[ranking], self.position, extra or None)
 
 
-def exact_top_k(bounds: Tensor | BlockBounds, evaluate: Callable[[Tensor], tuple[Tensor, dict[str, Tensor] | None]], k: int
-                ) -> TopK:
+def exact_top_k(bounds: Tensor | BlockBounds, evaluate: Callable[[Tensor], tuple[Tensor, dict[str, Tensor] | None]],
+                k: int) -> TopK:
     """`TopKSearch` run to the end with one evaluator."""
     search = TopKSearch(bounds, k)
     while (chunk := search.pending()) is not None:
@@ -143,7 +143,8 @@ class BlockBounds:
     def _next_blocks(self, count: int) -> Tensor:
         end = min(self.maxima.numel(), self.n_expanded + count)
         if end > self.block_order.numel():
-            self.block_order = top_indices(self.maxima, min(self.maxima.numel(), max(end, 2 * self.block_order.numel())))
+            grown = max(end, 2 * self.block_order.numel())
+            self.block_order = top_indices(self.maxima, min(self.maxima.numel(), grown))
         return self.block_order[self.n_expanded: end]
 
     def _expand(self, blocks: Tensor) -> None:

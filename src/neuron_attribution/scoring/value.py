@@ -124,11 +124,13 @@ DENSE_ATTENTION_BOUNDS_BYTES = 64 * 2**20
 POSITION_BLOCK = 256
 
 
-def attention_bound_search(ctx: ValueContext) -> Tensor | BlockBounds:
-    """The attention neurons' bounds as the top-k search reads them: whole for a short prompt, by blocks of
-    source positions for a long one (the same search result either way)."""
+def attention_bound_search(ctx: ValueContext, k: int) -> Tensor | BlockBounds:
+    """The attention neurons' bounds as a top-`k` search reads them: whole for a short prompt, or a k so large
+    that the search would reach most blocks anyway; by blocks of source positions otherwise (the same search
+    result either way)."""
     coefficients = ctx.attention_coefficients
-    if 4 * math.prod(coefficients.shape) <= DENSE_ATTENTION_BOUNDS_BYTES:
+    n_neurons = math.prod(coefficients.shape)
+    if 4 * n_neurons <= DENSE_ATTENTION_BOUNDS_BYTES or k >= n_neurons // POSITION_BLOCK:
         return attention_bounds(ctx)
     factors, absolute = _attention_bound_factors(ctx)
     return BlockBounds(coefficients.block_maxima(factors, POSITION_BLOCK, absolute), coefficients.shape[-1],
@@ -227,7 +229,7 @@ def top_ffn(ctx: ValueContext, k: int) -> TopK:
 
 def top_attention(ctx: ValueContext, k: int) -> TopK:
     """The exact top-k attention value neurons, flat indices into (L, H, d_h, T)."""
-    return exact_top_k(attention_bound_search(ctx), lambda flat: (evaluate_attention(ctx, flat), None), k)
+    return exact_top_k(attention_bound_search(ctx, k), lambda flat: (evaluate_attention(ctx, flat), None), k)
 
 
 # --- ranking by the direct part -----------------------------------------------------------------------------
@@ -293,7 +295,7 @@ def value_scores(ctx: ValueContext, k: int, n_position_heads: int, projection: i
         ffn: TopKSearch | _Chosen = _Chosen(ffn_direct_parts(ctx), k)
         attention: TopKSearch | _Chosen = _Chosen(attention_direct_parts(ctx), k)
     else:
-        ffn, attention = TopKSearch(ffn_bounds(ctx), k), TopKSearch(attention_bound_search(ctx), k)
+        ffn, attention = TopKSearch(ffn_bounds(ctx), k), TopKSearch(attention_bound_search(ctx, k), k)
     # A long prompt's head positions are many (5·T rows): they are scored ROUND_ROWS at a time, alongside the
     # searches' candidates, so their vectors are never held all at once.
     n_position_rows = len(position_heads) * ctx.trace.n_tokens
