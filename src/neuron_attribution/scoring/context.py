@@ -6,6 +6,7 @@ math on it. Nothing here runs the model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -229,18 +230,11 @@ class AttentionCoefficients:
         return torch.einsum("lkgt,ltkn->lkgn", self._grouped_weights(), self.values).reshape(self.shape[:3])
 
     def times(self, factors: Tensor, absolute: bool = False) -> Tensor:
-        """(L, H, d_h, T): coefficient · factors[l, j, n] (|coefficient| with `absolute`), made layer by layer so
-        that nothing but the result is as large as the prompt's attention neurons."""
+        """(L, H, d_h, T): coefficient · factors[l, j, n] (|coefficient| with `absolute`), made a layer and KV head
+        at a time so that nothing but the result is as large as the prompt's attention neurons."""
         result = torch.empty(self.shape, device=self.weights.device)
-        grouped = self._grouped_weights()
-        n_kv = self.values.shape[2]
-        for layer in range(self.shape[0]):
-            values = self.values[layer].permute(1, 2, 0).unsqueeze(1)  # (H_kv, 1, d_h, T)
-            product = grouped[layer].unsqueeze(2) * values  # (H_kv, g, d_h, T)
-            if absolute:
-                product.abs_()
-            product.mul_(factors[layer].reshape(n_kv, -1, self.shape[2], 1))
-            result[layer] = product.reshape(self.shape[1:])
+        for layer, heads, product in self._products(factors, absolute):
+            result[layer, heads] = product
         return result
 
     def block_maxima(self, factors: Tensor, block: int, absolute: bool = False) -> Tensor:
@@ -248,24 +242,29 @@ class AttentionCoefficients:
         positions (the last block may be shorter), made a layer and KV head at a time: nothing as large as the
         prompt's attention neurons is held. Each entry is the maximum of exactly the values `bounds_at` gives."""
         n_layers, n_heads, head_dim, n_tokens = self.shape
-        n_kv = self.values.shape[2]
         full, n_blocks = n_tokens // block, -(-n_tokens // block)
         result = torch.empty(n_layers, n_heads, head_dim, n_blocks, device=self.weights.device)
+        for layer, heads, product in self._products(factors, absolute):
+            if full:
+                result[layer, heads, :, :full] = product[..., : full * block].unflatten(-1, (full, block)).amax(-1)
+            if n_blocks > full:
+                result[layer, heads, :, full] = product[..., full * block:].amax(-1)
+        return result
+
+    def _products(self, factors: Tensor, absolute: bool) -> Iterator[tuple[int, slice, Tensor]]:
+        """(layer, the heads reading one KV head, their (g, d_h, T) coefficients · factors), one KV head at a time."""
         grouped = self._grouped_weights()
-        for layer in range(n_layers):
-            layer_factors = factors[layer].reshape(n_kv, -1, head_dim, 1)
+        n_kv = self.values.shape[2]
+        for layer in range(self.shape[0]):
+            layer_factors = factors[layer].reshape(n_kv, -1, self.shape[2], 1)
             for kv_head in range(n_kv):
                 values = self.values[layer, :, kv_head].T.unsqueeze(0)  # (1, d_h, T)
                 product = grouped[layer, kv_head].unsqueeze(1) * values  # (g, d_h, T)
                 if absolute:
                     product.abs_()
                 product.mul_(layer_factors[kv_head])
-                heads = slice(kv_head * product.shape[0], (kv_head + 1) * product.shape[0])
-                if full:
-                    result[layer, heads, :, :full] = product[..., : full * block].unflatten(-1, (full, block)).amax(-1)
-                if n_blocks > full:
-                    result[layer, heads, :, full] = product[..., full * block:].amax(-1)
-        return result
+                group = product.shape[0]
+                yield layer, slice(kv_head * group, (kv_head + 1) * group), product
 
     def bounds_at(self, flat: Tensor, factors: Tensor, absolute: bool = False) -> Tensor:
         """`times(factors, absolute)` at flat indices into (L, H, d_h, T) only."""
