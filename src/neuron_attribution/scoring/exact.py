@@ -263,8 +263,9 @@ _BLOCK = 64
 
 def largest_and_smallest(rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Per row, the ids of the k largest entries (descending) and of the k smallest (ascending): `topk`'s ids,
-    except that where equal values straddle the k-th place either may be the one taken. Every one of the k largest lies in a block whose maximum is among the k largest block
-    maxima (the k-th largest maximum is itself an entry, so no larger than the k-th largest entry), so one
+    except that where equal values straddle the k-th place either may be the one taken. Every one of the k
+    largest lies in a block whose maximum is among the k largest block maxima (the k-th largest maximum is
+    itself an entry, so no larger than the k-th largest entry), so one
     pass for the blocks' maxima and minima and a search of 2k blocks replace two full searches: about three
     times faster on a vocabulary-sized row."""
     n, width = rows.shape

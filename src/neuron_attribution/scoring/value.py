@@ -88,7 +88,7 @@ def head_position_rows(ctx: ValueContext, heads: list[tuple[int, int]], start: i
         pieces.append(head_outputs(ctx, layer, head, coefficients.of_head(layer, head)[first:last]))
     if not pieces:
         return Rows(torch.empty(0, dtype=torch.long, device=ctx.device), torch.empty(0, d, device=ctx.device))
-    bases = torch.tensor([2 * heads[i // n_tokens][0] for i in range(start, stop)], device=ctx.device)
+    bases = torch.tensor([2 * layer for layer, _ in heads], device=ctx.device).repeat_interleave(n_tokens)[start:stop]
     return Rows(bases, torch.cat(pieces))
 
 
