@@ -130,7 +130,7 @@ def cli(monkeypatch, capsys, request):
     def load_once(spec):
         if spec not in _session_models:
             default = spec.name is None and spec.dtype in (None, "float32") and spec.device in (None, "cpu") \
-                and not spec.allow_pickle and not spec.trust_remote_code
+                and not spec.allow_pickle and not spec.trust_remote_code and spec.quantization is None
             _session_models[spec] = request.getfixturevalue("real_model") if default else real_load(spec)
         return _session_models[spec]
 

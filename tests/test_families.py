@@ -83,22 +83,23 @@ def test_decomposition(family_model):
     assert float((trace.logits.double() - logits).abs().max()) < 1e-4
 
 
-def check_every_neuron_and_head(model, ids, target, atol):
-    """Every FFN and attention neuron's dense score and every head's score against the float64 loops."""
+def check_every_neuron_and_head(model, ids, target, atol, weights_from=None):
+    """Every FFN and attention neuron's dense score and every head's score against the float64 loops over the
+    model's activations and the weights of `weights_from` (default: the model's own)."""
     trace = trace_token_ids(model, [ids])[0]
     result = attribute(model, ids, target, top_k=10, dense=True)
-    s = model.shape
+    s, weights = model.shape, weights_from or model
     for layer in range(s.n_layers):
         for neuron in range(s.d_ffn):
-            expected = ref.ffn_neuron_score(model, trace, layer, neuron, target)
+            expected = ref.ffn_neuron_score(weights, trace, layer, neuron, target)
             assert result.dense.ffn[layer, neuron] == pytest.approx(expected, abs=atol), (layer, neuron)
         for head in range(s.n_heads):
             for dim in range(s.head_dim):
                 for position in range(trace.n_tokens):
-                    expected = ref.attention_neuron_score(model, trace, layer, head, dim, position, target)
+                    expected = ref.attention_neuron_score(weights, trace, layer, head, dim, position, target)
                     assert result.dense.attention[layer, head, dim, position] == pytest.approx(expected, abs=atol)
     for h in result.heads:
-        assert h.score == pytest.approx(ref.head_score(model, trace, h.layer, h.head, target), abs=atol)
+        assert h.score == pytest.approx(ref.head_score(weights, trace, h.layer, h.head, target), abs=atol)
     return trace, result
 
 
@@ -159,8 +160,11 @@ def test_query_shares_match_definition(family_model, via):
     _check_against_reference(family_model, IDS, 11, k=6, atol=1e-5, via=via)
 
 
-def test_interventions_change_exactly_the_targeted_neurons(family_model):
-    model = family_model
+def check_ffn_neuron_ablation(model, weights_from=None, linear_output: bool = True):
+    """Switching off layer 1's most active FFN neuron zeroes its coefficient, moves no other one, and (where the
+    FFN's output is linear in its coefficients) takes exactly its vector out of the output (the float64 loop
+    over the weights of `weights_from`, default the model's own)."""
+    weights = weights_from or model
     before = trace_token_ids(model, [IDS])[0]
     row = int(before.ffn_coefficients[1, -1].abs().argmax())  # active at the last position (an expert chosen there)
     with ablated(model, Ablation.of([model.shape.ffn_index(1, row)])):
@@ -171,9 +175,16 @@ def test_interventions_change_exactly_the_targeted_neurons(family_model):
     # In a parallel block the FFN reads h^{l-1}, which did not move; in a sequential one, h^{l-1} + A^l, which
     # did not move either: the other neurons of the layer keep their coefficients exactly.
     assert torch.allclose(after.ffn_coefficients[1][:, others], before.ffn_coefficients[1][:, others], atol=1e-6)
-    expected = ref.raw_ffn_output(model, before, 1, -1) - before.ffn_coefficients[1, -1, row].double() * \
-        ref.ffn_values(model, 1)[row]
-    assert _close(ref.raw_ffn_output(model, after, 1, -1), expected)
+    if linear_output:
+        expected = ref.raw_ffn_output(weights, before, 1, -1) - before.ffn_coefficients[1, -1, row].double() * \
+            ref.ffn_values(weights, 1)[row]
+        assert _close(ref.raw_ffn_output(weights, after, 1, -1), expected)
+    return before
+
+
+def test_interventions_change_exactly_the_targeted_neurons(family_model):
+    model = family_model
+    before = check_ffn_neuron_ablation(model)
 
     with ablated(model, Ablation(attention=[(0, 1, 3)])):
         after = trace_token_ids(model, [IDS])[0]

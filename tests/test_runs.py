@@ -214,7 +214,7 @@ def test_a_run_identity_holds_every_setting():
     base = Settings(ModelSpec(name="m", dtype="float32", device="cpu"), ScoringOptions())
     identity = arguments.identity(model, base, 8)
     changed = {"name": "other", "dtype": "bfloat16", "device": "cuda", "allow_pickle": True,
-               "trust_remote_code": True, "top_k": 7, "query_top": 3, "memory_budget": 12345, "reference": True,
+               "trust_remote_code": True, "quantization": "bnb-4bit", "top_k": 7, "query_top": 3, "memory_budget": 12345, "reference": True,
                "query_via": "both", "answer_tokens": "all", "rank_by": "direct", "budget_fixed": True, "measure": 3}
     for part, kind in (("model", ModelSpec), ("scoring", ScoringOptions)):
         for field in fields(kind):

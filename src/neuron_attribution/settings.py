@@ -41,6 +41,7 @@ class ModelSpec:
     device: str | None = None  # None: cpu; "cuda", "cuda:1", or "auto" (layers spread over the GPUs)
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    quantization: str | None = None  # None: the weights as stored; "bnb-4bit", "bnb-8bit", "torchao-int8", ...
 
 
 def needs_cuda(device: str | None) -> bool:

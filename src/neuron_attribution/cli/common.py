@@ -51,6 +51,9 @@ GpusPerWorkerOption = Annotated[Optional[float], typer.Option(
     "--gpus-per-worker", help="With --backend ray and --device cuda (or auto): the GPU share each worker asks "
                               "Ray for (default 1; 0.5 puts two workers on one GPU).")]
 DtypeOption = Annotated[Optional[str], typer.Option("--dtype", help="float32 (default), bfloat16 or float16.")]
+QuantizationOption = Annotated[Optional[str], typer.Option(
+    "--quantization", help="Quantize the weights while loading: bnb-4bit (NF4), bnb-4bit-fp4, bnb-8bit (extra "
+    "[bnb]), torchao-int8, torchao-int4 (extra [torchao]). A checkpoint quantized already loads as it is.")]
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu (default), cuda, cuda:1, ... or auto "
                                                      "(layers spread over the GPUs). Scores are float32 either way.")]
 QueryTopOption = Annotated[int, typer.Option("--query-top", help="Score query neurons and layers for this many "
@@ -73,7 +76,8 @@ QueryViaOption = Annotated[str, typer.Option("--query-via", help="Score query ne
 def settings_from_flags(model: str | None, *, dtype: str | None = None, device: str | None = None,
               allow_pickle: bool = False, top: int | None = None, query_top: int | None = None,
               max_memory: str | None = None, reference: bool = False, query_via: str = DEFAULT_QUERY_VIA,
-              answer_tokens: str = "first", rank_by: str = "score", measure: int = 0):
+              answer_tokens: str = "first", rank_by: str = "score", measure: int = 0,
+              quantization: str | None = None):
     """The command's settings, checked before anything slow happens."""
     from ..settings import ModelSpec, ScoringOptions, Settings, parse_size
 
@@ -88,7 +92,12 @@ def settings_from_flags(model: str | None, *, dtype: str | None = None, device: 
         raise UserError("--top must be a positive number")
     if query_top is not None and query_top < 0:
         raise UserError("--query-top must be 0 or more (0: no query neurons)")
-    return Settings(ModelSpec(model, dtype, device, allow_pickle), ScoringOptions(**scoring))
+    if quantization is not None:
+        from ..model.quantization.methods import check_method
+
+        check_method(quantization)
+    return Settings(ModelSpec(model, dtype, device, allow_pickle, quantization=quantization),
+                    ScoringOptions(**scoring))
 
 
 # Start-up creates hundreds of thousands of long-lived objects (torch, transformers, the model). Python's cyclic

@@ -13,7 +13,8 @@ from ..settings import ANSWER_TOKENS, DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DE
 from .common import (MeasureOption, AddressOption, AllowPickleOption, AnswerTokensOption, BackendOption, DeviceOption, DtypeOption,
                      GpusPerWorkerOption, MaxMemoryOption, ModelOption, QueryTopOption, QueryViaOption, RankByOption,
                      RegistryHelp, WorkersOption, app, check_backend, console, load_driver_model, load_model_spec,
-                     make_backend, print_run_summary, progress_bar, settings_from_flags, warn_if_dense)
+                     make_backend, print_run_summary, progress_bar, settings_from_flags, warn_if_dense,
+                     QuantizationOption)
 
 
 @app.command(cls=RegistryHelp)
@@ -46,6 +47,7 @@ def evaluate(
     dtype: DtypeOption = None,
     device: DeviceOption = None,
     allow_pickle: AllowPickleOption = False,
+    quantization: QuantizationOption = None,
 ) -> None:
     """Switch off the neurons each method finds and measure the gold answer: MRR, probability, log probability."""
     from ..datasets import load_facts
@@ -59,6 +61,7 @@ def evaluate(
             raise UserError(f"{name} must be a positive number")
     resolve_methods(methods)  # unknown names fail before the model loads
     settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                                   quantization=quantization,
                                    query_top=query_top, max_memory=max_memory, query_via=query_via)
     check_backend(backend, workers, address, settings, gpus_per_worker)
     facts, skipped = load_facts(dataset, on_error)  # type: ignore[arg-type]
@@ -111,6 +114,7 @@ def run(
     dtype: DtypeOption = None,
     device: DeviceOption = None,
     allow_pickle: AllowPickleOption = False,
+    quantization: QuantizationOption = None,
 ) -> None:
     """Attribute every sentence of a dataset the model knows (the paper's filter) into Parquet tables."""
     from ..datasets import load_facts
@@ -120,7 +124,8 @@ def run(
     for name, number in (("--limit", limit), ("--batch-size", batch_size)):
         if number is not None and number <= 0:
             raise UserError(f"{name} must be a positive number")
-    settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle, top=top,
+    settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                                   quantization=quantization, top=top,
                                    query_top=query_top, max_memory=max_memory, query_via=query_via,
                                    answer_tokens=answer_tokens, rank_by=rank_by, measure=measure)
     load_facts(dataset, on_error)  # type: ignore[arg-type]  # a bad dataset fails before the model loads
@@ -192,7 +197,8 @@ def analyze(
 def demo(model: ModelOption = None,
          out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the run and its report.")]
          = Path("out/demo"),
-         per_type: Annotated[int, typer.Option("--per-type", help="Sentences of each knowledge type.")] = 4) -> None:
+         per_type: Annotated[int, typer.Option("--per-type", help="Sentences of each knowledge type.")] = 4,
+         quantization: QuantizationOption = None) -> None:
     """The main job on the offline default model: explain two predictions, then run and analyse a slice of
     every knowledge type and write the HTML report."""
     import time
@@ -207,7 +213,7 @@ def demo(model: ModelOption = None,
     if per_type <= 0:
         raise UserError("--per-type must be a positive number")
     started = time.perf_counter()
-    settings = settings_from_flags(model)
+    settings = settings_from_flags(model, quantization=quantization)
     loaded = load_model_spec(settings.model)
     print_model_info(console, describe_model(loaded))
     for prompt, answer in (("The capital of France is", " Paris"), ("The largest planet is", " Jupiter")):

@@ -11,7 +11,8 @@ from rich.text import Text
 
 from ..settings import DEFAULT_MAX_MEMORY, DEFAULT_QUERY_TOP, DEFAULT_QUERY_VIA
 from .common import (QueryViaOption, AllowPickleOption, DeviceOption, DtypeOption, MaxMemoryOption, ModelOption, QueryTopOption,
-                     app, console, load_model_spec, settings_from_flags)
+                     app, console, load_model_spec, settings_from_flags,
+                     QuantizationOption)
 
 
 @app.command()
@@ -36,7 +37,7 @@ def serve(model: ModelOption = None,
           max_memory: MaxMemoryOption = DEFAULT_MAX_MEMORY,
           dtype: DtypeOption = None,
           device: DeviceOption = None,
-          allow_pickle: AllowPickleOption = False) -> None:
+          allow_pickle: AllowPickleOption = False, quantization: QuantizationOption = None) -> None:
     """The explorer: attribution graphs you can click, switch off and amplify neurons from the page, neuron
     pages across runs. Serves until Ctrl+C, to whoever opens the printed URL (it carries an access token)."""
     from ..errors import UserError
@@ -54,6 +55,7 @@ def serve(model: ModelOption = None,
         raise UserError("--token must be at least 16 characters (a guessable token guards nothing)")
     access = None if insecure_no_token else token or new_token()
     settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                                   quantization=quantization,
                                    query_top=query_top, max_memory=max_memory, query_via=query_via)
     runs = check_runs(run or [])
     sock = open_socket(host, port)

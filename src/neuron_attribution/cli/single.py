@@ -12,19 +12,20 @@ from ..errors import UserError
 from ..settings import ANSWER_TOKENS, DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, DEFAULT_QUERY_TOP, DEFAULT_QUERY_VIA, DEFAULT_TOP_K, RANK_BY
 from .common import (MeasureOption, AllowPickleOption, AnswerTokensOption, DeviceOption, DtypeOption, MaxMemoryOption, ModelOption,
                      QueryTopOption, QueryViaOption, RankByOption, app, console, load_model_spec, parse_neurons,
-                     progress_bar, settings_from_flags, warn_if_dense)
+                     progress_bar, settings_from_flags, warn_if_dense,
+                     QuantizationOption)
 
 
 @app.command()
 def info(model: ModelOption = None, json_file: Annotated[Optional[Path], typer.Option(
         "--json", help="Also write the description as JSON to this file.")] = None,
-        allow_pickle: AllowPickleOption = False) -> None:
+        allow_pickle: AllowPickleOption = False, quantization: QuantizationOption = None) -> None:
     """Describe a model: family, sizes, neuron counts and where the weights came from."""
     from ..files import write_json
     from ..model.describe import describe_model
     from ..reports.terminal import print_model_info
 
-    loaded = load_model_spec(settings_from_flags(model, allow_pickle=allow_pickle).model)
+    loaded = load_model_spec(settings_from_flags(model, quantization=quantization, allow_pickle=allow_pickle).model)
     description = describe_model(loaded)
     print_model_info(console, description)
     if json_file:
@@ -57,14 +58,14 @@ def cache(remove: Annotated[Optional[list[str]], typer.Option("--remove", help="
 @app.command()
 def predict(prompt: Annotated[str, typer.Argument(help="The prompt whose next token is predicted.")],
             model: ModelOption = None, top: Annotated[int, typer.Option("--top", help="How many tokens.")] = 10,
-            allow_pickle: AllowPickleOption = False) -> None:
+            allow_pickle: AllowPickleOption = False, quantization: QuantizationOption = None) -> None:
     """Show the model's top next-token predictions for a prompt."""
     from ..pipelines.predict import predict_next
     from ..reports.terminal import print_predictions
 
     if top <= 0:
         raise UserError("--top must be a positive number")
-    loaded = load_model_spec(settings_from_flags(model, allow_pickle=allow_pickle).model)
+    loaded = load_model_spec(settings_from_flags(model, quantization=quantization, allow_pickle=allow_pickle).model)
     print_predictions(console, prompt, predict_next(loaded, prompt, top))
 
 
@@ -123,6 +124,7 @@ def attribute(
     dtype: DtypeOption = None,
     device: DeviceOption = None,
     allow_pickle: AllowPickleOption = False,
+    quantization: QuantizationOption = None,
 ) -> None:
     """Value neurons: which FFN and attention neurons raise the log probability of the answer."""
     from ..pipelines.attribute import attribute_with
@@ -148,7 +150,8 @@ def attribute(
         if prompts is not None:
             raise UserError("with --prompts, give each line its own \"target\" (text, or a token id as a number)")
         target = target_id  # type: ignore[assignment]
-    settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle, top=top,
+    settings = settings_from_flags(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                                   quantization=quantization, top=top,
                                    query_top=query_top, max_memory=max_memory, reference=reference,
                                    query_via=query_via, answer_tokens=answer_tokens, rank_by=rank_by, measure=measure)
     if prompts is not None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..settings import format_size
 from .loaded import LoadedModel
+from .quantization import quantized_layers
+from .quantization.methods import quantization_of
 from .forward import attention_path
 
 
@@ -29,9 +32,50 @@ def describe_model(model: LoadedModel) -> dict[str, Any]:
         "attention_neurons_per_token": s.attention_neurons_per_token,
         "long_prompts": attention_path(model),
         "dtype": model.dtype,
+        "quantization": quantization_in_words(model.hf_model),
+        "memory": format_size(model_bytes(model.hf_model)),
+        "memory_bytes": model_bytes(model.hf_model),
         "device": str(model.device),
         "source": model.source,
     }
+
+
+def model_bytes(hf_model) -> int:
+    """The model's parameters and buffers as held (a quantized layer's packed codes and scales, not a float copy)."""
+    tensors = {id(t): t for t in [*hf_model.parameters(), *hf_model.buffers()]}
+    total = sum(_held_bytes(t) for t in tensors.values())
+    for module in hf_model.modules():  # bitsandbytes keeps a 4-bit layer's scales beside its parameter
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            total += sum(t.numel() * t.element_size() for t in _state_tensors(state))
+    return total
+
+
+def _held_bytes(tensor) -> int:
+    """Bytes a tensor holds; a tensor subclass (torchao's quantized weights) holds its inner tensors."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is not None and type(tensor).__module__.startswith("torchao."):
+        names, _ = flatten()
+        return sum(_held_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def _state_tensors(state) -> list:
+    tensors = [state.absmax, getattr(state, "code", None)]
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        tensors += [nested.absmax, getattr(nested, "code", None)]
+    return [t for t in tensors if t is not None and hasattr(t, "numel")]
+
+
+def quantization_in_words(hf_model) -> str:
+    """"none", or the method and how many linear layers it holds ("bnb-4bit (nf4, double quantisation): 210
+    linear layers")."""
+    layers = quantized_layers(hf_model)
+    if not layers:
+        return quantization_of(hf_model) or "none"
+    methods = sorted({reader.method for reader in layers.values()})
+    return f"{', '.join(methods)}: {len(layers)} linear layers"
 
 
 def _block(model: LoadedModel) -> str:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import UserError
 from .adapters import adapter_for
+from .quantization.methods import check_checkpoint
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -34,6 +35,7 @@ def load_directory(directory: Path, dtype: torch.dtype, allow_pickle: bool, trus
         if not pickles:
             raise UserError(f"{directory} has no model weights (*.safetensors)")
         refuse_pickle_unless(allow_pickle, pickles[0])
+    check_checkpoint(directory, "quantization_config" in (placement or {}))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:

@@ -19,6 +19,7 @@ from .devices import check_device
 from .environment import check_supported_versions
 from .hf_loading import first_line
 from .loaded import LoadedModel
+from .quantization.methods import loading_arguments
 from .sources import LoadRequest, source_for
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -37,7 +38,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = None,
                device: str | None = None, allow_pickle: bool = False,
-               trust_remote_code: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False, quantization: str | None = None) -> LoadedModel:
     """Load a causal LM for attribution.
 
     name: None (the offline default, SmolLM2-135M-Instruct), "gemma-3-270m" (the second offline model, installed
@@ -46,16 +47,21 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     Pickle checkpoints (`.bin`, `.pt`, `.pth`) are refused unless `allow_pickle=True`.
     device: None (CPU), a torch device ("cuda", "cuda:1"), or "auto" to spread the layers over the available
     GPUs (accelerate's device_map="auto"). Scores are computed in float32 on the device of the output head.
+    quantization: None (the weights as stored; a checkpoint quantized already loads as it is), or quantize while
+    loading: "bnb-4bit" (NF4), "bnb-4bit-fp4", "bnb-8bit" (extra `neuron-attribution[bnb]`), "torchao-int8",
+    "torchao-int4" (extra `neuron-attribution[torchao]`). The embedding and unembedding stay as stored.
     """
     check_supported_versions()
-    spec = ModelSpec(_reloadable_name(name), _dtype_name(dtype), device or "cpu", allow_pickle, trust_remote_code)
+    spec = ModelSpec(_reloadable_name(name), _dtype_name(dtype), device or "cpu", allow_pickle, trust_remote_code,
+                     quantization)
     torch_dtype = resolve_dtype(dtype)
     check_device(device, torch_dtype)
-    request = LoadRequest(torch_dtype, allow_pickle, trust_remote_code,
-                          {"device_map": "auto"} if device == "auto" else {})
+    placement = {"device_map": "auto"} if device == "auto" else {}
+    placement.update(loading_arguments(quantization, torch_dtype, device))  # quantized weights are placed here
+    request = LoadRequest(torch_dtype, allow_pickle, trust_remote_code, placement)
     text = None if name is None else str(name)
     parts = source_for(text).load(text, request)
-    if device and device != "auto":
+    if device and device != "auto" and quantization is None:
         try:
             parts.hf_model.to(device)
         except (RuntimeError, AssertionError, ValueError) as error:
@@ -68,7 +74,7 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
 def load(spec: ModelSpec) -> LoadedModel:
     """`load_model` for a ModelSpec (as settings carry it to workers and into run.json)."""
     return load_model(spec.name, dtype=spec.dtype, device=spec.device, allow_pickle=spec.allow_pickle,
-                      trust_remote_code=spec.trust_remote_code)
+                      trust_remote_code=spec.trust_remote_code, quantization=spec.quantization)
 
 
 def _reloadable_name(name: str | os.PathLike | None) -> str | None:

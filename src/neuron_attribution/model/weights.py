@@ -33,7 +33,10 @@ class RowParts:
             self.starts.append(self.starts[-1] + part.shape[0])
         first = self.parts[0]
         self.shape = torch.Size((self.starts[-1], first.shape[1]))
-        self.dtype, self.device = first.dtype, first.device
+        # One dtype for every part's rows: float32 where the parts differ (a quantized shared expert beside
+        # bfloat16 experts reads as float32; rounding it to the experts' dtype would change it).
+        dtypes = {part.dtype for part in self.parts}
+        self.dtype, self.device = (first.dtype if len(dtypes) == 1 else torch.float32), first.device
 
     def __len__(self) -> int:
         return self.starts[-1]

@@ -9,8 +9,10 @@ from ..errors import UserError
 from ..model.loaded import LoadedModel
 from ..model.prompts import Prompt, encode_prompt, token_texts
 from ..model.trace import Trace, trace_token_ids
+from ..model.quantization import has_quantized_layers
 from ..results.attribution import Attribution, DenseScores
-from ..scoring import value
+from ..results.quantization import QuantizationResidual
+from ..scoring import quantization, value
 from ..scoring.context import ValueContext, value_context
 from ..settings import ScoringOptions, check_positive
 from . import assemble
@@ -96,11 +98,31 @@ def attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: T
                                                    lambda index: float(ctx.attention_coefficients[index]))
     queries = query_scores(model, trace, ffn_neurons[: options.query_top], attention_neurons[: options.query_top],
                            options.query_via) if options.query_top else None
-    return assemble.attribution_of(
+    result = assemble.attribution_of(
         model, prompt, ids, tokens, target, trace.logits, layers,
         assemble.HeadScores(scores.heads, scores.position_heads, scores.positions, scores.head_direct), ffn_neurons,
         attention_neurons, queries, options, {"ffn": scores.ffn.n_evaluated, "attention": scores.attention.n_evaluated},
         ctx.readout.unembedding.shape[0], _dense(ctx) if dense else None, value.layer_direct_parts(ctx))
+    if has_quantized_layers(model.hf_model):
+        result.quantization_residuals = quantization_residuals(model, ctx)
+    return result
+
+
+def quantization_residuals(model: LoadedModel, ctx: ValueContext) -> list[QuantizationResidual]:
+    """Every sublayer's quantisation residual at the last position, attention then FFN per layer."""
+    weights = [model.adapter.layer_weights(layer) for layer in range(model.shape.n_layers)]
+    vectors = quantization.residual_vectors(ctx, [quantization.SublayerBiases(w.output_bias, w.ffn_bias)
+                                                  for w in weights])
+    attention_scores, ffn_scores = quantization.residual_scores(ctx, vectors)
+    found = []
+    for layer in range(model.shape.n_layers):
+        for component, residual, output, score in (
+                ("attention", vectors.attention, vectors.attention_outputs, attention_scores),
+                ("ffn", vectors.ffn, vectors.ffn_outputs, ffn_scores)):
+            norm = float(residual[layer].norm())
+            found.append(QuantizationResidual(layer, component, norm, norm / max(float(output[layer].norm()), 1e-30),
+                                              float(score[layer])))
+    return found
 
 
 def _dense(ctx: ValueContext) -> DenseScores:

@@ -17,7 +17,8 @@ _INFO_LABELS = [("family", "Family"), ("architecture", "Architecture"), ("layers
                 ("ffn_kind", "FFN type"), ("norm", "Norm"), ("block", "Block"), ("vocab_size", "Vocabulary"),
                 ("max_positions", "Context length"), ("attention_neurons_per_token", "Attention neurons per token"),
                 ("long_prompts", "Long prompts traced with"),
-                ("dtype", "Weights dtype"), ("device", "Device"), ("source", "Weights from")]
+                ("dtype", "Weights dtype"), ("quantization", "Quantization"), ("memory", "Size in memory"),
+                ("device", "Device"), ("source", "Weights from")]
 
 
 def print_model_info(console: Console, description: dict[str, Any]) -> None:
@@ -91,6 +92,17 @@ def print_attribution(console: Console, result, rows: int = 10) -> None:
                            f"log p(contrast)."))
     for layout in attribution_tables(result, rows):
         _print_layout(console, layout)
+    if result.quantization_residuals:
+        console.print(Text(quantization_summary(result.quantization_residuals)))
+
+
+def quantization_summary(residuals: list) -> str:
+    """One line on a quantized model's quantisation residuals: the largest, relative and by score."""
+    largest = max(residuals, key=lambda r: r.relative)
+    strongest = max(residuals, key=lambda r: abs(r.score))
+    return (f"Quantisation residual (what sublayers add beyond their neurons): at most {largest.relative:.2%} of a "
+            f"sublayer's output ({largest.component} of layer {largest.layer}); largest score "
+            f"{strongest.score:+.4f} ({strongest.component} of layer {strongest.layer}).")
 
 
 TEXT_MIN_WIDTH = 10  # a column of tokens narrower than this is unreadable: it is left out instead

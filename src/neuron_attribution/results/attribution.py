@@ -14,6 +14,7 @@ import numpy as np
 
 from ..files import read_json_as, write_json
 from ..neurons import AttentionIndex, FfnIndex, HeadIndex
+from .quantization import QuantizationResidual
 
 
 @dataclass(frozen=True)
@@ -288,6 +289,9 @@ class Attribution:
     # neurons (FFN and attention) switched off together
     measured_top: int = 0
     measured_together: float | None = None
+    # Quantized models: each sublayer's quantisation residual, the decomposition's component beside the neurons
+    # (empty for a model that is not quantized)
+    quantization_residuals: list[QuantizationResidual] = field(default_factory=list)
     dense: DenseScores | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -352,6 +356,7 @@ class Attribution:
             reference=data.get("reference", False), evaluated=data.get("evaluated", {}),
             rank_by=data.get("rank_by", "score"), vocab_size=data.get("vocab_size"),
             measured_top=data.get("measured_top", 0), measured_together=data.get("measured_together"),
+            quantization_residuals=[QuantizationResidual(**r) for r in data.get("quantization_residuals", [])],
             # Files written before query_via existed ranked query neurons by both paths.
             query_via=data.get("query_via", "both"))
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ...neurons import FfnKind, ModelShape, NormKind
 from ...registry import Registry
+from ..quantization import DequantisedMatrix, weight_of
 from ..weights import LayerStack, Matrix, RowParts
 from .norms import NormParams, as_f32, identity_norm, norm_from_module
 
@@ -69,6 +70,12 @@ class ModelPaths:
 def native(t: Tensor) -> Tensor:
     """A weight matrix as the model holds it (dtype and device), detached: a view, never a copy."""
     return t.detach()
+
+
+def rows_view(weight: Tensor | DequantisedMatrix, index) -> Tensor | DequantisedMatrix:
+    """The rows `index` selects of a weight as the adapter reads it: a view of a tensor, or another view of a
+    quantized layer's matrix (nothing read yet)."""
+    return weight.view_of(index) if isinstance(weight, DequantisedMatrix) else weight[index]
 
 
 def optional_f32(t: Tensor | None) -> Tensor | None:
@@ -222,7 +229,7 @@ class FamilyAdapter(ABC):
     def _read_unembedding(self) -> tuple[Tensor, Tensor | None]:
         """(V, d) output matrix (as the model holds it) and optional (V,) float32 bias."""
         head = attrgetter(self.paths.unembedding)(self.hf_model)
-        return native(head.weight), optional_f32(head.bias)
+        return weight_of(head, self.paths.unembedding), optional_f32(head.bias)
 
     @property
     def device(self) -> torch.device:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ...errors import UserError
-from .base import ModelPaths, ModelShape, NormParams, native, optional_f32
+from .base import ModelPaths, ModelShape, NormParams, optional_f32, rows_view, weight_of
 from .linear import LinearAdapter
 
 
@@ -49,7 +49,7 @@ class FalconAdapter(LinearAdapter):
     def _value_rows(self, layer: int) -> tuple[Tensor, Tensor | None]:
         s, projection = self.shape, self.value_source(layer)
         groups, per_group = self._layout()
-        rows = native(projection.weight).reshape(groups, per_group, s.head_dim, s.d_model)[:, -1]
+        rows = rows_view(weight_of(projection).reshape(groups, per_group, s.head_dim, s.d_model), (slice(None), -1))
         bias = optional_f32(projection.bias)
         return rows, None if bias is None else bias.reshape(groups, per_group, s.head_dim)[:, -1].reshape(-1)
 

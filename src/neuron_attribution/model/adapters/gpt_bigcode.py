@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import ModelPaths, ModelShape, native, optional_f32
+from .base import ModelPaths, ModelShape, optional_f32, rows_view, weight_of
 from .linear import LinearAdapter
 
 
@@ -27,11 +27,11 @@ class GptBigCodeAdapter(LinearAdapter):
 
     def _value_rows(self, layer: int) -> tuple[Tensor, Tensor | None]:
         s, projection = self.shape, self.value_source(layer)
-        rows, bias = native(projection.weight), optional_f32(projection.bias)
+        rows, bias = weight_of(projection), optional_f32(projection.bias)
         if self.config.multi_query:
             start = s.d_model + s.head_dim
-            return rows[start:], None if bias is None else bias[start:]
-        rows = rows.reshape(s.n_heads, 3, s.head_dim, s.d_model)[:, 2]
+            return rows_view(rows, slice(start, None)), None if bias is None else bias[start:]
+        rows = rows_view(rows.reshape(s.n_heads, 3, s.head_dim, s.d_model), (slice(None), 2))
         return rows, None if bias is None else bias.reshape(s.n_heads, 3, s.head_dim)[:, 2].reshape(-1)
 
     @property

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import ModelPaths, ModelShape, native, optional_f32
+from .base import ModelPaths, ModelShape, optional_f32, rows_view, weight_of
 from .linear import LinearAdapter
 
 
@@ -26,7 +26,7 @@ class GptNeoXAdapter(LinearAdapter):
 
     def _value_rows(self, layer: int) -> tuple[Tensor, Tensor | None]:
         s, projection = self.shape, self.value_source(layer)
-        rows = native(projection.weight).reshape(s.n_heads, 3, s.head_dim, s.d_model)[:, 2]
+        rows = rows_view(weight_of(projection).reshape(s.n_heads, 3, s.head_dim, s.d_model), (slice(None), 2))
         bias = optional_f32(projection.bias)
         # (H, d_h, d) as it lies in the fused weight: a view, which the caller's reshape keeps one
         return rows, None if bias is None else bias.reshape(s.n_heads, 3, s.head_dim)[:, 2].reshape(-1)

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from .base import FamilyAdapter, LayerWeights, native, optional_f32
+from .base import FamilyAdapter, LayerWeights, optional_f32, weight_of
 
 
 class LinearAdapter(FamilyAdapter):
@@ -18,14 +18,14 @@ class LinearAdapter(FamilyAdapter):
     def _value_rows(self, layer: int) -> tuple[Tensor, Tensor | None]:
         """(H_kv·d_h, d) value-projection rows (or already (H_kv, d_h, d)) and their optional bias."""
         projection = self.value_source(layer)
-        return native(projection.weight), optional_f32(projection.bias)
+        return weight_of(projection), optional_f32(projection.bias)
 
     def _ffn_subkeys(self, layer: int) -> dict[str, Tensor]:
-        return {"key": native(self._in_layer(layer, self.mlp_input).weight)}
+        return {"key": weight_of(self._in_layer(layer, self.mlp_input))}
 
     def _ffn_values(self, layer: int) -> Tensor:
         """(N, d): each FFN neuron's value vector, as the model holds it."""
-        return native(self.mlp_output_projection(layer).weight).T
+        return weight_of(self.mlp_output_projection(layer)).T
 
     def _ffn_bias(self, layer: int) -> Tensor | None:
         return optional_f32(self.mlp_output_projection(layer).bias)
@@ -39,7 +39,7 @@ class LinearAdapter(FamilyAdapter):
             ffn_norm=self.ffn_norm(layer),
             value_weight=value_rows.reshape(s.n_kv_heads, s.head_dim, s.d_model),
             value_bias=None if value_bias is None else value_bias.reshape(s.n_kv_heads, s.head_dim),
-            output_weight=native(output.weight).T.reshape(s.n_heads, s.head_dim, s.d_model),
+            output_weight=weight_of(output).T.reshape(s.n_heads, s.head_dim, s.d_model),
             output_bias=optional_f32(output.bias),
             ffn_subkeys=self._ffn_subkeys(layer),
             ffn_values=self._ffn_values(layer),

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from .base import ModelPaths, ModelShape, native
+from .base import ModelPaths, ModelShape, weight_of
 from .linear import LinearAdapter
 
 LLAMA_PATHS = ModelPaths(layers="model.layers", attention="self_attn", value="self_attn.v_proj",
@@ -33,9 +33,9 @@ class LlamaAdapter(LinearAdapter):
     def _ffn_subkeys(self, layer: int) -> dict[str, Tensor]:
         mlp = self.mlp(layer)
         if self.fused_gate_up:
-            gate, up = native(mlp.gate_up_proj.weight).chunk(2, dim=0)
+            gate, up = weight_of(mlp.gate_up_proj).chunk(2, dim=0)
             return {"gate": gate, "up": up}
-        return {"gate": native(mlp.gate_proj.weight), "up": native(mlp.up_proj.weight)}
+        return {"gate": weight_of(mlp.gate_proj), "up": weight_of(mlp.up_proj)}
 
     def ffn_activation(self, layer: int):
         mlp = self.mlp(layer)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ...errors import UserError
 from .. import experts as moe
 from ..weights import RowParts
-from .base import ModelShape, NormKind, native
+from .base import ModelShape, NormKind, weight_of
 from .granite import GraniteAdapter
 from .llama import LLAMA_PATHS, LlamaAdapter
 from .olmo import OlmoAdapter
@@ -67,14 +67,14 @@ class MixtureOfExpertsAdapter(LlamaAdapter):
         module, shared = self.experts(layer), self._shared(layer)
         per_expert = [moe.input_subkeys(module, e) for e in range(module.num_experts)]
         names = per_expert[0].keys()
-        extra = {} if shared is None else {"gate": native(shared.gate_proj.weight), "up": native(shared.up_proj.weight)}
+        extra = {} if shared is None else {"gate": weight_of(shared.gate_proj), "up": weight_of(shared.up_proj)}
         return {name: RowParts([keys[name] for keys in per_expert] + ([extra[name]] if extra else []))
                 for name in names}
 
     def _ffn_values(self, layer: int) -> RowParts:
         module, shared = self.experts(layer), self._shared(layer)
         rows = [moe.value_rows(module, e) for e in range(module.num_experts)]
-        return RowParts(rows + ([] if shared is None else [native(shared.down_proj.weight).T]))
+        return RowParts(rows + ([] if shared is None else [weight_of(shared.down_proj).T]))
 
     def _ffn_bias(self, layer: int) -> Tensor | None:
         return None
