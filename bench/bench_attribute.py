@@ -81,9 +81,12 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts")
     parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1 ...")
     parser.add_argument("--json", default=None, help="write the figures to this file")
+    parser.add_argument("--quantization", default=None, help="load the model quantized: bnb-4bit, bnb-8bit, ...")
     args = parser.parse_args()
 
-    model = na.load_model(args.model, device=args.device)
+    model = na.load_model(args.model, device=args.device, quantization=args.quantization)
+    if args.quantization:
+        model.name = f"{model.name} ({args.quantization})"
     device = model.device
     tokenizer = model.tokenizer
     prompts = PROMPTS[: args.prompts]

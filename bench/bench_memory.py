@@ -5,6 +5,11 @@ time, nothing else beside it).
 For each step: its peak resident memory above the loaded model (the kernel's high-water mark, reset before each
 step through /proc/self/clear_refs) and its time as a multiple of one forward pass. Usage:
     .venv/bin/python bench/bench_memory.py [--shape llama-2-7b|llama-3-8b|small] [--tokens 12] [--json FILE]
+        [--quantization bnb-4bit --directory DIR]
+
+With --quantization the random model is saved once to DIR (safetensors, with a word-level tokenizer; about 14 GB
+for Llama-2-7B) and loaded from there as a user would, quantized while loading: `load_model(DIR, dtype="bfloat16",
+quantization=...)` (about 4 GB for Llama-2-7B in 4-bit).
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ SHAPES = {
 
 def resident_mb() -> float:
     return _status_kb("VmRSS") / 1024
+
+
+def anonymous_mb() -> float:
+    """Resident memory not backed by a file: what the process itself holds. transformers leaves a loaded
+    checkpoint's safetensors file mapped, and the pages loading read stay resident (and counted in VmRSS) until
+    the kernel needs them back; they are clean file pages, not memory the model holds."""
+    return _status_kb("RssAnon") / 1024
 
 
 def peak_mb() -> float:
@@ -72,24 +84,57 @@ def build(shape: str):
     return LoadedModel.from_hf(model, name=f"random {shape}")
 
 
+def saved(shape: str, directory: Path) -> Path:
+    """The random model of `shape` saved in `directory` (made once), with a tokenizer so that it loads as any
+    model directory does."""
+    if (directory / "config.json").is_file():
+        return directory
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    model = build(shape)
+    model.hf_model.save_pretrained(directory)
+    words = {f"w{i}": i for i in range(SHAPES[shape]["vocab_size"] - 1)} | {"[UNK]": SHAPES[shape]["vocab_size"] - 1}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="[UNK]")),
+                            unk_token="[UNK]").save_pretrained(directory)
+    return directory
+
+
+def load_quantized(shape: str, directory: Path, quantization: str):
+    from neuron_attribution import load_model
+
+    return load_model(saved(shape, directory), dtype="bfloat16", quantization=quantization)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=list(SHAPES), default="llama-2-7b")
     parser.add_argument("--tokens", type=int, default=12, help="prompt length")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--quantization", default=None, help="load the model quantized (bnb-4bit, bnb-8bit, ...)")
+    parser.add_argument("--directory", type=Path, default=None, help="where the random model is saved (with "
+                        "--quantization)")
     args = parser.parse_args()
+    if args.quantization and args.directory is None:
+        parser.error("--quantization needs --directory")
+    if args.quantization:
+        saved(args.shape, args.directory)  # in a process of its own would be cleaner; freed before measuring
 
     from neuron_attribution import attribute, score_neurons
     from neuron_attribution.datasets import Fact
     from neuron_attribution.model.prompts import Sentence
     from neuron_attribution.pipelines.evaluate import evaluate_sentences
 
-    before = resident_mb()
+    import gc
+
+    gc.collect()
+    before, anonymous_before = resident_mb(), anonymous_mb()
     started = time.perf_counter()
-    model = build(args.shape)
-    loaded = resident_mb()
+    model = load_quantized(args.shape, args.directory, args.quantization) if args.quantization else build(args.shape)
+    loaded, model_anonymous = resident_mb(), anonymous_mb() - anonymous_before
     print(f"{model.name}: built in {time.perf_counter() - started:.0f} s; resident {loaded:.0f} MB "
-          f"({loaded - before:.0f} MB for the model); torch threads {torch.get_num_threads()}", flush=True)
+          f"({loaded - before:.0f} MB for the model, {model_anonymous:.0f} MB of it not file pages); torch threads "
+          f"{torch.get_num_threads()}", flush=True)
     ids = torch.randint(100, 30000, (args.tokens,), generator=torch.Generator().manual_seed(1)).tolist()
 
     def forward():
@@ -121,7 +166,9 @@ def main() -> None:
               f" MB above the loaded model", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"bench": "memory", "shape": args.shape, "tokens": args.tokens,
-                                               "model_mb": loaded - before, "steps": figures}, indent=1))
+                                               "quantization": args.quantization, "model_mb": loaded - before,
+                                               "model_anonymous_mb": model_anonymous,
+                                               "steps": figures}, indent=1))
 
 
 if __name__ == "__main__":

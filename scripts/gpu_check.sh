@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with a CUDA GPU and the README set-up done (bash scripts/setup.sh): the GPU tests
-# (pytest -m gpu), then the GPU benchmarks on SmolLM2 and Gemma 3 270M and `run`, then one table of every figure
+# (pytest -m gpu, bitsandbytes 4-bit and 8-bit among them), then the GPU benchmarks on SmolLM2 (also loaded in
+# 4-bit) and Gemma 3 270M and `run`, then one table of every figure
 # as a multiple of the same machine's forward pass, with the CPU figures of bench/figures/ beside them.
-# Nothing here needs editing on the GPU machine. Each step has its own time limit (465 s in all) so that the
-# whole stays under 8 minutes. Exit 0 only when every step passed.
+# Nothing here needs editing on the GPU machine. Each step has its own time limit (525 s in all) so that the
+# whole stays under 9 minutes. Exit 0 only when every step passed.
 #   PYTHON=...       the interpreter (default: .venv/bin/python, or python3 where there is no .venv)
 #   GPU_CHECK_OUT=.. where the logs and figures go (default: out/gpu-check)
 #   GPU_CHECK_DEVICE=cpu  a rehearsal without a GPU: the same steps with the CPU standing in, on fewer prompts
@@ -51,6 +52,8 @@ step attribute-smollm2 60 "$PYTHON" bench/bench_attribute.py --device "$DEVICE" 
   --json "$OUT/attribute-smollm2.json"
 step attribute-gemma 60 "$PYTHON" bench/bench_attribute.py --device "$DEVICE" --model gemma-3-270m "${sizes[@]}" \
   --json "$OUT/attribute-gemma.json"
+step attribute-smollm2-4bit 60 "$PYTHON" bench/bench_attribute.py --device "$DEVICE" --quantization bnb-4bit \
+  "${sizes[@]}" --json "$OUT/attribute-smollm2-4bit.json"
 step run-smollm2 45 "$PYTHON" bench/bench_run.py --device "$DEVICE" --per-type 2 --batch-sizes 8 --top 300 \
   --json "$OUT/run-smollm2.json"
 

@@ -66,6 +66,17 @@ def tiny_family(family: str, parallel: bool = True, seed: int = 6) -> LoadedMode
     return LoadedModel.from_hf(model, name=f"tiny-{family}")
 
 
+def save_with_tokenizer(hf_model, directory, words=("The", "capital", "of", "France", "is", "Paris")) -> None:
+    """A model directory `--model` loads: the model's weights and a word-level tokenizer of `words`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    hf_model.save_pretrained(directory)
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate([*words, "[UNK]"])}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(directory)
+
+
 def tiny_llama() -> LoadedModel:
     return tiny_llama_like("llama", n_layers=3, seed=2)
 

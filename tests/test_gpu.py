@@ -144,6 +144,47 @@ def test_bfloat16_on_the_gpu_equals_a_float64_loop_over_its_own_weights_and_acti
     assert result.dense.ffn.flatten().argmax() == np.argmax(result.dense.ffn)
 
 
+@pytest.mark.parametrize("method", ["bnb-4bit", "bnb-8bit"])
+def test_a_model_quantized_by_bitsandbytes_on_the_gpu_equals_a_float64_loop_over_its_dequantised_weights(
+        method, tmp_path):
+    """bitsandbytes' CUDA kernels: a tiny Llama (rows of whole 64-value blocks) loaded quantized onto the GPU. Its
+    FFN value neurons' scores equal the float64 loop over the library's own dequantised matrices and the GPU's
+    activations; a 4-bit layer (float32 compute) is its matrix's linear map, so its quantisation residual is
+    float32 rounding, while LLM.int8's rounded activations leave a residual of its own."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .conftest import _randomise, save_with_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=257, max_position_embeddings=64, tie_word_embeddings=False)
+    float_model = LlamaForCausalLM(config)
+    _randomise(float_model, 6)
+    save_with_tokenizer(float_model, tmp_path / "tiny")
+    gpu = load_model(tmp_path / "tiny", quantization=method, device=DEVICE)
+    twin = copy.deepcopy(float_model)
+    for name, module in gpu.hf_model.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            matrix = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        elif type(module).__name__ == "Linear8bitLt":
+            scales = module.weight.SCB if getattr(module.weight, "SCB", None) is not None else module.state.SCB
+            matrix = bnb.functional.int8_vectorwise_dequant(module.weight.data, scales)
+        else:
+            continue
+        twin.get_submodule(name).weight.data = matrix.float().cpu()
+    weights = LoadedModel.from_hf(twin, name="dequantised-on-cpu")
+    target = int(trace_token_ids(gpu, [PROMPT])[0].logits.argmax())
+    result = attribute(gpu, PROMPT, target, top_k=8)
+    trace = trace_token_ids(gpu, [PROMPT])[0]
+    host = dataclasses.replace(trace, **{f.name: getattr(trace, f.name).cpu() for f in dataclasses.fields(trace)
+                                        if isinstance(getattr(trace, f.name), torch.Tensor)})
+    for n in result.ffn_neurons:
+        assert close(n.score, reference.ffn_neuron_score(weights, host, n.layer, n.neuron, target)), n.index
+    largest = max(r.relative for r in result.quantization_residuals)
+    assert largest < 1e-4 if method == "bnb-4bit" else largest > 1e-4
+
+
 @pytest.fixture(scope="module")
 def real_pair():
     cpu = load_model()

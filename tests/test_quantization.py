@@ -27,9 +27,10 @@ from neuron_attribution.model.quantization import methods as quantization_method
 from neuron_attribution.model.trace import trace_token_ids
 
 from . import reference as ref
-from .conftest import _randomise, tiny_llama
+from .conftest import _randomise, save_with_tokenizer, tiny_family, tiny_llama
 from .test_families import check_every_neuron_and_head, check_ffn_neuron_ablation
-from .tiny_families import TINY_VOCAB
+from .test_query import _check_against_reference
+from .tiny_families import ALL_VARIANTS, TINY_VOCAB
 
 bnb = pytest.importorskip("bitsandbytes")
 torchao = pytest.importorskip("torchao")
@@ -179,7 +180,11 @@ def test_every_layer_is_read_as_its_forward_pass_uses_it(saved, family, method, 
             assert error < 1e-6, (name, error)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# The 4-bit variants differ only in what the reader dequantises, which the first test compares bit for bit.
+SCORED = ["bnb-4bit", "bnb-8bit", "torchao-int8", "torchao-int4"]
+
+
+@pytest.mark.parametrize("method", SCORED)
 def test_every_score_equals_a_float64_loop_over_the_dequantised_weights(saved, family, method, monkeypatch):
     """Every FFN and attention neuron's dense score and every head's score of the quantized model, against the
     float64 loops over the twin's weights and the quantized model's own activations."""
@@ -191,7 +196,15 @@ def test_every_score_equals_a_float64_loop_over_the_dequantised_weights(saved, f
     assert float((ref.final_logits(twin, trace, trace.final_residual[-1]) - logits).abs().max()) < 1e-4
 
 
-@pytest.mark.parametrize("method", ["bnb-4bit", "bnb-8bit", "torchao-int8", "torchao-int4"])
+@pytest.mark.parametrize("method", ["bnb-4bit", "bnb-4bit-fp4", "torchao-int8", "torchao-int4"])
+def test_query_shares_equal_a_float64_loop_over_the_dequantised_weights(saved, family, method):
+    """Every FFN neuron's query score through both paths (value rows, gate and up subkeys, all read quantized),
+    and the query layers, against the float64 loops over the twin's weights."""
+    model, twin = quantized(saved, family, method)
+    _check_against_reference(model, IDS, TARGET, k=6, atol=ATOL, via="both", weights_from=twin)
+
+
+@pytest.mark.parametrize("method", SCORED)
 def test_the_decomposition_adds_up_with_the_quantisation_residual(saved, family, method, monkeypatch):
     """Each sublayer's output at the last position is its neurons' vectors and bias (the float64 loop over the
     twin's weights) plus the reported residual: float32 rounding for a linear layer, the activations' rounding
@@ -323,17 +336,9 @@ def test_the_residual_of_a_model_that_is_not_quantized_is_float32_rounding(famil
 @pytest.fixture(scope="module")
 def model_directory(saved, tmp_path_factory):
     """The tiny Llama saved with a word-level tokenizer: a model directory `--model` loads."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    _, saved_to = saved("llama")
+    model, _ = saved("llama")
     directory = tmp_path_factory.mktemp("llama-directory")
-    for path in saved_to.iterdir():
-        (directory / path.name).write_bytes(path.read_bytes())
-    words = ["The", "capital", "of", "France", "is", "Paris", "[UNK]"]
-    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(directory)
+    save_with_tokenizer(model, directory)
     return directory
 
 
@@ -377,3 +382,104 @@ def test_the_quantization_is_part_of_a_runs_identity():
     quantized_settings = Settings(ModelSpec("m", quantization="bnb-4bit"), ScoringOptions())
     assert plain["model.quantization"] is None and quantized_settings.flat()["model.quantization"] == "bnb-4bit"
     assert Settings.from_dict(quantized_settings.to_dict()) == quantized_settings
+
+
+COMPRESSED_FORMATS = {"pack-quantized": (4, "group"), "int-quantized": (8, "channel")}
+
+
+def compressed_checkpoint(model, directory, form: str) -> dict[str, torch.Tensor]:
+    """The model written as LLM Compressor writes a weight-only checkpoint in `form` (symmetric int4 in groups of
+    32, or int8 per row, scales from each group's absmax), and, by name, each layer's dequantised weight computed
+    here from those scales."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+
+    bits, strategy = COMPRESSED_FORMATS[form]
+    model = copy.deepcopy(model)
+    arguments = QuantizationArgs(num_bits=bits, type="int", strategy=strategy, symmetric=True,
+                                 group_size=32 if strategy == "group" else None)
+    apply_quantization_config(model, QuantizationConfig(
+        config_groups={"weights": QuantizationScheme(targets=["Linear"], weights=arguments)},
+        ignore=["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"], format=form))
+    top = 2 ** (bits - 1) - 1
+    expected = {}
+    for name, module in model.named_modules():
+        if not hasattr(module, "weight_scale"):
+            continue
+        weight = module.weight.data
+        grouped = weight.reshape(weight.shape[0], -1, 32 if strategy == "group" else weight.shape[1])
+        scale = grouped.abs().amax(-1, keepdim=True) / top
+        module.weight_scale.data = scale.reshape(module.weight_scale.shape).to(module.weight_scale.dtype)
+        expected[name] = ((grouped / scale).round().clamp(-top - 1, top) * scale).reshape(weight.shape)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=form)
+    compressor.compress_model(model)
+    model.save_pretrained(directory)
+    compressor.update_config(directory)
+    return expected
+
+
+@pytest.mark.parametrize("form", list(COMPRESSED_FORMATS))
+@pytest.mark.parametrize("dense_family", ["llama", "gemma2"])
+def test_compressed_tensors_checkpoints_load_as_they_are_and_score_exactly(saved, dense_family, form, tmp_path):
+    """A compressed-tensors checkpoint (int4 packed in groups, int8 per row) loads without --quantization, is
+    decompressed when wrapped (as transformers would at its first forward pass), holds exactly the dequantised
+    weights computed from its scales, and scores every neuron as the float64 loop over them does. (A mixture is
+    left out: transformers 5.23 cannot load back the fused experts of a compressed checkpoint written this way.)"""
+    family = dense_family
+    pytest.importorskip("compressed_tensors")
+    base, _ = saved(family)
+    expected = compressed_checkpoint(base, tmp_path, form)
+    quantization_methods.check_checkpoint(tmp_path, quantizing=False)
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
+    model = LoadedModel.from_hf(hf, name=f"{family}-{form}")
+    twin = copy.deepcopy(base)
+    for name, weight in expected.items():
+        loaded = model.hf_model.get_submodule(name).weight
+        assert torch.equal(loaded, weight), name
+        twin.get_submodule(name).weight.data = weight
+    assert len(expected) >= 10
+    from neuron_attribution.model.describe import describe_model
+
+    assert describe_model(model)["quantization"] == (f"compressed-tensors ({form}), run decompressed as "
+                                                     "transformers runs it")
+    check_every_neuron_and_head(model, IDS, TARGET, ATOL, weights_from=LoadedModel.from_hf(twin, name="twin"))
+    result = attribute(model, IDS, TARGET, top_k=3)
+    assert result.quantization_residuals and max(r.relative for r in result.quantization_residuals) < 2e-6
+
+
+@pytest.fixture(scope="module", params=ALL_VARIANTS)
+def any_family(request):
+    return request.param
+
+
+def test_every_family_quantized_in_4bit_adds_up_and_scores_its_top_neurons_exactly(any_family, tmp_path):
+    """Every family (tests/tiny_families.py: rows of 32 or 40, not whole 64-value blocks, so every 4-bit matrix is
+    dequantised whole for each read), quantized in 4-bit while loading: the decomposition adds up to float32
+    rounding at every sublayer, the logits are the model's own, and the top FFN and attention value neurons'
+    scores equal the float64 loop over the library's dequantised matrices (GPT-2's Conv1D layers become linear
+    layers in bitsandbytes; a family whose linear layers bitsandbytes leaves alone still loads and scores)."""
+    base = tiny_family(any_family)
+    base.hf_model.save_pretrained(tmp_path)
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager",
+                                                 **METHODS["bnb-4bit"]())
+    model = LoadedModel.from_hf(hf, name=f"{any_family}-4bit")
+    twin = copy.deepcopy(base.hf_model)
+    for name, module in hf.named_modules():
+        matrix = library_dequantised(module)
+        if matrix is not None:
+            target = twin.get_submodule(name)
+            target.weight.data = matrix if type(target).__name__ != "Conv1D" else matrix.T.contiguous()
+    twin = LoadedModel.from_hf(twin, name="twin")
+    trace = trace_token_ids(model, [IDS])[0]
+    result = attribute(model, IDS, TARGET, top_k=5)
+    assert max((r.relative for r in result.quantization_residuals), default=0.0) < 2e-6
+    with torch.no_grad():
+        logits = hf(torch.tensor([IDS])).logits[0, -1]
+    assert float((trace.logits - logits).abs().max()) < 1e-4
+    for n in result.ffn_neurons:
+        row = model.shape.ffn_row(n.index)  # in a mixture `neuron` is the place in its expert
+        assert n.score == pytest.approx(ref.ffn_neuron_score(twin, trace, n.layer, row, TARGET), abs=ATOL)
+    for n in result.attention_neurons:
+        expected = ref.attention_neuron_score(twin, trace, n.layer, n.head, n.dim, n.position, TARGET)
+        assert n.score == pytest.approx(expected, abs=ATOL)

@@ -21,14 +21,16 @@ def _as_tuples(result, k, shape=None):
     return attention, ffn
 
 
-def _check_against_reference(model, ids, target, k, atol, via="both", layers=True):
-    """Every FFN neuron's query score through the chosen path against the loops of tests/reference.py (and,
-    with `layers`, the query layers, whose reference assumes the residual is exactly the sum of its parts)."""
+def _check_against_reference(model, ids, target, k, atol, via="both", layers=True, weights_from=None):
+    """Every FFN neuron's query score through the chosen path against the loops of tests/reference.py over the
+    model's activations and the weights of `weights_from` (default: its own) (and, with `layers`, the query
+    layers, whose reference assumes the residual is exactly the sum of its parts)."""
     result = attribute(model, ids, target, top_k=10_000, query_top=k, query_via=via)
     assert result.query_via == via and result.to_dict()["query_via"] == via
     trace = trace_token_ids(model, [ids])[0]
     attention, ffn = _as_tuples(result, k, model.shape)
-    parts = ref.query_ffn(model, trace, attention if via != "ffn" else [], ffn if via != "attention" else [])
+    weights = weights_from or model
+    parts = ref.query_ffn(weights, trace, attention if via != "ffn" else [], ffn if via != "attention" else [])
     total = sum(parts.values())
     by_neuron = {(q.layer, model.shape.ffn_row(q.index)): q for q in result.query_neurons}
     assert len(by_neuron) == model.shape.n_layers * model.shape.d_ffn  # top_k covers every FFN neuron here
@@ -54,7 +56,7 @@ def _check_against_reference(model, ids, target, k, atol, via="both", layers=Tru
     assert scores == sorted(scores, reverse=True)
     if not layers:
         return result
-    expected_layers = ref.query_layers(model, trace, attention, ffn)
+    expected_layers = ref.query_layers(weights, trace, attention, ffn)
     for kind, taken in (("for_ffn", via != "attention"), ("for_attention", via != "ffn")):
         rows = getattr(result.query_layers, kind)
         assert len(rows) == (1 + 2 * model.shape.n_layers if taken else 0)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from rich.console import Console
@@ -13,7 +14,18 @@ from . import datasets, explorer, single  # noqa: F401  (importing them defines 
 from .common import app, collection_deferred
 
 
+# Loggers of optional libraries that transformers imports whenever they are installed (torchao, at every model
+# load), whose import-time warnings concern kernels and torch internals no command here uses.
+_IMPORT_CHATTER = ("torchao", "torch.utils._pytree")
+
+
+def quiet_import_chatter() -> None:
+    for name in _IMPORT_CHATTER:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main() -> None:
+    quiet_import_chatter()
     with collection_deferred():
         try:
             app()

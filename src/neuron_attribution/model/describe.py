@@ -7,6 +7,7 @@ from typing import Any
 from ..settings import format_size
 from .loaded import LoadedModel
 from .quantization import quantized_layers
+from .quantization.compressed_tensors import is_compressed_tensors
 from .quantization.methods import quantization_of
 from .forward import attention_path
 
@@ -72,6 +73,11 @@ def quantization_in_words(hf_model) -> str:
     """"none", or the method and how many linear layers it holds ("bnb-4bit (nf4, double quantisation): 210
     linear layers")."""
     layers = quantized_layers(hf_model)
+    if is_compressed_tensors(hf_model):
+        stored = hf_model.config.quantization_config  # transformers' config, the package's own inside it
+        inner = stored.get("format") if isinstance(stored, dict) else getattr(stored, "quantization_config", None)
+        form = inner if isinstance(inner, str) or inner is None else getattr(inner, "format", None)
+        return f"compressed-tensors ({form or 'unknown format'}), run decompressed as transformers runs it"
     if not layers:
         return quantization_of(hf_model) or "none"
     methods = sorted({reader.method for reader in layers.values()})

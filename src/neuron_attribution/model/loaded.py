@@ -14,7 +14,7 @@ from ..settings import ModelSpec
 from .adapters import FamilyAdapter, adapter_for
 from .environment import check_supported_versions
 from .hf_internals import attention_implementation_of, set_attention_implementation
-from .quantization.bitsandbytes import exact_forward
+from .quantization import prepare_for_reading
 
 
 @dataclass
@@ -48,7 +48,7 @@ class LoadedModel:
         """Wrap a model already in memory. Switches it to eager attention (the trace reads attention weights)."""
         check_supported_versions()
         adapter = adapter_for(hf_model)
-        exact_forward(hf_model)
+        prepare_for_reading(hf_model)
         if attention_implementation_of(hf_model) != "eager":
             set_attention_implementation(hf_model, "eager")
         hf_model.eval()

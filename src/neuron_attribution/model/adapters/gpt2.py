@@ -1,10 +1,12 @@
-"""GPT-2: LayerNorm, GELU MLP, Conv1D weights stored (in, out), fused QKV projection with biases."""
+"""GPT-2: LayerNorm, GELU MLP, Conv1D weights stored (in, out) (bitsandbytes quantizes them into linear layers,
+(out, in)), fused QKV projection with biases."""
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from .base import FamilyAdapter, LayerWeights, ModelPaths, ModelShape, as_f32, native
+from ..quantization import DequantisedMatrix
+from .base import FamilyAdapter, LayerWeights, ModelPaths, ModelShape, as_f32, native, rows_view, weight_of
 
 
 class Gpt2Adapter(FamilyAdapter):
@@ -26,16 +28,24 @@ class Gpt2Adapter(FamilyAdapter):
     def _read_layer_weights(self, layer: int) -> LayerWeights:
         block, s = self._layer(layer), self.shape
         d, heads, head_dim = s.d_model, s.n_heads, s.head_dim
-        qkv_weight = native(block.attn.c_attn.weight)  # (d, 3d)
+        qkv_weight = _out_by_in(block.attn.c_attn)  # (3d, d)
         qkv_bias = as_f32(block.attn.c_attn.bias)
         return LayerWeights(
             attention_norm=self.attention_norm(layer),
             ffn_norm=self.ffn_norm(layer),
-            value_weight=qkv_weight[:, 2 * d :].T.reshape(heads, head_dim, d),
+            value_weight=rows_view(qkv_weight, slice(2 * d, 3 * d)).reshape(heads, head_dim, d),
             value_bias=qkv_bias[2 * d :].reshape(heads, head_dim),
-            output_weight=native(block.attn.c_proj.weight).reshape(heads, head_dim, d),
+            output_weight=_out_by_in(block.attn.c_proj).T.reshape(heads, head_dim, d),
             output_bias=as_f32(block.attn.c_proj.bias),
-            ffn_subkeys={"key": native(block.mlp.c_fc.weight).T},
-            ffn_values=native(block.mlp.c_proj.weight),
+            ffn_subkeys={"key": _out_by_in(block.mlp.c_fc)},
+            ffn_values=_out_by_in(block.mlp.c_proj).T,
             ffn_bias=as_f32(block.mlp.c_proj.bias),
         )
+
+
+def _out_by_in(module: nn.Module) -> Tensor | DequantisedMatrix:
+    """A projection's (out, in) matrix: a Conv1D's (in, out) weight transposed (a view), or the weight of the
+    linear layer bitsandbytes put in its place when quantizing."""
+    if type(module).__name__ == "Conv1D":
+        return native(module.weight).T
+    return weight_of(module)

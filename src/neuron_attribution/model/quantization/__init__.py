@@ -1,12 +1,13 @@
 """Quantized models: loading them (`methods`) and reading a quantized layer's weights exactly as its forward pass
-uses them (`matrix`, one reader per method: `bitsandbytes`, `torchao`)."""
+uses them (`matrix`, one reader per method: `bitsandbytes`, `torchao`; `compressed_tensors` checkpoints run
+decompressed)."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
 from ...errors import UserError
-from . import bitsandbytes, torchao
+from . import bitsandbytes, compressed_tensors, torchao
 from .matrix import DequantisedMatrix, QuantizedReader
 
 
@@ -26,7 +27,17 @@ def reader_for(module: nn.Module, name: str = "") -> QuantizedReader | None:
 
 
 def has_quantized_layers(model: nn.Module) -> bool:
-    return any(bitsandbytes.is_4bit(m) or bitsandbytes.is_8bit(m) or torchao.is_torchao(m) for m in model.modules())
+    """Whether the model is quantized: layers of a method read here, or a compressed-tensors checkpoint (run
+    decompressed, but possibly rounding its activations)."""
+    return compressed_tensors.is_compressed_tensors(model) or any(
+        bitsandbytes.is_4bit(m) or bitsandbytes.is_8bit(m) or torchao.is_torchao(m) for m in model.modules())
+
+
+def prepare_for_reading(model: nn.Module) -> None:
+    """Before the first forward pass: 4-bit layers kept on the dequantise-and-multiply path, a compressed-tensors
+    model decompressed (see those modules)."""
+    bitsandbytes.exact_forward(model)
+    compressed_tensors.decompress(model)
 
 
 def weight_of(module: nn.Module, name: str = "") -> Tensor | DequantisedMatrix:
@@ -46,5 +57,5 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedReader]:
     return found
 
 
-__all__ = ["DequantisedMatrix", "QuantizedReader", "has_quantized_layers", "quantized_layers", "reader_for",
-           "weight_of"]
+__all__ = ["DequantisedMatrix", "QuantizedReader", "has_quantized_layers", "prepare_for_reading", "quantized_layers",
+           "reader_for", "weight_of"]

@@ -50,13 +50,18 @@ class FourBitReader(QuantizedReader):
         self.module, self.state = module, state
         self.shape = (int(state.shape[0]), int(state.shape[1]))
         self.device = module.weight.device
-        self.dtype = module.compute_dtype or torch.float32  # what the forward pass dequantises into
         self.blocksize = int(state.blocksize)
         self.method = f"bnb-4bit ({state.quant_type}{', double quantisation' if state.nested else ''})"
         # Slices of whole rows (columns) are whole blocks when a row's length is a multiple of the block.
         self.by_slices = self.shape[1] % self.blocksize == 0 and self.blocksize % 2 == 0
         self.row_block = 1
         self.column_block = self.blocksize
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the forward pass dequantises into: the layer's compute dtype (set from the first input where
+        loading left it unset), else the dtype the weight was quantized from."""
+        return self.module.compute_dtype or self.state.dtype
 
     def _absmax(self) -> Tensor:
         """Every block's absmax in float32 (a few bytes per block: small beside the codes)."""
@@ -92,7 +97,8 @@ class FourBitReader(QuantizedReader):
         out, width = self.shape
         first, last = aligned(start, stop, self.blocksize, width)
         codes = self._codes().reshape(out, width // 2)[:, first // 2: last // 2]
-        absmax = self._absmax().reshape(out, width // self.blocksize)[:, first // self.blocksize: last // self.blocksize]
+        blocks = slice(first // self.blocksize, last // self.blocksize)
+        absmax = self._absmax().reshape(out, width // self.blocksize)[:, blocks]
         block = self._dequantise(codes, absmax.reshape(-1), (out, last - first))
         return block[:, start - first: stop - first]
 

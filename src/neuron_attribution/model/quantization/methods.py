@@ -70,7 +70,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 # A checkpoint's `quantization_config.quant_method` -> the package and extra that read it.
-CHECKPOINT_METHODS = {"bitsandbytes": ("bitsandbytes", "bnb"), "torchao": ("torchao", "torchao")}
+CHECKPOINT_METHODS = {"bitsandbytes": ("bitsandbytes", "bnb"), "torchao": ("torchao", "torchao"),
+                      "compressed-tensors": ("compressed_tensors", "compressed-tensors")}
 
 
 def check_method(name: str | None) -> Method | None:
