@@ -40,7 +40,7 @@ TARGET = 11
 ATOL = 1e-5
 # Rows and columns a multiple of bitsandbytes' 64-value blocks: 4-bit matrices are read by slices of whole blocks.
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=64, tie_word_embeddings=False)
+             num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=256, tie_word_embeddings=False)
 CONFIGS = {
     "llama": lambda: tf.LlamaConfig(**SIZES, head_dim=16),
     "gemma2": lambda: tf.Gemma2Config(**SIZES, head_dim=16, final_logit_softcapping=3.0, attn_logit_softcapping=5.0,
@@ -480,6 +480,65 @@ def test_every_family_quantized_in_4bit_adds_up_and_scores_its_top_neurons_exact
     for n in result.ffn_neurons:
         row = model.shape.ffn_row(n.index)  # in a mixture `neuron` is the place in its expert
         assert n.score == pytest.approx(ref.ffn_neuron_score(twin, trace, n.layer, row, TARGET), abs=ATOL)
+    for n in result.attention_neurons:
+        expected = ref.attention_neuron_score(twin, trace, n.layer, n.head, n.dim, n.position, TARGET)
+        assert n.score == pytest.approx(expected, abs=ATOL)
+
+
+def test_a_checkpoint_quantized_already_loads_onto_the_device_asked_for(saved, tmp_path, monkeypatch):
+    """An 8-bit checkpoint cannot be moved once loaded (bitsandbytes refuses `.to` to another device): it is
+    placed while loading (a device map), and `load_model` takes it as it is, quantized, on the device asked for."""
+    from neuron_attribution import load_model
+    from neuron_attribution.model import hf_loading
+
+    _, directory = saved("llama")
+    hf = tf.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **METHODS["bnb-8bit"]())
+    save_with_tokenizer(hf, tmp_path)
+    placements, load_directory = [], hf_loading.load_directory
+    monkeypatch.setattr(hf_loading, "load_directory", lambda *args: placements.append(args[-1]) or
+                        load_directory(*args))
+    model = load_model(tmp_path, device="cpu")
+    assert placements == [{"device_map": {"": "cpu"}}]
+    assert type(model.hf_model.model.layers[0].mlp.down_proj).__name__ == "Linear8bitLt"
+    assert model.spec.quantization is None  # nothing asked: the checkpoint's own quantisation
+    result = attribute(model, "The capital of France is", "Paris", top_k=3)
+    assert max(r.relative for r in result.quantization_residuals) > 1e-4
+
+
+@pytest.mark.parametrize("method", ["bnb-4bit", "torchao-int8"])
+def test_a_bfloat16_model_quantized_scores_as_a_float64_loop_over_its_own_bfloat16_matrices(saved, method):
+    """In bfloat16 a 4-bit layer dequantises into bfloat16 (its compute dtype) and multiplies there: the scores
+    equal the float64 loop over those bfloat16 matrices and the model's own bfloat16 activations (the tolerance of
+    tests/test_bfloat16.py)."""
+    base, directory = saved("llama")
+    hf = tf.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, attn_implementation="eager",
+                                                 **quantization_methods.loading_arguments(method, torch.bfloat16,
+                                                                                          "cpu"))
+    model = LoadedModel.from_hf(hf, name=f"llama-{method}-bf16")
+    twin = copy.deepcopy(base).to(torch.bfloat16)
+    for name, module in hf.named_modules():
+        matrix = library_dequantised(module)
+        if matrix is not None:
+            assert module.weight.dtype != torch.bfloat16 or method != "bnb-4bit"
+            twin.get_submodule(name).weight.data = matrix.to(torch.bfloat16)
+            assert torch.equal(twin.get_submodule(name).weight.float(), matrix), name  # bfloat16 values already
+    check_every_neuron_and_head(model, IDS, TARGET, 2e-5, weights_from=LoadedModel.from_hf(twin, name="twin"))
+
+
+def test_a_long_prompt_on_a_quantized_model(saved):
+    """Past FAST_ATTENTION_FROM_TOKENS the prefix runs with fast attention and the last token alone eagerly: on a
+    4-bit model too, the top value neurons of a 100-token prompt equal the float64 loop over the dequantised
+    matrices, and the decomposition still adds up."""
+    from neuron_attribution.model.forward import FAST_ATTENTION_FROM_TOKENS
+
+    model, twin = quantized(saved, "llama", "bnb-4bit")
+    ids = torch.randint(0, TINY_VOCAB, (100,), generator=torch.Generator().manual_seed(5)).tolist()
+    assert len(ids) >= FAST_ATTENTION_FROM_TOKENS
+    trace = trace_token_ids(model, [ids])[0]
+    result = attribute(model, ids, TARGET, top_k=5)
+    assert max(r.relative for r in result.quantization_residuals) < 2e-6
+    for n in result.ffn_neurons:
+        assert n.score == pytest.approx(ref.ffn_neuron_score(twin, trace, n.layer, n.neuron, TARGET), abs=ATOL)
     for n in result.attention_neurons:
         expected = ref.attention_neuron_score(twin, trace, n.layer, n.head, n.dim, n.position, TARGET)
         assert n.score == pytest.approx(expected, abs=ATOL)

@@ -19,7 +19,7 @@ from .devices import check_device
 from .environment import check_supported_versions
 from .hf_loading import first_line
 from .loaded import LoadedModel
-from .quantization.methods import loading_arguments
+from .quantization.methods import loading_arguments, stored_method
 from .sources import LoadRequest, source_for
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -58,10 +58,13 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     check_device(device, torch_dtype)
     placement = {"device_map": "auto"} if device == "auto" else {}
     placement.update(loading_arguments(quantization, torch_dtype, device))  # quantized weights are placed here
+    prequantized = spec.name is not None and Path(spec.name).is_dir() and stored_method(Path(spec.name)) is not None
+    if prequantized and device and device != "auto":
+        placement["device_map"] = {"": device}  # a quantized checkpoint's weights cannot be moved once loaded
     request = LoadRequest(torch_dtype, allow_pickle, trust_remote_code, placement)
     text = None if name is None else str(name)
     parts = source_for(text).load(text, request)
-    if device and device != "auto" and quantization is None:
+    if device and device != "auto" and "device_map" not in placement:
         try:
             parts.hf_model.to(device)
         except (RuntimeError, AssertionError, ValueError) as error:

@@ -104,17 +104,22 @@ def loading_arguments(name: str | None, dtype: torch.dtype, device: str | None) 
             "device_map": "auto" if device == "auto" else {"": device}}
 
 
-def check_checkpoint(directory: Path, quantizing: bool) -> None:
-    """A checkpoint quantized already loads as it is, if its method is one this tool reads; any other method is
-    refused before loading, and asking to quantize it again is an error."""
+def stored_method(directory: Path) -> str | None:
+    """The quantisation method a checkpoint directory's config records (None: none, or no readable config)."""
     try:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError):
-        return
+        return None
     stored = config.get("quantization_config") if isinstance(config, dict) else None
-    if not isinstance(stored, dict):
+    return str(stored.get("quant_method", "unknown")) if isinstance(stored, dict) else None
+
+
+def check_checkpoint(directory: Path, quantizing: bool) -> None:
+    """A checkpoint quantized already loads as it is, if its method is one this tool reads; any other method is
+    refused before loading, and asking to quantize it again is an error."""
+    method = stored_method(directory)
+    if method is None:
         return
-    method = str(stored.get("quant_method", "unknown"))
     if method not in CHECKPOINT_METHODS:
         raise UserError(f"{directory} is quantized with {method!r}, which this tool cannot read; supported: "
                         f"{', '.join(CHECKPOINT_METHODS)}")
