@@ -13,7 +13,7 @@ from .forward import attention_path
 
 
 def describe_model(model: LoadedModel) -> dict[str, Any]:
-    s = model.shape
+    s, held = model.shape, model_bytes(model.hf_model)
     return {
         "name": model.name,
         "family": s.family,
@@ -34,8 +34,8 @@ def describe_model(model: LoadedModel) -> dict[str, Any]:
         "long_prompts": attention_path(model),
         "dtype": model.dtype,
         "quantization": quantization_in_words(model.hf_model),
-        "memory": format_size(model_bytes(model.hf_model)),
-        "memory_bytes": model_bytes(model.hf_model),
+        "memory": format_size(held),
+        "memory_bytes": held,
         "device": str(model.device),
         "source": model.source,
     }
@@ -72,12 +72,12 @@ def _state_tensors(state) -> list:
 def quantization_in_words(hf_model) -> str:
     """"none", or the method and how many linear layers it holds ("bnb-4bit (nf4, double quantisation): 210
     linear layers")."""
-    layers = quantized_layers(hf_model)
     if is_compressed_tensors(hf_model):
         stored = hf_model.config.quantization_config  # transformers' config, the package's own inside it
         inner = stored.get("format") if isinstance(stored, dict) else getattr(stored, "quantization_config", None)
         form = inner if isinstance(inner, str) or inner is None else getattr(inner, "format", None)
         return f"compressed-tensors ({form or 'unknown format'}), run decompressed as transformers runs it"
+    layers = quantized_layers(hf_model)
     if not layers:
         return quantization_of(hf_model) or "none"
     methods = sorted({reader.method for reader in layers.values()})
