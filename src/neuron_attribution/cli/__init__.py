@@ -14,9 +14,10 @@ from . import datasets, explorer, single  # noqa: F401  (importing them defines 
 from .common import app, collection_deferred
 
 
-# Loggers of optional libraries that transformers imports whenever they are installed (torchao, at every model
-# load), whose import-time warnings concern kernels and torch internals no command here uses.
-_IMPORT_CHATTER = ("torchao", "torch.utils._pytree")
+# Loggers of optional libraries whose import-time warnings concern kernels and torch internals no command here
+# uses: torchao (transformers imports it at every model load wherever it is installed) and bitsandbytes' CPU
+# backend (a missing package for the fused CPU kernel that 4-bit layers are kept off, model/quantization).
+_IMPORT_CHATTER = ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops")
 
 
 def quiet_import_chatter() -> None:
