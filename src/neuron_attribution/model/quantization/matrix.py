@@ -58,8 +58,6 @@ class DequantisedMatrix:
     def dim(self) -> int:
         return len(self.shape)
 
-    ndim = property(dim)
-
     def detach(self) -> DequantisedMatrix:
         return self
 
@@ -88,10 +86,6 @@ class DequantisedMatrix:
     def __getitem__(self, index) -> Tensor:
         picked = self.row_map[_on_cpu(_leading(index, self.row_map.dim()))]
         return self._read(picked.reshape(-1)).reshape(*picked.shape, self.width)
-
-    def float(self) -> Tensor:
-        """The whole matrix in float32: only for small matrices (tests, a head's rows)."""
-        return self[...]
 
     def _read(self, rows: Tensor) -> Tensor:
         """float32 (n, width) for the given rows, reading each block of rows they fall in once."""
