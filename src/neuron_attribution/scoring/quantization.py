@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .context import ValueContext
 from .exact import Rows, score_rows
+from .value import head_outputs
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def residual_vectors(ctx: ValueContext, biases: list[SublayerBiases]) -> Residua
     ffn_scales = None if trace.ffn_output_scales is None else trace.ffn_output_scales[:, -1]
     attention, ffn = [], []
     for layer in range(n_layers):
-        heads = ctx.output_weights.combine(layer, ctx.attention_coefficients.summed[layer].reshape(1, -1))[0]
+        heads = head_outputs(ctx, layer, None, ctx.attention_coefficients.summed[layer].unsqueeze(0))[0]
         neurons = ctx.ffn_values.combine(layer, ctx.ffn_coefficients[layer].unsqueeze(0))[0]
         attention.append(trace.attention_outputs[layer, -1] - heads - _bias_part(
             biases[layer].attention, ctx.output_weights.layers[layer].gain, attention_scales, layer))

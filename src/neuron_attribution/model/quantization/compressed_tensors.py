@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from .methods import quantization_of
+
 
 def is_compressed_tensors(model: nn.Module) -> bool:
-    config = getattr(getattr(model, "config", None), "quantization_config", None)
-    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
-    return str(getattr(method, "value", method)) == "compressed-tensors"
+    return quantization_of(model) == "compressed-tensors"
 
 
 def decompress(model: nn.Module) -> None:

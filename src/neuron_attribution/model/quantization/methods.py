@@ -20,7 +20,6 @@ class Method:
     name: str
     package: str  # the import name the method needs
     extra: str  # neuron-attribution[extra] installs it
-    describe: str
     config: Callable[[torch.dtype, str], object]  # (model dtype, device) -> transformers' quantization_config
 
 
@@ -62,11 +61,11 @@ def _torchao_int4(dtype: torch.dtype, device: str):
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("bnb-4bit", "bitsandbytes", "bnb", "bitsandbytes NF4, double quantisation", _bnb_4bit("nf4")),
-    Method("bnb-4bit-fp4", "bitsandbytes", "bnb", "bitsandbytes FP4, double quantisation", _bnb_4bit("fp4")),
-    Method("bnb-8bit", "bitsandbytes", "bnb", "bitsandbytes LLM.int8", _bnb_8bit),
-    Method("torchao-int8", "torchao", "torchao", "torchao int8 weight-only", _torchao_int8),
-    Method("torchao-int4", "torchao", "torchao", "torchao int4 weight-only", _torchao_int4),
+    Method("bnb-4bit", "bitsandbytes", "bnb", _bnb_4bit("nf4")),  # NF4, double quantisation
+    Method("bnb-4bit-fp4", "bitsandbytes", "bnb", _bnb_4bit("fp4")),
+    Method("bnb-8bit", "bitsandbytes", "bnb", _bnb_8bit),  # LLM.int8
+    Method("torchao-int8", "torchao", "torchao", _torchao_int8),  # weight-only
+    Method("torchao-int4", "torchao", "torchao", _torchao_int4),
 )}
 
 # A checkpoint's `quantization_config.quant_method` -> the package and extra that read it.
@@ -130,13 +129,9 @@ def check_checkpoint(directory: Path, quantizing: bool) -> None:
 
 
 def quantization_of(model: nn.Module) -> str | None:
-    """The quantisation a loaded model's config records (None: not quantized)."""
+    """The quantisation method a loaded model's config records ("bitsandbytes", "compressed-tensors", ...; None:
+    not quantized)."""
     config = getattr(getattr(model, "config", None), "quantization_config", None)
-    if config is None:
-        return None
     method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
-    method = getattr(method, "value", method)
-    if method == "bitsandbytes":
-        load_4bit = config.get("load_in_4bit") if isinstance(config, dict) else getattr(config, "load_in_4bit", False)
-        return "bitsandbytes 4-bit" if load_4bit else "bitsandbytes 8-bit"
+    method = getattr(method, "value", method)  # transformers' QuantizationMethod enum, or a config's string
     return None if method is None else str(method)
