@@ -47,7 +47,7 @@ step() {  # step NAME SECONDS COMMAND...
 
 # The first use of each offline model dequantises it into the cache: done once here, outside the timed steps.
 step prepare 120 "$PYTHON" -c "import neuron_attribution as na; na.load_model(); na.load_model('gemma-3-270m')"
-step tests 180 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+step tests 180 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -n 0 tests/test_gpu.py  # one process: the GPU to itself
 step attribute-smollm2 60 "$PYTHON" bench/bench_attribute.py --device "$DEVICE" "${sizes[@]}" \
   --json "$OUT/attribute-smollm2.json"
 step attribute-gemma 60 "$PYTHON" bench/bench_attribute.py --device "$DEVICE" --model gemma-3-270m "${sizes[@]}" \

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
@@ -10,6 +12,31 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 from neuron_attribution import LoadedModel, load_model
 
 from .tiny_families import FAMILIES, OTHER_FAMILIES, TINY_VOCAB  # noqa: F401  (re-exported to the tests)
+
+MOST_WORKERS = 4  # each worker holds its own models (SmolLM2, Gemma 3 270M): a few GB each at most
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # Workers share the cores: torch's default is a thread per core in every worker, which oversubscribes them
+    # (measured on 2 cores: the quick tier took 5 min in 2 workers so, 2 min with a thread each). The processes a
+    # test starts get the same count through OMP_NUM_THREADS, which torch reads at start-up: the thread count
+    # changes how a product's sums are split, so a run resumed in a subprocess is bit-identical to the worker's
+    # own run only when both use the same count.
+    _THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+
+
+# Tests that start Ray clusters run one after another in one worker: `ray stop --force`, which joining a cluster by
+# address needs, ends every Ray cluster of the machine, another worker's too.
+RAY_GROUP = pytest.mark.xdist_group("ray")
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's addopts): a worker per core, at most MOST_WORKERS; none where the command names
+    single tests (file::test), whose few seconds would go to starting workers."""
+    if any("::" in str(argument) for argument in config.args):
+        return 0
+    return max(1, min(MOST_WORKERS, os.cpu_count() or 1))
 
 
 
@@ -93,6 +120,8 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "real_model" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    # The slow tests first: run in workers, a minute-long test collected last would run alone at the end.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

@@ -154,11 +154,19 @@ _UNEMBEDDING64: list[tuple[torch.Tensor, torch.Tensor]] = []  # (float32 source,
 
 def _unembedding64(model) -> torch.Tensor:
     """The output matrix in float64, made once per model (vocabulary-sized: 1.3 GB for Gemma's 262k tokens).
-    The source is kept alongside, so an identity check cannot mistake a new tensor for a freed one."""
+    The adapter hands out a new tensor object at each call, so the copy is keyed by the memory the source reads;
+    the source is kept alongside, so that memory cannot be freed and reused by another model's matrix."""
     source = model.adapter.unembedding[0]
-    if not _UNEMBEDDING64 or _UNEMBEDDING64[0][0] is not source:
+    if not _UNEMBEDDING64 or not _same_memory(_UNEMBEDDING64[0][0], source):
+        _UNEMBEDDING64[:] = []  # the old copy goes before the new one is made: one vocabulary-sized copy at a time
         _UNEMBEDDING64[:] = [(source, source.double())]
     return _UNEMBEDDING64[0][1]
+
+
+def _same_memory(kept: torch.Tensor, source: torch.Tensor) -> bool:
+    return (kept.data_ptr(), kept.shape, kept.stride(), kept.dtype, kept.device) == \
+        (source.data_ptr(), source.shape, source.stride(), source.dtype, source.device) and \
+        kept._version == source._version
 
 
 def final_logits(model, trace, residual: torch.Tensor, reference: bool = False, capped: bool = True) -> torch.Tensor:
@@ -179,7 +187,7 @@ def final_logits(model, trace, residual: torch.Tensor, reference: bool = False, 
     else:
         scale = (h.pow(2).mean() + _eps(final)).sqrt()
         normed = y / scale * gamma
-    logits = unembedding.double() @ normed
+    logits = unembedding @ normed
     logits = logits if bias is None else logits + bias.double()
     logits = logits * block(model).logit_multiplier(model.hf_model.config)
     cap = getattr(model.hf_model.config, "final_logit_softcapping", None)

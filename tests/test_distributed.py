@@ -18,6 +18,7 @@ from neuron_attribution.pipelines.run import RunArguments, run_dataset
 from neuron_attribution.results.tables import TABLES
 from neuron_attribution.settings import ScoringOptions, Settings
 
+from .conftest import RAY_GROUP
 from .test_runs import FACTS
 
 ray = pytest.importorskip("ray")
@@ -58,6 +59,7 @@ class CrashingOnce:
         self.backend.on_every_model(function, progress)
 
 
+@RAY_GROUP
 @pytest.mark.slow
 def test_ray_workers_get_the_settings_match_local_and_survive_a_dead_worker(real_model, tmp_path):
     facts = tmp_path / "facts.jsonl"
@@ -88,6 +90,7 @@ def test_ray_workers_get_the_settings_match_local_and_survive_a_dead_worker(real
     assert on_ray.methods == here.methods
 
 
+@RAY_GROUP
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a worker without CUDA is what is checked")
 def test_ray_workers_ask_for_gpus_and_a_worker_without_one_fails_in_one_line():
     """A cluster that advertises one GPU (Ray's resources are declared, so this CPU machine can claim one) gets

@@ -24,6 +24,8 @@ from neuron_attribution.pipelines.run import RunArguments, run_dataset
 from neuron_attribution.results.tables import TABLES
 from neuron_attribution.settings import ScoringOptions, Settings
 
+from .conftest import RAY_GROUP
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DATA = {"candidates.json", "capital.jsonl", "sample.jsonl", "month.jsonl"}
 
@@ -45,17 +47,23 @@ def test_the_wheel_installs_and_works_outside_the_checkout(tmp_path):
     assert PACKAGE_DATA <= in_wheel and PACKAGE_DATA <= in_sdist
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+    # Not byte-compiled at install (pip would compile every module of torch and transformers: half the install's
+    # time); the commands below may write the bytecode of what they import, as a user's first command would.
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile", "--disable-pip-version-check",
            "-c", str(ROOT / "constraints.txt")]
-    for step in (["torch==2.13.0"], [str(wheel)]):
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
+    torch_installed = []
+    for step in (["torch==2.13.0"], [str(wheel)]):  # torch first, as a GPU user's environment has it
         done = subprocess.run([*pip, *step], capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-2000:]
+        torch_installed += list((venv / "lib").glob("python*/site-packages/torch-*.dist-info"))
+    assert len(set(torch_installed)) == 1  # the package installs beside the user's torch, never replaces it
     work = tmp_path / "elsewhere"
     work.mkdir()
     command = str(venv / "bin" / "neuron-attribution")
 
     def run(*args: str) -> str:
-        done = subprocess.run([command, *args], cwd=work, capture_output=True, text=True, timeout=900)
+        done = subprocess.run([command, *args], cwd=work, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, (args, done.stderr[-2000:])
         return done.stdout
 
@@ -66,7 +74,7 @@ def test_the_wheel_installs_and_works_outside_the_checkout(tmp_path):
     run("run", "--dataset", "capital", "--limit", "2", "--top", "10", "--out", "r")
     assert "Report:" in run("analyze", "r", "--per-type", "1")
     assert (work / "r" / "analysis" / "report.html").is_file()
-    shown = subprocess.run([str(venv / "bin" / "python"), "-m", "neuron_attribution", "--version"], cwd=work,
+    shown = subprocess.run([str(venv / "bin" / "python"), "-m", "neuron_attribution", "--version"], cwd=work, env=env,
                            capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0 and "neuron-attribution" in shown.stdout
 
@@ -115,6 +123,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@RAY_GROUP
 @pytest.mark.slow
 def test_joining_a_ray_cluster_by_address(real_model, tmp_path):
     """A head node started with `ray start --head` (token authentication on, as Ray 2.59+ does), joined by its
