@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+from neuron_attribution.cli import quiet_import_chatter
+
+quiet_import_chatter()  # before torch: importing the library imports torchao, whose warnings reach a worker's stderr
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
