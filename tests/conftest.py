@@ -43,7 +43,6 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(MOST_WORKERS, os.cpu_count() or 1))
 
 
-
 def _randomise(model: torch.nn.Module, seed: int) -> None:
     """Random biases and norm gains too, so that every bias and gain in the decomposition is exercised."""
     generator = torch.Generator().manual_seed(seed)

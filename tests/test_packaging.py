@@ -52,12 +52,15 @@ def test_the_wheel_installs_and_works_outside_the_checkout(tmp_path):
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile", "--disable-pip-version-check",
            "-c", str(ROOT / "constraints.txt")]
     env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
-    torch_installed = []
-    for step in (["torch==2.13.0"], [str(wheel)]):  # torch first, as a GPU user's environment has it
-        done = subprocess.run([*pip, *step], capture_output=True, text=True, timeout=900)
+
+    def install(*what: str) -> list[str]:
+        done = subprocess.run([*pip, *what], capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-2000:]
-        torch_installed += list((venv / "lib").glob("python*/site-packages/torch-*.dist-info"))
-    assert len(set(torch_installed)) == 1  # the package installs beside the user's torch, never replaces it
+        return sorted(p.name for p in (venv / "lib").glob("python*/site-packages/torch-*.dist-info"))
+
+    users_torch = install("torch==2.13.0")  # torch first, as a GPU user's environment has it
+    assert len(users_torch) == 1 and users_torch[0].startswith("torch-2.13.0"), users_torch
+    assert install(str(wheel)) == users_torch  # the package installs beside the user's torch, never replaces it
     work = tmp_path / "elsewhere"
     work.mkdir()
     command = str(venv / "bin" / "neuron-attribution")
