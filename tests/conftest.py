@@ -21,10 +21,10 @@ MOST_WORKERS = 4  # each worker holds its own models (SmolLM2, Gemma 3 270M): a 
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # Workers share the cores: torch's default is a thread per core in every worker, which oversubscribes them
-    # (measured on 2 cores: the quick tier took 5 min in 2 workers so, 2 min with a thread each). The processes a
-    # test starts get the same count through OMP_NUM_THREADS, which torch reads at start-up: the thread count
-    # changes how a product's sums are split, so a run resumed in a subprocess is bit-identical to the worker's
-    # own run only when both use the same count.
+    # (measured on 2 cores: the quick tier took 5 min in 2 workers at torch's default, 2 min at a thread each).
+    # The processes a test starts get the same count through OMP_NUM_THREADS, which torch reads at start-up: the
+    # thread count changes how a product's sums are split, so a run resumed in a subprocess is bit-identical to
+    # the worker's own run only when both use the same count.
     _THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     torch.set_num_threads(_THREADS)
     os.environ["OMP_NUM_THREADS"] = str(_THREADS)
