@@ -4,13 +4,15 @@ long prompt's prefix to the model's fast attention."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .hf_internals import attention_implementation_of, can_switch_attention, set_attention_implementation
+from .heap import trimmed_after
+from .hf_internals import (attention_implementation_of, can_switch_attention, family_eager_attention,
+                           register_attention, registered_attention, set_attention_implementation)
 from .loaded import LoadedModel
 
 # From this many tokens a prompt is traced alone, its prefix with the model's fast attention.
@@ -20,13 +22,67 @@ FAST_ATTENTION_FROM_TOKENS = 64
 QUERY_BLOCK = 128
 
 
+# A long prompt's trace runs in one pass under this attention implementation: SDPA for every query, and the
+# family's own eager attention once more for the last query, whose weights are the row a trace keeps and whose
+# output replaces SDPA's there, so the last position is computed exactly as under eager attention. No KV cache is
+# made (the two-pass way, SDPA over the prefix and then the last token over its cache, held 2·L·T·d_kv numbers).
+LAST_ROW_ATTENTION = "neuron_attribution_last_row"
+
+
+def _sdpa_with_last_row(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                        **kwargs) -> tuple[Tensor, Tensor]:
+    if query.shape[0] != 1:
+        raise ValueError("the one-pass trace runs one prompt at a time (its last query is the last column)")
+    output, _ = registered_attention("sdpa")(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    last_output, weights = family_eager_attention(module)(module, query[:, :, -1:], key, value,
+                                                          _last_row_of_mask(attention_mask, query.dtype), **kwargs)
+    if last_output.shape != output[:, -1:].shape:
+        raise RuntimeError(f"{type(module).__name__}'s eager attention returned {tuple(last_output.shape)} for the "
+                           f"last query, SDPA {tuple(output[:, -1:].shape)}")
+    output[:, -1:] = last_output
+    return output, weights
+
+
+def _last_row_of_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """The last query's row of an SDPA mask (True: may attend), as the additive mask eager attention adds; None
+    (a causal mask SDPA applies itself) lets the last query see every key, as causality does."""
+    if mask is None:
+        return None
+    row = mask[..., -1:, :]
+    if row.dtype != torch.bool:
+        return row
+    return torch.zeros(row.shape, dtype=dtype, device=row.device).masked_fill_(~row, torch.finfo(dtype).min)
+
+
+register_attention(LAST_ROW_ATTENTION, _sdpa_with_last_row)
+
+
+def trimming_heap(model: LoadedModel, n_tokens: int) -> AbstractContextManager[None]:
+    """A long pass gives freed memory back after each attention sublayer and each block (`heap.trimmed_after`)."""
+    layers = model.adapter.decoder_layers()
+    return trimmed_after([model.adapter.attention(i) for i in range(len(layers))] + layers, n_tokens)
+
+
 def has_fast_attention(model: LoadedModel) -> bool:
     """Whether the family can run its prompt under SDPA and switch back to eager attention for the last token."""
     return can_switch_attention(model.hf_model)
 
 
+def traces_in_one_pass(model: LoadedModel) -> bool:
+    """Whether a long prompt is traced in one pass under `LAST_ROW_ATTENTION`: the family can switch its attention
+    and its modelling file has the eager attention function that pass calls for the last query."""
+    if not has_fast_attention(model):
+        return False
+    return all(family_eager_attention(model.adapter.attention(layer)) is not None
+               for layer in range(model.shape.n_layers))
+
+
 def attention_path(model: LoadedModel) -> str:
     """How a long prompt is traced, in words (`info`)."""
+    if traces_in_one_pass(model):
+        return (f"one pass with fast attention (SDPA), the last query's attention row and output from eager "
+                f"attention in the same pass (prompts of {FAST_ATTENTION_FROM_TOKENS}+ tokens; no KV cache)")
     if has_fast_attention(model):
         return (f"fast attention (SDPA) up to the last token, whose attention row comes exactly from eager attention "
                 f"over the KV cache (prompts of {FAST_ATTENTION_FROM_TOKENS}+ tokens)")
@@ -85,12 +141,14 @@ class PaddedBatch:
         """(B, V) float32 logits at each prompt's last token, in memory linear in the prompt's length: a short
         batch in one eager pass (as always); a long one with the model's fast attention, or, for a family that
         cannot switch, eagerly a block of queries at a time through the KV cache."""
-        if self.input_ids.shape[1] < FAST_ATTENTION_FROM_TOKENS:
+        width = self.input_ids.shape[1]
+        if width < FAST_ATTENTION_FROM_TOKENS:
             return self.last_logits(self.run(model))
-        if has_fast_attention(model):
-            with attention_implementation(model, "sdpa"):
-                return self.last_logits(self.run(model))
-        return self._last_logits_in_blocks(model, QUERY_BLOCK)
+        with trimming_heap(model, width):
+            if has_fast_attention(model):
+                with attention_implementation(model, "sdpa"):
+                    return self.last_logits(self.run(model))
+            return self._last_logits_in_blocks(model, QUERY_BLOCK)
 
     def _last_logits_in_blocks(self, model: LoadedModel, block: int) -> Tensor:
         device = model.device

@@ -1,12 +1,18 @@
 """The few private transformers APIs this project reads, in one place, each behind a function that says what it
-needs: which attention implementation a model runs, whether it can switch, switching it, and a mixture's expert
-gate. A change in transformers breaks this module, not the callers; a switch that fails is said, never silent."""
+needs: which attention implementation a model runs, whether it can switch, switching it, registering one, a
+family's eager attention, and a mixture's expert gate. A change in transformers breaks this module, not the
+callers; a switch that fails is said, never silent."""
 
 from __future__ import annotations
 
+import sys
 import warnings
+from collections.abc import Callable
 
 from torch import Tensor, nn
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
 class AttentionSwitchFailed(RuntimeError):
@@ -42,6 +48,24 @@ def set_attention_implementation(hf_model: nn.Module, name: str) -> None:
                                     f"{error}") from error
     if attention_implementation_of(hf_model) != name:
         hf_model.config._attn_implementation = name
+
+
+def register_attention(name: str, function: Callable, masks_like: str = "sdpa") -> None:
+    """Make `name` an attention implementation models can be switched to (transformers' public
+    `AttentionInterface`), given the masks `masks_like` gets; registering the same name again replaces it."""
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[masks_like])
+
+
+def registered_attention(name: str) -> Callable:
+    """The attention function registered under `name` ("sdpa", "eager" has none: it is each family's own)."""
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def family_eager_attention(module: nn.Module) -> Callable | None:
+    """The eager attention function of an attention module's family (what it runs under "eager"), or None where
+    its modelling file has none by the usual name."""
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
 
 def expert_gate(module: nn.Module, projected: Tensor) -> Tensor:

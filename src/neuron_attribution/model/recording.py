@@ -21,16 +21,19 @@ class _Recorder:
     """Hooks that write a forward pass's internals into per-layer slots, one piece per model call (a prompt may
     run as a prefix and then its last token)."""
 
-    def __init__(self, model: LoadedModel, last_index: Tensor, kept: Tensor | None, every_row: bool = False):
+    def __init__(self, model: LoadedModel, last_index: Tensor, kept: Tensor | None, every_row: bool = False,
+                 values: bool = True):
         self.model, self.adapter = model, model.adapter
         self.every_row = every_row  # keep every query's attention row too (a circuit's short prompt)
+        self.values = values  # record the value states (not for a pass made only for its per-position records)
         self.device = model.adapter.device  # where the scores will be computed
         self.last_index = last_index  # per batch row, the absolute position of its last token
         self.kept = kept  # absolute positions to keep, or None for all
         self.offset = 0  # absolute position of the current call's first token
         n = model.shape.n_layers
-        keys = ["layer_inputs", "attention_outputs", "attention_weights", "value_states", "ffn_coefficients",
-                "ffn_outputs"]
+        keys = ["layer_inputs", "attention_outputs", "attention_weights", "ffn_coefficients", "ffn_outputs"]
+        if values:
+            keys.append("value_states")
         if every_row:
             keys.append("attention_rows")
         if model.shape.post_norms:
@@ -70,7 +73,8 @@ class _Recorder:
             ffn_post = adapter.ffn_post_norm_module(layer)
             self.handles.append(adapter.attention(layer).register_forward_hook(
                 self._attention(layer, keep_output=attention_post is None)))
-            self.handles.append(adapter.value_source(layer).register_forward_hook(self._values(layer)))
+            if self.values:
+                self.handles.append(adapter.value_source(layer).register_forward_hook(self._values(layer)))
             experts, shared_gate = adapter.experts(layer), adapter.shared_expert_gate(layer)
             if experts is not None:
                 self.handles.append(experts.register_forward_hook(self._experts(layer)))
@@ -131,7 +135,8 @@ class _Recorder:
             if weights is None:
                 raise RuntimeError("attention weights were not returned; the last token must use eager attention")
             rows = torch.arange(weights.shape[0], device=weights.device)
-            query = (self.last_index - self.offset).to(weights.device)
+            # The weights may cover only the call's last queries (a single pass that keeps the last row alone).
+            query = (self.last_index - self.offset - (tokens - weights.shape[2])).to(weights.device)
             # (B, H, t, K) -> each prompt's own last query row over the K keys it sees: (B, H, K)
             self._store("attention_weights", layer, weights[rows, :, query, :])
             if self.every_row:
@@ -238,8 +243,8 @@ def _joined(per_layer: list[list[Tensor]]) -> Tensor:
 
 @contextmanager
 def recording(model: LoadedModel, last_index: Tensor, kept: Tensor | None = None,
-              every_row: bool = False) -> Iterator[_Recorder]:
-    recorder = _Recorder(model, last_index, kept, every_row)
+              every_row: bool = False, values: bool = True) -> Iterator[_Recorder]:
+    recorder = _Recorder(model, last_index, kept, every_row, values)
     with model.lock:
         try:
             recorder.install()  # inside the try: hooks installed before a failure are removed too

@@ -3,10 +3,11 @@
 What is kept grows linearly with the prompt: value states and the last position's attention row at every
 position (attention neurons sit at every source position), and the other per-position tensors only at the
 positions that are kept — every position for a short prompt, the last one (plus any asked for) for a long one.
-A long prompt runs with the model's fast attention (SDPA) for all but its last token, then the last token alone
-with eager attention over the KV cache, which returns exactly the last query's attention row without a T×T
-matrix per head. Families without a switchable fast attention run eagerly over the whole prompt
-(`attention_path`).
+A long prompt runs in one pass with the model's fast attention (SDPA), the last query computed once more by the
+family's eager attention inside the same pass (`forward.LAST_ROW_ATTENTION`), which returns exactly the last
+query's attention row without a T×T matrix per head and without a KV cache. A family that can switch to SDPA but
+has no eager function by the usual name runs its prefix under SDPA, then the last token alone eagerly over the KV
+cache; families without a switchable fast attention run eagerly over the whole prompt (`attention_path`).
 
 Short prompts traced together are right-padded, so every real token sees exactly the tokens it would see alone
 and positions are unchanged; each prompt's trace is cut to its own length afterwards.
@@ -20,7 +21,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .forward import FAST_ATTENTION_FROM_TOKENS, PaddedBatch, attention_implementation, has_fast_attention
+from .forward import (FAST_ATTENTION_FROM_TOKENS, LAST_ROW_ATTENTION, PaddedBatch, attention_implementation,
+                      has_fast_attention, traces_in_one_pass, trimming_heap)
 from .loaded import LoadedModel
 from .recording import recording
 
@@ -45,7 +47,9 @@ class Trace:
     ffn_coefficients: Tensor  # (L, P, N): m; in a mixture g·m of the chosen experts' neurons (0: not chosen)
     ffn_outputs: Tensor  # (L, P, d): F^l (output bias included)
     attention_weights: Tensor  # (L, H, T): last position's attention row, per head
-    value_states: Tensor  # (L, T, H_kv, d_h): every position
+    # (L, T, H_kv, d_h): every position; empty in a trace made only for its per-position records (the pass
+    # `with_positions` adds positions from)
+    value_states: Tensor
     final_residual: Tensor  # (P, d): h^L
     logits: Tensor  # (V,): the model's logits at the last position
     # Behind post-norms (docs/method.md §1): the scale each sublayer's raw output got at each position, (L, P).
@@ -114,12 +118,14 @@ class Trace:
 
 
 def trace_token_ids(model: LoadedModel, batch: Sequence[Sequence[int]],
-                    positions: Sequence[int] | None = None, every_attention_row: bool = False) -> list[Trace]:
+                    positions: Sequence[int] | None = None, every_attention_row: bool = False,
+                    values: bool = True) -> list[Trace]:
     """A trace per prompt of `batch` (lists of token ids). Per-position data is kept at every position of a
     short prompt and at the last position of one whose full record would pass `FULL_RECORD_BYTES`; `positions`
     adds positions to keep (for every prompt). Short prompts share one padded forward pass.
     `every_attention_row`: the traces keep every query's attention row too (`Trace.attention_rows`), from the
-    same pass; quadratic in length by nature, so only for prompts under FAST_ATTENTION_FROM_TOKENS tokens."""
+    same pass; quadratic in length by nature, so only for prompts under FAST_ATTENTION_FROM_TOKENS tokens.
+    `values=False`: no value states are recorded (a pass made only for its per-position records)."""
     plans = [_kept_positions(model, len(ids), positions) for ids in batch]
     traces: list[Trace | None] = [None] * len(batch)
     together = [i for i, (ids, kept) in enumerate(zip(batch, plans))
@@ -127,11 +133,12 @@ def trace_token_ids(model: LoadedModel, batch: Sequence[Sequence[int]],
     if every_attention_row and len(together) < len(batch):
         raise ValueError(f"every attention row is kept for prompts under {FAST_ATTENTION_FROM_TOKENS} tokens only")
     if together:
-        for i, trace in zip(together, _trace_padded(model, [batch[i] for i in together], every_attention_row)):
+        traced = _trace_padded(model, [batch[i] for i in together], every_attention_row, values)
+        for i, trace in zip(together, traced):
             traces[i] = trace
     for i, ids in enumerate(batch):
         if traces[i] is None:
-            traces[i] = _trace_alone(model, ids, plans[i])
+            traces[i] = _trace_alone(model, ids, plans[i], values)
     return traces
 
 
@@ -146,7 +153,9 @@ def with_positions(model: LoadedModel, trace: Trace, positions: Sequence[int]) -
     missing = sorted({p for p in positions if 0 <= p < trace.n_tokens} - held)
     if not missing:
         return trace
-    prefix = trace_token_ids(model, [trace.token_ids[: missing[-1] + 1].tolist()], positions=missing)[0]
+    # Without value states: the prompt's own cover every position, and the prefix's would be as large as the
+    # prompt's up to there.
+    prefix = trace_token_ids(model, [trace.token_ids[: missing[-1] + 1].tolist()], positions=missing, values=False)[0]
     return _with_positions_of(trace, prefix, missing)
 
 
@@ -183,10 +192,12 @@ def _kept_positions(model: LoadedModel, n_tokens: int, extra: Sequence[int] | No
     return torch.tensor(sorted(wanted), dtype=torch.long, device="cpu")
 
 
-def _trace_padded(model: LoadedModel, batch: Sequence[Sequence[int]], every_row: bool = False) -> list[Trace]:
+def _trace_padded(model: LoadedModel, batch: Sequence[Sequence[int]], every_row: bool = False, values: bool = True
+                  ) -> list[Trace]:
     padded = PaddedBatch.of(batch)
     lengths, input_ids = padded.lengths, padded.input_ids
-    with torch.inference_mode(), recording(model, padded.lengths - 1, every_row=every_row) as recorder:
+    with torch.inference_mode(), recording(model, padded.lengths - 1, every_row=every_row,
+                                           values=values) as recorder:
         output = padded.run(model)
         logits = padded.last_logits(output)
         del output
@@ -216,15 +227,19 @@ def _cut(key: str, value: Tensor, length: int) -> Tensor:
     return value[:, :length]
 
 
-def _trace_alone(model: LoadedModel, ids: Sequence[int], kept: Tensor | None) -> Trace:
+def _trace_alone(model: LoadedModel, ids: Sequence[int], kept: Tensor | None, values: bool = True) -> Trace:
     token_ids = torch.as_tensor(list(ids), dtype=torch.long, device="cpu")
     n_tokens = len(token_ids)
     device = model.device
     inputs = token_ids.unsqueeze(0).to(device)
     positions = torch.arange(n_tokens, device=device).unsqueeze(0)
     last = torch.tensor([n_tokens - 1], device="cpu")
-    with torch.inference_mode(), recording(model, last, kept) as recorder:
-        if n_tokens > 1 and has_fast_attention(model):
+    with torch.inference_mode(), recording(model, last, kept, values=values) as recorder, \
+            trimming_heap(model, n_tokens):
+        if n_tokens > 1 and traces_in_one_pass(model):
+            with attention_implementation(model, LAST_ROW_ATTENTION):
+                output = model.hf_model(input_ids=inputs, position_ids=positions, use_cache=False, logits_to_keep=1)
+        elif n_tokens > 1 and has_fast_attention(model):
             with attention_implementation(model, "sdpa"):
                 prefix = model.hf_model(input_ids=inputs[:, :-1], position_ids=positions[:, :-1], use_cache=True,
                                         logits_to_keep=1)
@@ -243,6 +258,9 @@ def _trace_alone(model: LoadedModel, ids: Sequence[int], kept: Tensor | None) ->
 
 
 def _trace_of(parts: dict[str, Tensor], token_ids: Tensor, logits: Tensor) -> Trace:
+    if "value_states" not in parts:
+        layers = parts["layer_inputs"].shape[0]
+        parts["value_states"] = parts["layer_inputs"].new_empty(layers, 0, 0, 0)
     return Trace(token_ids=token_ids, layer_inputs=parts["layer_inputs"],
                  attention_outputs=parts["attention_outputs"], ffn_coefficients=parts["ffn_coefficients"],
                  ffn_outputs=parts["ffn_outputs"], attention_weights=parts["attention_weights"],
