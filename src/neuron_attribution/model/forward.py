@@ -81,7 +81,7 @@ def traces_in_one_pass(model: LoadedModel) -> bool:
 def attention_path(model: LoadedModel) -> str:
     """How a long prompt is traced, in words (`info`)."""
     if traces_in_one_pass(model):
-        return (f"one pass with fast attention (SDPA), the last query's attention row and output from eager "
+        return (f"fast attention (SDPA) in one pass, the last query's attention row and output from eager "
                 f"attention in the same pass (prompts of {FAST_ATTENTION_FROM_TOKENS}+ tokens; no KV cache)")
     if has_fast_attention(model):
         return (f"fast attention (SDPA) up to the last token, whose attention row comes exactly from eager attention "
