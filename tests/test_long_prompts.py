@@ -270,3 +270,33 @@ def test_a_long_pass_gives_freed_memory_back_after_each_sublayer(monkeypatch, lo
     assert calls == []
     monkeypatch.undo()
     heap.give_back_freed_memory()  # the real one: glibc's here, nothing where there is none
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gemma2"])
+def test_value_states_kept_in_a_file_give_the_same_scores(monkeypatch, family, long_ids):
+    """Past VALUES_IN_MEMORY_BYTES a CPU trace writes its value states to a file as the pass makes them (#37 item
+    5): read back, every layer equals the in-memory record, gathers read the same numbers, and value, head and
+    query scores (with the query step's retrace) equal the in-memory path's exactly."""
+    from neuron_attribution.model import value_store
+
+    model = MODELS[family]
+    options = dict(top_k=15, query_top=8, query_via="both")
+    in_memory = long_path(monkeypatch, model, long_ids)
+    with monkeypatch.context() as patch:
+        patch.setattr(trace_module, "FULL_RECORD_BYTES", 0)
+        reference = na.attribute(model, long_ids, **options)
+        patch.setattr(value_store, "VALUES_IN_MEMORY_BYTES", 0)
+        in_file = long_path(monkeypatch, model, long_ids)
+        from_file = na.attribute(model, long_ids, **options)
+    stored = in_file.value_states
+    assert isinstance(stored, value_store.ValuesInFile) and stored.shape == in_memory.value_states.shape
+    for layer in range(model.shape.n_layers):
+        assert torch.equal(stored[layer], in_memory.value_states[layer])
+    layers, positions = torch.tensor([1, 0, 1, 1]), torch.tensor([39, 0, 5, 17])
+    kv, dims = torch.tensor([1, 0, 0, 1]), torch.tensor([7, 3, 0, 2])
+    assert torch.equal(stored[layers, positions, kv, dims], in_memory.value_states[layers, positions, kv, dims])
+    assert torch.equal(stored[1, :, 1, 4], in_memory.value_states[1, :, 1, 4])
+    for kind in ("ffn_neurons", "attention_neurons", "query_neurons", "heads"):
+        assert [n.score for n in getattr(from_file, kind)] == [n.score for n in getattr(reference, kind)], kind
+    assert [(n.layer, n.head, n.dim, n.position) for n in from_file.attention_neurons] == \
+        [(n.layer, n.head, n.dim, n.position) for n in reference.attention_neurons]

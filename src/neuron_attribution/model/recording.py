@@ -11,6 +11,7 @@ from torch import Tensor
 
 from . import experts as moe
 from .loaded import LoadedModel
+from .value_store import ValuesInFile
 
 # Recorded at the kept positions only; the value states and the attention row cover every position.
 _PER_POSITION = ("layer_inputs", "attention_outputs", "ffn_coefficients", "ffn_outputs", "attention_output_scales",
@@ -22,17 +23,18 @@ class _Recorder:
     run as a prefix and then its last token)."""
 
     def __init__(self, model: LoadedModel, last_index: Tensor, kept: Tensor | None, every_row: bool = False,
-                 values: bool = True):
+                 values: bool = True, values_file: ValuesInFile | None = None):
         self.model, self.adapter = model, model.adapter
         self.every_row = every_row  # keep every query's attention row too (a circuit's short prompt)
         self.values = values  # record the value states (not for a pass made only for its per-position records)
+        self.values_file = values_file  # where a single prompt's value states go instead of memory
         self.device = model.adapter.device  # where the scores will be computed
         self.last_index = last_index  # per batch row, the absolute position of its last token
         self.kept = kept  # absolute positions to keep, or None for all
         self.offset = 0  # absolute position of the current call's first token
         n = model.shape.n_layers
         keys = ["layer_inputs", "attention_outputs", "attention_weights", "ffn_coefficients", "ffn_outputs"]
-        if values:
+        if values and values_file is None:
             keys.append("value_states")
         if every_row:
             keys.append("attention_rows")
@@ -147,7 +149,11 @@ class _Recorder:
         def hook(module, args, output):
             if self.model.probing:
                 return  # an intervention measuring this layer's attention once more, not a pass of the prompt
-            self._store("value_states", layer, self.adapter.values_from_output(layer, output))
+            values = self.adapter.values_from_output(layer, output)
+            if self.values_file is not None:
+                self.values_file.write(layer, self.offset, values[0])
+                return
+            self._store("value_states", layer, values)
         return hook
 
     def _coefficients(self, layer: int):
@@ -243,8 +249,11 @@ def _joined(per_layer: list[list[Tensor]]) -> Tensor:
 
 @contextmanager
 def recording(model: LoadedModel, last_index: Tensor, kept: Tensor | None = None,
-              every_row: bool = False, values: bool = True) -> Iterator[_Recorder]:
-    recorder = _Recorder(model, last_index, kept, every_row, values)
+              every_row: bool = False, values: bool = True, values_file: ValuesInFile | None = None
+              ) -> Iterator[_Recorder]:
+    """The hooks of a trace, installed inside the block. `values_file`: a single prompt's value states are written
+    there instead of kept (`stacked` then has no "value_states")."""
+    recorder = _Recorder(model, last_index, kept, every_row, values, values_file)
     with model.lock:
         try:
             recorder.install()  # inside the try: hooks installed before a failure are removed too

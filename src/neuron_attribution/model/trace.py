@@ -25,6 +25,7 @@ from .forward import (FAST_ATTENTION_FROM_TOKENS, LAST_ROW_ATTENTION, PaddedBatc
                       has_fast_attention, traces_in_one_pass, trimming_heap)
 from .loaded import LoadedModel
 from .recording import recording
+from .value_store import ValuesInFile, keeps_values_in_a_file
 
 # A prompt whose full per-position record (L·(3d + N) float32 per token) would exceed this keeps it at its last
 # position only; query scoring traces the prompt up to the source positions it reads (`with_positions`).
@@ -47,9 +48,10 @@ class Trace:
     ffn_coefficients: Tensor  # (L, P, N): m; in a mixture g·m of the chosen experts' neurons (0: not chosen)
     ffn_outputs: Tensor  # (L, P, d): F^l (output bias included)
     attention_weights: Tensor  # (L, H, T): last position's attention row, per head
-    # (L, T, H_kv, d_h): every position; empty in a trace made only for its per-position records (the pass
-    # `with_positions` adds positions from)
-    value_states: Tensor
+    # (L, T, H_kv, d_h): every position; in a file past `value_store.VALUES_IN_MEMORY_BYTES` on the CPU (indexed
+    # the same way); empty in a trace made only for its per-position records (the pass `with_positions` adds
+    # positions from)
+    value_states: Tensor | ValuesInFile
     final_residual: Tensor  # (P, d): h^L
     logits: Tensor  # (V,): the model's logits at the last position
     # Behind post-norms (docs/method.md §1): the scale each sublayer's raw output got at each position, (L, P).
@@ -234,7 +236,10 @@ def _trace_alone(model: LoadedModel, ids: Sequence[int], kept: Tensor | None, va
     inputs = token_ids.unsqueeze(0).to(device)
     positions = torch.arange(n_tokens, device=device).unsqueeze(0)
     last = torch.tensor([n_tokens - 1], device="cpu")
-    with torch.inference_mode(), recording(model, last, kept, values=values) as recorder, \
+    s = model.shape
+    in_file = values and keeps_values_in_a_file(s.n_layers, n_tokens, s.n_kv_heads, s.head_dim, model.adapter.device)
+    values_file = ValuesInFile(s.n_layers, n_tokens, s.n_kv_heads, s.head_dim) if in_file else None
+    with torch.inference_mode(), recording(model, last, kept, values=values, values_file=values_file) as recorder, \
             trimming_heap(model, n_tokens):
         if n_tokens > 1 and traces_in_one_pass(model):
             with attention_implementation(model, LAST_ROW_ATTENTION):
@@ -252,7 +257,10 @@ def _trace_alone(model: LoadedModel, ids: Sequence[int], kept: Tensor | None, va
         logits = output.logits[0, -1].detach().to(device=recorder.device, dtype=torch.float32)
         del output
         stacked = recorder.stacked(n_tokens)
-    trace = _trace_of({key: value[0] for key, value in stacked.items()}, token_ids, logits)
+    parts = {key: value[0] for key, value in stacked.items()}
+    if values_file is not None:
+        parts["value_states"] = values_file
+    trace = _trace_of(parts, token_ids, logits)
     trace.kept_positions = kept
     return trace
 

@@ -17,6 +17,7 @@ from ..model.loaded import LoadedModel
 from ..model.readout import LinearReadout
 from ..model.weights import LayerStack
 from ..model.trace import Trace
+from ..model.value_store import ValuesInFile
 from ..neurons import ModelShape
 from ..settings import DEFAULT_MEMORY_BUDGET
 from .buffers import ModelCaches, caches_for, check_budget
@@ -203,7 +204,7 @@ class AttentionCoefficients:
     the prompt's count of attention neurons; only the bounds, which the top-k search needs whole, are."""
 
     weights: Tensor  # (L, H, T): the last position's attention row, scaled
-    values: Tensor  # (L, T, H_kv, d_h)
+    values: Tensor | ValuesInFile  # (L, T, H_kv, d_h); read a layer at a time where it is a file
     model_shape: ModelShape
 
     @property
@@ -227,7 +228,11 @@ class AttentionCoefficients:
     @cached_property
     def summed(self) -> Tensor:
         """(L, H, d_h): Σ_p of the coefficients, each head's output vector in its value-dimension basis."""
-        return torch.einsum("lkgt,ltkn->lkgn", self._grouped_weights(), self.values).reshape(self.shape[:3])
+        grouped = self._grouped_weights()
+        if isinstance(self.values, Tensor):
+            return torch.einsum("lkgt,ltkn->lkgn", grouped, self.values).reshape(self.shape[:3])
+        return torch.stack([torch.einsum("kgt,tkn->kgn", grouped[layer], self.values[layer])
+                            for layer in range(self.shape[0])]).reshape(self.shape[:3])
 
     def times(self, factors: Tensor, absolute: bool = False) -> Tensor:
         """(L, H, d_h, T): coefficient · factors[l, j, n] (|coefficient| with `absolute`), made a layer and KV head
