@@ -300,3 +300,17 @@ def test_value_states_kept_in_a_file_give_the_same_scores(monkeypatch, family, l
         assert [n.score for n in getattr(from_file, kind)] == [n.score for n in getattr(reference, kind)], kind
     assert [(n.layer, n.head, n.dim, n.position) for n in from_file.attention_neurons] == \
         [(n.layer, n.head, n.dim, n.position) for n in reference.attention_neurons]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3"])
+def test_one_pass_equals_two_passes_bitwise_in_bfloat16(monkeypatch, family, long_ids):
+    """In bfloat16 the one-pass trace records exactly what the two passes recorded (SDPA for the prompt, eager for
+    the last query over the same keys and values): the row, value states, last residual and logits are bitwise
+    equal, sliding windows included; both differ from one eager pass by bfloat16 rounding, as before."""
+    from .test_bfloat16 import in_bfloat16
+
+    model = in_bfloat16(tiny_llama() if family == "llama" else tiny_family(family))
+    one, two = long_path(monkeypatch, model, long_ids), _two_passes(monkeypatch, model, long_ids)
+    assert one.value_states.dtype == torch.float32 and next(model.hf_model.parameters()).dtype == torch.bfloat16
+    for name in ("attention_weights", "value_states", "final_residual", "logits", "attention_outputs"):
+        assert torch.equal(getattr(one, name), getattr(two, name)), name
