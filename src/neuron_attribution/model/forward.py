@@ -65,7 +65,7 @@ def trimming_heap(model: LoadedModel, n_tokens: int) -> AbstractContextManager[N
 
 
 def has_fast_attention(model: LoadedModel) -> bool:
-    """Whether the family can run its prompt under SDPA and switch back to eager attention for the last token."""
+    """Whether the family can run its prompt under SDPA (switching its attention implementation at run time)."""
     return can_switch_attention(model.hf_model)
 
 
