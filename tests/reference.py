@@ -14,9 +14,17 @@ def model_type(model) -> str:
     return model.hf_model.config.model_type
 
 
+_BLOCKS: dict[int, tuple] = {}  # id(config) -> (config, its block facts); the config is held so its id stays its own
+
+
 def block(model):
-    """The family's block facts (tests/tiny_families.py), read off its Hugging Face modules."""
-    return block_of(model_type(model), model.hf_model.config)
+    """The family's block facts (tests/tiny_families.py), read off its Hugging Face config once per config (the
+    loops ask for every neuron)."""
+    config = model.hf_model.config
+    kept = _BLOCKS.get(id(config))
+    if kept is None or kept[0] is not config:
+        kept = _BLOCKS[id(config)] = (config, block_of(config.model_type, config))
+    return kept[1]
 
 
 def is_parallel(model) -> bool:
@@ -140,7 +148,8 @@ def raw_attention_output(model, trace, layer) -> torch.Tensor:
 
 def ffn_vector(model, trace, layer, neuron, position) -> torch.Tensor:
     vector = trace.ffn_coefficients[layer, position, neuron].double() * ffn_value(model, layer, neuron)
-    factor = post_norm_factor(model, layer, "ffn", raw_ffn_output(model, trace, layer, position))
+    raw = raw_ffn_output(model, trace, layer, position) if has_post_norms(model) else None  # read by a post-norm only
+    factor = post_norm_factor(model, layer, "ffn", raw)
     return vector if factor is None else vector * factor
 
 
@@ -169,28 +178,49 @@ def _same_memory(kept: torch.Tensor, source: torch.Tensor) -> bool:
         kept._version == source._version
 
 
+_READOUT: list[tuple] = []  # (model, trace, what it was read from, its readout): the last pair, held so ids stay
+
+
+def _readout(model, trace) -> dict:
+    """What final_logits needs beside the residual, read once per model and trace (the loops call it for every
+    neuron): the float64 unembedding and bias, the final norm's gain, bias and its scale frozen at the true final
+    residual, the logit multiplier and the soft cap. Read again when the weights or the trace change in place."""
+    head = model.hf_model.get_output_embeddings()
+    final = attrgetter(block(model).final_norm)(model.hf_model)
+    read_from = tuple((t.data_ptr(), None if t.is_inference() else t._version)  # inference tensors keep no version
+                      for t in (*head.parameters(), *final.parameters(), trace.final_residual)) + \
+        (getattr(model.hf_model.config, "final_logit_softcapping", None),)
+    if _READOUT and _READOUT[0][0] is model and _READOUT[0][1] is trace and _READOUT[0][2] == read_from:
+        return _READOUT[0][3]
+    _, bias = model.adapter.unembedding
+    h = trace.final_residual[-1].double()
+    layernorm = model.adapter.final_norm().kind == "layernorm"
+    centred = h - h.mean() if layernorm else h
+    readout = {"unembedding": _unembedding64(model), "bias": None if bias is None else bias.double(),
+               "gamma": gain(model, final), "layernorm": layernorm,
+               "scale": (centred.pow(2).mean() + _eps(final)).sqrt(),
+               "norm_bias": None if getattr(final, "bias", None) is None else final.bias.detach().double(),
+               "multiplier": block(model).logit_multiplier(model.hf_model.config),
+               "cap": getattr(model.hf_model.config, "final_logit_softcapping", None)}
+    _READOUT[:] = [(model, trace, read_from, readout)]
+    return readout
+
+
 def final_logits(model, trace, residual: torch.Tensor, reference: bool = False, capped: bool = True) -> torch.Tensor:
     """Logits of a residual vector with the final norm's scale frozen at the true final residual (before the
     final soft-capping with capped=False)."""
-    norm = model.adapter.final_norm()
-    _, bias = model.adapter.unembedding
-    unembedding = _unembedding64(model)
-    h = trace.final_residual[-1].double()
+    r = _readout(model, trace)
     y = residual.double()
-    final = attrgetter(block(model).final_norm)(model.hf_model)
-    gamma = gain(model, final)
-    if norm.kind == "layernorm":
-        scale = ((h - h.mean()).pow(2).mean() + _eps(final)).sqrt()
-        normed = (y - y.mean()) / scale * gamma
-        if not reference and getattr(final, "bias", None) is not None:
-            normed = normed + final.bias.detach().double()
+    if r["layernorm"]:
+        normed = (y - y.mean()) / r["scale"] * r["gamma"]
+        if not reference and r["norm_bias"] is not None:
+            normed = normed + r["norm_bias"]
     else:
-        scale = (h.pow(2).mean() + _eps(final)).sqrt()
-        normed = y / scale * gamma
-    logits = unembedding @ normed
-    logits = logits if bias is None else logits + bias.double()
-    logits = logits * block(model).logit_multiplier(model.hf_model.config)
-    cap = getattr(model.hf_model.config, "final_logit_softcapping", None)
+        normed = y / r["scale"] * r["gamma"]
+    logits = r["unembedding"] @ normed
+    logits = logits if r["bias"] is None else logits + r["bias"]
+    logits = logits * r["multiplier"]
+    cap = r["cap"]
     return logits if cap is None or not capped else cap * torch.tanh(logits / cap)
 
 
@@ -217,7 +247,8 @@ def attention_neuron_vector(model, trace, layer, head, dim, position) -> torch.T
     coefficient = trace.attention_weights[layer, head, position].double() * \
         trace.value_states[layer, position, kv, dim].double()
     vector = coefficient * w.output_weight[head, dim].double()
-    factor = post_norm_factor(model, layer, "attention", raw_attention_output(model, trace, layer))
+    raw = raw_attention_output(model, trace, layer) if has_post_norms(model) else None  # read by a post-norm only
+    factor = post_norm_factor(model, layer, "attention", raw)
     return vector if factor is None else vector * factor
 
 

@@ -91,6 +91,7 @@ def test_ray_workers_get_the_settings_match_local_and_survive_a_dead_worker(real
 
 
 @RAY_GROUP
+@pytest.mark.slow  # starts a Ray cluster: 18 s
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a worker without CUDA is what is checked")
 def test_ray_workers_ask_for_gpus_and_a_worker_without_one_fails_in_one_line():
     """A cluster that advertises one GPU (Ray's resources are declared, so this CPU machine can claim one) gets

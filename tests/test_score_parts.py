@@ -237,3 +237,32 @@ def test_the_two_step_top_k_equals_topk(width):
         top, bottom = largest_and_smallest(rows, k)
         assert torch.equal(top, rows.topk(k, dim=-1).indices)
         assert torch.equal(bottom, rows.topk(k, dim=-1, largest=False).indices)
+
+
+def test_the_json_form_holds_what_dataclasses_asdict_holds():
+    """`to_dict` and the run tables turn results into plain data in one pass (results/plain.py): on results with
+    every kind of part (query neurons through both paths and their links, contrast, every answer token, an
+    expert index, a quantisation residual), the plain data equals `dataclasses.asdict`'s and shares no list or
+    dict with the result."""
+    import dataclasses
+
+    from neuron_attribution.results.plain import plain_fields
+    from neuron_attribution.results.quantization import QuantizationResidual
+
+    mixture = tiny_family("qwen2_moe")
+    results = [attribute(tiny_llama(), IDS, TARGET, top_k=40, query_top=6, query_via="both"),
+               attribute(tiny_llama(), IDS, TARGET, top_k=5, contrast=40),
+               attribute(tiny_gpt2(), IDS, [TARGET, 40], top_k=5, answer_tokens="all", query_top=3),
+               attribute(mixture, IDS, TARGET, top_k=8, query_top=3, dense=True)]
+    results[0].quantization_residuals = [QuantizationResidual(0, "ffn", 0.5, 1e-3, 4e-3)]
+    for result in results:
+        expected = {k: v for k, v in dataclasses.asdict(result).items() if k != "dense"}
+        plain = plain_fields(result, leave_out=("dense",))
+        assert plain == expected and list(plain) == list(expected)
+        assert plain["ffn_neurons"][0] is not result.ffn_neurons[0]
+        before = len(result.ffn_neurons[0].suppressed_tokens)
+        plain["ffn_neurons"][0]["suppressed_tokens"].append("added")
+        plain["target"]["id"] = -1
+        assert len(result.ffn_neurons[0].suppressed_tokens) == before and result.target.id != -1
+    assert any(n.expert is not None for n in results[3].ffn_neurons)
+    assert results[0].query_links and results[1].target.contrast and results[2].target.tokens

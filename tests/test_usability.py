@@ -208,6 +208,7 @@ def test_the_cli_leaves_the_collector_of_a_python_user_as_it_found_it(monkeypatc
         gc.set_threshold(*before)
 
 
+@pytest.mark.slow  # a fresh Python process, which imports torch and transformers: 8 s
 def test_no_process_wide_side_effects(tmp_path):
     """#23 item 8: importing the report module chooses no matplotlib backend (pyplot stays unloaded, also while
     drawing), and loading a model leaves transformers' progress bars as the caller had them."""

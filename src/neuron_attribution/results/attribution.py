@@ -6,7 +6,7 @@ added, never renamed.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import numpy as np
 
 from ..files import read_json_as, write_json
 from ..neurons import AttentionIndex, FfnIndex, HeadIndex
+from .plain import plain_fields
 from .quantization import QuantizationResidual
 
 
@@ -54,7 +55,7 @@ class TargetInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """Without `contrast`, `tokens` and `answer` where there are none."""
-        return {k: v for k, v in asdict(self).items() if not (k in ("contrast", "tokens", "answer") and v is None)}
+        return {k: v for k, v in plain_fields(self).items() if not (k in ("contrast", "tokens", "answer") and v is None)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TargetInfo:
@@ -295,7 +296,7 @@ class Attribution:
     dense: DenseScores | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if k != "dense"}
+        data = plain_fields(self, leave_out=("dense",))
         data["target"] = self.target.to_dict()
         for kind in ("ffn_neurons", "attention_neurons"):
             data[kind] = [{k: v for k, v in n.items()

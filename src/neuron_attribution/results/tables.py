@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import types
 import typing
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Protocol
 
@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from ..errors import UserError
 from .attribution import AttentionNeuron, Attribution, FfnNeuron, HeadScore, QueryNeuron
+from .plain import plain_fields
 
 TABLES = ("sentences", "ffn_neurons", "attention_neurons", "query_neurons", "layers", "heads")
 # gate/up: SwiGLU models only; attention/ffn: None for a query path not taken.
@@ -63,11 +64,11 @@ def tables_of(rows: list[tuple[int, SentenceSource, Attribution]]) -> dict[str, 
         for table, items in (("ffn_neurons", result.ffn_neurons), ("attention_neurons", result.attention_neurons),
                              ("query_neurons", result.query_neurons)):
             for rank, item in enumerate(items, 1):
-                add(table, **common, rank=rank, **asdict(item))
+                add(table, **common, rank=rank, **plain_fields(item))
         for layer, (attention, ffn) in enumerate(zip(result.layers.attention, result.layers.ffn)):
             add("layers", **common, layer=layer, attention=attention, ffn=ffn)
         for h in result.heads:
-            add("heads", **common, **asdict(h))
+            add("heads", **common, **plain_fields(h))
     return {name: pa.table(_typed(values)) if values else _empty(name) for name, values in columns.items()}
 
 
