@@ -21,6 +21,7 @@ import time
 import torch
 
 import neuron_attribution as na
+from neuron_attribution.pipelines.result_memory import buffers_budget
 from neuron_attribution.settings import parse_size
 from neuron_attribution.scoring import progress
 from neuron_attribution.scoring.exact import rows_per_product
@@ -63,7 +64,11 @@ def main() -> None:
     rss_loaded = peak_rss_mb()
     shape = model.shape
     vocabulary = model.hf_model.get_output_embeddings().weight.shape[0]
-    batch = rows_per_product(vocabulary, budget.get("memory_budget", na.ScoringOptions().memory_budget))
+    n_tokens = len(model.tokenizer(args.prompt)["input_ids"])
+    # the returned neurons count against the budget; the products get the rest (pipelines/result_memory.py)
+    left = buffers_budget(shape, n_tokens, 10**8, budget.get("memory_budget", na.ScoringOptions().memory_budget),
+                          vocabulary, model.adapter.device)
+    batch = rows_per_product(vocabulary, left)
 
     first_report: list[float] = []
     started = [0.0]
@@ -79,7 +84,6 @@ def main() -> None:
         with progress.reporting(reporter):
             result = na.attribute(model, args.prompt, top_k=10**8, query_top=0, **budget)
         times.append(time.perf_counter() - started[0])
-    n_tokens = len(model.tokenizer(args.prompt)["input_ids"])
     neurons = len(result.ffn_neurons) + len(result.attention_neurons)
     rows = neurons + shape.n_layers * shape.n_heads * (1 + n_tokens)  # the heads and their positions too
     per_row = floor_per_row(model, batch)

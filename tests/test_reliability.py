@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from neuron_attribution import attribute, cli, load_model
 from neuron_attribution.settings import DEFAULT_MEMORY_BUDGET
+from neuron_attribution.pipelines.result_memory import RESULT_BYTES_PER_NEURON
 from neuron_attribution.datasets import load_facts
 from neuron_attribution.pipelines.run import RunArguments, run_dataset, run_settings
 from neuron_attribution.results.tables import TABLES
@@ -191,8 +192,9 @@ def test_a_small_memory_budget_changes_batching_not_results(tiny_model, token_ba
     budget = 3 * 2 * 4 * 257  # three rows per vocabulary-sized product
     assert rows_per_product(257, budget) == 3
     assert rows_per_product(257, DEFAULT_MEMORY_BUDGET) == EXACT_BATCH
-    wide = attribute(tiny_model, ids, top_k=20).to_dict()
-    narrow = attribute(tiny_model, ids, top_k=20, memory_budget=budget).to_dict()
+    wide = attribute(tiny_model, ids, top_k=20, query_top=0).to_dict()
+    returned = 2 * 20 * RESULT_BYTES_PER_NEURON  # the 20 neurons of each kind count against the budget too
+    narrow = attribute(tiny_model, ids, top_k=20, query_top=0, memory_budget=returned + budget).to_dict()
     for key, identity in (("ffn_neurons", ("layer", "neuron")), ("attention_neurons", ("layer", "head", "dim",
                                                                                     "position"))):
         assert [[n[f] for f in identity] for n in narrow[key]] == [[n[f] for f in identity] for n in wide[key]]
@@ -208,18 +210,26 @@ def test_the_memory_budget_reaches_the_scoring(tiny_model, token_batches, monkey
     real = exact.rows_per_product
     monkeypatch.setattr(exact, "rows_per_product", lambda vocabulary, budget: seen.append(budget) or real(
         vocabulary, budget))
-    attribute(tiny_model, token_batches[0], top_k=3, memory_budget=12345)
-    attribute(tiny_model, token_batches[0], top_k=3)
-    assert set(seen) == {12345, DEFAULT_MEMORY_BUDGET}
+    attribute(tiny_model, token_batches[0], top_k=3, query_top=0, memory_budget=12345)
+    attribute(tiny_model, token_batches[0], top_k=3, query_top=0)
+    returned = 2 * 3 * RESULT_BYTES_PER_NEURON  # what the returned neurons take goes to them, the rest to products
+    assert set(seen) == {12345 - returned, DEFAULT_MEMORY_BUDGET - returned}
 
 
 def test_a_budget_too_small_for_one_row_names_the_smallest_that_works(tiny_model, token_batches):
     from neuron_attribution import UserError
+    from neuron_attribution.scoring.buffers import check_budget
 
     smallest = 2 * 4 * 257  # one row of logits and one of bases, float32
+    returned = 2 * 3 * RESULT_BYTES_PER_NEURON  # and the 3 neurons of each kind returned: 6KB
+    with pytest.raises(UserError, match=r"^--max-memory 8.0[0-9]*KB is too small: returning 6 neurons with their "
+                                        r"parts takes about 6KB and one row of the vocabulary-sized products \(257 "
+                                        r"tokens\) 2.01KB; give at least 8.01KB, or ask for fewer \(--top, top_k: 2 "
+                                        r"of each kind fit\)$"):
+        attribute(tiny_model, token_batches[0], top_k=3, query_top=0, memory_budget=returned + smallest - 1)
+    assert attribute(tiny_model, token_batches[0], top_k=3, query_top=0, memory_budget=returned + smallest).ffn_neurons
     with pytest.raises(UserError, match=r"^--max-memory 2.0[0-9]*KB is too small: .* give at least 2.01KB$"):
-        attribute(tiny_model, token_batches[0], top_k=3, memory_budget=smallest - 1)
-    assert attribute(tiny_model, token_batches[0], top_k=3, memory_budget=smallest).ffn_neurons
+        check_budget(smallest - 1, 257)  # the products' own check, where a GPU's free memory caps the budget
 
 
 def test_a_prompt_longer_than_the_context_names_both_lengths(tiny_model):

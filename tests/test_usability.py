@@ -379,3 +379,64 @@ def test_every_neuron_is_scored_in_bounded_rounds_with_progress_from_the_start(m
         assert ours == {str(n.index): n.score for n in getattr(whole, kind)}
     for n in rounds.ffn_neurons:
         assert n.score == pytest.approx(float(whole.dense.ffn[n.layer, n.neuron]), abs=1e-5)
+
+
+def _deep_bytes(value, seen: set[int]) -> int:
+    """Bytes a Python object holds with everything it refers to, each object counted once."""
+    import sys
+
+    if id(value) in seen:
+        return 0
+    seen.add(id(value))
+    size = sys.getsizeof(value)
+    if isinstance(value, dict):
+        size += sum(_deep_bytes(k, seen) + _deep_bytes(v, seen) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        size += sum(_deep_bytes(item, seen) for item in value)
+    elif hasattr(type(value), "__dataclass_fields__"):
+        size += sum(_deep_bytes(getattr(value, name), seen) for name in type(value).__dataclass_fields__)
+    return size
+
+
+def test_every_neurons_result_counts_against_the_memory_budget(cli, tmp_path, monkeypatch):
+    """#37 item 2: the returned neurons count against `--max-memory` too. Every neuron of the tiny Llama on a
+    6-token prompt, at RESULT_BYTES_PER_NEURON each, goes through with exactly that budget and one row of the
+    vocabulary-sized products, the buffers getting what is left, and is refused with one line a byte below it,
+    before any scoring; the constant bounds what a returned neuron really takes, measured on the returned
+    objects; the CLI exits with code 2 and that line."""
+    from neuron_attribution import UserError, attribute
+    from neuron_attribution.pipelines import attribute as attribute_module
+    from neuron_attribution.pipelines import result_memory
+    from neuron_attribution.scoring.buffers import smallest_budget
+
+    from .conftest import save_with_tokenizer, tiny_llama
+
+    model = tiny_llama()
+    prompt, target = [5, 17, 3, 99, 42, 7], 11
+    s = model.shape
+    count = s.n_layers * s.d_ffn + s.n_layers * s.n_heads * s.head_dim * len(prompt)
+    need = count * result_memory.RESULT_BYTES_PER_NEURON
+    least = smallest_budget(model.hf_model.lm_head.weight.shape[0])
+    budgets = []
+    real_context = attribute_module.value_context
+    monkeypatch.setattr(attribute_module, "value_context",
+                        lambda *a, **k: budgets.append(k["memory_budget"]) or real_context(*a, **k))
+    result = attribute(model, prompt, target, top_k=10**8, query_top=0, memory_budget=need + least)
+    assert budgets == [least]  # the buffers get what the returned neurons leave: one row here
+    returned = [*result.ffn_neurons, *result.attention_neurons]
+    assert len(returned) == count == result_memory.returned_neurons(s, len(prompt), 10**8)
+    seen: set[int] = set()
+    assert sum(_deep_bytes(n, seen) for n in returned) / count < result_memory.RESULT_BYTES_PER_NEURON
+    with pytest.raises(UserError, match=f"returning {count:,} neurons") as refused:
+        attribute(model, prompt, target, top_k=10**8, query_top=0, memory_budget=need + least - 1)
+    assert "\n" not in str(refused.value) and "--max-memory" in str(refused.value) and len(budgets) == 1
+    assert len(attribute(model, prompt, target, top_k=5, query_top=0, memory_budget=need // 10).ffn_neurons) == 5
+
+    directory = tmp_path / "tiny"
+    save_with_tokenizer(model.hf_model, directory)
+    run = cli("attribute", "The capital of France is", "--target", "Paris", "--model", str(directory),
+              "--top", "100000000", "--max-memory", "1KB")
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.splitlines()[-1] == (
+        "error: --max-memory 1KB is too small: returning 600 neurons with their parts takes about 600KB and one row "
+        "of the vocabulary-sized products (257 tokens) 2.01KB; give at least 602KB")

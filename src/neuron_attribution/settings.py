@@ -56,7 +56,7 @@ class ScoringOptions:
 
     top_k: int = DEFAULT_TOP_K  # value (and query) neurons returned or stored per prompt
     query_top: int = DEFAULT_QUERY_TOP  # value neurons of each kind whose query neurons are scored; 0: none
-    memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes for the vocabulary-sized buffers
+    memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes for the vocabulary-sized buffers and the returned neurons
     reference: bool = False  # drop the final LayerNorm bias, as the authors' GPT-2 code does
     query_via: str = DEFAULT_QUERY_VIA  # one of QUERY_PATHS
     answer_tokens: str = "first"  # one of ANSWER_TOKENS

@@ -40,7 +40,7 @@ ModelOption = Annotated[Optional[str], typer.Option(
 AllowPickleOption = Annotated[bool, typer.Option(
     "--allow-pickle", help="Allow pickle checkpoints (.bin/.pt), which can run code when loaded.")]
 MaxMemoryOption = Annotated[str, typer.Option("--max-memory", help="Memory the scoring step's vocabulary-sized "
-                                              "buffers may take, e.g. 2GB or 500MB.")]
+                                              "buffers and the neurons it returns may take, e.g. 2GB or 500MB.")]
 BackendOption = Annotated[str, typer.Option("--backend", help=escape(
     "local, or ray: batches on Ray workers that each load the model once (pip install "
     "'neuron-attribution[ray]')."))]

@@ -28,6 +28,7 @@ from ..pipelines.predict import top_predictions
 from ..pipelines.projection import neuron_vector, projection_of
 from ..pipelines.targets import token_info
 from ..results.attribution import Attribution
+from ..results.plain import plain_fields
 from ..scoring.token_search import TokenSearch
 from ..settings import ANSWER_TOKENS, QUERY_PATHS, ScoringOptions
 
@@ -263,6 +264,6 @@ class Views:
 
 
 def _row(neuron) -> dict[str, Any]:
-    data = dict(neuron.__dict__)
+    data = plain_fields(neuron)
     data["name"] = str(neuron.index)
     return data

@@ -19,6 +19,7 @@ from ..settings import ScoringOptions
 from . import assemble
 from .targets import PROJECTION_TOKENS, TOP_HEADS_WITH_POSITIONS, target_info, token_info
 from .queries import query_scores, summed_query_scores, value_neuron
+from .result_memory import buffers_budget
 
 
 def attribute_answer(model: LoadedModel, prompt: Prompt, answer: str | int | list[int] | None,
@@ -30,7 +31,9 @@ def attribute_answer(model: LoadedModel, prompt: Prompt, answer: str | int | lis
     answer_ids = encode_answer(model, ids, prompt, answer)
     prefixes = [ids + answer_ids[:i] for i in range(len(answer_ids))]
     traces = trace_token_ids(model, prefixes)
-    contexts = [value_context(model, trace, token, reference=options.reference, memory_budget=options.memory_budget,
+    buffers = buffers_budget(model.shape, len(prefixes[-1]), max(options.top_k, options.query_top),
+                             options.memory_budget, model.adapter.unembedding[0].shape[0], model.adapter.device)
+    contexts = [value_context(model, trace, token, reference=options.reference, memory_budget=buffers,
                               budget_fixed=options.budget_fixed)
                 for trace, token in zip(traces, answer_ids)]
     tokens = token_texts(model, prefixes[-1])

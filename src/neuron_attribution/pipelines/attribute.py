@@ -19,6 +19,7 @@ from . import assemble
 from .answer import attribute_answer
 from .measure import measure_attributions
 from .queries import query_scores
+from .result_memory import buffers_budget
 from .targets import PROJECTION_TOKENS, TOP_HEADS_WITH_POSITIONS, Target, target_info
 
 
@@ -85,8 +86,10 @@ def attribute_with(model: LoadedModel, prompts: Sequence[Prompt], targets: Seque
 def attribute_trace(model: LoadedModel, prompt: Prompt, ids: list[int], trace: Trace, target: Target,
                     options: ScoringOptions, dense: bool = False, contrast: Target = None) -> Attribution:
     """One prompt's attribution from its trace (no measuring: `attribute_with` measures a batch together)."""
+    buffers = buffers_budget(model.shape, trace.n_tokens, max(options.top_k, options.query_top), options.memory_budget,
+                             model.adapter.unembedding[0].shape[0], model.adapter.device)
     target = target_info(model, prompt, ids, trace, target, contrast)
-    ctx = value_context(model, trace, target.id, reference=options.reference, memory_budget=options.memory_budget,
+    ctx = value_context(model, trace, target.id, reference=options.reference, memory_budget=buffers,
                         contrast=None if target.contrast is None else target.contrast.id,
                         budget_fixed=options.budget_fixed)
     tokens = token_texts(model, ids)

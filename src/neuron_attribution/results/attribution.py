@@ -55,7 +55,8 @@ class TargetInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """Without `contrast`, `tokens` and `answer` where there are none."""
-        return {k: v for k, v in plain_fields(self).items() if not (k in ("contrast", "tokens", "answer") and v is None)}
+        return {k: v for k, v in plain_fields(self).items()
+                if not (k in ("contrast", "tokens", "answer") and v is None)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TargetInfo:
@@ -124,6 +125,8 @@ class ScoreParts:
     normaliser cancels (direct = score, change 0) and the rank is not computed. Results written before these
     fields existed read back as None."""
 
+    __slots__ = ()  # the neurons keep their fields in slots: every neuron's result holds 132,480 of them on SmolLM2
+
     score: float
     target_push_rank: int | None
 
@@ -136,7 +139,7 @@ class ScoreParts:
         return wins_by_suppressing(self.score, self.target_push_rank, vocab_size)
 
 
-@dataclass
+@dataclass(slots=True)
 class FfnNeuron(ScoreParts):
     layer: int
     neuron: int
@@ -159,17 +162,18 @@ class FfnNeuron(ScoreParts):
     token_coefficients: list[float] | None = None
 
     def __post_init__(self) -> None:
+        # One end of the value vector's projection each, by definition: the same lists, not copies.
         if not self.promoted_tokens:
-            self.promoted_tokens = list(self.top_tokens if self.coefficient >= 0 else self.bottom_tokens)
+            self.promoted_tokens = self.top_tokens if self.coefficient >= 0 else self.bottom_tokens
         if not self.suppressed_tokens:
-            self.suppressed_tokens = list(self.bottom_tokens if self.coefficient >= 0 else self.top_tokens)
+            self.suppressed_tokens = self.bottom_tokens if self.coefficient >= 0 else self.top_tokens
 
     @property
     def index(self) -> FfnIndex:
         return FfnIndex(self.layer, self.neuron, self.expert)
 
 
-@dataclass
+@dataclass(slots=True)
 class AttentionNeuron(ScoreParts):
     layer: int
     head: int
