@@ -303,14 +303,24 @@ def test_value_states_kept_in_a_file_give_the_same_scores(monkeypatch, family, l
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3"])
-def test_one_pass_equals_two_passes_bitwise_in_bfloat16(monkeypatch, family, long_ids):
-    """In bfloat16 the one-pass trace records exactly what the two passes recorded (SDPA for the prompt, eager for
-    the last query over the same keys and values): the row, value states, last residual and logits are bitwise
-    equal, sliding windows included; both differ from one eager pass by bfloat16 rounding, as before."""
+def test_one_pass_equals_two_passes_in_bfloat16(monkeypatch, family, long_ids):
+    """In bfloat16 the one-pass trace records what the two passes recorded (SDPA for the prompt, eager for the last
+    query over the same keys and values): bitwise in the first layer, whose keys and values both read the same
+    embeddings. Past it, SDPA's rounding of the prefix's rows can depend on how many queries it runs (bitwise equal
+    on a CPU with AVX-512, a few bfloat16 steps apart on an AVX2 one), so there the two traces must be closer to
+    each other than the two passes are to one eager pass: within the rounding the path already had."""
     from .test_bfloat16 import in_bfloat16
 
     model = in_bfloat16(tiny_llama() if family == "llama" else tiny_family(family))
     one, two = long_path(monkeypatch, model, long_ids), _two_passes(monkeypatch, model, long_ids)
+    eager = short_path(monkeypatch, model, long_ids)
     assert one.value_states.dtype == torch.float32 and next(model.hf_model.parameters()).dtype == torch.bfloat16
+    for name in ("attention_weights", "value_states", "attention_outputs"):
+        assert torch.equal(getattr(one, name)[0], getattr(two, name)[0]), name
     for name in ("attention_weights", "value_states", "final_residual", "logits", "attention_outputs"):
-        assert torch.equal(getattr(one, name), getattr(two, name)), name
+        ones, twos, eagers = (getattr(trace, name).double() for trace in (one, two, eager))
+        if name in ("final_residual", "attention_outputs"):
+            eagers = eagers[..., -1:, :]  # the eager pass keeps every position, the long traces the last
+        rounding = float((twos - eagers).abs().max())
+        assert rounding > 0, name  # the bfloat16 rounding is there to compare with
+        assert float((ones - twos).abs().max()) <= rounding, name
