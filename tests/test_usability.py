@@ -32,6 +32,29 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == mode
 
 
+def test_json_is_written_as_it_is_encoded_and_whole_or_not_at_all(tmp_path, monkeypatch):
+    """write_json streams the encoding (every neuron's result is hundreds of MB of text): the file's bytes equal
+    json.dumps(indent=2, ensure_ascii=False) and a newline, in more than one write; a payload that fails part-way
+    leaves the old file as it was and no temporary file."""
+    from neuron_attribution import files
+
+    payload = {"ffn_neurons": [{"layer": i, "tokens": [" Paris", "é", "\u00a0", "<|end|>"], "score": i / 7,
+                                "none": None, "nested": {"x": [True, False]}} for i in range(3000)],
+               "text": "quote \" and \\ and \n", "empty": [], "nothing": {}}
+    writes = []
+    real_chunks = files.write_chunks_atomic
+    monkeypatch.setattr(files, "write_chunks_atomic",
+                        lambda path, chunks: real_chunks(path, (writes.append(len(c)) or c for c in chunks)))
+    path = tmp_path / "a.json"
+    write_json(path, payload)
+    assert path.read_bytes() == (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    assert len(writes) > 5 and max(writes) < 2 * 65536 * 4
+    write_json(path, {"b": 1})
+    with pytest.raises(TypeError):
+        write_json(path, {"a": [1] * 100000 + [object()]})
+    assert json.loads(path.read_text()) == {"b": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
 def test_attribute_json_is_readable_by_others(tmp_path, real_model, cli):
     previous = os.umask(0o022)
     try:

@@ -1,7 +1,7 @@
 """The returned neurons count against the memory budget (`--max-memory`) too, not only the scoring's buffers.
 
-A top-k of a hundred neurons takes nothing worth counting; every neuron of a model does: on SmolLM2 with a 6-token
-prompt that is 132,480 neurons, each with its parts and projections (measured: 720 bytes an FFN neuron and 650 an
+A top-k of a hundred neurons takes nothing worth counting; every neuron of a model does: on SmolLM2 with a 5-token
+prompt that is 132,480 neurons, each with its parts and projections (measured: 717 bytes an FFN neuron and 654 an
 attention neuron as Python objects, plus the tensors they are assembled from). Attention neurons grow with the
 prompt (one per source position), so without this check a long prompt's every-neuron result could outgrow any
 machine while the buffers stayed within their budget."""
@@ -15,7 +15,7 @@ from ..neurons import ModelShape
 from ..scoring.buffers import smallest_budget
 from ..settings import format_size
 
-# Bytes one returned neuron takes, an upper bound of the measured 650–720 with room for the tensors behind it.
+# Bytes one returned neuron takes, an upper bound of the measured 654–717 with room for the tensors behind it.
 RESULT_BYTES_PER_NEURON = 1024
 
 

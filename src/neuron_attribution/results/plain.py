@@ -1,8 +1,8 @@
 """Dataclass results as plain data (dicts, lists, numbers, strings), like `dataclasses.asdict` but in one pass.
 
-`asdict` deep-copies every leaf and asks each value whether it is a dataclass; over every neuron's parts (132,480
-neurons with their token scores on SmolLM2) that took longer than scoring them. Here leaves of the JSON types are
-taken as they are (they are immutable), and only containers are rebuilt."""
+`asdict` deep-copies every leaf and asks each value whether it is a dataclass: on a tiny model's top-10,000 result
+it took 49 ms, this 13 ms, and the test suite's loops over every neuron spent a third of their time there. Here
+leaves of the JSON types are taken as they are (they are immutable), and only containers are rebuilt."""
 
 from __future__ import annotations
 
