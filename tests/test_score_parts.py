@@ -226,7 +226,7 @@ def test_every_attention_neuron_at_every_position_has_its_own_rank_and_projectio
 def test_the_two_step_top_k_equals_topk(width):
     """`largest_and_smallest` (the blocks' extremes, then 2k blocks) gives topk's ids, in its order, on rows whose
     largest entries crowd into one block, spread out, or sit in the tail past the last whole block."""
-    from neuron_attribution.scoring.exact import largest_and_smallest
+    from neuron_attribution.scoring.projections import largest_and_smallest
 
     generator = torch.Generator().manual_seed(width)
     rows = torch.randn(6, width, generator=generator)

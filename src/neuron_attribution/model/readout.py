@@ -59,7 +59,11 @@ class LinearReadout:
     def logits_of_normalised(self, normalised: Tensor, out: Tensor | None = None) -> Tensor:
         """U·n + constant for rows n already through `normalise`. Most RMSNorm models have no constant, and
         then no vocabulary-sized pass is spent adding zeros. `out`: a (rows, V) buffer to write into."""
-        logits = self.unembedding.times_transposed(normalised, out=out)
+        return self.finish_logits(self.unembedding.times_transposed(normalised, out=out))
+
+    def finish_logits(self, logits: Tensor) -> Tensor:
+        """Products U·n of states made into their logits, in place: the constant added, soft-capped where the
+        model caps."""
         if self.has_constant:
             logits.add_(self.constant_logits)
         if self.softcap is not None:

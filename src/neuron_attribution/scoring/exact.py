@@ -11,10 +11,13 @@ from torch import Tensor
 from .buffers import smallest_budget
 from .context import ValueContext
 from .progress import report
+from .projections import SharedProjections, cached_projection_ids, direction_projections
 
 EXACT_BATCH = 512  # most rows per vocabulary-sized product: (512, V) float32 is 100 MB for V = 49k
-# Rows whose logit changes c·δ are read at once (projection ids, the target's push rank): a (rows, V) buffer.
-PROJECTED_ROWS = 64
+# A product has at least this many rows (zeros added): BLAS computes a row of a product of very few rows another
+# way (a row of 1 to 11 came out different in its last bits from the same row among 12 or more, on 2 MKL threads),
+# and a neuron's score must not depend on which others share its batch.
+MIN_PRODUCT_ROWS = 16
 # Below this bound on |c·δ_v| the log-sum-exp can skip its max pass (float32 exp is finite and normal there).
 _SAFE_EXPONENT = 80.0
 
@@ -53,73 +56,197 @@ def score_rows(ctx: ValueContext, groups: list[Rows], reported: bool = True) -> 
     """Imp(c·u | state_b) for every row of every group, one full-vocabulary log-softmax per row.
 
     All groups share the vocabulary-sized products, in batches as large as memory allows: the product runs
-    markedly faster on a few hundred rows than on a few dozen. The logits of state_b + c·u come out of one fused
-    product (the readout is linear), so no vocabulary-sized base has to be gathered per row. `reported`: progress
-    goes to the reporter (off where the caller reports a larger whole)."""
+    markedly faster on a few hundred rows than on a few dozen. Neurons (rows with a key) are scored along their
+    own direction: δ(u) is one product row per (neuron, base), and each row's logits are log p(x) + c·δ(u), a pass
+    over the vocabulary instead of a product; an attention neuron's vector is the same at every source position
+    (only its coefficient differs), so every neuron at once needs a product row per attention vector, not per
+    neuron. Other rows (heads, positions, layers, chosen vectors) and every row under soft-capped logits, which are
+    not linear in c, come out of one fused product, the logits of state_b + c·u (the readout is linear).
+    `reported`: progress goes to the reporter (off where the caller reports a larger whole)."""
     if not groups:
         return []
     device = ctx.device
-    bases = torch.cat([g.bases for g in groups])
-    scaled = torch.cat([g.scaled() for g in groups])
-    signs = torch.cat([torch.ones(len(g), device=device) if g.coefficients is None else g.coefficients.sign()
-                       for g in groups])
-    keep = torch.cat([torch.full((len(g),), g.projection, dtype=torch.long, device=device) for g in groups])
+    rows = _Concatenated.of(groups, device)
     width = max(g.projection for g in groups)
-    scores = torch.empty(len(bases), device=device)
-    projection = torch.zeros(len(bases), 2 * width, dtype=torch.long, device=device)
-    readout = ctx.readout
-    keys = torch.cat([g.keys if g.keys is not None else torch.full((len(g),), -1, device=device) for g in groups])
+    projection = torch.zeros(len(rows), 2 * width, dtype=torch.long, device=device)
     if ctx.contrast is not None:
-        scores = _contrast_scores(ctx, bases, scaled)
+        scores = _contrast_scores(ctx, rows.bases, rows.scaled)
         if width:
-            wanted = (keep > 0).nonzero().squeeze(-1)
-            projection[wanted] = _cached_projection_ids(ctx, bases, wanted, scaled, signs, keys, width)
+            wanted = (rows.keep > 0).nonzero().squeeze(-1)
+            projection[wanted] = cached_projection_ids(ctx, rows.bases, wanted, rows.scaled, rows.signs, rows.keys,
+                                                        width)
         return _split(groups, scores, projection, scores, None)
-    vocabulary = readout.unembedding.shape[0]
-    shared = _SharedProjections(width)
-    direct = torch.empty(len(bases), device=device)
-    push_rank = torch.zeros(len(bases), dtype=torch.long, device=device)
+    out = _Outputs(torch.empty(len(rows), device=device), projection, torch.empty(len(rows), device=device),
+                   torch.zeros(len(rows), dtype=torch.long, device=device), width)
+    progress = (lambda done: report(f"scoring {len(rows):,} neurons exactly", done, len(rows))) if reported else None
+    along = (rows.keys >= 0) if ctx.readout.softcap is None else torch.zeros(len(rows), dtype=torch.bool,
+                                                                            device=device)
+    fused = (~along).nonzero().squeeze(-1)
+    along = along.nonzero().squeeze(-1)
+    if len(along):  # neurons of one (base, vector) side by side, so that each batch reads their direction once
+        order = rows.bases[along] * (int(rows.keys.max()) + 1) + rows.keys[along]
+        along = along[torch.argsort(order, stable=True)]
     with _flushing_denormals():
         budget = ctx.memory_budget if ctx.budget_fixed else device_budget(ctx.memory_budget, device)
-        most = rows_per_product(vocabulary, budget)
+        most = rows_per_product(ctx.readout.unembedding.shape[0], budget)
         riders = ctx.states_to_read()
         if riders is not None and 2 * len(riders) > most:
             ctx.read_bases()  # a budget this small reads them in a product of their own
             riders = None
-        n_riders = 0 if riders is None else len(riders)
-        batches = _balanced_batches(n_riders + len(bases), most)
-        # On the CPU one buffer of the budget's size for the session, never re-made at each call's largest
-        # batch: re-made at varying sizes it fragmented the heap (hundreds of MB of resident memory over a few
-        # calls), and pages a call does not write are never touched. A GPU's caching allocator has no such
-        # trouble but does hold what is allocated, so there the buffer is the call's largest batch.
-        rows_held = most if device.type == "cpu" else max(b.stop - b.start for b in batches)
-        buffer = ctx.caches.scratch.buffer("logits", rows_held, vocabulary, device)
-        # the bases ride in the first product (balanced batches are at least half of `most` rows each)
-        for combined in batches:
-            riding = n_riders if combined.start == 0 else 0
-            rows = slice(combined.start + riding - n_riders, combined.stop - n_riders)
-            size = rows.stop - rows.start
-            moved = ctx.normalised_states[bases[rows]] + readout.normalise(scaled[rows])
-            if riding:
-                moved = torch.cat([riders, moved])
-            logits = readout.logits_of_normalised(moved, out=buffer[: riding + size])
-            if riding:
-                ctx.take_base_logits(logits[:riding])
-                logits = logits[riding:]
-            if width:
-                wanted = (keep[rows] > 0).nonzero().squeeze(-1)
-                projection[rows][wanted], push_rank[rows][wanted] = shared.read(
-                    ctx, logits, bases[rows], scaled[rows], signs[rows], keys[rows], wanted)
-            target_logit = logits[:, ctx.target].clone()
-            direct[rows] = target_logit - ctx.base_target_logits[bases[rows]]
-            reach = readout.max_logit_change(scaled[rows])
-            shift = ctx.base_log_sum_exp[bases[rows]]
-            log_sum_exp = _logsumexp_shifted(logits, shift) if bool((reach < _SAFE_EXPONENT).all()) \
-                else _logsumexp_inplace(logits)
-            scores[rows] = target_logit - log_sum_exp - ctx.target_log_probs[bases[rows]]
-            if reported:
-                report(f"scoring {len(bases):,} neurons exactly", rows.stop, len(bases))
-    return _split(groups, scores, projection, direct, push_rank)
+        _score_in_batches(ctx, rows, fused, along, riders, most, out, progress)
+    return _split(groups, out.scores, projection, out.direct, out.push_rank)
+
+
+@dataclass
+class _Concatenated:
+    """The rows of every group, one tensor per field."""
+
+    bases: Tensor  # (n,)
+    vectors: Tensor  # (n, d): u
+    coefficients: Tensor  # (n,): c (1 where a group has none)
+    scaled: Tensor  # (n, d): c·u
+    signs: Tensor  # (n,)
+    keep: Tensor  # (n,): the projection width of the row's group
+    keys: Tensor  # (n,) long: the neuron's key, -1 for rows of no neuron
+
+    @classmethod
+    def of(cls, groups: list[Rows], device: torch.device) -> _Concatenated:
+        coefficients = torch.cat([torch.ones(len(g), device=device) if g.coefficients is None else g.coefficients
+                                  for g in groups])
+        vectors = torch.cat([g.vectors for g in groups])
+        return cls(torch.cat([g.bases for g in groups]), vectors, coefficients,
+                   torch.cat([g.scaled() for g in groups]), coefficients.sign(),
+                   torch.cat([torch.full((len(g),), g.projection, dtype=torch.long, device=device) for g in groups]),
+                   torch.cat([g.keys.long() if g.keys is not None else
+                              torch.full((len(g),), -1, dtype=torch.long, device=device) for g in groups]))
+
+    def __len__(self) -> int:
+        return len(self.bases)
+
+
+@dataclass
+class _Outputs:
+    scores: Tensor
+    projection: Tensor  # (n, 2·width)
+    direct: Tensor
+    push_rank: Tensor
+    width: int
+
+
+def _score_in_batches(ctx: ValueContext, rows: _Concatenated, fused: Tensor, along: Tensor, riders: Tensor | None,
+                      most: int, out: _Outputs, progress) -> None:
+    """The `fused` rows, then the `along` rows (sorted by (base, key)), in balanced batches of one product each:
+    the bases' states riding in the first, then each fused row's state_b + c·u, then each (base, key)'s δ(u)."""
+    readout, device = ctx.readout, ctx.device
+    vocabulary = readout.unembedding.shape[0]
+    shared = SharedProjections(out.width)
+    order = torch.cat([fused, along])
+    n_riders, n_fused = 0 if riders is None else len(riders), len(fused)
+    batches = _balanced_batches(n_riders + len(order), most)
+    products = _logits_buffer(ctx, "logits", most, batches, vocabulary, device)
+    along_logits = _logits_buffer(ctx, "along", most, batches, vocabulary, device) if len(along) else None
+    done = 0
+    for combined in batches:
+        riding = n_riders if combined.start == 0 else 0
+        start, stop = combined.start + riding - n_riders, combined.stop - n_riders
+        fused_part, along_part = order[start: max(start, min(stop, n_fused))], order[max(start, n_fused): stop]
+        inputs = [riders] if riding else []
+        inputs.append(ctx.normalised_states[rows.bases[fused_part]] + readout.normalise(rows.scaled[fused_part]))
+        pair = first = None
+        if len(along_part):
+            first = torch.ones(len(along_part), dtype=torch.bool, device=device)  # a row that starts a (base, key)
+            first[1:] = (rows.bases[along_part[1:]] != rows.bases[along_part[:-1]]) | \
+                (rows.keys[along_part[1:]] != rows.keys[along_part[:-1]])
+            pair = first.cumsum(0) - 1  # each row's (base, key) in this batch
+            inputs.append(readout.normalise(rows.vectors[along_part[first]]))
+        moved = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
+        padding = min(MIN_PRODUCT_ROWS, len(products)) - len(moved)
+        if padding > 0:
+            moved = torch.cat([moved, moved.new_zeros(padding, moved.shape[1])])
+        product = readout.unembedding.times_transposed(moved, out=products[: len(moved)])
+        logits = readout.finish_logits(product[: riding + len(fused_part)])  # δ(u) rows take no constant
+        if riding:
+            ctx.take_base_logits(logits[:riding])
+        if len(fused_part):
+            _fused_rows(ctx, rows, fused_part, logits[riding:], shared, out)
+        if len(along_part):
+            _rows_along_directions(ctx, rows, along_part, pair, product[riding + len(fused_part):],
+                                   along_logits[: len(along_part)], out)
+        done += len(fused_part) + len(along_part)
+        if progress:
+            progress(done)
+
+
+def _fused_rows(ctx: ValueContext, rows: _Concatenated, part: Tensor, logits: Tensor, shared: SharedProjections,
+                out: _Outputs) -> None:
+    """Rows whose `logits` are those of state_b + c·u (overwritten)."""
+    readout = ctx.readout
+    bases, scaled = rows.bases[part], rows.scaled[part]
+    if out.width:
+        wanted = (rows.keep[part] > 0).nonzero().squeeze(-1)
+        out.projection[part[wanted]], out.push_rank[part[wanted]] = shared.read(
+            ctx, logits, bases, scaled, rows.signs[part], rows.keys[part], wanted)
+    target_logit = logits[:, ctx.target].clone()
+    out.direct[part] = target_logit - ctx.base_target_logits[bases]
+    reach = readout.max_logit_change(scaled)
+    shift = ctx.base_log_sum_exp[bases]
+    log_sum_exp = _logsumexp_shifted(logits, shift) if bool((reach < _SAFE_EXPONENT).all()) \
+        else _logsumexp_inplace(logits)
+    out.scores[part] = target_logit - log_sum_exp - ctx.target_log_probs[bases]
+
+
+def _rows_along_directions(ctx: ValueContext, rows: _Concatenated, part: Tensor, pair: Tensor, deltas: Tensor,
+                           logits: Tensor, out: _Outputs) -> None:
+    """Neuron rows sorted by (base, key), `pair[i]` the row of `deltas` that holds δ(u) of row i's (base, key):
+    each row's logits log p(x) + c·δ(u) go to `logits`, and Imp = c·δ_w − log Σ_v p_v(x)·exp(c·δ_v), whose second
+    term is the change of the log-normaliser. The projection and push rank are read off δ(u) itself."""
+    bases, coefficients = rows.bases[part], rows.coefficients[part]
+    if out.width:
+        wanted = (rows.keep[part] > 0).nonzero().squeeze(-1)
+        out.projection[part[wanted]], out.push_rank[part[wanted]] = direction_projections(
+            ctx, deltas, pair[wanted], rows.signs[part[wanted]] < 0, out.width)
+    direct = coefficients * deltas[:, ctx.target][pair]
+    log_probs = ctx.base_log_probs
+    for start, stop in _runs(bases):
+        _add_along(log_probs[int(bases[start])], coefficients[start:stop], deltas, pair[start:stop],
+                   logits[start:stop])
+    reach = ctx.readout.max_logit_change(rows.scaled[part])
+    # log p ≤ 0, so every entry is at most c·δ_v ≤ reach: below _SAFE_EXPONENT no max pass is needed
+    log_sum_exp = _logsumexp_shifted(logits, torch.zeros(len(part), device=logits.device)) \
+        if bool((reach < _SAFE_EXPONENT).all()) else _logsumexp_inplace(logits)
+    off = coefficients == 0  # a neuron switched off adds nothing: exactly 0, not the rounding of log Σ p_v
+    out.direct[part] = torch.where(off, 0.0, direct)
+    out.scores[part] = torch.where(off, 0.0, direct - log_sum_exp)
+
+
+def _add_along(log_probs: Tensor, coefficients: Tensor, deltas: Tensor, pairs: Tensor, out: Tensor) -> None:
+    """out[i] = log_probs + coefficients[i]·deltas[pairs[i]] for non-decreasing, consecutive `pairs`, as a product
+    and a sum, each rounded on its own whatever the shapes (a fused multiply-add, which torch's broadcasting
+    `addcmul` used for some shapes and not others, would make a score depend on its batch): without a gather
+    where each direction has one row."""
+    first, n = int(pairs[0]), len(pairs)
+    if int(pairs[-1]) - first + 1 == n:
+        torch.mul(deltas[first: first + n], coefficients.unsqueeze(1), out=out)
+    else:
+        torch.index_select(deltas, 0, pairs, out=out).mul_(coefficients.unsqueeze(1))
+    out.add_(log_probs)
+
+
+def _runs(values: Tensor) -> list[tuple[int, int]]:
+    """(start, stop) of each run of equal consecutive values."""
+    changes = (values[1:] != values[:-1]).nonzero().squeeze(-1) + 1
+    edges = [0, *changes.tolist(), len(values)]
+    return list(zip(edges, edges[1:]))
+
+
+def _logits_buffer(ctx: ValueContext, name: str, most: int, batches: list[slice], vocabulary: int,
+                   device: torch.device) -> Tensor:
+    """A kept (rows, V) buffer. On the CPU one of the budget's size for the session, never re-made at each call's
+    largest batch: re-made at varying sizes it fragmented the heap (hundreds of MB of resident memory over a few
+    calls), and pages a call does not write are never touched. A GPU's caching allocator has no such trouble but
+    does hold what is allocated, so there the buffer is the call's largest batch."""
+    rows_held = most if device.type == "cpu" else max(b.stop - b.start for b in batches)
+    return ctx.caches.scratch.buffer(name, rows_held, vocabulary, device)
 
 
 def _split(groups: list[Rows], scores: Tensor, projection: Tensor, direct: Tensor, push_rank: Tensor | None
@@ -134,156 +261,11 @@ def _split(groups: list[Rows], scores: Tensor, projection: Tensor, direct: Tenso
     return result
 
 
-class _SharedProjections:
-    """Projection ids and the target's push rank of the rows of one call, each neuron's read once: an attention
-    neuron's vector is the same at every source position (only its coefficient differs), so its ids come from
-    one row, and so do the counts of tokens its δ raises more, and less, than the target, from which a row of
-    either sign has its push rank. Every neuron scored at once reads a vocabulary-sized row for 63k neurons
-    instead of 132k on SmolLM2. Rows without a key, or with a zero coefficient (all changes equal), are read on
-    their own."""
-
-    def __init__(self, width: int):
-        self.width = width
-        # key → (ids, #δ_v > δ_w, #δ_v < δ_w, the size of the coefficient of the row they were read from)
-        self.known: dict[int, tuple[Tensor, int, int, float]] = {}
-
-    def read(self, ctx: ValueContext, logits: Tensor, bases: Tensor, scaled: Tensor, signs: Tensor, keys: Tensor,
-             wanted: Tensor) -> tuple[Tensor, Tensor]:
-        """(ids (n, 2k), push ranks (n,)) of the wanted rows of one batch of fused logits."""
-        key_list, sign_list = keys[wanted].tolist(), signs[wanted].tolist()
-        # A row reads for its neuron only where no row with a larger coefficient has: the fused logits' rounding
-        # is a smaller part of the changes c·δ the larger c is.
-        sizes = scaled[wanted].abs().amax(dim=-1).tolist()
-        own, first_of, reused = [], {}, []
-        for i, (key, sign) in enumerate(zip(key_list, sign_list)):
-            if key < 0 or sign == 0:
-                own.append(i)
-                continue
-            held = self.known.get(key)
-            if held is not None and held[3] >= sizes[i]:
-                reused.append(i)
-            elif key not in first_of or sizes[i] > sizes[first_of[key]]:
-                if key in first_of:
-                    reused.append(first_of[key])
-                first_of[key] = i
-            else:
-                reused.append(i)
-        own.extend(first_of.values())
-        ids = torch.empty(len(key_list), 2 * self.width, dtype=torch.long, device=logits.device)
-        ranks = torch.empty(len(key_list), dtype=torch.long, device=logits.device)
-        read = torch.tensor(own, dtype=torch.long, device=logits.device)
-        counted = {i: key for key, i in first_of.items()}
-        for part in read.split(PROJECTED_ROWS):
-            rows = wanted[part]
-            changes = _logit_changes(ctx, logits, bases, rows, scaled)
-            ids[part] = _projection_ids(changes, self.width, signs[rows])
-            at_target = changes[:, ctx.target: ctx.target + 1]
-            # Counted as 0/1 floats in a kept buffer: a bool's sum first copies it to int64 (on Gemma's
-            # 262k-token rows 3x slower). The counts stay below 2^24, where float32 holds integers exactly.
-            flags = ctx.caches.scratch.buffer("comparisons", *changes.shape, changes.device)
-            above = torch.gt(changes, at_target, out=flags).sum(dim=-1).long()
-            ranks[part] = above + 1
-            positions = part.tolist()
-            sharing = [j for j, i in enumerate(positions) if i in counted]
-            if sharing:
-                below = torch.lt(changes, at_target, out=flags).sum(dim=-1).long().tolist()
-                for j in sharing:
-                    fewer = below[j]
-                    i, more = positions[j], int(above[j])
-                    raised, lowered = (more, fewer) if sign_list[i] > 0 else (fewer, more)
-                    self.known[counted[i]] = (ids[i].clone(), raised, lowered, sizes[i])
-        if reused:
-            entries = [self.known[key_list[i]] for i in reused]
-            where = torch.tensor(reused, dtype=torch.long, device=logits.device)
-            ids[where] = torch.stack([entry[0] for entry in entries])
-            ranks[where] = torch.tensor([1 + (entry[1] if sign_list[i] > 0 else entry[2])
-                                         for i, entry in zip(reused, entries)], dtype=torch.long, device=logits.device)
-        return ids, ranks
-
-
-# Vocabulary projections of FFN neurons are properties of the weights: top(δ(u)) and bottom(δ(u)) do not depend
-# on the prompt, the coefficient's sign or the norm's frozen scale. Kept per model (`ctx.caches.projections`).
-
-
-def _cached_projection_ids(ctx: ValueContext, bases: Tensor, wanted: Tensor, scaled: Tensor, signs: Tensor,
-                           keys: Tensor, width: int) -> Tensor:
-    """Projection ids of the wanted rows, computed once per (model, neuron): the contrastive path has no fused
-    logits to read them from, and one vocabulary product per returned neuron is most of its cost."""
-    cache = ctx.caches.projections
-    ids = torch.empty(len(wanted), 2 * width, dtype=torch.long, device=ctx.device)
-    wanted_keys = keys[wanted].tolist()
-    missing = []
-    for i, key in enumerate(wanted_keys):
-        held = cache.get((key, width))
-        if held is not None:
-            ids[i] = held
-        else:
-            missing.append(i)
-    if missing:
-        rows = wanted[missing]
-        ids[missing] = _projection_ids(_logit_changes(ctx, None, bases, rows, scaled), width, signs[rows])
-        for i in missing:
-            if wanted_keys[i] >= 0:  # rows without a neuron key are not cached
-                cache.put((wanted_keys[i], width), ids[i].clone())
-    return ids
-
-
 def _contrast_scores(ctx: ValueContext, bases: Tensor, scaled: Tensor) -> Tensor:
     """Imp_target − Imp_contrast for every row: the change of z_target − z_contrast. The log-sum-exp cancels,
     so two logits per row are all it takes: no vocabulary product."""
     moved = ctx.normalised_states[bases] + ctx.readout.normalise(scaled)
     return ctx.pair_logit_difference(moved) - ctx.target_log_probs[bases]
-
-
-def _logit_changes(ctx: ValueContext, logits: Tensor | None, bases: Tensor, wanted: Tensor, scaled: Tensor
-                   ) -> Tensor:
-    """c·δ for the wanted rows, up to a per-row constant. From the fused logits z(x) + c·δ, subtracting the
-    base's log-probabilities leaves exactly that; where there are no fused logits (contrastive scoring) or they
-    are soft-capped (not linear), δ is computed directly."""
-    if ctx.readout.softcap is not None or logits is None:
-        return ctx.readout.unembedding.times_transposed(ctx.readout.normalise(scaled[wanted]))
-    # Both gathered into buffers kept across calls: a vocabulary-sized temporary per chunk fragments the heap
-    # (the resident memory grew by hundreds of MB over a few hundred chunks).
-    scratch, shape = ctx.caches.scratch, (wanted.numel(), logits.shape[1], logits.device)
-    base = torch.index_select(ctx.base_log_probs, 0, bases[wanted], out=scratch.buffer("bases", *shape))
-    return torch.index_select(logits, 0, wanted, out=scratch.buffer("fused rows", *shape)).sub_(base)
-
-
-def _projection_ids(changes: Tensor, k: int, signs: Tensor) -> Tensor:
-    """Top-k then bottom-k ids of δ(u) from rows of c·δ (+ a constant per row); where c < 0 the order of δ is
-    the reverse of that of c·δ."""
-    top, bottom = largest_and_smallest(changes, k)
-    negative = (signs < 0).unsqueeze(-1)
-    return torch.cat([torch.where(negative, bottom, top), torch.where(negative, top, bottom)], dim=-1)
-
-
-# Block width of the two-step top-k: a row is read once for its blocks' extremes, then only k blocks are searched.
-_BLOCK = 64
-
-
-def largest_and_smallest(rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Per row, the ids of the k largest entries (descending) and of the k smallest (ascending): `topk`'s ids,
-    except that where equal values straddle the k-th place either may be the one taken. Every one of the k
-    largest lies in a block whose maximum is among the k largest block maxima (the k-th largest maximum is
-    itself an entry, so no larger than the k-th largest entry), so one
-    pass for the blocks' maxima and minima and a search of 2k blocks replace two full searches: about three
-    times faster on a vocabulary-sized row."""
-    n, width = rows.shape
-    blocks = width // _BLOCK
-    if blocks < 4 * k or not rows.is_contiguous():
-        return rows.topk(k, dim=-1).indices, rows.topk(k, dim=-1, largest=False).indices
-    whole = rows[:, : blocks * _BLOCK].view(n, blocks, _BLOCK)
-    tail = rows[:, blocks * _BLOCK:]
-    offsets = torch.arange(_BLOCK, device=rows.device)
-    tail_ids = torch.arange(blocks * _BLOCK, width, device=rows.device).expand(n, -1)
-    ends = []
-    for extremes, largest in ((whole.amax(dim=-1), True), (whole.amin(dim=-1), False)):
-        chosen = extremes.topk(k, dim=-1, largest=largest).indices  # (n, k) blocks
-        candidates = whole.gather(1, chosen.unsqueeze(-1).expand(-1, -1, _BLOCK)).reshape(n, k * _BLOCK)
-        ids = (chosen.unsqueeze(-1) * _BLOCK + offsets).reshape(n, k * _BLOCK)
-        candidates, ids = torch.cat([candidates, tail], dim=1), torch.cat([ids, tail_ids], dim=1)
-        ends.append(ids.gather(1, candidates.topk(k, dim=-1, largest=largest).indices))
-    return ends[0], ends[1]
 
 
 def rows_per_product(vocabulary: int, memory_budget: int) -> int:
