@@ -38,7 +38,11 @@ class TopKSearch:
         self.position = 0
         # The bound is tight for all but the largest contributions, so a little over k usually settles it.
         self.batch = self.k + max(self.k // 8, 16)
-        self.order = self.bounds.top(min(self.total, 2 * self.batch))
+        # Every item is scored whatever the bounds say: in index order, without sorting the bounds, so that items
+        # next to each other (an attention vector's source positions) are scored side by side.
+        self.everything = self.k == self.total
+        self.order = torch.empty(0, dtype=torch.long, device=self.bounds.device) if self.everything else \
+            self.bounds.top(min(self.total, 2 * self.batch))
         self.done: list[Tensor] = []
         self.scored: list[Tensor] = []
         self.extras: dict[str, list[Tensor]] = {}
@@ -48,6 +52,8 @@ class TopKSearch:
         if self.finished:
             return None
         end = min(self.total, self.position + self.batch)
+        if self.everything:
+            return torch.arange(self.position, end, device=self.order.device)
         if end > self.order.numel():
             # Only the next stretch of the bound order is needed: a partial sort, not a sort of every item.
             self.order = self.bounds.top(min(self.total, self.position + 2 * self.batch))
@@ -97,6 +103,10 @@ class DenseBounds:
     def total(self) -> int:
         return self.values.numel()
 
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
     def top(self, count: int) -> Tensor:
         return top_indices(self.values, count)
 
@@ -125,6 +135,10 @@ class BlockBounds:
         self.values = torch.empty(0, device=device)
         self.block_order = torch.empty(0, dtype=torch.long, device=device)
         self.n_expanded = 0  # blocks expanded, a prefix of the descending order of maxima
+
+    @property
+    def device(self) -> torch.device:
+        return self.maxima.device
 
     def top(self, count: int) -> Tensor:
         n_blocks = self.maxima.numel()
