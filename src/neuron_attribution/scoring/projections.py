@@ -21,8 +21,14 @@ def direction_projections(ctx: ValueContext, deltas: Tensor, pairs: Tensor, nega
     ids = torch.empty(len(read), 2 * width, dtype=torch.long, device=deltas.device)
     above = torch.empty(len(read), dtype=torch.long, device=deltas.device)
     below = torch.empty_like(above)
+    consecutive = int(read[-1] - read[0]) + 1 == len(read)
     for chunk in torch.arange(len(read), device=deltas.device).split(PROJECTED_ROWS):
-        directions = deltas[read[chunk]]
+        if consecutive:  # the usual case: a view, not a vocabulary-sized copy
+            first = int(read[chunk[0]])
+            directions = deltas[first: first + len(chunk)]
+        else:
+            directions = torch.index_select(deltas, 0, read[chunk], out=ctx.caches.scratch.buffer(
+                "fused rows", len(chunk), deltas.shape[1], deltas.device))
         ids[chunk] = projection_ids(directions, width, torch.ones(len(chunk), device=deltas.device))
         at_target = directions[:, ctx.target: ctx.target + 1]
         # counted as 0/1 floats in a kept buffer: a bool's sum first copies it to int64 (see SharedProjections)
