@@ -266,3 +266,26 @@ def test_the_json_form_holds_what_dataclasses_asdict_holds():
         assert len(result.ffn_neurons[0].suppressed_tokens) == before and result.target.id != -1
     assert any(n.expert is not None for n in results[3].ffn_neurons)
     assert results[0].query_links and results[1].target.contrast and results[2].target.tokens
+
+
+def test_a_neuron_switched_off_scores_zero_and_shows_its_own_projection():
+    """A ReLU FFN (OPT) switches many neurons off exactly (coefficient 0): each scores exactly 0 with a direct part
+    of 0, and its promoted and suppressed tokens are still those of its own value vector, the top and bottom of
+    U(γ ⊙ centre(fc2)) by the float64 definition (read off δ(u), not off the rounding of an unchanged row)."""
+    model = tiny_family("opt")
+    result = attribute(model, IDS, TARGET, top_k=10**8, query_top=0)
+    trace = trace_token_ids(model, [IDS])[0]
+    vocabulary = model.adapter.unembedding[0].shape[0]
+    id_of = {text: i for i, text in enumerate(token_texts(model, list(range(vocabulary))))}
+    off = [n for n in result.ffn_neurons if n.coefficient == 0]
+    assert len(off) > 20 and any(n.coefficient != 0 for n in result.ffn_neurons)
+    for neuron in off:
+        assert neuron.score == 0.0 and neuron.direct_score == 0.0, neuron
+        vector = ref.ffn_value(model, neuron.layer, neuron.neuron).double()
+        changes = ref.final_logits(model, trace, vector, capped=False) - ref.final_logits(model, trace, 0 * vector,
+                                                                                           capped=False)
+        ordered = changes.sort().values
+        top = changes[[id_of[t] for t in neuron.promoted_tokens[:5]]]
+        bottom = changes[[id_of[t] for t in neuron.suppressed_tokens[:5]]]
+        assert torch.allclose(top, ordered.flip(0)[:5], atol=1e-6, rtol=0), neuron
+        assert torch.allclose(bottom, ordered[:5], atol=1e-6, rtol=0), neuron
