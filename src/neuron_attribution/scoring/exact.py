@@ -115,7 +115,7 @@ class _Concatenated:
                                   for g in groups])
         vectors = torch.cat([g.vectors for g in groups])
         return cls(torch.cat([g.bases for g in groups]), vectors, coefficients,
-                   torch.cat([g.scaled() for g in groups]), coefficients.sign(),
+                   vectors * coefficients.unsqueeze(-1), coefficients.sign(),
                    torch.cat([torch.full((len(g),), g.projection, dtype=torch.long, device=device) for g in groups]),
                    torch.cat([g.keys.long() if g.keys is not None else
                               torch.full((len(g),), -1, dtype=torch.long, device=device) for g in groups]))
@@ -152,7 +152,7 @@ def _score_in_batches(ctx: ValueContext, rows: _Concatenated, fused: Tensor, alo
         fused_part, along_part = order[start: max(start, min(stop, n_fused))], order[max(start, n_fused): stop]
         inputs = [riders] if riding else []
         inputs.append(ctx.normalised_states[rows.bases[fused_part]] + readout.normalise(rows.scaled[fused_part]))
-        pair = first = None
+        pair = None
         if len(along_part):
             first = torch.ones(len(along_part), dtype=torch.bool, device=device)  # a row that starts a (base, key)
             first[1:] = (rows.bases[along_part[1:]] != rows.bases[along_part[:-1]]) | \
@@ -212,8 +212,7 @@ def _rows_along_directions(ctx: ValueContext, rows: _Concatenated, part: Tensor,
                    logits[start:stop])
     reach = ctx.readout.max_logit_change(rows.scaled[part])
     # log p ≤ 0, so every entry is at most c·δ_v ≤ reach: below _SAFE_EXPONENT no max pass is needed
-    log_sum_exp = _logsumexp_shifted(logits, torch.zeros(len(part), device=logits.device)) \
-        if bool((reach < _SAFE_EXPONENT).all()) else _logsumexp_inplace(logits)
+    log_sum_exp = _logsumexp_unshifted(logits) if bool((reach < _SAFE_EXPONENT).all()) else _logsumexp_inplace(logits)
     off = coefficients == 0  # a neuron switched off adds nothing: exactly 0, not the rounding of log Σ p_v
     out.direct[part] = torch.where(off, 0.0, direct)
     out.scores[part] = torch.where(off, 0.0, direct - log_sum_exp)
@@ -304,7 +303,13 @@ def _logsumexp_shifted(x: Tensor, shift: Tensor) -> Tensor:
     [e^−80, e^80]: no overflow, no underflow, and the max-finding pass of the general method is not needed."""
     if bool((shift != 0).any()):
         x.sub_(shift.unsqueeze(-1))
-    return x.exp_().sum(dim=-1).log_().add_(shift)
+    return _logsumexp_unshifted(x).add_(shift)
+
+
+def _logsumexp_unshifted(x: Tensor) -> Tensor:
+    """Row-wise log-sum-exp of x, overwriting x, where exp of every entry is known to be finite and the sum normal
+    (see `_logsumexp_shifted`)."""
+    return x.exp_().sum(dim=-1).log_()
 
 
 @contextmanager

@@ -30,22 +30,28 @@ def direction_projections(ctx: ValueContext, deltas: Tensor, pairs: Tensor, nega
             directions = torch.index_select(deltas, 0, read[chunk], out=ctx.caches.scratch.buffer(
                 "fused rows", len(chunk), deltas.shape[1], deltas.device))
         ids[chunk] = projection_ids(directions, width, torch.ones(len(chunk), device=deltas.device))
-        at_target = directions[:, ctx.target: ctx.target + 1]
-        # counted as 0/1 floats in a kept buffer: a bool's sum first copies it to int64 (see SharedProjections)
-        flags = ctx.caches.scratch.buffer("comparisons", *directions.shape, directions.device)
-        above[chunk] = torch.gt(directions, at_target, out=flags).sum(dim=-1).long()
-        below[chunk] = torch.lt(directions, at_target, out=flags).sum(dim=-1).long()
+        above[chunk], below[chunk] = counts_beside_target(ctx, directions)
     where = torch.searchsorted(read, pairs)
     return ids[where], 1 + torch.where(negative, below[where], above[where])
 
 
+def counts_beside_target(ctx: ValueContext, changes: Tensor, below: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Per row of logit changes, how many tokens change more than the target, and (with `below`) how many less.
+    Counted as 0/1 floats in a kept buffer: a bool's sum first copies it to int64 (on Gemma's 262k-token rows 3x
+    slower). The counts stay below 2^24, where float32 holds integers exactly."""
+    at_target = changes[:, ctx.target: ctx.target + 1]
+    flags = ctx.caches.scratch.buffer("comparisons", *changes.shape, changes.device)
+    above = torch.gt(changes, at_target, out=flags).sum(dim=-1).long()
+    return above, torch.lt(changes, at_target, out=flags).sum(dim=-1).long() if below else None
+
+
 class SharedProjections:
-    """Projection ids and the target's push rank of the rows of one call, each neuron's read once: an attention
-    neuron's vector is the same at every source position (only its coefficient differs), so its ids come from
-    one row, and so do the counts of tokens its δ raises more, and less, than the target, from which a row of
-    either sign has its push rank. Every neuron scored at once reads a vocabulary-sized row for 63k neurons
-    instead of 132k on SmolLM2. Rows without a key, or with a zero coefficient (all changes equal), are read on
-    their own."""
+    """Projection ids and the target's push rank of the rows of one call read from fused logits (rows of no
+    neuron, and every row under soft-capped logits, which are not scored along their direction), each neuron's
+    read once: an attention neuron's vector is the same at every source position (only its coefficient differs),
+    so its ids come from one row, and so do the counts of tokens its δ raises more, and less, than the target, from
+    which a row of either sign has its push rank. Rows without a key, or with a zero coefficient (all changes
+    equal), are read on their own."""
 
     def __init__(self, width: int):
         self.width = width
@@ -82,16 +88,12 @@ class SharedProjections:
             rows = wanted[part]
             changes = logit_changes(ctx, logits, bases, rows, scaled)
             ids[part] = projection_ids(changes, self.width, signs[rows])
-            at_target = changes[:, ctx.target: ctx.target + 1]
-            # Counted as 0/1 floats in a kept buffer: a bool's sum first copies it to int64 (on Gemma's
-            # 262k-token rows 3x slower). The counts stay below 2^24, where float32 holds integers exactly.
-            flags = ctx.caches.scratch.buffer("comparisons", *changes.shape, changes.device)
-            above = torch.gt(changes, at_target, out=flags).sum(dim=-1).long()
-            ranks[part] = above + 1
             positions = part.tolist()
             sharing = [j for j, i in enumerate(positions) if i in counted]
+            above, below = counts_beside_target(ctx, changes, below=bool(sharing))
+            ranks[part] = above + 1
             if sharing:
-                below = torch.lt(changes, at_target, out=flags).sum(dim=-1).long().tolist()
+                below = below.tolist()
                 for j in sharing:
                     fewer = below[j]
                     i, more = positions[j], int(above[j])
